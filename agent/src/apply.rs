@@ -1,0 +1,563 @@
+//! Applying one sync round to a mirror.
+//!
+//! A round is a stream of plans, chunk bodies and a commit (see `agent.proto`).
+//! Ops run strictly in order. For each `Put` the agent answers which chunks it
+//! lacks; every other chunk comes from the [`Store`] (verified) or from earlier
+//! in the same file. Bodies arrive in the order the agent asked for them, so the
+//! round needs no per-file round trip and holds at most one chunk in memory.
+//!
+//! Every file is written to `tmp/` and renamed into place: never modified in
+//! place, never visible half-written. A path that is invalid, a symlink on the
+//! way to a path, or a chunk whose bytes do not match its id ends the round with
+//! [`RoundError::Refused`] (gRPC `InvalidArgument`) and writes nothing for that
+//! op. Problems worth retrying (I/O errors, a cached chunk that changed) become
+//! per-path failures in `Done` and the round goes on.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bridge_proto::chunking::{ChunkRef, Hash, chunk_id, content_hash, hash_from_bytes};
+use bridge_proto::index::Cached;
+use bridge_proto::path::{RelPath, resolve_link_target};
+use bridge_proto::scan::{FileKind, Stat};
+use bridge_proto::tree::Node;
+use bridge_proto::v1;
+
+use crate::mirror::Mirror;
+use crate::store::{FileCache, Store};
+
+/// Why a round ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The peer asked for something the agent never does.
+    #[error("{0}")]
+    Refused(String),
+    /// The messages arrived in an order the protocol does not allow.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Why one op did not apply.
+enum OpError {
+    Refused(String),
+    Failed(String),
+}
+
+impl From<io::Error> for OpError {
+    fn from(e: io::Error) -> Self {
+        OpError::Failed(e.to_string())
+    }
+}
+
+enum Op {
+    Put {
+        path: RelPath,
+        exec: bool,
+        chunks: Vec<ChunkRef>,
+    },
+    Mkdir(RelPath),
+    Symlink(RelPath, String),
+    Remove(RelPath),
+}
+
+/// The `Put` being written.
+struct Active {
+    path: RelPath,
+    exec: bool,
+    chunks: Vec<ChunkRef>,
+    /// Indexes of `chunks` still to come from the peer, in order.
+    need: VecDeque<u32>,
+    cursor: usize,
+    tmp: PathBuf,
+    /// `None` once the op failed (remaining bodies are still consumed).
+    file: Option<File>,
+    failed: Option<String>,
+    /// Chunks already in `tmp`, for repeats within the file.
+    written: HashMap<Hash, u64>,
+    offset: u64,
+}
+
+pub struct Round<'a> {
+    tmp_dir: &'a Path,
+    mirror: &'a mut Mirror,
+    store: &'a mut Store,
+    files: FileCache,
+    queue: VecDeque<(Op, VecDeque<u32>)>,
+    /// Requested from the peer and not received yet.
+    pending: HashSet<Hash>,
+    active: Option<Active>,
+    failures: Vec<v1::Failure>,
+    tmp_seq: u64,
+}
+
+impl<'a> Round<'a> {
+    pub fn new(tmp_dir: &'a Path, mirror: &'a mut Mirror, store: &'a mut Store) -> Self {
+        Round {
+            tmp_dir,
+            mirror,
+            store,
+            files: FileCache::default(),
+            queue: VecDeque::new(),
+            pending: HashSet::new(),
+            active: None,
+            failures: Vec::new(),
+            tmp_seq: 0,
+        }
+    }
+
+    /// Validates and queues a plan; returns which chunk bodies to send.
+    pub fn on_plan(&mut self, plan: v1::Plan) -> Result<v1::Need, RoundError> {
+        let ops = plan
+            .ops
+            .into_iter()
+            .map(validate)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut need = v1::Need::default();
+        for op in ops {
+            let mut wanted = VecDeque::new();
+            if let Op::Put { chunks, .. } = &op {
+                let mut seen = HashSet::new();
+                for (i, c) in chunks.iter().enumerate() {
+                    if seen.insert(c.id) && !self.store.has(&c.id) && !self.pending.contains(&c.id)
+                    {
+                        self.pending.insert(c.id);
+                        wanted.push_back(i as u32);
+                    }
+                }
+            }
+            need.ops.push(v1::OpNeed {
+                chunks: wanted.iter().copied().collect(),
+            });
+            self.queue.push_back((op, wanted));
+        }
+        self.advance()?;
+        Ok(need)
+    }
+
+    /// Takes the next chunk body for the active `Put`.
+    pub fn on_chunk(&mut self, c: v1::ChunkData) -> Result<(), RoundError> {
+        let Some(a) = self.active.as_mut() else {
+            return Err(RoundError::Protocol(
+                "chunk data with no file waiting for it".into(),
+            ));
+        };
+        let expect = a.chunks[a.cursor];
+        if a.need.front() != Some(&(a.cursor as u32)) || c.id.as_ref() != expect.id.as_bytes() {
+            return Err(RoundError::Protocol(format!(
+                "chunk data out of order for {}",
+                a.path
+            )));
+        }
+        let data = match v1::Compression::try_from(c.compression) {
+            Ok(v1::Compression::None) => c.data.to_vec(),
+            Ok(v1::Compression::Zstd) => zstd::bulk::decompress(&c.data, expect.len as usize)
+                .map_err(|e| {
+                    RoundError::Refused(format!("chunk for {} does not decompress: {e}", a.path))
+                })?,
+            Err(_) => return Err(RoundError::Protocol("unknown compression".into())),
+        };
+        if data.len() != expect.len as usize || chunk_id(&data) != expect.id {
+            let path = a.path.clone();
+            self.discard_active();
+            return Err(RoundError::Refused(format!(
+                "chunk {} for {path} does not match its id: nothing written",
+                expect.id.to_hex()
+            )));
+        }
+        a.need.pop_front();
+        self.pending.remove(&expect.id);
+        if let Some(f) = a.file.as_mut() {
+            if let Err(e) = f.write_all(&data) {
+                a.failed = Some(e.to_string());
+                a.file = None;
+            } else {
+                a.written.entry(expect.id).or_insert(a.offset);
+                a.offset += data.len() as u64;
+            }
+        }
+        a.cursor += 1;
+        self.advance()
+    }
+
+    /// Drops the active `Put`: the daemon cannot supply its content.
+    pub fn on_skip(&mut self) -> Result<(), RoundError> {
+        if self.active.is_none() {
+            return Err(RoundError::Protocol("skip with no file in progress".into()));
+        }
+        self.discard_active();
+        self.advance()
+    }
+
+    /// Ends the round.
+    pub fn on_commit(mut self, generation: u64) -> Result<v1::Done, RoundError> {
+        if self.active.is_some() || !self.queue.is_empty() {
+            return Err(RoundError::Protocol(
+                "commit before all chunk data arrived".into(),
+            ));
+        }
+        self.mirror.maybe_save(false);
+        Ok(v1::Done {
+            generation,
+            root: self.mirror.tree.root().as_bytes().to_vec().into(),
+            failures: std::mem::take(&mut self.failures),
+            files: self.mirror.tree.files(),
+            bytes: self.mirror.tree.bytes(),
+        })
+    }
+
+    fn discard_active(&mut self) {
+        if let Some(a) = self.active.take() {
+            for i in a.need {
+                self.pending.remove(&a.chunks[i as usize].id);
+            }
+            let _ = fs::remove_file(&a.tmp);
+        }
+    }
+
+    /// Runs queued ops until one waits for chunk data.
+    fn advance(&mut self) -> Result<(), RoundError> {
+        loop {
+            if self.active.is_some() {
+                if !self.fill_active() {
+                    return Ok(());
+                }
+                let a = self.active.take().expect("active");
+                self.finish_put(a)?;
+                continue;
+            }
+            let Some((op, need)) = self.queue.pop_front() else {
+                return Ok(());
+            };
+            let path = op_path(&op).clone();
+            let res = match op {
+                Op::Put { path, exec, chunks } => {
+                    self.tmp_seq += 1;
+                    let tmp = self
+                        .tmp_dir
+                        .join(format!("{}-{}", std::process::id(), self.tmp_seq));
+                    let (file, failed) = match File::create(&tmp) {
+                        Ok(f) => (Some(f), None),
+                        Err(e) => (None, Some(format!("cannot create temporary file: {e}"))),
+                    };
+                    self.active = Some(Active {
+                        path,
+                        exec,
+                        chunks,
+                        need,
+                        cursor: 0,
+                        tmp,
+                        file,
+                        failed,
+                        written: HashMap::new(),
+                        offset: 0,
+                    });
+                    Ok(())
+                }
+                Op::Mkdir(p) => self.mkdir(&p),
+                Op::Symlink(p, t) => self.symlink(&p, &t),
+                Op::Remove(p) => self.remove(&p),
+            };
+            self.op_result(&path, res)?;
+        }
+    }
+
+    fn op_result(&mut self, path: &RelPath, res: Result<(), OpError>) -> Result<(), RoundError> {
+        match res {
+            Ok(()) => Ok(()),
+            Err(OpError::Refused(m)) => Err(RoundError::Refused(m)),
+            Err(OpError::Failed(m)) => {
+                tracing::warn!(%path, error = %m, "op failed");
+                self.failures.push(v1::Failure {
+                    path: path.to_string(),
+                    message: m,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies locally available chunks into the active file. False while it
+    /// waits for a body from the peer.
+    fn fill_active(&mut self) -> bool {
+        let a = self.active.as_mut().expect("active");
+        while a.cursor < a.chunks.len() {
+            if a.need.front() == Some(&(a.cursor as u32)) {
+                return false;
+            }
+            let c = a.chunks[a.cursor];
+            a.cursor += 1;
+            let Some(f) = a.file.as_mut() else { continue };
+            let bytes = match a.written.get(&c.id) {
+                Some(&off) => {
+                    let mut b = vec![0u8; c.len as usize];
+                    f.read_exact_at(&mut b, off).ok().map(|_| b)
+                }
+                None => self.store.read(&c.id, &mut self.files),
+            };
+            let res = match bytes {
+                Some(b) => f.write_all(&b).map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "chunk {} is no longer available on the agent",
+                    c.id.to_hex()
+                )),
+            };
+            match res {
+                Ok(()) => {
+                    a.written.entry(c.id).or_insert(a.offset);
+                    a.offset += c.len as u64;
+                }
+                Err(m) => {
+                    a.failed = Some(m);
+                    a.file = None;
+                }
+            }
+        }
+        true
+    }
+
+    fn finish_put(&mut self, a: Active) -> Result<(), RoundError> {
+        let path = a.path.clone();
+        let res = self.install_file(a);
+        self.op_result(&path, res)
+    }
+
+    fn install_file(&mut self, a: Active) -> Result<(), OpError> {
+        let tmp = a.tmp.clone();
+        let res = (|| {
+            if let Some(m) = a.failed {
+                return Err(OpError::Failed(m));
+            }
+            let f = a.file.expect("file present when not failed");
+            f.set_permissions(Permissions::from_mode(if a.exec { 0o755 } else { 0o644 }))?;
+            drop(f);
+            let dst = self.prepare_parents(&a.path)?;
+            self.clear_for(&a.path, &dst, FileKind::File)?;
+            self.files.clear();
+            fs::rename(&tmp, &dst)?;
+            let st = Stat::lstat(&dst)?;
+            let file: Arc<Path> = dst.into();
+            self.store.index_file(&file, &a.chunks);
+            let mut cached = Cached::new(
+                &st,
+                bridge_proto::chunking::Digest {
+                    hash: content_hash(&a.chunks),
+                    size: st.size,
+                    chunks: a.chunks,
+                },
+            );
+            // The agent wrote these bytes itself; a later in-place change by
+            // someone else still changes ctime.
+            cached.racy = false;
+            self.mirror.record_file(a.path, cached);
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Makes sure every ancestor of `p` is a real directory inside the mirror
+    /// (creating missing ones) and returns `p`'s location.
+    fn prepare_parents(&mut self, p: &RelPath) -> Result<PathBuf, OpError> {
+        for a in p.ancestors() {
+            let fsp = a.to_fs(&self.mirror.root);
+            match Stat::lstat(&fsp) {
+                Ok(s) if s.kind == FileKind::Dir => {}
+                Ok(s) if s.kind == FileKind::Symlink => {
+                    return Err(OpError::Refused(format!(
+                        "refusing to write {p}: {a} is a symlink (writes through symlinks are not allowed)"
+                    )));
+                }
+                Ok(_) => return Err(OpError::Failed(format!("{a} is not a directory"))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&fsp)?;
+                    self.mirror.tree.insert(a.clone(), Node::Dir);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(p.to_fs(&self.mirror.root))
+    }
+
+    /// Gets whatever is at `dst` out of the way of a new `kind` entry: retires a
+    /// file, removes a directory tree unless a directory is wanted.
+    fn clear_for(&mut self, p: &RelPath, dst: &Path, kind: FileKind) -> Result<(), OpError> {
+        match Stat::lstat(dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(s) => match s.kind {
+                FileKind::Dir if kind == FileKind::Dir => Ok(()),
+                FileKind::Dir => self.remove_tree(p, dst),
+                FileKind::File => {
+                    self.retire(p, dst);
+                    if kind == FileKind::Dir {
+                        fs::remove_file(dst)?;
+                        self.mirror.forget(p);
+                    }
+                    Ok(())
+                }
+                _ => {
+                    if kind == FileKind::Dir {
+                        fs::remove_file(dst)?;
+                        self.mirror.forget(p);
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn retire(&mut self, p: &RelPath, dst: &Path) {
+        if let Some(c) = self.mirror.index.entries.get(p)
+            && let Err(e) = self.store.retire(dst, c.hash, &c.chunks)
+        {
+            tracing::debug!(%p, error = %e, "cannot retire old version");
+        }
+    }
+
+    fn remove_tree(&mut self, p: &RelPath, dst: &Path) -> Result<(), OpError> {
+        let files: Vec<RelPath> = self
+            .mirror
+            .tree
+            .descendants(Some(p))
+            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for f in files {
+            let fp = f.to_fs(&self.mirror.root);
+            self.retire(&f, &fp);
+        }
+        self.files.clear();
+        fs::remove_dir_all(dst)?;
+        self.mirror.forget(p);
+        Ok(())
+    }
+
+    fn mkdir(&mut self, p: &RelPath) -> Result<(), OpError> {
+        let dst = self.prepare_parents(p)?;
+        self.clear_for(p, &dst, FileKind::Dir)?;
+        match fs::create_dir(&dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.mirror.tree.insert(p.clone(), Node::Dir);
+        Ok(())
+    }
+
+    fn symlink(&mut self, p: &RelPath, target: &str) -> Result<(), OpError> {
+        let dst = self.prepare_parents(p)?;
+        self.clear_for(p, &dst, FileKind::Symlink)?;
+        self.tmp_seq += 1;
+        let tmp = self
+            .tmp_dir
+            .join(format!("{}-{}", std::process::id(), self.tmp_seq));
+        std::os::unix::fs::symlink(target, &tmp)?;
+        if let Err(e) = fs::rename(&tmp, &dst) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        self.mirror.index.entries.remove(p);
+        self.mirror.tree.insert(
+            p.clone(),
+            Node::Symlink {
+                target: target.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, p: &RelPath) -> Result<(), OpError> {
+        for a in p.ancestors() {
+            match Stat::lstat(&a.to_fs(&self.mirror.root)) {
+                Ok(s) if s.kind == FileKind::Dir => {}
+                Ok(s) if s.kind == FileKind::Symlink => {
+                    return Err(OpError::Refused(format!(
+                        "refusing to remove {p}: {a} is a symlink"
+                    )));
+                }
+                // The parent is gone or a file: nothing of `p` can exist.
+                _ => {
+                    self.mirror.forget(p);
+                    return Ok(());
+                }
+            }
+        }
+        let dst = p.to_fs(&self.mirror.root);
+        match Stat::lstat(&dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+            Ok(s) if s.kind == FileKind::Dir => self.remove_tree(p, &dst)?,
+            Ok(s) => {
+                if s.kind == FileKind::File {
+                    self.retire(p, &dst);
+                }
+                self.files.clear();
+                fs::remove_file(&dst)?;
+            }
+        }
+        self.mirror.forget(p);
+        Ok(())
+    }
+}
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        self.discard_active();
+    }
+}
+
+fn op_path(op: &Op) -> &RelPath {
+    match op {
+        Op::Put { path, .. } | Op::Mkdir(path) | Op::Symlink(path, _) | Op::Remove(path) => path,
+    }
+}
+
+fn rel(p: String) -> Result<RelPath, RoundError> {
+    RelPath::new(p).map_err(|e| RoundError::Refused(format!("refused path: {e}")))
+}
+
+/// Checks everything about an op that does not depend on the disk.
+fn validate(op: v1::Op) -> Result<Op, RoundError> {
+    use v1::op::Op as W;
+    match op.op {
+        Some(W::Put(p)) => {
+            let path = rel(p.path)?;
+            let chunks = p
+                .chunks
+                .iter()
+                .map(|c| {
+                    hash_from_bytes(&c.id)
+                        .filter(|_| c.len > 0 && c.len <= bridge_proto::chunking::MAX_CHUNK)
+                        .map(|id| ChunkRef { id, len: c.len })
+                        .ok_or_else(|| {
+                            RoundError::Refused(format!("bad chunk reference for {path}"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Op::Put {
+                path,
+                exec: p.executable,
+                chunks,
+            })
+        }
+        Some(W::Mkdir(m)) => Ok(Op::Mkdir(rel(m.path)?)),
+        Some(W::Symlink(s)) => {
+            let path = rel(s.path)?;
+            if resolve_link_target(&path, &s.target).is_none() {
+                return Err(RoundError::Refused(format!(
+                    "refused symlink {path} -> {}: the target is absolute or leaves the mirror",
+                    s.target
+                )));
+            }
+            Ok(Op::Symlink(path, s.target))
+        }
+        Some(W::Remove(r)) => Ok(Op::Remove(rel(r.path)?)),
+        None => Err(RoundError::Protocol("empty op".into())),
+    }
+}

@@ -1,0 +1,144 @@
+//! `bridge-agent`: the process that keeps mirrors on a remote machine.
+//!
+//! # Layout
+//! - [`service`]: the `bridge.v1.Agent` gRPC service (handshake, manifest, root,
+//!   sync rounds) and the token check in front of it.
+//! - [`apply`]: one sync round — plans, chunk bodies, atomic writes, refusals.
+//! - [`mirror`]: a mirror directory and the agent's own, disk-derived view of it.
+//! - [`store`]: where already-present chunks live (mirror files and retired
+//!   versions), bounded.
+//!
+//! Directory layout under `--root`:
+//! `mirrors/<name>/` (the mirrors), `state/` (their stat caches),
+//! `store/retired/` (old versions kept for dedup), `tmp/` (files being written;
+//! emptied at start), `agent.lock` (one agent per root).
+
+pub mod apply;
+pub mod mirror;
+pub mod service;
+pub mod store;
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bridge_proto::v1::agent_server::AgentServer;
+use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::{Request, Status};
+
+use crate::service::{AgentService, State};
+
+/// Default bound on retired file versions kept for dedup.
+pub const DEFAULT_CACHE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// What the agent serves and how.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding mirrors, store and state.
+    pub root: PathBuf,
+    /// Shared secret every call must present.
+    pub token: String,
+    /// Bound on the retired-version cache.
+    pub cache_bytes: u64,
+}
+
+/// A bound listener the agent serves on.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot prepare agent root {path}: {source}")]
+    Root { path: PathBuf, source: io::Error },
+    #[error("another bridge-agent is already serving {0}")]
+    Locked(PathBuf),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves, then saves every mirror's stat cache.
+pub async fn run(
+    config: Config,
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let root_err = |source| Error::Root {
+        path: config.root.clone(),
+        source,
+    };
+    for d in ["mirrors", "state", "store", "tmp"] {
+        fs::create_dir_all(config.root.join(d)).map_err(root_err)?;
+    }
+    let lock_file = fs::File::create(config.root.join("agent.lock")).map_err(root_err)?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| Error::Locked(config.root.clone()))?;
+    let tmp = config.root.join("tmp");
+    for e in fs::read_dir(&tmp).map_err(root_err)?.flatten() {
+        let _ = fs::remove_file(e.path());
+    }
+    let store =
+        store::Store::open(&config.root.join("store"), config.cache_bytes).map_err(root_err)?;
+    let state = Arc::new(Mutex::new(State {
+        store,
+        mirrors: Default::default(),
+    }));
+    let svc = AgentService {
+        root: config.root.clone(),
+        tmp,
+        state: state.clone(),
+    };
+    let expected = format!("Bearer {}", config.token);
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let ok = req
+            .metadata()
+            .get(AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong agent token: the daemon must present the token `bridge up` generated",
+            ))
+        }
+    };
+    let server = tonic::service::interceptor::InterceptedService::new(
+        AgentServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth,
+    );
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(server);
+    tracing::info!(root = %config.root.display(), "agent serving");
+    match listener {
+        Listener::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .await?
+        }
+        Listener::Tcp(l) => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
+                .await?
+        }
+    }
+    if let Ok(mut st) = state.lock() {
+        for m in st.mirrors.values_mut() {
+            m.maybe_save(true);
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,116 @@
+//! `bridge-agent serve --root DIR --listen unix:PATH|tcp:HOST:PORT --token-file FILE`
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use bridge_agent::{Config, DEFAULT_CACHE_BYTES, Listener};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bridge-agent",
+    version,
+    about = "The bridge agent: keeps mirrors and runs jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the bridge.v1 Agent protocol.
+    Serve {
+        /// Directory for mirrors, the chunk store and state.
+        #[arg(long)]
+        root: PathBuf,
+        /// `unix:PATH` or `tcp:HOST:PORT`.
+        #[arg(long)]
+        listen: String,
+        /// File holding the token clients must present (mode 0600).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Bound on old file versions kept for dedup, in MiB.
+        #[arg(long, default_value_t = DEFAULT_CACHE_BYTES / (1024 * 1024))]
+        cache_mib: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRIDGE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cmd::Serve {
+        root,
+        listen,
+        token_file,
+        cache_mib,
+    } = Cli::parse().cmd;
+    let token = read_token(&token_file)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let listener = bind(&listen).await?;
+    let config = Config {
+        root,
+        token,
+        cache_bytes: cache_mib * 1024 * 1024,
+    };
+    bridge_agent::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "token file {} is readable by other users; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path)?.trim().to_string();
+    if token.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(token)
+}
+
+async fn bind(listen: &str) -> anyhow::Result<Listener> {
+    if let Some(path) = listen.strip_prefix("unix:") {
+        let path = Path::new(path);
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                bail!("{} is in use by a running agent", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Listener::Unix(l))
+    } else if let Some(addr) = listen.strip_prefix("tcp:") {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("listening on tcp:{}", l.local_addr()?);
+        Ok(Listener::Tcp(l))
+    } else {
+        bail!("--listen must be unix:PATH or tcp:HOST:PORT, not {listen:?}")
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,184 @@
+//! One mirror: a directory under `mirrors/` kept identical to a daemon's tree.
+//!
+//! The mirror's [`Tree`] is the agent's own view, derived from disk: a refresh
+//! walks the mirror with the same ignore rules as the daemon and rehashes only
+//! files whose `lstat` changed since the stat cache ([`Index`]) saw them. Paths
+//! the agent writes itself are recorded as written, without a rehash.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bridge_proto::index::{Cached, HashOutcome, Index, hash_file};
+use bridge_proto::path::RelPath;
+use bridge_proto::scan::{self, FileKind, Side};
+use bridge_proto::tree::{Node, Tree};
+
+use crate::store::Store;
+
+/// How long the agent may keep index updates only in memory. A crash loses at
+/// most this much of the cache (the cost is a rehash, never a wrong answer).
+const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Mirror {
+    pub name: String,
+    /// The mirror directory.
+    pub root: PathBuf,
+    index_path: PathBuf,
+    /// Stat cache of the mirror's regular files (also their chunk lists).
+    pub index: Index,
+    /// What is synced in the mirror right now.
+    pub tree: Tree,
+    /// Index changes not yet on disk.
+    index_dirty: bool,
+    last_save: Instant,
+    /// Files hashed by refreshes since start (observability, tests).
+    pub files_hashed: u64,
+}
+
+/// Mirror names are one path component of safe characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Mirror {
+    pub fn open(agent_root: &Path, name: &str, store: &mut Store) -> io::Result<Mirror> {
+        let root = agent_root.join("mirrors").join(name);
+        fs::create_dir_all(&root)?;
+        let state = agent_root.join("state");
+        fs::create_dir_all(&state)?;
+        let index_path = state.join(format!("{name}.index"));
+        let mut m = Mirror {
+            name: name.to_string(),
+            root,
+            index: Index::load(&index_path),
+            index_path,
+            tree: Tree::new(),
+            index_dirty: false,
+            last_save: Instant::now(),
+            files_hashed: 0,
+        };
+        m.refresh(store)?;
+        Ok(m)
+    }
+
+    /// Installs the daemon's extra ignore lines; a change rescans.
+    pub fn set_excludes(&mut self, lines: &[String], store: &mut Store) -> io::Result<()> {
+        let path = self.root.join(".git/info/exclude");
+        let before = fs::read_to_string(&path).ok();
+        scan::install_excludes(&self.root, lines)?;
+        if fs::read_to_string(&path).ok() != before {
+            self.refresh(store)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the tree from disk, rehashing only changed files.
+    pub fn refresh(&mut self, store: &mut Store) -> io::Result<()> {
+        let (found, unreadable) = scan::walk(&self.root, None, None, Side::Agent);
+        for u in unreadable {
+            tracing::warn!(path = %u.path, reason = %u.reason, "unreadable path in mirror");
+        }
+        let mut tree = Tree::new();
+        let mut index = Index::default();
+        for f in found {
+            match f.stat.kind {
+                FileKind::Dir => {
+                    tree.insert(f.path, Node::Dir);
+                }
+                FileKind::Symlink => {
+                    if let Ok(t) = fs::read_link(f.path.to_fs(&self.root)) {
+                        let target = t.to_string_lossy().into_owned();
+                        tree.insert(f.path, Node::Symlink { target });
+                    }
+                }
+                FileKind::File => {
+                    let cached = match self.index.entries.remove(&f.path) {
+                        Some(c) if c.matches(&f.stat) => Some(c),
+                        _ => {
+                            let p = f.path.to_fs(&self.root);
+                            match hash_file(&p, 3, |_, _| {}) {
+                                Ok(HashOutcome::Hashed(st, d)) => {
+                                    self.files_hashed += 1;
+                                    self.index_dirty = true;
+                                    Some(Cached::new(&st, d))
+                                }
+                                Ok(HashOutcome::Vanished) => None,
+                                Err(e) => {
+                                    tracing::warn!(path = %p.display(), error = %e, "cannot hash mirror file");
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    if let Some(c) = cached {
+                        let file: Arc<Path> = f.path.to_fs(&self.root).into();
+                        store.index_file(&file, &c.chunks);
+                        tree.insert(
+                            f.path.clone(),
+                            Node::File {
+                                hash: c.hash,
+                                size: c.size,
+                                exec: c.exec,
+                            },
+                        );
+                        index.entries.insert(f.path, c);
+                    }
+                }
+                FileKind::Other => {}
+            }
+        }
+        if !self.index.entries.is_empty() {
+            self.index_dirty = true;
+        }
+        self.index = index;
+        self.tree = tree;
+        self.maybe_save(true);
+        Ok(())
+    }
+
+    /// Records a file the agent has just renamed into place.
+    pub fn record_file(&mut self, path: RelPath, cached: Cached) {
+        self.tree.insert(
+            path.clone(),
+            Node::File {
+                hash: cached.hash,
+                size: cached.size,
+                exec: cached.exec,
+            },
+        );
+        self.index.entries.insert(path, cached);
+        self.index_dirty = true;
+    }
+
+    /// Forgets `path` and everything below it.
+    pub fn forget(&mut self, path: &RelPath) {
+        for (p, n) in self.tree.remove_subtree(path) {
+            if matches!(n, Node::File { .. }) {
+                self.index.entries.remove(&p);
+                self.index_dirty = true;
+            }
+        }
+    }
+
+    /// Saves the stat cache if it changed and `force` or enough time passed.
+    pub fn maybe_save(&mut self, force: bool) {
+        if self.index_dirty && (force || self.last_save.elapsed() >= INDEX_SAVE_INTERVAL) {
+            match self.index.save(&self.index_path) {
+                Ok(()) => {
+                    self.index_dirty = false;
+                    self.last_save = Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot save mirror index"),
+            }
+        }
+    }
+}

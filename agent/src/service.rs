@@ -1,0 +1,241 @@
+//! The `bridge.v1.Agent` gRPC service.
+//!
+//! Blocking file work runs on tokio's blocking pool; the async side only moves
+//! messages. One lock guards the store and the mirrors: a sync round holds it
+//! from `Begin` to `Commit`, so rounds on one agent are serialised.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bridge_proto::PROTOCOL_VERSION;
+use bridge_proto::v1::agent_server::Agent;
+use bridge_proto::v1::{self, sync_up};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::apply::{Round, RoundError};
+use crate::mirror::{Mirror, valid_name};
+use crate::store::Store;
+
+/// Everything the agent keeps between calls.
+pub struct State {
+    pub store: Store,
+    pub mirrors: HashMap<String, Mirror>,
+}
+
+#[derive(Clone)]
+pub struct AgentService {
+    pub root: PathBuf,
+    pub tmp: PathBuf,
+    pub state: Arc<Mutex<State>>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl AgentService {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = state
+                .lock()
+                .map_err(|_| Status::internal("agent state poisoned"))?;
+            f(&mut st)
+        })
+        .await
+        .map_err(internal)?
+    }
+}
+
+fn mirror_of<'a>(st: &'a mut State, name: &str) -> Result<(&'a mut Mirror, &'a mut Store), Status> {
+    let State { store, mirrors } = st;
+    let m = mirrors.get_mut(name).ok_or_else(|| {
+        Status::failed_precondition(format!("mirror {name:?} is not open: call Hello first"))
+    })?;
+    Ok((m, store))
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn hello(
+        &self,
+        req: Request<v1::HelloRequest>,
+    ) -> Result<Response<v1::HelloReply>, Status> {
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: the daemon (bridge {}) speaks bridge protocol v{}, \
+                 this agent (bridge-agent {}) speaks v{}; install matching versions",
+                req.client_version,
+                req.protocol_version,
+                env!("CARGO_PKG_VERSION"),
+                PROTOCOL_VERSION
+            )));
+        }
+        if !valid_name(&req.mirror) {
+            return Err(Status::invalid_argument(format!(
+                "invalid mirror name {:?}: use letters, digits, '.', '_' and '-'",
+                req.mirror
+            )));
+        }
+        let root = self.root.clone();
+        let mirror_path = self
+            .blocking(move |st| {
+                let State { store, mirrors } = st;
+                if !mirrors.contains_key(&req.mirror) {
+                    let m = Mirror::open(&root, &req.mirror, store).map_err(internal)?;
+                    mirrors.insert(req.mirror.clone(), m);
+                }
+                let m = mirrors.get_mut(&req.mirror).expect("just inserted");
+                m.set_excludes(&req.exclude_lines, store)
+                    .map_err(internal)?;
+                Ok(m.root.display().to_string())
+            })
+            .await?;
+        Ok(Response::new(v1::HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            mirror_path,
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }))
+    }
+
+    type ManifestStream = BoxStream<v1::ManifestBatch>;
+
+    async fn manifest(
+        &self,
+        req: Request<v1::ManifestRequest>,
+    ) -> Result<Response<Self::ManifestStream>, Status> {
+        let name = req.into_inner().mirror;
+        let batches = self
+            .blocking(move |st| {
+                let (m, store) = mirror_of(st, &name)?;
+                m.refresh(store).map_err(internal)?;
+                let mut out = Vec::new();
+                let mut batch = v1::ManifestBatch::default();
+                for (p, n) in m.tree.iter() {
+                    batch.entries.push(n.to_wire(p));
+                    if batch.entries.len() == 2000 {
+                        out.push(Ok(std::mem::take(&mut batch)));
+                    }
+                }
+                out.push(Ok(batch));
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn root(&self, req: Request<v1::RootRequest>) -> Result<Response<v1::RootReply>, Status> {
+        let name = req.into_inner().mirror;
+        self.blocking(move |st| {
+            let (m, store) = mirror_of(st, &name)?;
+            m.refresh(store).map_err(internal)?;
+            Ok(Response::new(v1::RootReply {
+                root: m.tree.root().as_bytes().to_vec().into(),
+                files: m.tree.files(),
+                bytes: m.tree.bytes(),
+            }))
+        })
+        .await
+    }
+
+    type SyncStream = BoxStream<v1::SyncDown>;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<v1::SyncUp>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx_in, rx_in) = mpsc::channel::<v1::SyncUp>(32);
+        let (tx_out, rx_out) = mpsc::channel::<Result<v1::SyncDown, Status>>(32);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if tx_in.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let state = self.state.clone();
+        let tmp = self.tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(s) = run_round(&state, &tmp, rx_in, &tx_out) {
+                let _ = tx_out.blocking_send(Err(s));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx_out))))
+    }
+}
+
+fn round_status(e: RoundError) -> Status {
+    tracing::warn!(error = %e, "sync round refused");
+    Status::invalid_argument(e.to_string())
+}
+
+fn run_round(
+    state: &Mutex<State>,
+    tmp: &std::path::Path,
+    mut rx: mpsc::Receiver<v1::SyncUp>,
+    tx: &mpsc::Sender<Result<v1::SyncDown, Status>>,
+) -> Result<(), Status> {
+    let Some(first) = rx.blocking_recv() else {
+        return Ok(());
+    };
+    let Some(sync_up::Msg::Begin(begin)) = first.msg else {
+        return Err(Status::invalid_argument("a sync round starts with Begin"));
+    };
+    let mut st = state
+        .lock()
+        .map_err(|_| Status::internal("agent state poisoned"))?;
+    let (mirror, store) = mirror_of(&mut st, &begin.mirror)?;
+    let mut round = Round::new(tmp, mirror, store);
+    while let Some(m) = rx.blocking_recv() {
+        let reply = match m.msg {
+            Some(sync_up::Msg::Plan(p)) => Some(v1::sync_down::Msg::Need(
+                round.on_plan(p).map_err(round_status)?,
+            )),
+            Some(sync_up::Msg::Chunk(c)) => {
+                round.on_chunk(c).map_err(round_status)?;
+                None
+            }
+            Some(sync_up::Msg::Skip(_)) => {
+                round.on_skip().map_err(round_status)?;
+                None
+            }
+            Some(sync_up::Msg::Commit(c)) => {
+                let done = round.on_commit(c.generation).map_err(round_status)?;
+                let _ = tx.blocking_send(Ok(v1::SyncDown {
+                    msg: Some(v1::sync_down::Msg::Done(done)),
+                }));
+                return Ok(());
+            }
+            Some(sync_up::Msg::Begin(_)) | None => {
+                return Err(Status::invalid_argument(
+                    "unexpected message in a sync round",
+                ));
+            }
+        };
+        if let Some(msg) = reply
+            && tx
+                .blocking_send(Ok(v1::SyncDown { msg: Some(msg) }))
+                .is_err()
+        {
+            return Ok(());
+        }
+    }
+    // The daemon went away mid-round: every op applied so far is complete;
+    // the one in progress is dropped with the round.
+    Ok(())
+}

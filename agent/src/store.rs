@@ -1,0 +1,313 @@
+//! Where the agent finds chunks it already has.
+//!
+//! The agent keeps no second copy of mirror content: a chunk's location is a
+//! byte range of a file it wrote (a mirror file) or of a *retired* file — an old
+//! version hardlinked into `store/retired/` when a mirror file was replaced or
+//! deleted. Retiring costs a link, not a copy, and makes a branch switch back to
+//! known content (or a rename) cost no transfer. Retired files are bounded by
+//! `cache_bytes`, oldest evicted first.
+//!
+//! Locations are hints: every chunk read is checked against its BLAKE3 id, so a
+//! file changed behind the agent's back can never put wrong bytes in a mirror.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bridge_proto::chunking::{ChunkRef, Hash, chunk_id};
+
+/// A byte range of a file holding a chunk.
+#[derive(Debug, Clone)]
+pub struct Loc {
+    pub file: Arc<Path>,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// One retired file version.
+#[derive(Debug)]
+struct Retired {
+    hash: Hash,
+    path: Arc<Path>,
+    size: u64,
+}
+
+/// Chunk locations plus the bounded set of retired file versions.
+#[derive(Debug)]
+pub struct Store {
+    retired_dir: PathBuf,
+    locs: HashMap<Hash, Loc>,
+    /// Oldest first; evicted from the front past `cache_bytes`.
+    retired: VecDeque<Retired>,
+    retired_bytes: u64,
+    cache_bytes: u64,
+}
+
+impl Store {
+    /// Opens `dir` (created if missing), reloading the retired files' chunk lists.
+    pub fn open(dir: &Path, cache_bytes: u64) -> io::Result<Store> {
+        let retired_dir = dir.join("retired");
+        fs::create_dir_all(&retired_dir)?;
+        let mut s = Store {
+            retired_dir,
+            locs: HashMap::new(),
+            retired: VecDeque::new(),
+            retired_bytes: 0,
+            cache_bytes,
+        };
+        let mut found = Vec::new();
+        for e in fs::read_dir(&s.retired_dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".chunks") else {
+                continue;
+            };
+            let blob = s.retired_dir.join(hex);
+            match (
+                read_chunk_list(&e.path()),
+                fs::metadata(&blob),
+                parse_hex(hex),
+            ) {
+                (Ok(chunks), Ok(m), Some(hash)) => {
+                    let age = e.metadata().and_then(|m| m.modified()).ok();
+                    found.push((age, hash, blob, m.len(), chunks));
+                }
+                _ => {
+                    let _ = fs::remove_file(e.path());
+                    let _ = fs::remove_file(&blob);
+                }
+            }
+        }
+        found.sort_by_key(|f| f.0);
+        for (_, hash, blob, size, chunks) in found {
+            let path: Arc<Path> = blob.into();
+            s.index_file(&path, &chunks);
+            s.retired_bytes += size;
+            s.retired.push_back(Retired { hash, path, size });
+        }
+        s.evict();
+        Ok(s)
+    }
+
+    pub fn has(&self, id: &Hash) -> bool {
+        self.locs.contains_key(id)
+    }
+
+    pub fn loc(&self, id: &Hash) -> Option<&Loc> {
+        self.locs.get(id)
+    }
+
+    /// Records that `file` holds `chunks` back to back.
+    pub fn index_file(&mut self, file: &Arc<Path>, chunks: &[ChunkRef]) {
+        let mut offset = 0u64;
+        for c in chunks {
+            self.locs.insert(
+                c.id,
+                Loc {
+                    file: file.clone(),
+                    offset,
+                    len: c.len,
+                },
+            );
+            offset += c.len as u64;
+        }
+    }
+
+    /// Forgets a location that failed verification.
+    pub fn forget(&mut self, id: &Hash) {
+        self.locs.remove(id);
+    }
+
+    /// Keeps the content of `file` (about to be replaced or deleted) as a
+    /// retired version, repointing its chunks at it.
+    pub fn retire(&mut self, file: &Path, hash: Hash, chunks: &[ChunkRef]) -> io::Result<()> {
+        let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        if size == 0 || size > self.cache_bytes {
+            self.drop_file_locs(file, chunks);
+            return Ok(());
+        }
+        let blob = self.retired_dir.join(hash.to_hex().as_str());
+        let path: Arc<Path> = blob.clone().into();
+        if self.retired.iter().any(|r| r.hash == hash) {
+            // Already kept; just make sure the chunks point somewhere alive.
+            self.index_file(&path, chunks);
+            return Ok(());
+        }
+        match fs::hard_link(file, &blob) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                self.drop_file_locs(file, chunks);
+                return Err(e);
+            }
+        }
+        write_chunk_list(
+            &self.retired_dir.join(format!("{}.chunks", hash.to_hex())),
+            chunks,
+        )?;
+        self.index_file(&path, chunks);
+        self.retired_bytes += size;
+        self.retired.push_back(Retired { hash, path, size });
+        self.evict();
+        Ok(())
+    }
+
+    fn drop_file_locs(&mut self, file: &Path, chunks: &[ChunkRef]) {
+        for c in chunks {
+            if self.locs.get(&c.id).is_some_and(|l| &*l.file == file) {
+                self.locs.remove(&c.id);
+            }
+        }
+    }
+
+    fn evict(&mut self) {
+        while self.retired_bytes > self.cache_bytes {
+            let Some(r) = self.retired.pop_front() else {
+                break;
+            };
+            self.retired_bytes -= r.size;
+            self.locs
+                .retain(|_, l| !Arc::ptr_eq(&l.file, &r.path) && l.file != r.path);
+            let _ = fs::remove_file(&r.path);
+            let _ = fs::remove_file(self.retired_dir.join(format!("{}.chunks", r.hash.to_hex())));
+        }
+    }
+
+    /// Reads and verifies chunk `id`. `None` when it is unknown or its location
+    /// no longer holds it (the location is then forgotten).
+    pub fn read(&mut self, id: &Hash, files: &mut FileCache) -> Option<Vec<u8>> {
+        let loc = self.locs.get(id)?.clone();
+        let mut buf = vec![0u8; loc.len as usize];
+        let ok = files
+            .get(&loc.file)
+            .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+            .is_ok()
+            && chunk_id(&buf) == *id;
+        if ok {
+            Some(buf)
+        } else {
+            self.locs.remove(id);
+            None
+        }
+    }
+
+    /// Total size of retired versions kept.
+    pub fn retired_bytes(&self) -> u64 {
+        self.retired_bytes
+    }
+}
+
+/// Open files reused across the chunk reads of one sync round.
+#[derive(Default)]
+pub struct FileCache {
+    files: HashMap<Arc<Path>, File>,
+}
+
+impl FileCache {
+    fn get(&mut self, p: &Arc<Path>) -> io::Result<&File> {
+        if !self.files.contains_key(p) {
+            if self.files.len() >= 64 {
+                self.files.clear();
+            }
+            let f = File::open(p)?;
+            self.files.insert(p.clone(), f);
+        }
+        Ok(&self.files[p])
+    }
+
+    /// Closes everything (before files are replaced under their names).
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Hash> {
+    Hash::from_hex(s).ok()
+}
+
+fn write_chunk_list(path: &Path, chunks: &[ChunkRef]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(chunks.len() * 36);
+    for c in chunks {
+        buf.extend_from_slice(c.id.as_bytes());
+        buf.extend_from_slice(&c.len.to_le_bytes());
+    }
+    File::create(path)?.write_all(&buf)
+}
+
+fn read_chunk_list(path: &Path) -> io::Result<Vec<ChunkRef>> {
+    let mut buf = Vec::new();
+    File::open(path)?.read_to_end(&mut buf)?;
+    if buf.len() % 36 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "truncated chunk list",
+        ));
+    }
+    Ok(buf
+        .chunks_exact(36)
+        .map(|r| ChunkRef {
+            id: Hash::from_bytes(r[..32].try_into().expect("32 bytes")),
+            len: u32::from_le_bytes(r[32..].try_into().expect("4 bytes")),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::chunking::chunk_bytes;
+
+    #[test]
+    fn retire_keeps_content_and_evicts_oldest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("store"), 150).unwrap();
+        let mut files = FileCache::default();
+        let mk = |name: &str, byte: u8| {
+            let p = d.path().join(name);
+            let data = vec![byte; 100];
+            fs::write(&p, &data).unwrap();
+            (p, chunk_bytes(&data))
+        };
+        let (a, da) = mk("a", 1);
+        s.retire(&a, da.hash, &da.chunks).unwrap();
+        fs::remove_file(&a).unwrap();
+        assert_eq!(
+            s.read(&da.chunks[0].id, &mut files).unwrap(),
+            vec![1u8; 100]
+        );
+
+        let (b, db) = mk("b", 2);
+        s.retire(&b, db.hash, &db.chunks).unwrap();
+        assert!(!s.has(&da.chunks[0].id), "oldest evicted past the bound");
+        assert!(s.has(&db.chunks[0].id));
+        assert_eq!(s.retired_bytes(), 100);
+
+        // Reopening finds the retired version again.
+        drop(s);
+        let mut s = Store::open(&d.path().join("store"), 150).unwrap();
+        assert_eq!(
+            s.read(&db.chunks[0].id, &mut files).unwrap(),
+            vec![2u8; 100]
+        );
+    }
+
+    #[test]
+    fn a_changed_location_is_not_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&d.path().join("store"), 1 << 20).unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"hello").unwrap();
+        let dg = chunk_bytes(b"hello");
+        let path: Arc<Path> = p.clone().into();
+        s.index_file(&path, &dg.chunks);
+        fs::write(&p, b"jello").unwrap();
+        assert!(
+            s.read(&dg.chunks[0].id, &mut FileCache::default())
+                .is_none()
+        );
+        assert!(!s.has(&dg.chunks[0].id));
+    }
+}

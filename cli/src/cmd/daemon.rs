@@ -1,0 +1,49 @@
+//! `bridge daemon`: the daemon in the foreground.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use bridge_daemon::{Config, ProviderConfig};
+
+use crate::client;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRIDGE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let layout = client::repo(cwd)?;
+    layout
+        .create()
+        .with_context(|| format!("cannot create {}", layout.state.display()))?;
+    if client::daemon(&layout).await.is_some() {
+        bail!("a daemon is already running for {}", layout.repo.display());
+    }
+    let _ = std::fs::remove_file(&layout.control);
+    let listener = tokio::net::UnixListener::bind(&layout.control)
+        .with_context(|| format!("cannot listen on {}", layout.control.display()))?;
+    std::fs::write(&layout.daemon_pid, std::process::id().to_string())?;
+    let config = Config {
+        repo: layout.repo.clone(),
+        provider: ProviderConfig::Local {
+            agent_bin: client::agent_bin(),
+        },
+    };
+    bridge_daemon::run(config, listener, async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! `bridge down`
+
+use std::path::Path;
+use std::time::Duration;
+
+use bridge_daemon::provider::Provider;
+use bridge_daemon::provider::local::LocalProvider;
+
+use crate::client;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
+    let layout = client::repo(cwd)?;
+    match client::daemon(&layout).await {
+        Some(mut c) => {
+            c.shutdown(bridge_proto::v1::ShutdownRequest {}).await?;
+            // The daemon removes its socket last, after stopping the agent.
+            for _ in 0..400 {
+                if !layout.control.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            println!("bridge is down for {}", layout.repo.display());
+        }
+        None => {
+            // No daemon, but a local agent may be left from a crash.
+            LocalProvider::in_state_dir(&layout.state, client::agent_bin())
+                .teardown()
+                .await?;
+            let _ = std::fs::remove_file(&layout.control);
+            println!("bridge was not running for {}", layout.repo.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! `bridge up`: start the agent (through the daemon's provider) and the daemon,
+//! then wait for the first exact mirror, showing progress.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use bridge_daemon::repo::ensure_token;
+use bridge_proto::v1::SyncProgress;
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::Streaming;
+
+use crate::client::{self, human_bytes};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where the agent runs. Only `local` (an agent process on this machine) is built so far.
+    #[arg(long, default_value = "local", value_parser = ["local"])]
+    provider: String,
+}
+
+pub async fn run(cwd: &Path, _args: Args) -> anyhow::Result<()> {
+    let layout = client::repo(cwd)?;
+    if let Some(mut c) = client::daemon(&layout).await {
+        let pid = c
+            .status(bridge_proto::v1::StatusRequest {})
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.into_inner().json).ok())
+            .and_then(|v| v["daemon_pid"].as_u64())
+            .map(|p| format!(" (daemon pid {p})"))
+            .unwrap_or_default();
+        bail!(
+            "bridge is already up for {}{pid}; see `bridge status`, or `bridge down` first",
+            layout.repo.display()
+        );
+    }
+    layout
+        .create()
+        .with_context(|| format!("cannot create {}", layout.state.display()))?;
+    ensure_token(&layout.token)
+        .with_context(|| format!("cannot write the agent token {}", layout.token.display()))?;
+
+    let log = std::fs::File::create(&layout.daemon_log)
+        .with_context(|| format!("cannot create {}", layout.daemon_log.display()))?;
+    let exe = std::env::current_exe().context("cannot find the bridge executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("-C")
+        .arg(&layout.repo)
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+
+    let started = Instant::now();
+    let mut c = loop {
+        if let Some(c) = client::daemon(&layout).await {
+            break c;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon exited ({status}) before it was ready: {}",
+                log_tail(&layout.daemon_log)
+            );
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            bail!(
+                "the daemon did not start within 15 s: {}",
+                log_tail(&layout.daemon_log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The daemon outlives this command; reap it if it exits while we wait.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+
+    let mut stream = c
+        .sync(bridge_proto::v1::SyncRequest { wait: true })
+        .await?
+        .into_inner();
+    match follow(&mut stream, std::io::stderr().is_terminal()).await {
+        Ok(done) => {
+            let json = c
+                .status(bridge_proto::v1::StatusRequest {})
+                .await?
+                .into_inner()
+                .json;
+            let st: serde_json::Value = serde_json::from_str(&json)?;
+            println!(
+                "bridge is up: {} files ({}) mirrored to {} on the {} agent",
+                st["files"],
+                human_bytes(st["bytes"].as_u64().unwrap_or(0)),
+                st["mirror_path"].as_str().unwrap_or("?"),
+                st["provider"].as_str().unwrap_or("?"),
+            );
+            println!(
+                "in sync: generation {}, root {}",
+                done.generation, done.root
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Leave nothing half-up: stop the daemon and its agent.
+            let _ = c.shutdown(bridge_proto::v1::ShutdownRequest {}).await;
+            Err(e.context(
+                "bridge up failed; the daemon was stopped (its log is in .bridge/daemon.log)",
+            ))
+        }
+    }
+}
+
+fn log_tail(p: &Path) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Follows a `Sync(wait)` progress stream to the end, drawing a progress bar on
+/// a terminal and plain lines otherwise. Connection errors while the daemon
+/// retries are shown, not fatal.
+pub async fn follow(
+    stream: &mut Streaming<SyncProgress>,
+    tty: bool,
+) -> anyhow::Result<SyncProgress> {
+    let bar = if tty {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg:12} [{bar:30}] {pos}/{len} files, {prefix}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_line = String::new();
+    let mut last_error = String::new();
+    while let Some(p) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+    {
+        if p.in_sync {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            return Ok(p);
+        }
+        if !p.error.is_empty() && p.error != last_error {
+            last_error = p.error.clone();
+            match &bar {
+                Some(b) => b.println(format!("bridge: {} (retrying)", p.error)),
+                None => eprintln!("bridge: {} (retrying)", p.error),
+            }
+        }
+        let bytes = format!(
+            "{} / {}",
+            human_bytes(p.bytes_done),
+            human_bytes(p.bytes_total)
+        );
+        match &bar {
+            Some(b) => {
+                b.set_message(p.phase.clone());
+                b.set_length(p.files_total);
+                b.set_position(p.files_done);
+                b.set_prefix(bytes);
+            }
+            None => {
+                let line = if p.files_total > 0 {
+                    format!(
+                        "{}: {}/{} files, {bytes}",
+                        p.phase, p.files_done, p.files_total
+                    )
+                } else {
+                    p.phase.clone()
+                };
+                if line != last_line && !p.phase.is_empty() {
+                    eprintln!("{line}");
+                    last_line = line;
+                }
+            }
+        }
+    }
+    Err(anyhow!("the daemon ended the sync without a result"))
+}

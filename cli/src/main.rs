@@ -1,0 +1,75 @@
+//! `bridge`: develop locally, run on remote machines.
+//!
+//! Parses arguments, sets up logging, and hands each command to its module in
+//! [`cmd`]. Errors are printed once, with what to do, by `anyhow`.
+
+mod client;
+mod cmd;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bridge",
+    version,
+    about = "Develop locally, run on remote CPU/GPU machines: a live mirror of your repository on an agent"
+)]
+struct Cli {
+    /// Run as if started in DIR.
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the agent and the daemon for this repository; returns once the mirror is exact.
+    Up(cmd::up::Args),
+    /// Show the daemon's state: agent, mirror, sync, watcher, skipped paths.
+    Status(cmd::status::Args),
+    /// Sync now; with --wait, return once the agent's tree root equals the local one.
+    Sync(cmd::sync::Args),
+    /// Stop the daemon and the agent it started.
+    Down(cmd::down::Args),
+    /// Run the daemon in the foreground (`bridge up` starts it in the background).
+    Daemon(cmd::daemon::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cwd = match cli
+        .dir
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(std::env::current_dir)
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("bridge: cannot read the current directory: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let res = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Up(a) => cmd::up::run(&cwd, a).await,
+            Cmd::Status(a) => cmd::status::run(&cwd, a).await,
+            Cmd::Sync(a) => cmd::sync::run(&cwd, a).await,
+            Cmd::Down(a) => cmd::down::run(&cwd, a).await,
+            Cmd::Daemon(a) => cmd::daemon::run(&cwd, a).await,
+        }
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bridge: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

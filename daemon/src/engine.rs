@@ -1,0 +1,1089 @@
+//! The sync engine: one task that owns the local tree, the connection and the
+//! daemon's belief about the agent's tree, and turns changes into rounds.
+//!
+//! Loop: collect watcher events into dirty scopes (debounced), rescan those
+//! scopes, diff the local tree against the agent's, run one round for the
+//! difference, check the root the agent reports. The agent's view is fetched
+//! from the agent itself on every (re)connect and whenever a root disagrees, so
+//! the engine never trusts its own belief for long.
+//!
+//! A round streams plans in batches and, while the agent answers one batch's
+//! needs, the next plan is already on the wire: no round trip per file.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bridge_proto::chunking::{ChunkRef, chunk_id};
+use bridge_proto::path::RelPath;
+use bridge_proto::tree::{Node, Tree, hex};
+use bridge_proto::v1::agent_client::AgentClient;
+use bridge_proto::v1::{self, sync_down, sync_up};
+use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status as GrpcStatus;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::local::{Dirty, Local};
+use crate::provider::Provider;
+use crate::status::{Connection, Skipped, Status};
+use crate::watcher::{self, Mode, WatchMsg, Watcher};
+
+/// Ops per plan message.
+const PLAN_OPS: usize = 1024;
+/// Chunk refs per plan message (keeps messages well under the size limit).
+const PLAN_CHUNKS: usize = 64 * 1024;
+/// How often a file that was busy (being written) is looked at again.
+const BUSY_RETRY: Duration = Duration::from_millis(300);
+/// How often racy files are re-checked.
+const RACY_TICK: Duration = Duration::from_secs(1);
+/// Rounds in a row that may end with disagreeing roots before giving up.
+const MAX_REPAIRS: usize = 4;
+
+/// Why a round or a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Provider(#[from] crate::provider::ProviderError),
+    #[error("agent refused: {}", .0.message())]
+    Refused(GrpcStatus),
+    #[error("agent connection failed: {}", .0.message())]
+    Rpc(GrpcStatus),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the mirror did not converge: {0}")]
+    Diverged(String),
+}
+
+impl SyncError {
+    /// Worth retrying after a reconnect?
+    pub fn retryable(&self) -> bool {
+        match self {
+            SyncError::Provider(p) => p.retryable,
+            SyncError::Refused(_) => false,
+            SyncError::Rpc(s) => !matches!(
+                s.code(),
+                tonic::Code::Unauthenticated
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+            ),
+            SyncError::Protocol(_) | SyncError::Diverged(_) => true,
+        }
+    }
+}
+
+fn rpc(s: GrpcStatus) -> SyncError {
+    if s.code() == tonic::Code::InvalidArgument {
+        SyncError::Refused(s)
+    } else {
+        SyncError::Rpc(s)
+    }
+}
+
+/// Commands from the control server.
+pub enum Command {
+    /// Rescan everything and sync; with `verify`, answer once the agent's
+    /// verified root equals the local root.
+    Sync {
+        verify: bool,
+        reply: oneshot::Sender<Result<Synced, String>>,
+    },
+}
+
+/// Proof of an exact mirror.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub generation: u64,
+    pub root: String,
+}
+
+/// Progress of the current work, for `bridge up` and `bridge sync --wait`.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub phase: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: String,
+}
+
+/// State shared with the control server.
+pub struct Shared {
+    pub status: Mutex<Status>,
+    pub progress: watch::Sender<Progress>,
+}
+
+impl Shared {
+    fn set_phase(&self, phase: &str) {
+        self.progress.send_modify(|p| {
+            p.phase = phase.to_string();
+            p.error.clear();
+        });
+    }
+}
+
+/// What the engine needs to know about the repository.
+pub struct RepoInfo {
+    pub root: PathBuf,
+    pub mirror: String,
+    pub token: String,
+    pub exclude_lines: Vec<String>,
+}
+
+type Client = AgentClient<InterceptedService<Channel, Auth>>;
+
+/// Adds the agent token to every call.
+#[derive(Clone)]
+pub struct Auth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, GrpcStatus> {
+        req.metadata_mut().insert(AUTH_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// One planned change to the mirror.
+#[derive(Debug, Clone)]
+enum PlannedOp {
+    Remove(RelPath),
+    Mkdir(RelPath),
+    Symlink(RelPath, String),
+    Put {
+        path: RelPath,
+        node: Node,
+        chunks: Arc<[ChunkRef]>,
+    },
+}
+
+impl PlannedOp {
+    fn path(&self) -> &RelPath {
+        match self {
+            PlannedOp::Remove(p) | PlannedOp::Mkdir(p) | PlannedOp::Symlink(p, _) => p,
+            PlannedOp::Put { path, .. } => path,
+        }
+    }
+
+    fn to_wire(&self) -> v1::Op {
+        use v1::op::Op as W;
+        let op = match self {
+            PlannedOp::Remove(p) => W::Remove(v1::Remove {
+                path: p.to_string(),
+            }),
+            PlannedOp::Mkdir(p) => W::Mkdir(v1::Mkdir {
+                path: p.to_string(),
+            }),
+            PlannedOp::Symlink(p, t) => W::Symlink(v1::Symlink {
+                path: p.to_string(),
+                target: t.clone(),
+            }),
+            PlannedOp::Put { path, node, chunks } => W::Put(v1::Put {
+                path: path.to_string(),
+                executable: matches!(node, Node::File { exec: true, .. }),
+                chunks: chunks
+                    .iter()
+                    .map(|c| v1::ChunkRef {
+                        id: c.id.as_bytes().to_vec().into(),
+                        len: c.len,
+                    })
+                    .collect(),
+            }),
+        };
+        v1::Op { op: Some(op) }
+    }
+
+    /// Applies this op to the daemon's belief about the agent's tree.
+    fn apply_to(&self, t: &mut Tree) {
+        match self {
+            PlannedOp::Remove(p) => {
+                t.remove_subtree(p);
+            }
+            PlannedOp::Mkdir(p) => {
+                if !matches!(t.get(p), Some(Node::Dir)) {
+                    t.remove_subtree(p);
+                }
+                add_parents(t, p);
+                t.insert(p.clone(), Node::Dir);
+            }
+            PlannedOp::Symlink(p, target) => {
+                t.remove_subtree(p);
+                add_parents(t, p);
+                t.insert(
+                    p.clone(),
+                    Node::Symlink {
+                        target: target.clone(),
+                    },
+                );
+            }
+            PlannedOp::Put { path, node, .. } => {
+                t.remove_subtree(path);
+                add_parents(t, path);
+                t.insert(path.clone(), node.clone());
+            }
+        }
+    }
+}
+
+fn add_parents(t: &mut Tree, p: &RelPath) {
+    for a in p.ancestors() {
+        if !matches!(t.get(&a), Some(Node::Dir)) {
+            t.remove_subtree(&a);
+            t.insert(a, Node::Dir);
+        }
+    }
+}
+
+/// The ops that turn `remote` into `local`: removals first (a removed
+/// directory covers everything below it), then creations in path order, so
+/// parents come before children.
+fn diff(local: &Local, remote: &Tree) -> Vec<PlannedOp> {
+    let mut removes = Vec::new();
+    let mut creates = Vec::new();
+    let mut li = local.tree.iter().peekable();
+    let mut ri = remote.iter().peekable();
+    let mut last_removed: Option<RelPath> = None;
+    let create = |p: &RelPath, n: &Node| -> Option<PlannedOp> {
+        Some(match n {
+            Node::Dir => PlannedOp::Mkdir(p.clone()),
+            Node::Symlink { target } => PlannedOp::Symlink(p.clone(), target.clone()),
+            Node::File { .. } => PlannedOp::Put {
+                path: p.clone(),
+                node: n.clone(),
+                chunks: local.chunks(p)?.chunks.clone().into(),
+            },
+        })
+    };
+    loop {
+        match (li.peek(), ri.peek()) {
+            (None, None) => break,
+            (Some((lp, ln)), Some((rp, rn))) if lp == rp => {
+                if ln != rn {
+                    creates.extend(create(lp, ln));
+                }
+                li.next();
+                ri.next();
+            }
+            (Some((lp, ln)), Some((rp, _))) if lp < rp => {
+                creates.extend(create(lp, ln));
+                li.next();
+            }
+            (Some((lp, ln)), None) => {
+                creates.extend(create(lp, ln));
+                li.next();
+            }
+            (_, Some((rp, _))) => {
+                if !last_removed.as_ref().is_some_and(|l| rp.starts_with(l)) {
+                    removes.push(PlannedOp::Remove((*rp).clone()));
+                    last_removed = Some((*rp).clone());
+                }
+                ri.next();
+            }
+        }
+    }
+    removes.extend(creates);
+    removes
+}
+
+/// Counts what a round puts on the wire.
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    chunks: AtomicU64,
+}
+
+struct Conn {
+    client: Client,
+}
+
+pub struct Engine {
+    repo: RepoInfo,
+    provider: Arc<dyn Provider>,
+    shared: Arc<Shared>,
+    local: Option<Local>,
+    /// The daemon's belief about the agent's tree (refetched on doubt).
+    remote: Tree,
+    conn: Option<Conn>,
+    watcher: Watcher,
+    watch_rx: mpsc::UnboundedReceiver<WatchMsg>,
+    generation: u64,
+    counters: Arc<Counters>,
+    /// The agent's last reported root.
+    remote_root: Option<bridge_proto::chunking::Hash>,
+}
+
+impl Engine {
+    pub fn new(
+        repo: RepoInfo,
+        provider: Arc<dyn Provider>,
+        shared: Arc<Shared>,
+        index_path: PathBuf,
+    ) -> Engine {
+        let (tx, watch_rx) = mpsc::unbounded_channel();
+        let watcher = Watcher::new(&repo.root, tx);
+        let local = Local::new(repo.root.clone(), index_path);
+        Engine {
+            repo,
+            provider,
+            shared,
+            local: Some(local),
+            remote: Tree::new(),
+            conn: None,
+            watcher,
+            watch_rx,
+            generation: 0,
+            counters: Arc::new(Counters::default()),
+            remote_root: None,
+        }
+    }
+
+    fn local(&self) -> &Local {
+        self.local
+            .as_ref()
+            .expect("local tree is home between blocking calls")
+    }
+
+    /// Runs `f` on the local tree on the blocking pool.
+    async fn with_local<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Local) -> T + Send + 'static,
+    ) -> T {
+        let mut local = self.local.take().expect("local tree is home");
+        let (local, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut local);
+            (local, out)
+        })
+        .await
+        .expect("local tree task panicked");
+        self.local = Some(local);
+        out
+    }
+
+    /// Rescans `dirty`, updating watches.
+    async fn rescan(&mut self, dirty: BTreeSet<Dirty>) -> Vec<RelPath> {
+        let full = dirty.contains(&Dirty::Tree(None));
+        let ch = self.with_local(move |l| l.apply(dirty)).await;
+        self.watcher.remove(ch.gone_dirs.iter());
+        if full {
+            let dirs: Vec<RelPath> = self
+                .local()
+                .tree
+                .iter()
+                .filter(|(_, n)| n.is_dir())
+                .map(|(p, _)| p.clone())
+                .collect();
+            self.watcher
+                .add(std::iter::once(None).chain(dirs.iter().map(Some)));
+        } else {
+            self.watcher.add(ch.new_dirs.iter().map(Some));
+        }
+        ch.busy
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut Status)) {
+        let mut st = self.shared.status.lock().expect("status poisoned");
+        f(&mut st);
+    }
+
+    fn refresh_status(&self, pending: usize) {
+        let l = self.local();
+        let local_root = l.tree.root();
+        let in_sync = self.conn.is_some() && self.remote_root == Some(local_root) && pending == 0;
+        let skipped = l
+            .skipped
+            .iter()
+            .map(|(p, r)| Skipped {
+                path: p.clone(),
+                reason: r.clone(),
+            })
+            .collect();
+        let (files, bytes, hashed) = (l.tree.files(), l.tree.bytes(), l.files_hashed);
+        let mode = self.watcher.mode.clone();
+        let watches = self.watcher.watches();
+        let generation = self.generation;
+        let remote_root = self.remote_root.map(|r| hex(&r)).unwrap_or_default();
+        let (sent, chunks) = (
+            self.counters.bytes.load(Ordering::Relaxed),
+            self.counters.chunks.load(Ordering::Relaxed),
+        );
+        self.update_status(|st| {
+            st.local_root = hex(&local_root);
+            st.remote_root = remote_root;
+            st.in_sync = in_sync;
+            st.pending_changes = pending;
+            st.files = files;
+            st.bytes = bytes;
+            st.files_hashed = hashed;
+            st.watcher = mode;
+            st.watches = watches;
+            st.skipped = skipped;
+            st.generation = generation;
+            st.bytes_sent = sent;
+            st.chunks_sent = chunks;
+        });
+    }
+
+    async fn connect(&mut self) -> Result<(), SyncError> {
+        self.shared.set_phase("connecting");
+        self.provider.ensure_agent().await?;
+        let channel = self.provider.connect().await?;
+        let token = MetadataValue::try_from(format!("Bearer {}", self.repo.token))
+            .map_err(|_| SyncError::Protocol("the token is not valid ASCII".into()))?;
+        let mut client = AgentClient::with_interceptor(channel, Auth(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let hello = client
+            .hello(v1::HelloRequest {
+                protocol_version: PROTOCOL_VERSION,
+                client_version: env!("CARGO_PKG_VERSION").to_string(),
+                mirror: self.repo.mirror.clone(),
+                exclude_lines: self.repo.exclude_lines.clone(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(SyncError::Rpc(GrpcStatus::failed_precondition(format!(
+                "protocol version mismatch: this daemon speaks v{PROTOCOL_VERSION}, the agent (bridge-agent {}) speaks v{}",
+                hello.agent_version, hello.protocol_version
+            ))));
+        }
+        self.update_status(|st| {
+            st.agent_version = hello.agent_version.clone();
+            st.agent_host = hello.hostname.clone();
+            st.mirror_path = hello.mirror_path.clone();
+            st.connection = Connection::Connected;
+            st.last_error = None;
+        });
+        self.conn = Some(Conn { client });
+        self.fetch_manifest().await
+    }
+
+    /// Replaces the belief about the agent's tree with the agent's own view.
+    async fn fetch_manifest(&mut self) -> Result<(), SyncError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
+        let mut stream = conn
+            .client
+            .manifest(v1::ManifestRequest {
+                mirror: self.repo.mirror.clone(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let mut t = Tree::new();
+        while let Some(batch) = stream.message().await.map_err(rpc)? {
+            for e in &batch.entries {
+                let (p, n) = Node::from_wire(e).map_err(SyncError::Protocol)?;
+                t.insert(p, n);
+            }
+        }
+        self.remote_root = Some(t.root());
+        self.remote = t;
+        Ok(())
+    }
+
+    /// Runs rounds until the agent reports the local root (or gives up).
+    /// Returns paths to look at again (changed while they were read).
+    async fn converge(&mut self) -> Result<Vec<RelPath>, SyncError> {
+        let mut retry = Vec::new();
+        for _ in 0..MAX_REPAIRS {
+            let ops = diff(self.local(), &self.remote);
+            if ops.is_empty() {
+                if self.remote_root == Some(self.local().tree.root()) {
+                    return Ok(retry);
+                }
+                // Our belief matches, the agent's word does not: ask it.
+                self.fetch_manifest().await?;
+                continue;
+            }
+            let (agent_root, skipped) = self.round(ops).await?;
+            retry.extend(skipped);
+            if agent_root != self.remote.root() {
+                tracing::warn!("agent root differs from the expected one; refetching its manifest");
+                self.fetch_manifest().await?;
+            }
+        }
+        if self.remote_root == Some(self.local().tree.root()) || !retry.is_empty() {
+            return Ok(retry);
+        }
+        Err(SyncError::Diverged(format!(
+            "after {MAX_REPAIRS} rounds the agent's root still differs; see the agent log"
+        )))
+    }
+
+    /// One sync round. Returns the agent's root and the puts skipped because
+    /// the local file changed while it was read.
+    async fn round(
+        &mut self,
+        ops: Vec<PlannedOp>,
+    ) -> Result<(bridge_proto::chunking::Hash, Vec<RelPath>), SyncError> {
+        self.generation += 1;
+        let generation = self.generation;
+        let files_total = ops.len() as u64;
+        let bytes_total: u64 = ops
+            .iter()
+            .map(|o| match o {
+                PlannedOp::Put {
+                    node: Node::File { size, .. },
+                    ..
+                } => *size,
+                _ => 0,
+            })
+            .sum();
+        self.shared.progress.send_modify(|p| {
+            p.phase = "syncing".into();
+            p.files_done = 0;
+            p.files_total = files_total;
+            p.bytes_done = 0;
+            p.bytes_total = bytes_total;
+        });
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
+        let (tx, rx) = mpsc::channel::<v1::SyncUp>(64);
+        let counters = self.counters.clone();
+        let send = Sender { tx, counters };
+        send.send(sync_up::Msg::Begin(v1::Begin {
+            mirror: self.repo.mirror.clone(),
+            generation,
+        }))
+        .await?;
+        let mut down = conn
+            .client
+            .sync(ReceiverStream::new(rx))
+            .await
+            .map_err(rpc)?
+            .into_inner();
+
+        // Split into plan batches.
+        let mut batches: Vec<Vec<PlannedOp>> = Vec::new();
+        let mut cur = Vec::new();
+        let mut cur_chunks = 0usize;
+        for op in ops {
+            let n = match &op {
+                PlannedOp::Put { chunks, .. } => chunks.len(),
+                _ => 0,
+            };
+            if !cur.is_empty() && (cur.len() >= PLAN_OPS || cur_chunks + n > PLAN_CHUNKS) {
+                batches.push(std::mem::take(&mut cur));
+                cur_chunks = 0;
+            }
+            cur_chunks += n;
+            cur.push(op);
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+        let plan_msg = |b: &Vec<PlannedOp>| {
+            sync_up::Msg::Plan(v1::Plan {
+                ops: b.iter().map(PlannedOp::to_wire).collect(),
+            })
+        };
+        if let Some(b) = batches.first() {
+            send.send(plan_msg(b)).await?;
+        }
+        let compress = !self.provider.link_is_fast();
+        let mut skipped_all = Vec::new();
+        let mut applied: Vec<PlannedOp> = Vec::new();
+        for k in 0..batches.len() {
+            if let Some(next) = batches.get(k + 1) {
+                send.send(plan_msg(next)).await?;
+            }
+            let need = match down.message().await.map_err(rpc)? {
+                Some(v1::SyncDown {
+                    msg: Some(sync_down::Msg::Need(n)),
+                }) => n,
+                other => return Err(SyncError::Protocol(format!("expected Need, got {other:?}"))),
+            };
+            if need.ops.len() != batches[k].len() {
+                return Err(SyncError::Protocol("Need does not match the plan".into()));
+            }
+            let batch = std::mem::take(&mut batches[k]);
+            let root = self.repo.root.clone();
+            let s = send.clone();
+            let progress = self.shared.progress.clone();
+            let skipped = tokio::task::spawn_blocking(move || {
+                send_bodies(&root, &batch, &need, &s, compress, &progress).map(|sk| (batch, sk))
+            })
+            .await
+            .map_err(|e| SyncError::Protocol(e.to_string()))??;
+            let (batch, sk) = skipped;
+            for op in batch {
+                if !sk.contains(op.path()) {
+                    applied.push(op);
+                }
+            }
+            skipped_all.extend(sk);
+        }
+        send.send(sync_up::Msg::Commit(v1::Commit { generation }))
+            .await?;
+        let done = match down.message().await.map_err(rpc)? {
+            Some(v1::SyncDown {
+                msg: Some(sync_down::Msg::Done(d)),
+            }) => d,
+            other => return Err(SyncError::Protocol(format!("expected Done, got {other:?}"))),
+        };
+        let failed: BTreeSet<String> = done.failures.iter().map(|f| f.path.clone()).collect();
+        for f in &done.failures {
+            tracing::warn!(path = %f.path, error = %f.message, "agent could not apply");
+        }
+        for op in &applied {
+            if !failed.contains(op.path().as_str()) {
+                op.apply_to(&mut self.remote);
+            }
+        }
+        let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
+            .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
+        self.remote_root = Some(agent_root);
+        self.shared.progress.send_modify(|p| {
+            p.files_done = files_total;
+            p.bytes_done = bytes_total;
+        });
+        if !failed.is_empty() {
+            // The agent's state for those paths is unknown: ask it.
+            self.fetch_manifest().await?;
+        }
+        Ok((agent_root, skipped_all))
+    }
+
+    /// Asks the agent for its verified root and compares.
+    async fn verify(&mut self) -> Result<bool, SyncError> {
+        self.shared.set_phase("verifying");
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
+        let r = conn
+            .client
+            .root(v1::RootRequest {
+                mirror: self.repo.mirror.clone(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let root = bridge_proto::chunking::hash_from_bytes(&r.root)
+            .ok_or_else(|| SyncError::Protocol("Root without a root".into()))?;
+        self.remote_root = Some(root);
+        Ok(root == self.local().tree.root())
+    }
+
+    /// The engine loop; returns when `shutdown` fires.
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.shared.set_phase("scanning");
+        let mut busy = self.rescan([Dirty::Tree(None)].into()).await;
+        self.refresh_status(0);
+
+        let mut pending: BTreeSet<Dirty> = BTreeSet::new();
+        let mut first_event: Option<Instant> = None;
+        let mut last_event = Instant::now();
+        let mut waiters: Vec<(bool, oneshot::Sender<Result<Synced, String>>)> = Vec::new();
+        let mut need_round = true;
+        let mut backoff = Duration::from_millis(100);
+        let mut next_retry_connect = Instant::now();
+        let mut next_poll = Instant::now() + watcher::POLL_INTERVAL;
+        let mut next_racy = Instant::now() + RACY_TICK;
+        let mut busy_at = (!busy.is_empty()).then(|| Instant::now() + BUSY_RETRY);
+        let mut last_index_save = Instant::now();
+
+        loop {
+            // Connect when needed (not while a burst is being collected).
+            if self.conn.is_none() && Instant::now() >= next_retry_connect {
+                match self.connect().await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        need_round = true;
+                    }
+                    Err(e) => {
+                        let retry = e.retryable();
+                        let msg = e.to_string();
+                        tracing::warn!(error = %msg, "cannot connect to the agent");
+                        self.conn = None;
+                        self.update_status(|st| {
+                            st.connection = if retry {
+                                Connection::Reconnecting
+                            } else {
+                                Connection::Disconnected
+                            };
+                            st.last_error = Some(msg.clone());
+                        });
+                        self.shared.progress.send_modify(|p| p.error = msg.clone());
+                        if !retry {
+                            for (_, w) in waiters.drain(..) {
+                                let _ = w.send(Err(msg.clone()));
+                            }
+                        }
+                        next_retry_connect = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+                self.refresh_status(pending.len());
+            }
+
+            let now = Instant::now();
+            let mut deadline = next_racy.min(last_index_save + Duration::from_secs(5));
+            if let Some(f) = first_event {
+                deadline = deadline
+                    .min((last_event + watcher::DEBOUNCE_WINDOW).min(f + watcher::DEBOUNCE_CAP));
+            }
+            if matches!(self.watcher.mode, Mode::Polling(_)) {
+                deadline = deadline.min(next_poll);
+            }
+            if let Some(b) = busy_at {
+                deadline = deadline.min(b);
+            }
+            if self.conn.is_none() {
+                deadline = deadline.min(next_retry_connect);
+            } else if need_round || !waiters.is_empty() {
+                deadline = now;
+            }
+
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(m) = self.watch_rx.recv() => {
+                    match m {
+                        WatchMsg::Dirty(d) => { pending.insert(d); }
+                        WatchMsg::Overflow => { pending.insert(Dirty::Tree(None)); }
+                    }
+                    last_event = Instant::now();
+                    first_event.get_or_insert(last_event);
+                    self.update_status(|st| st.pending_changes = pending.len());
+                    continue;
+                }
+                Some(c) = cmds.recv() => {
+                    let Command::Sync { verify, reply } = c;
+                    pending.insert(Dirty::Tree(None));
+                    first_event.get_or_insert(Instant::now());
+                    waiters.push((verify, reply));
+                    last_event = Instant::now() - watcher::DEBOUNCE_WINDOW;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+
+            let now = Instant::now();
+            if matches!(self.watcher.mode, Mode::Polling(_)) && now >= next_poll {
+                pending.insert(Dirty::Tree(None));
+                first_event.get_or_insert(now);
+                next_poll = now + watcher::POLL_INTERVAL;
+            }
+            if busy_at.is_some_and(|b| now >= b) {
+                for p in busy.drain(..) {
+                    pending.insert(Dirty::File(p));
+                }
+                first_event.get_or_insert(now);
+                busy_at = None;
+            }
+            if now >= next_racy {
+                next_racy = now + RACY_TICK;
+                if !self.local().racy.is_empty() {
+                    let ch = self.with_local(|l| l.settle_racy()).await;
+                    need_round |= ch.changed > 0;
+                }
+            }
+            if now >= last_index_save + Duration::from_secs(5) {
+                last_index_save = now;
+                if let Err(e) = self.with_local(|l| l.save_index()).await {
+                    tracing::warn!(error = %e, "cannot save the index");
+                }
+            }
+            let burst_over = first_event.is_some_and(|f| {
+                now >= last_event + watcher::DEBOUNCE_WINDOW || now >= f + watcher::DEBOUNCE_CAP
+            });
+            let started = first_event;
+            if burst_over {
+                let dirty = std::mem::take(&mut pending);
+                first_event = None;
+                if !waiters.is_empty() {
+                    self.shared.set_phase("scanning");
+                }
+                let b = self.rescan(dirty).await;
+                if !b.is_empty() {
+                    busy.extend(b);
+                    busy_at = Some(Instant::now() + BUSY_RETRY);
+                }
+                need_round = true;
+            }
+            if self.conn.is_none() || !need_round && waiters.is_empty() {
+                self.refresh_status(pending.len());
+                continue;
+            }
+
+            // Sync.
+            need_round = false;
+            let res = self.converge().await;
+            match res {
+                Ok(skipped) => {
+                    if !skipped.is_empty() {
+                        busy.extend(skipped);
+                        busy_at = Some(Instant::now() + BUSY_RETRY);
+                    }
+                    if let Some(t0) = started {
+                        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                        self.update_status(|st| st.last_latency_ms = Some(ms));
+                    }
+                    if !waiters.is_empty() && pending.is_empty() && busy.is_empty() {
+                        self.answer_waiters(&mut waiters).await;
+                    }
+                    self.shared.set_phase("watching");
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::warn!(error = %msg, "sync round failed");
+                    self.update_status(|st| {
+                        st.last_error = Some(msg.clone());
+                        st.connection = if e.retryable() {
+                            Connection::Reconnecting
+                        } else {
+                            Connection::Disconnected
+                        };
+                    });
+                    self.shared.progress.send_modify(|p| p.error = msg.clone());
+                    self.conn = None;
+                    if !e.retryable() {
+                        for (_, w) in waiters.drain(..) {
+                            let _ = w.send(Err(msg.clone()));
+                        }
+                    }
+                    next_retry_connect = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+            self.refresh_status(pending.len());
+        }
+        if let Some(l) = self.local.as_mut()
+            && let Err(e) = l.save_index()
+        {
+            tracing::warn!(error = %e, "cannot save the index");
+        }
+        for (_, w) in waiters.drain(..) {
+            let _ = w.send(Err("the daemon is shutting down".into()));
+        }
+    }
+
+    async fn answer_waiters(
+        &mut self,
+        waiters: &mut Vec<(bool, oneshot::Sender<Result<Synced, String>>)>,
+    ) {
+        let needs_verify = waiters.iter().any(|(v, _)| *v);
+        let mut result = Ok(());
+        if needs_verify {
+            result = match self.verify().await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    // The mirror was changed behind our back: repair from the
+                    // agent's own view, then check again.
+                    match self.fetch_manifest().await {
+                        Ok(()) => match self.converge().await {
+                            Ok(_) => match self.verify().await {
+                                Ok(true) => Ok(()),
+                                Ok(false) => {
+                                    Err("the agent's verified root still differs after a repair"
+                                        .to_string())
+                                }
+                                Err(e) => Err(e.to_string()),
+                            },
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        let synced = Synced {
+            generation: self.generation,
+            root: hex(&self.local().tree.root()),
+        };
+        if let Err(e) = &result
+            && e.contains("connection")
+        {
+            // Keep waiters; the reconnect path will retry.
+            self.conn = None;
+            return;
+        }
+        for (_, w) in waiters.drain(..) {
+            let _ = w.send(result.clone().map(|_| synced.clone()));
+        }
+    }
+}
+
+/// The round's outgoing half: counts bytes as it sends.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::Sender<v1::SyncUp>,
+    counters: Arc<Counters>,
+}
+
+impl Sender {
+    async fn send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+        let m = v1::SyncUp { msg: Some(msg) };
+        self.counters
+            .bytes
+            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
+        self.tx.send(m).await.map_err(|_| {
+            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
+        })
+    }
+
+    fn blocking_send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+        let m = v1::SyncUp { msg: Some(msg) };
+        self.counters
+            .bytes
+            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
+        self.tx.blocking_send(m).map_err(|_| {
+            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
+        })
+    }
+}
+
+/// Sends the chunk bodies one batch needs, reading them from the files again.
+/// A file whose bytes no longer match its chunk list (it changed after it was
+/// hashed) gets a `SkipOp` and is returned for a rescan.
+fn send_bodies(
+    root: &Path,
+    batch: &[PlannedOp],
+    need: &v1::Need,
+    tx: &Sender,
+    compress: bool,
+    progress: &watch::Sender<Progress>,
+) -> Result<Vec<RelPath>, SyncError> {
+    let mut skipped = Vec::new();
+    for (op, n) in batch.iter().zip(&need.ops) {
+        let PlannedOp::Put { path, chunks, node } = op else {
+            progress.send_modify(|p| p.files_done += 1);
+            continue;
+        };
+        if !n.chunks.is_empty() {
+            let mut offsets = Vec::with_capacity(chunks.len());
+            let mut off = 0u64;
+            for c in chunks.iter() {
+                offsets.push(off);
+                off += c.len as u64;
+            }
+            let file = File::open(path.to_fs(root));
+            let mut try_compress = compress;
+            let mut incompressible = 0;
+            let mut ok = file.is_ok();
+            for &i in &n.chunks {
+                let Some(c) = chunks.get(i as usize) else {
+                    return Err(SyncError::Protocol(format!(
+                        "agent asked for chunk {i} of {path}"
+                    )));
+                };
+                let mut buf = vec![0u8; c.len as usize];
+                ok = ok
+                    && file
+                        .as_ref()
+                        .is_ok_and(|f| f.read_exact_at(&mut buf, offsets[i as usize]).is_ok())
+                    && chunk_id(&buf) == c.id;
+                if !ok {
+                    tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
+                    skipped.push(path.clone());
+                    break;
+                }
+                let (compression, data) = if try_compress {
+                    match zstd::bulk::compress(&buf, 1) {
+                        Ok(z) if z.len() < buf.len() * 9 / 10 => {
+                            incompressible = 0;
+                            (v1::Compression::Zstd, z)
+                        }
+                        _ => {
+                            incompressible += 1;
+                            // Stop trying on data that does not compress.
+                            try_compress = incompressible < 2;
+                            (v1::Compression::None, buf)
+                        }
+                    }
+                } else {
+                    (v1::Compression::None, buf)
+                };
+                tx.blocking_send(sync_up::Msg::Chunk(v1::ChunkData {
+                    id: c.id.as_bytes().to_vec().into(),
+                    compression: compression as i32,
+                    data: data.into(),
+                }))?;
+                tx.counters.chunks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let size = match node {
+            Node::File { size, .. } => *size,
+            _ => 0,
+        };
+        progress.send_modify(|p| {
+            p.files_done += 1;
+            p.bytes_done += size;
+        });
+    }
+    Ok(skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::chunking::chunk_bytes;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn diff_orders_removals_then_parents_first() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join(".git")).unwrap();
+        std::fs::create_dir_all(d.path().join("new/sub")).unwrap();
+        std::fs::write(d.path().join("new/sub/f"), "f").unwrap();
+        std::fs::write(d.path().join("same"), "s").unwrap();
+        let mut local = Local::new(d.path().to_path_buf(), d.path().join("index"));
+        local.apply([Dirty::Tree(None)].into());
+        let same = local.tree.get(&p("same")).unwrap().clone();
+        let remote: Tree = [
+            (p("old"), Node::Dir),
+            (
+                p("old/a"),
+                Node::File {
+                    hash: chunk_bytes(b"a").hash,
+                    size: 1,
+                    exec: false,
+                },
+            ),
+            (p("same"), same),
+        ]
+        .into_iter()
+        .collect();
+        let ops = diff(&local, &remote);
+        let names: Vec<String> = ops
+            .iter()
+            .map(|o| match o {
+                PlannedOp::Remove(p) => format!("rm {p}"),
+                PlannedOp::Mkdir(p) => format!("mkdir {p}"),
+                PlannedOp::Symlink(p, _) => format!("ln {p}"),
+                PlannedOp::Put { path, .. } => format!("put {path}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["rm old", "mkdir new", "mkdir new/sub", "put new/sub/f"]
+        );
+        let mut r = remote.clone();
+        for o in &ops {
+            o.apply_to(&mut r);
+        }
+        assert_eq!(r.root(), local.tree.root());
+    }
+}

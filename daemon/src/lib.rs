@@ -1,0 +1,133 @@
+//! The bridge daemon: one per repository. It watches the tree, keeps the
+//! index, mirrors the tree to the agent and answers the CLI.
+//!
+//! # Layout
+//! - [`repo`]: finding the repository, its `.bridge/` layout, mirror name,
+//!   extra ignore lines and the agent token.
+//! - [`local`]: the local tree, stat cache and skipped paths; scoped rescans.
+//! - [`watcher`]: inotify watches on synced directories, debounce constants,
+//!   the polling fallback.
+//! - [`engine`]: the sync loop — debounce, rescan, diff, rounds, verification,
+//!   reconnects.
+//! - [`provider`]: the [`provider::Provider`] trait and its implementations
+//!   (local process).
+//! - [`control`]: the control server the CLI talks to.
+//! - [`status`]: the `bridge status --json` schema.
+//!
+//! [`run`] takes a bound control listener and a shutdown future, so tests and
+//! `bridge daemon` start it the same way.
+
+pub mod control;
+pub mod engine;
+pub mod local;
+pub mod provider;
+pub mod repo;
+pub mod status;
+pub mod watcher;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bridge_proto::v1::control_server::ControlServer;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::engine::{Engine, Progress, RepoInfo, Shared};
+use crate::provider::Provider;
+use crate::provider::local::LocalProvider;
+use crate::repo::Layout;
+
+/// Which provider the daemon uses.
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    /// An agent process on this machine.
+    Local { agent_bin: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub repo: PathBuf,
+    pub provider: ProviderConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no agent token at {0}: start bridge with `bridge up`")]
+    NoToken(PathBuf),
+    #[error("control server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the daemon until `shutdown` resolves or a client asks it to stop
+/// (`bridge down`, which also stops the agent).
+pub async fn run(
+    config: Config,
+    control: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let layout = Layout::new(&config.repo);
+    let token = std::fs::read_to_string(&layout.token)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::NoToken(layout.token.clone()))?;
+    let provider: Arc<dyn Provider> = match &config.provider {
+        ProviderConfig::Local { agent_bin } => Arc::new(LocalProvider::in_state_dir(
+            &layout.state,
+            agent_bin.clone(),
+        )),
+    };
+    let status = status::Status::new(
+        config.repo.display().to_string(),
+        provider.name().to_string(),
+        provider.address(),
+    );
+    let shared = Arc::new(Shared {
+        status: Mutex::new(status),
+        progress: watch::channel(Progress::default()).0,
+    });
+    let info = RepoInfo {
+        root: config.repo.clone(),
+        mirror: repo::mirror_name(&config.repo),
+        token,
+        exclude_lines: repo::exclude_lines(&config.repo),
+    };
+    let engine = Engine::new(info, provider.clone(), shared.clone(), layout.index.clone());
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let (stop_tx, mut stop_rx) = watch::channel::<Option<bool>>(None);
+    let (engine_stop_tx, engine_stop_rx) = watch::channel(false);
+
+    let svc = control::ControlService {
+        shared: shared.clone(),
+        cmds: cmd_tx,
+        stop: stop_tx.clone(),
+    };
+    let mut server_stop = stop_tx.subscribe();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControlServer::new(svc))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(control), async move {
+                let _ = server_stop.wait_for(|s| s.is_some()).await;
+            }),
+    );
+    let engine = tokio::spawn(engine.run(cmd_rx, engine_stop_rx));
+
+    tokio::select! {
+        _ = shutdown => { let _ = stop_tx.send(Some(false)); }
+        _ = stop_rx.wait_for(|s| s.is_some()) => {}
+    }
+    let stop_agent = stop_rx.borrow().unwrap_or(false);
+    let _ = engine_stop_tx.send(true);
+    let _ = engine.await;
+    if stop_agent && let Err(e) = provider.teardown().await {
+        tracing::warn!(error = %e, "cannot stop the agent");
+    }
+    // Let the Shutdown reply reach the client before the server goes.
+    server.await.ok().transpose()?;
+    let _ = std::fs::remove_file(&layout.control);
+    let _ = std::fs::remove_file(&layout.daemon_pid);
+    tracing::info!("daemon stopped");
+    Ok(())
+}

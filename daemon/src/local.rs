@@ -1,0 +1,455 @@
+//! The local side: the synced tree as the daemon sees it on disk.
+//!
+//! [`Local`] owns the repository's [`Tree`], the stat cache ([`Index`]) that
+//! makes rescans cheap, and the list of paths that exist but cannot be synced
+//! (escaping symlinks, unreadable files) with the reason. Rescans are scoped:
+//! one file, one directory level, or a subtree; each rehashes only files whose
+//! `lstat` changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bridge_proto::chunking::Digest;
+use bridge_proto::index::{Cached, HashOutcome, Index, RACY_WINDOW_NS, hash_file, now_ns};
+use bridge_proto::path::{RelPath, resolve_link_target};
+use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
+use bridge_proto::tree::{Node, Tree};
+
+/// How often a file that keeps changing while it is read is retried in one
+/// pass before it is left for the next pass.
+const HASH_ATTEMPTS: usize = 5;
+
+/// A scoped piece of the tree to look at again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Dirty {
+    /// One path the tree already holds (content or mode change).
+    File(RelPath),
+    /// One directory level (`None`: the top level): creations, deletions, renames.
+    Dir(Option<RelPath>),
+    /// A whole subtree (`None`: everything), e.g. after an ignore file changed.
+    Tree(Option<RelPath>),
+}
+
+/// What a rescan changed, for the watcher.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Synced paths whose entry changed, appeared or disappeared.
+    pub changed: usize,
+    /// Directories that appeared (to watch).
+    pub new_dirs: Vec<RelPath>,
+    /// Directories that disappeared (to unwatch).
+    pub gone_dirs: Vec<RelPath>,
+    /// Files that kept changing while read; to retry later.
+    pub busy: Vec<RelPath>,
+}
+
+pub struct Local {
+    pub root: PathBuf,
+    index_path: PathBuf,
+    pub tree: Tree,
+    pub index: Index,
+    /// Paths present but not synced, with why.
+    pub skipped: BTreeMap<String, String>,
+    /// Files hashed so recently after a write that the stat cache cannot vouch
+    /// for them yet; rehashed once the racy window has passed.
+    pub racy: BTreeSet<RelPath>,
+    /// Files read and hashed since start.
+    pub files_hashed: u64,
+    index_dirty: bool,
+}
+
+impl Local {
+    pub fn new(root: PathBuf, index_path: PathBuf) -> Local {
+        Local {
+            index: Index::load(&index_path),
+            root,
+            index_path,
+            tree: Tree::new(),
+            skipped: BTreeMap::new(),
+            racy: BTreeSet::new(),
+            files_hashed: 0,
+            index_dirty: false,
+        }
+    }
+
+    /// Saves the stat cache if it changed.
+    pub fn save_index(&mut self) -> io::Result<()> {
+        if self.index_dirty {
+            self.index.save(&self.index_path)?;
+            self.index_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of dirty scopes.
+    pub fn apply(&mut self, dirty: BTreeSet<Dirty>) -> Changes {
+        let mut ch = Changes::default();
+        // A subtree rescan covers everything below it.
+        let trees: Vec<Option<RelPath>> = dirty
+            .iter()
+            .filter_map(|d| match d {
+                Dirty::Tree(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        let covered = |p: Option<&RelPath>| {
+            trees.iter().any(|t| match (t, p) {
+                (None, _) => true,
+                (Some(t), Some(p)) => p.starts_with(t),
+                (Some(_), None) => false,
+            })
+        };
+        for d in dirty.iter() {
+            match d {
+                Dirty::Tree(t) => self.rescan(t.as_ref(), true, &mut ch),
+                Dirty::Dir(dir) if !covered(dir.as_ref()) => {
+                    self.rescan(dir.as_ref(), false, &mut ch)
+                }
+                Dirty::File(p) if !covered(Some(p)) => self.recheck(p, &mut ch),
+                _ => {}
+            }
+        }
+        ch
+    }
+
+    /// Rehashes racy files whose window has passed; true if any changed.
+    pub fn settle_racy(&mut self) -> Changes {
+        let mut ch = Changes::default();
+        let now = now_ns();
+        let due: Vec<RelPath> = self
+            .racy
+            .iter()
+            .filter(|p| {
+                self.index
+                    .entries
+                    .get(*p)
+                    .is_none_or(|c| now - c.mtime_ns.max(c.ctime_ns) >= RACY_WINDOW_NS)
+            })
+            .cloned()
+            .collect();
+        for p in due {
+            self.racy.remove(&p);
+            self.recheck(&p, &mut ch);
+        }
+        ch
+    }
+
+    /// One known path: rehash if its stat changed; anything structural falls
+    /// back to a rescan of its directory.
+    fn recheck(&mut self, p: &RelPath, ch: &mut Changes) {
+        let known = matches!(self.tree.get(p), Some(Node::File { .. }));
+        let st = Stat::lstat(&p.to_fs(&self.root));
+        match st {
+            Ok(st) if known && st.kind == FileKind::File => {
+                self.update_file(p.clone(), st, ch);
+            }
+            _ => self.rescan(p.parent().as_ref(), false, ch),
+        }
+    }
+
+    /// Rescans one directory level (or the subtree with `recursive`).
+    fn rescan(&mut self, dir: Option<&RelPath>, recursive: bool, ch: &mut Changes) {
+        if let Some(d) = dir {
+            // Only directories the tree holds are walked: a directory that is
+            // gone or newly ignored is handled by its parent.
+            let is_dir = Stat::lstat(&d.to_fs(&self.root)).is_ok_and(|s| s.kind == FileKind::Dir);
+            if !is_dir || !matches!(self.tree.get(d), Some(Node::Dir)) {
+                return self.rescan(d.parent().as_ref(), false, ch);
+            }
+        }
+        let (found, bad) = scan::walk(
+            &self.root,
+            dir,
+            if recursive { None } else { Some(1) },
+            Side::Daemon,
+        );
+        let prefix = dir.map(|d| format!("{d}/"));
+        self.skipped.retain(|k, _| match &prefix {
+            None => !recursive && k.contains('/'),
+            Some(pf) => !k.starts_with(pf.as_str()) || (!recursive && k[pf.len()..].contains('/')),
+        });
+        for b in bad {
+            let p = b
+                .path
+                .strip_prefix(&format!("{}/", self.root.display()))
+                .unwrap_or(&b.path)
+                .to_string();
+            self.skipped.insert(p, b.reason);
+        }
+        // Entries in scope that the walk did not find are gone.
+        let seen: BTreeSet<&RelPath> = found.iter().map(|f| &f.path).collect();
+        let in_scope: Vec<RelPath> = if recursive {
+            self.tree.descendants(dir).map(|(k, _)| k.clone()).collect()
+        } else {
+            self.tree
+                .children(dir)
+                .into_iter()
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in in_scope {
+            if !seen.contains(&k) && self.tree.get(&k).is_some() {
+                self.remove(&k, ch);
+            }
+        }
+        // Found entries: update; new directories found by a one-level scan
+        // are walked whole.
+        let mut to_hash = Vec::new();
+        let mut new_subdirs = Vec::new();
+        for f in found {
+            match f.stat.kind {
+                FileKind::Dir => {
+                    if !matches!(self.tree.get(&f.path), Some(Node::Dir)) {
+                        self.remove(&f.path, ch);
+                        self.tree.insert(f.path.clone(), Node::Dir);
+                        ch.changed += 1;
+                        ch.new_dirs.push(f.path.clone());
+                        if !recursive {
+                            new_subdirs.push(f.path);
+                        }
+                    }
+                }
+                FileKind::Symlink => self.update_symlink(&f.path, ch),
+                FileKind::File => {
+                    if let Some(Node::Dir) = self.tree.get(&f.path) {
+                        self.remove(&f.path, ch);
+                    }
+                    match self.index.entries.get(&f.path) {
+                        Some(c) if c.matches(&f.stat) && self.tree.get(&f.path).is_some() => {}
+                        Some(c) if c.matches(&f.stat) => {
+                            let node = Node::File {
+                                hash: c.hash,
+                                size: c.size,
+                                exec: c.exec,
+                            };
+                            self.tree.insert(f.path, node);
+                            ch.changed += 1;
+                        }
+                        _ => to_hash.push(f),
+                    }
+                }
+                FileKind::Other => {}
+            }
+        }
+        self.hash_many(to_hash, ch);
+        for d in new_subdirs {
+            self.rescan(Some(&d), true, ch);
+        }
+    }
+
+    fn update_symlink(&mut self, p: &RelPath, ch: &mut Changes) {
+        let target = match std::fs::read_link(p.to_fs(&self.root)) {
+            Ok(t) => t,
+            Err(_) => return self.remove(p, ch),
+        };
+        let Some(t) = target.to_str() else {
+            self.skipped
+                .insert(p.to_string(), "symlink target is not UTF-8".into());
+            return self.remove(p, ch);
+        };
+        if resolve_link_target(p, t).is_none() {
+            let why = if t.starts_with('/') {
+                format!("absolute symlink (-> {t}) not synced")
+            } else {
+                format!("symlink leaves the repository (-> {t}) not synced")
+            };
+            self.skipped.insert(p.to_string(), why);
+            return self.remove(p, ch);
+        }
+        self.skipped.remove(p.as_str());
+        let node = Node::Symlink {
+            target: t.to_string(),
+        };
+        if self.tree.get(p) != Some(&node) {
+            if matches!(self.tree.get(p), Some(Node::Dir)) {
+                self.remove(p, ch);
+            }
+            self.tree.insert(p.clone(), node);
+            self.index.entries.remove(p);
+            ch.changed += 1;
+        }
+    }
+
+    fn remove(&mut self, p: &RelPath, ch: &mut Changes) {
+        for (k, n) in self.tree.remove_subtree(p) {
+            ch.changed += 1;
+            match n {
+                Node::Dir => ch.gone_dirs.push(k),
+                Node::File { .. } => {
+                    self.index.entries.remove(&k);
+                    self.racy.remove(&k);
+                    self.index_dirty = true;
+                }
+                Node::Symlink { .. } => {}
+            }
+        }
+    }
+
+    fn update_file(&mut self, p: RelPath, st: Stat, ch: &mut Changes) {
+        if let Some(c) = self.index.entries.get(&p)
+            && c.matches(&st)
+        {
+            return;
+        }
+        self.hash_many(vec![Found { path: p, stat: st }], ch);
+    }
+
+    /// Hashes files (in parallel when there are many) and records them.
+    fn hash_many(&mut self, files: Vec<Found>, ch: &mut Changes) {
+        if files.is_empty() {
+            return;
+        }
+        let root = self.root.clone();
+        let results = parallel_hash(&root, files);
+        for (path, res) in results {
+            match res {
+                Ok(HashOutcome::Hashed(st, d)) => {
+                    self.files_hashed += 1;
+                    self.record(path, st, d, ch);
+                }
+                Ok(HashOutcome::Vanished) => self.remove(&path, ch),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ch.busy.push(path),
+                Err(e) => {
+                    self.skipped
+                        .insert(path.to_string(), format!("cannot read: {e}"));
+                    self.remove(&path, ch);
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, path: RelPath, st: Stat, d: Digest, ch: &mut Changes) {
+        let c = Cached::new(&st, d);
+        if c.racy {
+            self.racy.insert(path.clone());
+        } else {
+            self.racy.remove(&path);
+        }
+        let node = Node::File {
+            hash: c.hash,
+            size: c.size,
+            exec: c.exec,
+        };
+        self.skipped.remove(path.as_str());
+        if self.tree.get(&path) != Some(&node) {
+            self.tree.insert(path.clone(), node);
+            ch.changed += 1;
+        }
+        self.index.entries.insert(path, c);
+        self.index_dirty = true;
+    }
+
+    /// Chunk list of a synced file, as last hashed.
+    pub fn chunks(&self, p: &RelPath) -> Option<&Cached> {
+        self.index.entries.get(p)
+    }
+}
+
+/// Hashes `files` on up to as many threads as there are cores.
+fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<HashOutcome>)> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if files.len() < 8 || threads == 1 {
+        return files
+            .into_iter()
+            .map(|f| {
+                let r = hash_file(&f.path.to_fs(root), HASH_ATTEMPTS, |_, _| {});
+                (f.path, r)
+            })
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(Vec::with_capacity(files.len()));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { break };
+                    let r = hash_file(&f.path.to_fs(root), HASH_ATTEMPTS, |_, _| {});
+                    out.lock()
+                        .expect("hash results poisoned")
+                        .push((f.path.clone(), r));
+                }
+            });
+        }
+    });
+    out.into_inner().expect("hash results poisoned")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn setup() -> (tempfile::TempDir, Local) {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join(".git")).unwrap();
+        fs::create_dir_all(d.path().join(".bridge")).unwrap();
+        let l = Local::new(d.path().to_path_buf(), d.path().join(".bridge/index"));
+        (d, l)
+    }
+
+    fn full(l: &mut Local) -> Changes {
+        l.apply([Dirty::Tree(None)].into())
+    }
+
+    #[test]
+    fn scan_hash_and_rescan_only_changed() {
+        let (d, mut l) = setup();
+        fs::create_dir_all(d.path().join("src")).unwrap();
+        for i in 0..20 {
+            fs::write(d.path().join(format!("src/f{i}")), format!("file {i}")).unwrap();
+        }
+        full(&mut l);
+        assert_eq!(l.tree.files(), 20);
+        assert_eq!(l.files_hashed, 20);
+        // Make the entries non-racy as if time had passed.
+        for c in l.index.entries.values_mut() {
+            c.racy = false;
+        }
+        l.racy.clear();
+        let ch = full(&mut l);
+        assert_eq!(ch.changed, 0);
+        assert_eq!(l.files_hashed, 20, "unchanged files are not rehashed");
+        fs::write(d.path().join("src/f3"), "changed!").unwrap();
+        let ch = l.apply([Dirty::File(RelPath::new("src/f3").unwrap())].into());
+        assert_eq!(ch.changed, 1);
+        assert_eq!(l.files_hashed, 21);
+    }
+
+    #[test]
+    fn symlinks_inside_kept_escaping_skipped() {
+        let (d, mut l) = setup();
+        fs::write(d.path().join("a"), "a").unwrap();
+        std::os::unix::fs::symlink("a", d.path().join("in")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside", d.path().join("esc")).unwrap();
+        full(&mut l);
+        assert!(matches!(
+            l.tree.get(&RelPath::new("in").unwrap()),
+            Some(Node::Symlink { .. })
+        ));
+        assert!(l.tree.get(&RelPath::new("abs").unwrap()).is_none());
+        assert!(l.skipped["abs"].contains("absolute"));
+        assert!(l.skipped["esc"].contains("leaves"));
+    }
+
+    #[test]
+    fn new_directory_found_by_level_scan_is_walked() {
+        let (d, mut l) = setup();
+        full(&mut l);
+        fs::create_dir_all(d.path().join("x/y/z")).unwrap();
+        fs::write(d.path().join("x/y/z/f"), "f").unwrap();
+        let ch = l.apply([Dirty::Dir(None)].into());
+        assert!(l.tree.get(&RelPath::new("x/y/z/f").unwrap()).is_some());
+        assert_eq!(ch.new_dirs.len(), 3);
+        fs::remove_dir_all(d.path().join("x")).unwrap();
+        let ch = l.apply([Dirty::Dir(Some(RelPath::new("x/y").unwrap()))].into());
+        assert!(l.tree.is_empty());
+        assert_eq!(ch.gone_dirs.len(), 3);
+    }
+}

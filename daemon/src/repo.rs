@@ -1,0 +1,168 @@
+//! The repository: finding it, its `.bridge/` layout, its mirror name, the
+//! user's extra ignore lines and the agent token.
+
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Everything bridge keeps for one repository, under `.bridge/`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub repo: PathBuf,
+    pub state: PathBuf,
+    /// The daemon's control socket.
+    pub control: PathBuf,
+    pub token: PathBuf,
+    pub index: PathBuf,
+    pub daemon_log: PathBuf,
+    pub daemon_pid: PathBuf,
+}
+
+impl Layout {
+    pub fn new(repo: &Path) -> Layout {
+        let state = repo.join(".bridge");
+        Layout {
+            repo: repo.to_path_buf(),
+            control: state.join("daemon.sock"),
+            token: state.join("token"),
+            index: state.join("index"),
+            daemon_log: state.join("daemon.log"),
+            daemon_pid: state.join("daemon.pid"),
+            state,
+        }
+    }
+
+    /// Creates `.bridge/` (0700) with a `.gitignore` that keeps git quiet about it.
+    pub fn create(&self) -> io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.state)?;
+        let gi = self.state.join(".gitignore");
+        if !gi.exists() {
+            std::fs::write(gi, "*\n")?;
+        }
+        Ok(())
+    }
+}
+
+/// The repository containing `start`: the nearest ancestor with a `.git`.
+pub fn find_repo(start: &Path) -> Option<PathBuf> {
+    let start = start.canonicalize().ok()?;
+    start
+        .ancestors()
+        .find(|d| d.join(".git").exists())
+        .map(Path::to_path_buf)
+}
+
+/// A stable mirror name: the directory's name plus a hash of its full path and
+/// this machine's name, so two checkouts never share a mirror.
+pub fn mirror_name(repo: &Path) -> String {
+    let base: String = repo
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "repo".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut h = blake3::Hasher::new();
+    h.update(host.as_bytes());
+    h.update(b"\0");
+    h.update(repo.as_os_str().as_encoded_bytes());
+    let base = base.trim_start_matches('.');
+    format!(
+        "{}-{}",
+        if base.is_empty() { "repo" } else { base },
+        &h.finalize().to_hex()[..12]
+    )
+}
+
+/// Ignore lines the agent cannot read itself: the user's `core.excludesFile`
+/// (or git's default `~/.config/git/ignore`), then `.git/info/exclude`.
+pub fn exclude_lines(repo: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    let configured = std::process::Command::new("git")
+        .args(["config", "--path", "--get", "core.excludesFile"])
+        .current_dir(repo)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let global = configured.or_else(|| {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+        Some(base.join("git/ignore"))
+    });
+    for f in global.into_iter().chain([repo.join(".git/info/exclude")]) {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            lines.extend(text.lines().map(str::to_owned));
+        }
+    }
+    lines
+}
+
+/// Reads the agent token, generating a new random one (mode 0600) if missing.
+pub fn ensure_token(path: &Path) -> io::Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+    let token = hex::encode(raw);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn mirror_names_are_safe_and_distinct() {
+        let a = mirror_name(Path::new("/home/u/my repo"));
+        let b = mirror_name(Path::new("/tmp/my repo"));
+        assert!(a.starts_with("my_repo-"));
+        assert_ne!(a, b);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        );
+        assert!(!mirror_name(Path::new("/x/..")).starts_with('.'));
+    }
+
+    #[test]
+    fn token_is_private_and_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        let t = ensure_token(&p).unwrap();
+        assert_eq!(t.len(), 64);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(ensure_token(&p).unwrap(), t);
+    }
+}

@@ -1,0 +1,89 @@
+//! The daemon's status: the schema of `bridge status --json`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::watcher::Mode;
+
+/// Connection to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Connection {
+    #[default]
+    Connecting,
+    Connected,
+    Reconnecting,
+    Disconnected,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub repo: String,
+    pub provider: String,
+    pub agent_address: String,
+    pub agent_version: String,
+    pub agent_host: String,
+    /// The mirror's absolute path on the agent's machine.
+    pub mirror_path: String,
+    pub connection: Connection,
+    /// Why the last connection attempt or round failed, if it did.
+    pub last_error: Option<String>,
+    /// Sync rounds that changed the mirror.
+    pub generation: u64,
+    /// Root of the local tree (hex).
+    pub local_root: String,
+    /// Root the agent reported last (hex).
+    pub remote_root: String,
+    pub in_sync: bool,
+    /// Changes noticed and not yet in the mirror (dirty scopes queued).
+    pub pending_changes: usize,
+    /// Time from the first event of the last synced burst to the agent's ack.
+    pub last_latency_ms: Option<f64>,
+    pub files: u64,
+    pub bytes: u64,
+    pub watcher: Mode,
+    pub watches: usize,
+    pub skipped: Vec<Skipped>,
+    /// Files read and hashed since the daemon started.
+    pub files_hashed: u64,
+    /// Protocol bytes sent to the agent since start (plans and chunk bodies).
+    pub bytes_sent: u64,
+    /// Chunk bodies sent since start.
+    pub chunks_sent: u64,
+    pub daemon_pid: u32,
+}
+
+impl Status {
+    pub fn new(repo: String, provider: String, agent_address: String) -> Status {
+        Status {
+            repo,
+            provider,
+            agent_address,
+            agent_version: String::new(),
+            agent_host: String::new(),
+            mirror_path: String::new(),
+            connection: Connection::Connecting,
+            last_error: None,
+            generation: 0,
+            local_root: String::new(),
+            remote_root: String::new(),
+            in_sync: false,
+            pending_changes: 0,
+            last_latency_ms: None,
+            files: 0,
+            bytes: 0,
+            watcher: Mode::Inotify,
+            watches: 0,
+            skipped: Vec::new(),
+            files_hashed: 0,
+            bytes_sent: 0,
+            chunks_sent: 0,
+            daemon_pid: std::process::id(),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Content-defined chunking and content hashes.
+//!
+//! Files are cut with FastCDC (2020) at [`MIN_CHUNK`]/[`AVG_CHUNK`]/[`MAX_CHUNK`];
+//! a chunk's id is the BLAKE3 of its bytes. A file's content hash is the BLAKE3 of
+//! its chunk list (ids and lengths), so hashing a file costs one pass and the
+//! agent can derive a written file's hash from the chunks it verified.
+//! Because boundaries depend on content, an insertion shifts only the chunks
+//! around it (see the tests).
+
+use std::io::{self, Read};
+
+pub use blake3::Hash;
+
+pub const MIN_CHUNK: u32 = 16 * 1024;
+pub const AVG_CHUNK: u32 = 64 * 1024;
+pub const MAX_CHUNK: u32 = 256 * 1024;
+
+/// Files up to this size are read whole; larger ones are streamed in
+/// `MAX_CHUNK` windows so memory stays bounded.
+const WHOLE_READ_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// One chunk of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub id: Hash,
+    pub len: u32,
+}
+
+/// A file's chunk list and its content hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub chunks: Vec<ChunkRef>,
+    pub hash: Hash,
+    pub size: u64,
+}
+
+/// The content hash of a chunk list.
+pub fn content_hash(chunks: &[ChunkRef]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"bridge-file-v1\0");
+    for c in chunks {
+        h.update(c.id.as_bytes());
+        h.update(&c.len.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// The id of a chunk body.
+pub fn chunk_id(data: &[u8]) -> Hash {
+    blake3::hash(data)
+}
+
+/// Chunks everything `r` yields, calling `each` with every chunk and its bytes.
+/// `size_hint` picks the whole-read path for small inputs.
+pub fn chunk_reader<R: Read>(
+    mut r: R,
+    size_hint: u64,
+    mut each: impl FnMut(ChunkRef, &[u8]),
+) -> io::Result<Digest> {
+    let mut chunks = Vec::new();
+    let mut size = 0u64;
+    if size_hint <= WHOLE_READ_LIMIT {
+        let mut data = Vec::with_capacity(size_hint as usize);
+        r.read_to_end(&mut data)?;
+        for c in fastcdc::v2020::FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+            let body = &data[c.offset..c.offset + c.length];
+            let cr = ChunkRef {
+                id: chunk_id(body),
+                len: c.length as u32,
+            };
+            each(cr, body);
+            chunks.push(cr);
+        }
+        size = data.len() as u64;
+    } else {
+        for c in fastcdc::v2020::StreamCDC::new(r, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+            let cr = ChunkRef {
+                id: chunk_id(&c.data),
+                len: c.length as u32,
+            };
+            each(cr, &c.data);
+            chunks.push(cr);
+            size += c.length as u64;
+        }
+    }
+    Ok(Digest {
+        hash: content_hash(&chunks),
+        chunks,
+        size,
+    })
+}
+
+/// Chunks a byte slice.
+pub fn chunk_bytes(data: &[u8]) -> Digest {
+    chunk_reader(data, data.len() as u64, |_, _| {}).expect("reading a slice cannot fail")
+}
+
+/// Parses a 32-byte id off the wire.
+pub fn hash_from_bytes(b: &[u8]) -> Option<Hash> {
+    <[u8; 32]>::try_from(b).ok().map(Hash::from_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn boundaries_stable_under_insertion() {
+        let data = pseudo_random(8 * 1024 * 1024, 7);
+        let before = chunk_bytes(&data);
+        let mut edited = data.clone();
+        let at = data.len() / 2;
+        edited.splice(at..at, pseudo_random(100, 9));
+        let after = chunk_bytes(&edited);
+        let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.id).collect();
+        let new_chunks = after.chunks.iter().filter(|c| !old.contains(&c.id)).count();
+        assert!(before.chunks.len() > 64, "{}", before.chunks.len());
+        assert!(
+            new_chunks <= 3,
+            "an insertion changed {new_chunks} of {} chunks",
+            after.chunks.len()
+        );
+        assert_ne!(before.hash, after.hash);
+    }
+
+    #[test]
+    fn streamed_and_whole_reads_agree() {
+        let data = pseudo_random(WHOLE_READ_LIMIT as usize + 123_457, 3);
+        let whole = {
+            let mut chunks = Vec::new();
+            for c in fastcdc::v2020::FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                chunks.push(ChunkRef {
+                    id: chunk_id(&data[c.offset..c.offset + c.length]),
+                    len: c.length as u32,
+                });
+            }
+            chunks
+        };
+        let streamed = chunk_bytes(&data);
+        assert_eq!(streamed.chunks, whole);
+        assert_eq!(streamed.size, data.len() as u64);
+        let total: u64 = streamed.chunks.iter().map(|c| c.len as u64).sum();
+        assert_eq!(total, data.len() as u64);
+    }
+
+    #[test]
+    fn sizes_respect_bounds() {
+        let d = chunk_bytes(&pseudo_random(3 * 1024 * 1024, 1));
+        let (last, rest) = d.chunks.split_last().unwrap();
+        assert!(last.len <= MAX_CHUNK);
+        for c in rest {
+            assert!((MIN_CHUNK..=MAX_CHUNK).contains(&c.len), "{}", c.len);
+        }
+        assert!(chunk_bytes(b"").chunks.is_empty());
+        assert_eq!(chunk_bytes(b"hi").chunks.len(), 1);
+    }
+}

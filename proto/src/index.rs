@@ -1,0 +1,333 @@
+//! The persistent stat cache.
+//!
+//! For every regular file it remembers the `lstat` fields bridge compares
+//! (size, mtime and ctime in nanoseconds, inode, exec bit) next to the content
+//! hash and chunk list computed from them. A rescan rehashes a file only when
+//! one of those fields changed — or when the entry is *racy*: its mtime was
+//! within [`RACY_WINDOW_NS`] of the moment it was hashed, so an in-place edit
+//! keeping size in the same timestamp tick would be invisible to `lstat` (git's
+//! "racy clean" problem). Racy entries are rehashed on their next check.
+//!
+//! The file format is a versioned little-endian record list; an unreadable or
+//! foreign-version index is discarded (the cost is one rehash, never a wrong
+//! answer).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::chunking::{ChunkRef, Digest, Hash};
+use crate::path::RelPath;
+use crate::scan::Stat;
+
+const MAGIC: &[u8; 8] = b"BRIDGIX1";
+
+/// An mtime this close to the hashing time cannot be trusted to change on the
+/// next write (coarse filesystem clocks).
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// What the index knows about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub exec: bool,
+    /// Hashed too soon after its last write to trust the stat fields.
+    pub racy: bool,
+    pub hash: Hash,
+    pub chunks: Box<[ChunkRef]>,
+}
+
+impl Cached {
+    /// Builds an entry for a file hashed now from content `d` read between
+    /// two identical `lstat`s `st`.
+    pub fn new(st: &Stat, d: Digest) -> Cached {
+        let now = now_ns();
+        Cached {
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+            ino: st.ino,
+            exec: st.exec,
+            racy: now - st.mtime_ns < RACY_WINDOW_NS || now - st.ctime_ns < RACY_WINDOW_NS,
+            hash: d.hash,
+            chunks: d.chunks.into_boxed_slice(),
+        }
+    }
+
+    /// True when `st` shows the file unchanged since it was hashed.
+    pub fn matches(&self, st: &Stat) -> bool {
+        !self.racy
+            && self.size == st.size
+            && self.mtime_ns == st.mtime_ns
+            && self.ctime_ns == st.ctime_ns
+            && self.ino == st.ino
+            && self.exec == st.exec
+    }
+
+    /// Same content, only the exec bit or timestamps differ: no rehash needed
+    /// when the size, mtime and inode agree and only ctime/exec moved (chmod).
+    pub fn same_content(&self, st: &Stat) -> bool {
+        !self.racy && self.size == st.size && self.mtime_ns == st.mtime_ns && self.ino == st.ino
+    }
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Path → cached file state.
+#[derive(Debug, Default, Clone)]
+pub struct Index {
+    pub entries: HashMap<RelPath, Cached>,
+}
+
+impl Index {
+    /// Loads `path`; a missing, corrupt or old-format file yields an empty index.
+    pub fn load(path: &Path) -> Index {
+        match File::open(path).and_then(|f| Self::read(BufReader::new(f))) {
+            Ok(ix) => ix,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "discarding unreadable index");
+                }
+                Index::default()
+            }
+        }
+    }
+
+    fn read(mut r: impl Read) -> io::Result<Index> {
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a bridge index",
+            ));
+        }
+        let n = read_u64(&mut r)?;
+        let mut entries = HashMap::with_capacity(n.min(1 << 24) as usize);
+        for _ in 0..n {
+            let plen = read_u32(&mut r)? as usize;
+            let mut p = vec![0u8; plen];
+            r.read_exact(&mut p)?;
+            let p =
+                String::from_utf8(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let path =
+                RelPath::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let size = read_u64(&mut r)?;
+            let mtime_ns = read_u64(&mut r)? as i64;
+            let ctime_ns = read_u64(&mut r)? as i64;
+            let ino = read_u64(&mut r)?;
+            let mut flags = [0u8; 1];
+            r.read_exact(&mut flags)?;
+            let hash = read_hash(&mut r)?;
+            let nchunks = read_u32(&mut r)? as usize;
+            let mut chunks = Vec::with_capacity(nchunks.min(1 << 20));
+            for _ in 0..nchunks {
+                let id = read_hash(&mut r)?;
+                chunks.push(ChunkRef {
+                    id,
+                    len: read_u32(&mut r)?,
+                });
+            }
+            entries.insert(
+                path,
+                Cached {
+                    size,
+                    mtime_ns,
+                    ctime_ns,
+                    ino,
+                    exec: flags[0] & 1 != 0,
+                    racy: flags[0] & 2 != 0,
+                    hash,
+                    chunks: chunks.into_boxed_slice(),
+                },
+            );
+        }
+        Ok(Index { entries })
+    }
+
+    /// Writes the index atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        {
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            w.write_all(MAGIC)?;
+            w.write_all(&(self.entries.len() as u64).to_le_bytes())?;
+            for (p, c) in &self.entries {
+                w.write_all(&(p.as_str().len() as u32).to_le_bytes())?;
+                w.write_all(p.as_str().as_bytes())?;
+                for v in [c.size, c.mtime_ns as u64, c.ctime_ns as u64, c.ino] {
+                    w.write_all(&v.to_le_bytes())?;
+                }
+                w.write_all(&[c.exec as u8 | (c.racy as u8) << 1])?;
+                w.write_all(c.hash.as_bytes())?;
+                w.write_all(&(c.chunks.len() as u32).to_le_bytes())?;
+                for ch in c.chunks.iter() {
+                    w.write_all(ch.id.as_bytes())?;
+                    w.write_all(&ch.len.to_le_bytes())?;
+                }
+            }
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    }
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_hash(r: &mut impl Read) -> io::Result<Hash> {
+    let mut b = [0u8; 32];
+    r.read_exact(&mut b)?;
+    Ok(Hash::from_bytes(b))
+}
+
+/// Result of hashing a file that may be written to while it is read.
+pub enum HashOutcome {
+    Hashed(Stat, Digest),
+    /// The path is gone or is no longer a regular file.
+    Vanished,
+}
+
+/// Reads and chunks `path`, making sure the content is not torn: `lstat`
+/// before and after must agree, else it retries (a writer is active). After
+/// `attempts` torn reads it returns `Err(WouldBlock)` so the caller can come
+/// back later instead of shipping half a file.
+pub fn hash_file(
+    path: &Path,
+    attempts: usize,
+    mut each: impl FnMut(ChunkRef, &[u8]),
+) -> io::Result<HashOutcome> {
+    for _ in 0..attempts {
+        let before = match Stat::lstat(path) {
+            Ok(s) if s.kind == crate::scan::FileKind::File => s,
+            Ok(_) => return Ok(HashOutcome::Vanished),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
+            Err(e) => return Err(e),
+        };
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
+            Err(e) => return Err(e),
+        };
+        let d = crate::chunking::chunk_reader(f, before.size, &mut each)?;
+        let after = match Stat::lstat(path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
+            Err(e) => return Err(e),
+        };
+        if before == after && d.size == after.size {
+            return Ok(HashOutcome::Hashed(after, d));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("{} kept changing while it was read", path.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunking::chunk_bytes;
+    use std::fs;
+
+    fn stat_of(p: &Path) -> Stat {
+        Stat::lstat(p).unwrap()
+    }
+
+    #[test]
+    fn roundtrip_and_change_detection() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, b"hello").unwrap();
+        let st = stat_of(&f);
+        let mut c = Cached::new(&st, chunk_bytes(b"hello"));
+        c.racy = false;
+        let mut ix = Index::default();
+        ix.entries.insert(RelPath::new("f").unwrap(), c.clone());
+        let ip = d.path().join("index");
+        ix.save(&ip).unwrap();
+        let back = Index::load(&ip);
+        assert_eq!(back.entries[&RelPath::new("f").unwrap()], c);
+
+        assert!(c.matches(&st));
+        // Same size, same second: mtime nanoseconds or ctime still differ.
+        fs::write(&f, b"jello").unwrap();
+        let st2 = stat_of(&f);
+        assert!(!c.matches(&st2) || st2.mtime_ns == st.mtime_ns);
+        let mut moved = st;
+        moved.ino += 1;
+        assert!(!c.matches(&moved), "inode change");
+        let mut chmod = st;
+        chmod.exec = !chmod.exec;
+        assert!(!c.matches(&chmod) && c.same_content(&chmod), "exec bit");
+    }
+
+    #[test]
+    fn racy_entries_are_never_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, b"hello").unwrap();
+        let st = stat_of(&f);
+        // Hashed right after the write: racy, so identical stat fields do not
+        // prove the content unchanged (an in-place edit in the same tick).
+        let c = Cached::new(&st, chunk_bytes(b"hello"));
+        assert!(c.racy);
+        assert!(!c.matches(&st));
+    }
+
+    #[test]
+    fn garbage_index_is_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let ip = d.path().join("index");
+        fs::write(&ip, b"BRIDGIX1\xff\xff\xff").unwrap();
+        assert!(Index::load(&ip).entries.is_empty());
+        assert!(Index::load(&d.path().join("missing")).entries.is_empty());
+    }
+
+    #[test]
+    fn hash_file_reads_whole_content() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, vec![7u8; 100_000]).unwrap();
+        let mut seen = 0u64;
+        match hash_file(&f, 3, |c, b| {
+            assert_eq!(c.len as usize, b.len());
+            seen += b.len() as u64;
+        })
+        .unwrap()
+        {
+            HashOutcome::Hashed(st, dg) => {
+                assert_eq!(st.size, 100_000);
+                assert_eq!(dg, chunk_bytes(&vec![7u8; 100_000]));
+            }
+            HashOutcome::Vanished => panic!("vanished"),
+        }
+        assert_eq!(seen, 100_000);
+        assert!(matches!(
+            hash_file(&d.path().join("nope"), 3, |_, _| {}).unwrap(),
+            HashOutcome::Vanished
+        ));
+    }
+}

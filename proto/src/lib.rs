@@ -1,0 +1,38 @@
+//! The `bridge.v1` wire schema and the rules both ends of a sync must compute
+//! identically.
+//!
+//! # Layout
+//! - [`v1`]: code generated from `bridge/v1/*.proto` (agent and control services).
+//! - [`path`]: [`path::RelPath`], the only path type that crosses the wire, and
+//!   the validation table the agent enforces.
+//! - [`chunking`]: FastCDC parameters, chunk ids and content hashes.
+//! - [`tree`]: entries and the Merkle tree root ("in sync" means equal roots).
+//! - [`scan`]: which paths are synced (git's ignore semantics, `.bridgeignore`,
+//!   editor temporaries) and the directory walk both sides use.
+//! - [`index`]: the persistent stat cache that keeps rescans from rehashing
+//!   unchanged files.
+//!
+//! Anything here that changes a hash or a chunk boundary changes what the two
+//! sides agree on, so it bumps [`PROTOCOL_VERSION`].
+
+pub mod chunking;
+pub mod index;
+pub mod path;
+pub mod scan;
+pub mod tree;
+
+/// Generated protobuf and gRPC code for `bridge.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("bridge.v1");
+}
+
+/// Version of the daemon ↔ agent protocol; both sides refuse a peer with another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Metadata key carrying the agent token (`Bearer <token>`).
+pub const AUTH_HEADER: &str = "authorization";
+
+/// Largest gRPC message either side accepts: a plan for a 100 GiB file lists
+/// ~1.6M chunk refs.
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
