@@ -239,7 +239,14 @@ impl<'a> Round<'a> {
                     let tmp = self
                         .tmp_dir
                         .join(format!("{}-{}", std::process::id(), self.tmp_seq));
-                    let (file, failed) = match File::create(&tmp) {
+                    // Read back too: a chunk repeated within the file is
+                    // copied from its first occurrence.
+                    let created = fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&tmp);
+                    let (file, failed) = match created {
                         Ok(f) => (Some(f), None),
                         Err(e) => (None, Some(format!("cannot create temporary file: {e}"))),
                     };

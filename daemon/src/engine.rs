@@ -318,6 +318,10 @@ pub struct Engine {
     counters: Arc<Counters>,
     /// The agent's last reported root.
     remote_root: Option<bridge_proto::chunking::Hash>,
+    /// Ignore files changed since the last round: they go first, then the
+    /// agent's view is refetched, so paths that just became ignored are left
+    /// alone on the agent instead of deleted.
+    rules_changed: bool,
 }
 
 impl Engine {
@@ -342,6 +346,7 @@ impl Engine {
             generation: 0,
             counters: Arc::new(Counters::default()),
             remote_root: None,
+            rules_changed: false,
         }
     }
 
@@ -371,6 +376,7 @@ impl Engine {
     async fn rescan(&mut self, dirty: BTreeSet<Dirty>) -> Vec<RelPath> {
         let full = dirty.contains(&Dirty::Tree(None));
         let ch = self.with_local(move |l| l.apply(dirty)).await;
+        self.rules_changed |= ch.rules_changed;
         self.watcher.remove(ch.gone_dirs.iter());
         if full {
             let dirs: Vec<RelPath> = self
@@ -497,6 +503,21 @@ impl Engine {
     /// Returns paths to look at again (changed while they were read).
     async fn converge(&mut self) -> Result<Vec<RelPath>, SyncError> {
         let mut retry = Vec::new();
+        if self.rules_changed {
+            let rules: Vec<PlannedOp> = diff(self.local(), &self.remote)
+                .into_iter()
+                .filter(|o| {
+                    bridge_proto::scan::is_ignore_file(o.path().name())
+                        && !matches!(o, PlannedOp::Remove(_))
+                })
+                .collect();
+            if !rules.is_empty() {
+                let (_, skipped) = self.round(rules).await?;
+                retry.extend(skipped);
+            }
+            self.fetch_manifest().await?;
+            self.rules_changed = false;
+        }
         for _ in 0..MAX_REPAIRS {
             let ops = diff(self.local(), &self.remote);
             if ops.is_empty() {
@@ -705,10 +726,10 @@ impl Engine {
             // Connect when needed (not while a burst is being collected).
             if self.conn.is_none() && Instant::now() >= next_retry_connect {
                 match self.connect().await {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(100);
-                        need_round = true;
-                    }
+                    // The backoff resets only after a successful round: a
+                    // connection that works but cannot converge must not
+                    // turn into a hot loop.
+                    Ok(()) => need_round = true,
                     Err(e) => {
                         let retry = e.retryable();
                         let msg = e.to_string();
@@ -829,6 +850,7 @@ impl Engine {
             let res = self.converge().await;
             match res {
                 Ok(skipped) => {
+                    backoff = Duration::from_millis(100);
                     if !skipped.is_empty() {
                         busy.extend(skipped);
                         busy_at = Some(Instant::now() + BUSY_RETRY);

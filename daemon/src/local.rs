@@ -42,6 +42,18 @@ pub struct Changes {
     pub gone_dirs: Vec<RelPath>,
     /// Files that kept changing while read; to retry later.
     pub busy: Vec<RelPath>,
+    /// An ignore file (`.gitignore`, `.bridgeignore`) changed: what is synced
+    /// changed too, on both sides.
+    pub rules_changed: bool,
+}
+
+impl Changes {
+    fn touched(&mut self, p: &RelPath) {
+        self.changed += 1;
+        if scan::is_ignore_file(p.name()) {
+            self.rules_changed = true;
+        }
+    }
 }
 
 pub struct Local {
@@ -223,8 +235,8 @@ impl Local {
                                 size: c.size,
                                 exec: c.exec,
                             };
+                            ch.touched(&f.path);
                             self.tree.insert(f.path, node);
-                            ch.changed += 1;
                         }
                         _ => to_hash.push(f),
                     }
@@ -273,7 +285,7 @@ impl Local {
 
     fn remove(&mut self, p: &RelPath, ch: &mut Changes) {
         for (k, n) in self.tree.remove_subtree(p) {
-            ch.changed += 1;
+            ch.touched(&k);
             match n {
                 Node::Dir => ch.gone_dirs.push(k),
                 Node::File { .. } => {
@@ -334,7 +346,7 @@ impl Local {
         self.skipped.remove(path.as_str());
         if self.tree.get(&path) != Some(&node) {
             self.tree.insert(path.clone(), node);
-            ch.changed += 1;
+            ch.touched(&path);
         }
         self.index.entries.insert(path, c);
         self.index_dirty = true;

@@ -124,7 +124,6 @@ impl Watcher {
                 Err(e) if is_limit(&e) => {
                     let msg = limit_message(self.watched.len());
                     tracing::error!("{msg}");
-                    eprintln!("bridge: {msg}");
                     self.mode = Mode::Polling(msg);
                     return;
                 }

@@ -1,1 +1,22 @@
-fn main() {}
+//! Integration tests: real `bridge` daemons and `bridge-agent` processes on
+//! temporary git repositories (see the harness in `tests/src/lib.rs`).
+
+/// A raw gRPC client attacking the agent: paths, chunks, tokens, versions.
+mod agent_safety;
+/// The command line's errors: outside a repository, `up` twice, `down`.
+mod cli;
+/// Editors' save strategies: atomic rename, vim, JetBrains; torn writes.
+mod editors;
+/// Ignore rules (nested .gitignore, negations, .bridgeignore, info/exclude)
+/// and what is left alone on the agent.
+mod ignore;
+/// Large files: bytes on the wire for a small change.
+mod large;
+/// Daemon restart without rehashing; agent killed mid-sync.
+mod restart;
+/// Symlinks inside, absolute and escaping.
+mod symlinks;
+/// Initial sync and live edits: files, directories, renames, modes, names.
+mod sync;
+/// Watch limits: the polling fallback.
+mod watch_limit;

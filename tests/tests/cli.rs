@@ -1,0 +1,128 @@
+use bridge_tests::*;
+
+#[test]
+fn commands_outside_a_repository_say_so() {
+    let d = tempfile::tempdir().unwrap();
+    for cmd in [&["up"][..], &["status"], &["sync", "--wait"], &["down"]] {
+        let out = std::process::Command::new(bridge_bin())
+            .arg("-C")
+            .arg(d.path())
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{cmd:?} succeeded outside a repository"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not inside a git repository"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(
+        !d.path().join(".bridge").exists(),
+        "state written outside a repository"
+    );
+}
+
+#[test]
+fn up_twice_and_commands_before_up() {
+    let r = Repo::new();
+    r.write("a", "a");
+    let err = r.fails(&["status"]);
+    assert!(
+        err.contains("bridge is not running") && err.contains("bridge up"),
+        "{err}"
+    );
+    let err = r.fails(&["sync", "--wait"]);
+    assert!(err.contains("bridge up"), "{err}");
+    r.up();
+    let pid = r.status()["daemon_pid"].clone();
+    let err = r.fails(&["up"]);
+    assert!(err.contains("already up"), "{err}");
+    assert_eq!(
+        r.status()["daemon_pid"],
+        pid,
+        "the running daemon was disturbed"
+    );
+    let out = r.ok(&["down"]);
+    assert!(out.contains("bridge is down"), "{out}");
+    assert!(!r.path(".bridge/daemon.sock").exists());
+    assert!(
+        r.agent_pid().is_none()
+            || !std::path::Path::new(&format!("/proc/{}", r.agent_pid().unwrap())).exists(),
+        "the agent still runs"
+    );
+    let out = r.ok(&["down"]);
+    assert!(out.contains("not running"), "{out}");
+}
+
+#[test]
+fn status_reports_the_contract_fields() {
+    let r = Repo::new();
+    r.write("a.py", "a");
+    r.up();
+    let st = r.status();
+    for k in [
+        "provider",
+        "agent_address",
+        "mirror_path",
+        "generation",
+        "local_root",
+        "remote_root",
+        "in_sync",
+        "pending_changes",
+        "last_latency_ms",
+        "files",
+        "bytes",
+        "watcher",
+        "skipped",
+        "connection",
+    ] {
+        assert!(st.get(k).is_some(), "status lacks {k}: {st}");
+    }
+    assert!(std::path::Path::new(st["mirror_path"].as_str().unwrap()).is_dir());
+    let human = r.ok(&["status"]);
+    assert!(
+        human.contains("in sync") && human.contains("inotify"),
+        "{human}"
+    );
+    let token = r.path(".bridge/token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(token).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn agent_rejects_bad_arguments() {
+    let d = tempfile::tempdir().unwrap();
+    let token = d.path().join("token");
+    std::fs::write(&token, "secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |listen: &str| {
+        std::process::Command::new(agent_bin())
+            .args(["serve", "--root"])
+            .arg(d.path().join("root"))
+            .args(["--listen", listen, "--token-file"])
+            .arg(&token)
+            .output()
+            .unwrap()
+    };
+    let out = run("unix:/tmp/never.sock");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{out:?}"
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run("bogus");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unix:PATH or tcp:HOST:PORT"),
+        "{out:?}"
+    );
+}
