@@ -898,47 +898,45 @@ impl Engine {
         }
     }
 
+    /// Proves the mirror exact for `sync --wait` (the agent's verified root
+    /// equals the local root), repairing once from the agent's own view if a
+    /// mirror file was changed behind bridge's back.
+    async fn verified(&mut self) -> Result<(), SyncError> {
+        if self.verify().await? {
+            return Ok(());
+        }
+        self.fetch_manifest().await?;
+        self.converge().await?;
+        if self.verify().await? {
+            Ok(())
+        } else {
+            Err(SyncError::Diverged("the agent's verified root still differs after a repair".into()))
+        }
+    }
+
+    /// Answers `sync` waiters. A retryable failure (the connection dropped)
+    /// keeps them waiting for the reconnect; anything else answers them.
     async fn answer_waiters(
         &mut self,
         waiters: &mut Vec<(bool, oneshot::Sender<Result<Synced, String>>)>,
     ) {
-        let needs_verify = waiters.iter().any(|(v, _)| *v);
-        let mut result = Ok(());
-        if needs_verify {
-            result = match self.verify().await {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    // The mirror was changed behind our back: repair from the
-                    // agent's own view, then check again.
-                    match self.fetch_manifest().await {
-                        Ok(()) => match self.converge().await {
-                            Ok(_) => match self.verify().await {
-                                Ok(true) => Ok(()),
-                                Ok(false) => {
-                                    Err("the agent's verified root still differs after a repair"
-                                        .to_string())
-                                }
-                                Err(e) => Err(e.to_string()),
-                            },
-                            Err(e) => Err(e.to_string()),
-                        },
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
-        }
+        let result = if waiters.iter().any(|(v, _)| *v) {
+            self.verified().await
+        } else {
+            Ok(())
+        };
+        let result = match result {
+            Err(e) if e.retryable() && !matches!(e, SyncError::Diverged(_)) => {
+                tracing::warn!(error = %e, "verification interrupted; retrying after a reconnect");
+                self.conn = None;
+                return;
+            }
+            other => other.map_err(|e| e.to_string()),
+        };
         let synced = Synced {
             generation: self.generation,
             root: hex(&self.local().tree.root()),
         };
-        if let Err(e) = &result
-            && e.contains("connection")
-        {
-            // Keep waiters; the reconnect path will retry.
-            self.conn = None;
-            return;
-        }
         for (_, w) in waiters.drain(..) {
             let _ = w.send(result.clone().map(|_| synced.clone()));
         }
