@@ -92,6 +92,9 @@ pub struct Round<'a> {
     active: Option<Active>,
     failures: Vec<v1::Failure>,
     tmp_seq: u64,
+    /// Directories this round already checked are real directories (saves
+    /// an `lstat` per ancestor per file); cleared by anything that removes.
+    dirs_ok: HashSet<RelPath>,
 }
 
 impl<'a> Round<'a> {
@@ -106,6 +109,7 @@ impl<'a> Round<'a> {
             active: None,
             failures: Vec::new(),
             tmp_seq: 0,
+            dirs_ok: HashSet::new(),
         }
     }
 
@@ -372,9 +376,14 @@ impl<'a> Round<'a> {
     /// (creating missing ones) and returns `p`'s location.
     fn prepare_parents(&mut self, p: &RelPath) -> Result<PathBuf, OpError> {
         for a in p.ancestors() {
+            if self.dirs_ok.contains(&a) {
+                continue;
+            }
             let fsp = a.to_fs(&self.mirror.root);
             match Stat::lstat(&fsp) {
-                Ok(s) if s.kind == FileKind::Dir => {}
+                Ok(s) if s.kind == FileKind::Dir => {
+                    self.dirs_ok.insert(a.clone());
+                }
                 Ok(s) if s.kind == FileKind::Symlink => {
                     return Err(OpError::Refused(format!(
                         "refusing to write {p}: {a} is a symlink (writes through symlinks are not allowed)"
@@ -384,6 +393,7 @@ impl<'a> Round<'a> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&fsp)?;
                     self.mirror.tree.insert(a.clone(), Node::Dir);
+                    self.dirs_ok.insert(a.clone());
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -409,6 +419,7 @@ impl<'a> Round<'a> {
                     Ok(())
                 }
                 _ => {
+                    self.dirs_ok.remove(p);
                     if kind == FileKind::Dir {
                         fs::remove_file(dst)?;
                         self.mirror.forget(p);
@@ -440,6 +451,7 @@ impl<'a> Round<'a> {
             self.retire(&f, &fp);
         }
         self.files.clear();
+        self.dirs_ok.clear();
         fs::remove_dir_all(dst)?;
         self.mirror.forget(p);
         Ok(())
@@ -480,6 +492,7 @@ impl<'a> Round<'a> {
     }
 
     fn remove(&mut self, p: &RelPath) -> Result<(), OpError> {
+        self.dirs_ok.clear();
         for a in p.ancestors() {
             match Stat::lstat(&a.to_fs(&self.mirror.root)) {
                 Ok(s) if s.kind == FileKind::Dir => {}

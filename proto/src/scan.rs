@@ -145,42 +145,45 @@ pub fn walk(
         });
     let found = Mutex::new(Vec::new());
     let bad = Mutex::new(Vec::new());
-    b.build_parallel().run(|| {
-        Box::new(|res| {
-            match res {
-                Ok(e) if e.depth() == 0 => {}
-                Ok(e) => match (RelPath::from_fs(root, e.path()), e.metadata()) {
-                    (Ok(path), Ok(m)) => {
-                        let stat = Stat::from_metadata(&m);
-                        if stat.kind != FileKind::Other {
-                            found
-                                .lock()
-                                .expect("walk poisoned")
-                                .push(Found { path, stat });
-                        }
-                    }
-                    (Err(err), _) => bad.lock().expect("walk poisoned").push(Unreadable {
-                        path: e.path().display().to_string(),
-                        reason: err.to_string(),
-                    }),
-                    (_, Err(err)) => bad.lock().expect("walk poisoned").push(Unreadable {
-                        path: e.path().display().to_string(),
-                        reason: err.to_string(),
-                    }),
-                },
-                Err(err) => {
-                    // A vanished path is a race with the user, not a problem.
-                    if !is_not_found(&err) {
-                        bad.lock().expect("walk poisoned").push(Unreadable {
-                            path: String::new(),
-                            reason: err.to_string(),
-                        });
+    let visit = |res: Result<ignore::DirEntry, ignore::Error>| {
+        match res {
+            Ok(e) if e.depth() == 0 => {}
+            Ok(e) => match (RelPath::from_fs(root, e.path()), e.metadata()) {
+                (Ok(path), Ok(m)) => {
+                    let stat = Stat::from_metadata(&m);
+                    if stat.kind != FileKind::Other {
+                        found.lock().expect("walk poisoned").push(Found { path, stat });
                     }
                 }
+                (Err(err), _) => bad.lock().expect("walk poisoned").push(Unreadable {
+                    path: e.path().display().to_string(),
+                    reason: err.to_string(),
+                }),
+                (_, Err(err)) => bad.lock().expect("walk poisoned").push(Unreadable {
+                    path: e.path().display().to_string(),
+                    reason: err.to_string(),
+                }),
+            },
+            Err(err) => {
+                // A vanished path is a race with the user, not a problem.
+                if !is_not_found(&err) {
+                    bad.lock().expect("walk poisoned").push(Unreadable {
+                        path: String::new(),
+                        reason: err.to_string(),
+                    });
+                }
             }
-            ignore::WalkState::Continue
-        })
-    });
+        }
+        ignore::WalkState::Continue
+    };
+    if max_depth.is_some() {
+        // One directory level (the watcher's common case): no threads.
+        for res in b.build() {
+            visit(res);
+        }
+    } else {
+        b.build_parallel().run(|| Box::new(|res| visit(res)));
+    }
     let mut found = found.into_inner().expect("walk poisoned");
     found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     (found, bad.into_inner().expect("walk poisoned"))
