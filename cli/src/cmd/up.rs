@@ -104,6 +104,9 @@ pub async fn run(cwd: &Path, _args: Args) -> anyhow::Result<()> {
                 "in sync: generation {}, root {}",
                 done.generation, done.root
             );
+            if let Some(why) = st["watcher"].get("polling").and_then(|w| w.as_str()) {
+                eprintln!("bridge: warning: {why}");
+            }
             Ok(())
         }
         Err(e) => {
