@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bridge_proto::index::{Cached, HashOutcome, Index, hash_file};
+use bridge_proto::index::{Cached, HashOutcome, Index, Saver, hash_file};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::{self, FileKind, Side};
 use bridge_proto::tree::{Node, Tree};
@@ -26,7 +26,7 @@ pub struct Mirror {
     pub name: String,
     /// The mirror directory.
     pub root: PathBuf,
-    index_path: PathBuf,
+    saver: Saver,
     /// Stat cache of the mirror's regular files (also their chunk lists).
     pub index: Index,
     /// What is synced in the mirror right now.
@@ -60,7 +60,7 @@ impl Mirror {
             name: name.to_string(),
             root,
             index: Index::load(&index_path),
-            index_path,
+            saver: Saver::new(index_path),
             tree: Tree::new(),
             index_dirty: false,
             last_save: Instant::now(),
@@ -170,15 +170,12 @@ impl Mirror {
     }
 
     /// Saves the stat cache if it changed and `force` or enough time passed.
+    /// Unforced saves write on a background thread (a round is waiting).
     pub fn maybe_save(&mut self, force: bool) {
         if self.index_dirty && (force || self.last_save.elapsed() >= INDEX_SAVE_INTERVAL) {
-            match self.index.save(&self.index_path) {
-                Ok(()) => {
-                    self.index_dirty = false;
-                    self.last_save = Instant::now();
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot save mirror index"),
-            }
+            self.saver.save(&self.index, !force);
+            self.index_dirty = false;
+            self.last_save = Instant::now();
         }
     }
 }

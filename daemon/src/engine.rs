@@ -817,16 +817,19 @@ impl Engine {
                     need_round |= ch.changed > 0;
                 }
             }
-            if now >= last_index_save + Duration::from_secs(5) {
+            // Save between bursts only; the write and its fsync go to a thread.
+            if now >= last_index_save + Duration::from_secs(5) && first_event.is_none() {
                 last_index_save = now;
-                if let Err(e) = self.with_local(|l| l.save_index()).await {
-                    tracing::warn!(error = %e, "cannot save the index");
+                if let Some(l) = self.local.as_mut() {
+                    l.save_index(true);
                 }
             }
             let burst_over = first_event.is_some_and(|f| {
                 now >= last_event + watcher::DEBOUNCE_WINDOW || now >= f + watcher::DEBOUNCE_CAP
             });
-            let started = first_event;
+            // Edit-to-mirror latency is measured from the first event of a
+            // burst that this iteration syncs.
+            let started = if burst_over { first_event } else { None };
             if burst_over {
                 let dirty = std::mem::take(&mut pending);
                 first_event = None;
@@ -888,10 +891,8 @@ impl Engine {
             }
             self.refresh_status(pending.len());
         }
-        if let Some(l) = self.local.as_mut()
-            && let Err(e) = l.save_index()
-        {
-            tracing::warn!(error = %e, "cannot save the index");
+        if let Some(l) = self.local.as_mut() {
+            l.save_index(false);
         }
         for (_, w) in waiters.drain(..) {
             let _ = w.send(Err("the daemon is shutting down".into()));
@@ -910,7 +911,9 @@ impl Engine {
         if self.verify().await? {
             Ok(())
         } else {
-            Err(SyncError::Diverged("the agent's verified root still differs after a repair".into()))
+            Err(SyncError::Diverged(
+                "the agent's verified root still differs after a repair".into(),
+            ))
         }
     }
 

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bridge_proto::chunking::Digest;
-use bridge_proto::index::{Cached, HashOutcome, Index, RACY_WINDOW_NS, hash_file, now_ns};
+use bridge_proto::index::{Cached, HashOutcome, Index, RACY_WINDOW_NS, Saver, hash_file, now_ns};
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
 use bridge_proto::tree::{Node, Tree};
@@ -58,7 +58,7 @@ impl Changes {
 
 pub struct Local {
     pub root: PathBuf,
-    index_path: PathBuf,
+    saver: Saver,
     pub tree: Tree,
     pub index: Index,
     /// Paths present but not synced, with why.
@@ -76,7 +76,7 @@ impl Local {
         Local {
             index: Index::load(&index_path),
             root,
-            index_path,
+            saver: Saver::new(index_path),
             tree: Tree::new(),
             skipped: BTreeMap::new(),
             racy: BTreeSet::new(),
@@ -85,13 +85,13 @@ impl Local {
         }
     }
 
-    /// Saves the stat cache if it changed.
-    pub fn save_index(&mut self) -> io::Result<()> {
+    /// Saves the stat cache if it changed; `background` leaves the write and
+    /// its fsync to a thread.
+    pub fn save_index(&mut self, background: bool) {
         if self.index_dirty {
-            self.index.save(&self.index_path)?;
+            self.saver.save(&self.index, background);
             self.index_dirty = false;
         }
-        Ok(())
     }
 
     /// Applies a batch of dirty scopes.

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -158,28 +158,95 @@ impl Index {
 
     /// Writes the index atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        {
-            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-            w.write_all(MAGIC)?;
-            w.write_all(&(self.entries.len() as u64).to_le_bytes())?;
-            for (p, c) in &self.entries {
-                w.write_all(&(p.as_str().len() as u32).to_le_bytes())?;
-                w.write_all(p.as_str().as_bytes())?;
-                for v in [c.size, c.mtime_ns as u64, c.ctime_ns as u64, c.ino] {
-                    w.write_all(&v.to_le_bytes())?;
-                }
-                w.write_all(&[c.exec as u8 | (c.racy as u8) << 1])?;
-                w.write_all(c.hash.as_bytes())?;
-                w.write_all(&(c.chunks.len() as u32).to_le_bytes())?;
-                for ch in c.chunks.iter() {
-                    w.write_all(ch.id.as_bytes())?;
-                    w.write_all(&ch.len.to_le_bytes())?;
+        write_atomic(path, &self.encode())
+    }
+
+    /// The on-disk form. Encoding is quick (memory only); callers on a hot
+    /// path encode under their lock and leave [`write_atomic`], with its
+    /// fsync, to a background thread.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(16 + self.entries.len() * 128);
+        w.extend_from_slice(MAGIC);
+        w.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for (p, c) in &self.entries {
+            w.extend_from_slice(&(p.as_str().len() as u32).to_le_bytes());
+            w.extend_from_slice(p.as_str().as_bytes());
+            for v in [c.size, c.mtime_ns as u64, c.ctime_ns as u64, c.ino] {
+                w.extend_from_slice(&v.to_le_bytes());
+            }
+            w.push(c.exec as u8 | (c.racy as u8) << 1);
+            w.extend_from_slice(c.hash.as_bytes());
+            w.extend_from_slice(&(c.chunks.len() as u32).to_le_bytes());
+            for ch in c.chunks.iter() {
+                w.extend_from_slice(ch.id.as_bytes());
+                w.extend_from_slice(&ch.len.to_le_bytes());
+            }
+        }
+        w
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Saves an index to its file, optionally on a background thread so the
+/// fsync never stalls a sync round. Saves are numbered; a slow older save
+/// never overwrites a newer one.
+#[derive(Debug)]
+pub struct Saver {
+    path: std::path::PathBuf,
+    /// Number of the newest save on disk; also serialises the writers.
+    written: std::sync::Arc<std::sync::Mutex<u64>>,
+    next: u64,
+}
+
+impl Saver {
+    pub fn new(path: std::path::PathBuf) -> Saver {
+        Saver {
+            path,
+            written: Default::default(),
+            next: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Encodes `index` now; writes it now or, with `background`, on a thread.
+    pub fn save(&mut self, index: &Index, background: bool) {
+        self.next += 1;
+        let (seq, bytes, path, written) = (
+            self.next,
+            index.encode(),
+            self.path.clone(),
+            self.written.clone(),
+        );
+        let write = move || {
+            let mut last = written.lock().unwrap_or_else(|e| e.into_inner());
+            if *last > seq {
+                return;
+            }
+            match write_atomic(&path, &bytes) {
+                Ok(()) => *last = seq,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot save the index")
                 }
             }
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        };
+        if background {
+            std::thread::spawn(write);
+        } else {
+            write();
         }
-        std::fs::rename(&tmp, path)
     }
 }
 

@@ -152,7 +152,10 @@ pub fn walk(
                 (Ok(path), Ok(m)) => {
                     let stat = Stat::from_metadata(&m);
                     if stat.kind != FileKind::Other {
-                        found.lock().expect("walk poisoned").push(Found { path, stat });
+                        found
+                            .lock()
+                            .expect("walk poisoned")
+                            .push(Found { path, stat });
                     }
                 }
                 (Err(err), _) => bad.lock().expect("walk poisoned").push(Unreadable {
@@ -182,7 +185,7 @@ pub fn walk(
             visit(res);
         }
     } else {
-        b.build_parallel().run(|| Box::new(|res| visit(res)));
+        b.build_parallel().run(|| Box::new(&visit));
     }
     let mut found = found.into_inner().expect("walk poisoned");
     found.sort_unstable_by(|a, b| a.path.cmp(&b.path));

@@ -26,7 +26,10 @@ fn running_out_of_watches_falls_back_to_polling() {
         r.daemon_log()
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("fs.inotify.max_user_watches"), "bridge up did not warn: {stderr}");
+    assert!(
+        stderr.contains("fs.inotify.max_user_watches"),
+        "bridge up did not warn: {stderr}"
+    );
     let st = r.status();
     let mode = st["watcher"].to_string();
     assert!(
