@@ -58,10 +58,17 @@ impl Agent {
                     .map(hyper_util::rt::TokioIo::new)
             }
         });
-        tonic::transport::Endpoint::from_static("http://agent")
-            .connect_with_connector(connector)
-            .await
-            .unwrap()
+        // The socket file appears at bind(), a moment before listen().
+        for _ in 0..100 {
+            if let Ok(c) = tonic::transport::Endpoint::from_static("http://agent")
+                .connect_with_connector(connector.clone())
+                .await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("cannot connect to the agent:\n{}", std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default())
     }
 
     async fn client(
