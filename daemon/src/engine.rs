@@ -473,14 +473,18 @@ impl Engine {
         self.fetch_manifest().await
     }
 
+    /// The connected client (a cheap clone sharing the channel).
+    fn client(&self) -> Result<Client, SyncError> {
+        self.conn
+            .as_ref()
+            .map(|c| c.client.clone())
+            .ok_or_else(|| SyncError::Protocol("not connected".into()))
+    }
+
     /// Replaces the belief about the agent's tree with the agent's own view.
     async fn fetch_manifest(&mut self) -> Result<(), SyncError> {
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
-        let mut stream = conn
-            .client
+        let mut client = self.client()?;
+        let mut stream = client
             .manifest(v1::ManifestRequest {
                 mirror: self.repo.mirror.clone(),
             })
@@ -569,10 +573,7 @@ impl Engine {
             p.bytes_done = 0;
             p.bytes_total = bytes_total;
         });
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
+        let mut client = self.client()?;
         let (tx, rx) = mpsc::channel::<v1::SyncUp>(64);
         let counters = self.counters.clone();
         let send = Sender { tx, counters };
@@ -581,8 +582,7 @@ impl Engine {
             generation,
         }))
         .await?;
-        let mut down = conn
-            .client
+        let mut down = client
             .sync(ReceiverStream::new(rx))
             .await
             .map_err(rpc)?
@@ -682,12 +682,8 @@ impl Engine {
     /// Asks the agent for its verified root and compares.
     async fn verify(&mut self) -> Result<bool, SyncError> {
         self.shared.set_phase("verifying");
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| SyncError::Protocol("not connected".into()))?;
-        let r = conn
-            .client
+        let mut client = self.client()?;
+        let r = client
             .root(v1::RootRequest {
                 mirror: self.repo.mirror.clone(),
             })

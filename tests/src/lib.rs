@@ -336,8 +336,22 @@ fn git_ignored(root: &Path, paths: &[String]) -> Vec<String> {
     if paths.is_empty() || !root.join(".git").exists() {
         return Vec::new();
     }
+    let mut ignored = check_ignore(root, &[], paths);
+    // .bridgeignore uses gitignore syntax; git does not read it, so ask git
+    // with it as the excludes file (the harness only uses a top-level one).
+    let bi = root.join(".bridgeignore");
+    if bi.exists() {
+        let cfg = format!("core.excludesFile={}", bi.display());
+        ignored.extend(check_ignore(root, &["-c", &cfg], paths));
+    }
+    ignored
+}
+
+/// `git [pre_args] check-ignore --no-index --stdin -z` over `paths`.
+fn check_ignore(root: &Path, pre_args: &[&str], paths: &[String]) -> Vec<String> {
     use std::io::Write;
     let mut child = Command::new("git")
+        .args(pre_args)
         .args(["check-ignore", "--no-index", "--stdin", "-z"])
         .current_dir(root)
         .stdin(std::process::Stdio::piped())
@@ -352,46 +366,11 @@ fn git_ignored(root: &Path, paths: &[String]) -> Vec<String> {
         }
     }
     let out = child.wait_with_output().unwrap();
-    let mut ignored: Vec<String> = out
-        .stdout
+    out.stdout
         .split(|b| *b == 0)
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    // .bridgeignore uses gitignore syntax; git does not read it, so apply it
-    // through git too by treating it as an exclude file.
-    let bi = root.join(".bridgeignore");
-    if bi.exists() {
-        let mut child = Command::new("git")
-            .args([
-                "-c",
-                &format!("core.excludesFile={}", bi.display()),
-                "check-ignore",
-                "--no-index",
-                "--stdin",
-                "-z",
-            ])
-            .current_dir(root)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("git check-ignore");
-        {
-            let mut stdin = child.stdin.take().unwrap();
-            for p in paths {
-                stdin.write_all(p.as_bytes()).unwrap();
-                stdin.write_all(b"\0").unwrap();
-            }
-        }
-        let out = child.wait_with_output().unwrap();
-        ignored.extend(
-            out.stdout
-                .split(|b| *b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned()),
-        );
-    }
-    ignored
+        .collect()
 }
 
 /// A readable diff of two trees ("-" only in the first, "+" only in the second).

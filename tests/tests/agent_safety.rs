@@ -68,7 +68,10 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("cannot connect to the agent:\n{}", std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default())
+        panic!(
+            "cannot connect to the agent:\n{}",
+            std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        )
     }
 
     async fn client(
