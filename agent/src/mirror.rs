@@ -19,8 +19,9 @@ use bridge_proto::tree::{Node, Tree};
 use crate::store::Store;
 
 /// How long the agent may keep index updates only in memory. A crash loses at
-/// most this much of the cache (the cost is a rehash, never a wrong answer).
-const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// most this much of the cache (the cost is a rehash, never a wrong answer);
+/// encoding happens inside a round, so it should not happen often.
+const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
 pub struct Mirror {
     pub name: String,

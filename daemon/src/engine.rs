@@ -45,6 +45,11 @@ const PLAN_CHUNKS: usize = 64 * 1024;
 const BUSY_RETRY: Duration = Duration::from_millis(300);
 /// How often racy files are re-checked.
 const RACY_TICK: Duration = Duration::from_secs(1);
+/// How often the stat cache is saved while running (also at shutdown). Encoding
+/// a 100k-file index takes tens of milliseconds on the engine's thread; a crash
+/// loses at most this much of the cache, which costs a rehash, never a wrong
+/// answer.
+const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Rounds in a row that may end with disagreeing roots before giving up.
 const MAX_REPAIRS: usize = 4;
 
@@ -753,7 +758,7 @@ impl Engine {
             }
 
             let now = Instant::now();
-            let mut deadline = next_racy.min(last_index_save + Duration::from_secs(5));
+            let mut deadline = next_racy.min(last_index_save + INDEX_SAVE_INTERVAL);
             if let Some(f) = first_event {
                 deadline = deadline
                     .min((last_event + watcher::DEBOUNCE_WINDOW).min(f + watcher::DEBOUNCE_CAP));
@@ -814,7 +819,7 @@ impl Engine {
                 }
             }
             // Save between bursts only; the write and its fsync go to a thread.
-            if now >= last_index_save + Duration::from_secs(5) && first_event.is_none() {
+            if now >= last_index_save + INDEX_SAVE_INTERVAL && first_event.is_none() {
                 last_index_save = now;
                 if let Some(l) = self.local.as_mut() {
                     l.save_index(true);
