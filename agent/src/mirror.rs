@@ -142,7 +142,7 @@ impl Mirror {
         }
         self.index = index;
         self.tree = tree;
-        self.maybe_save(true);
+        self.maybe_save(false);
         Ok(())
     }
 

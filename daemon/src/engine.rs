@@ -771,7 +771,7 @@ impl Engine {
             }
             if self.conn.is_none() {
                 deadline = deadline.min(next_retry_connect);
-            } else if need_round || !waiters.is_empty() {
+            } else if need_round {
                 deadline = now;
             }
 
@@ -844,7 +844,9 @@ impl Engine {
                 }
                 need_round = true;
             }
-            if self.conn.is_none() || !need_round && waiters.is_empty() {
+            // Waiters are answered after the round that follows their
+            // rescan (or a later one, while files are still being written).
+            if self.conn.is_none() || !need_round {
                 self.refresh_status(pending.len());
                 continue;
             }
