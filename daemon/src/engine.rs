@@ -380,23 +380,37 @@ impl Engine {
     /// Rescans `dirty`, updating watches.
     async fn rescan(&mut self, dirty: BTreeSet<Dirty>) -> Vec<RelPath> {
         let full = dirty.contains(&Dirty::Tree(None));
-        let ch = self.with_local(move |l| l.apply(dirty)).await;
-        self.rules_changed |= ch.rules_changed;
-        self.watcher.remove(ch.gone_dirs.iter());
-        if full {
-            let dirs: Vec<RelPath> = self
-                .local()
-                .tree
-                .iter()
-                .filter(|(_, n)| n.is_dir())
-                .map(|(p, _)| p.clone())
-                .collect();
-            self.watcher
-                .add(std::iter::once(None).chain(dirs.iter().map(Some)));
-        } else {
+        let mut ch = self.with_local(move |l| l.apply(dirty)).await;
+        let mut busy = Vec::new();
+        // A directory is watched only after it was walked: whatever was
+        // created in it in between has no event. Look at every new directory
+        // once more after its watch is in place (bounded: new directories
+        // found then are handled the same way).
+        for _ in 0..16 {
+            self.rules_changed |= ch.rules_changed;
+            busy.append(&mut ch.busy);
+            self.watcher.remove(ch.gone_dirs.iter());
+            if full {
+                let dirs: Vec<RelPath> = self
+                    .local()
+                    .tree
+                    .iter()
+                    .filter(|(_, n)| n.is_dir())
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                self.watcher
+                    .add(std::iter::once(None).chain(dirs.iter().map(Some)));
+                break;
+            }
+            if ch.new_dirs.is_empty() {
+                break;
+            }
             self.watcher.add(ch.new_dirs.iter().map(Some));
+            let again: BTreeSet<Dirty> =
+                ch.new_dirs.drain(..).map(|d| Dirty::Dir(Some(d))).collect();
+            ch = self.with_local(move |l| l.apply(again)).await;
         }
-        ch.busy
+        busy
     }
 
     fn update_status(&self, f: impl FnOnce(&mut Status)) {
