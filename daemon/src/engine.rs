@@ -7,26 +7,23 @@
 //! from the agent itself on every (re)connect and whenever a root disagrees, so
 //! the engine never trusts its own belief for long.
 //!
-//! A round streams plans in batches and, while the agent answers one batch's
-//! needs, the next plan is already on the wire: no round trip per file.
+//! # Layout
+//! - [`plan`]: the ops that turn the agent's tree into the local one.
+//! - [`round`]: one round on the wire — plans in batches, chunk bodies, the
+//!   commit; the next plan is on the wire while the agent answers the last.
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bridge_proto::chunking::{ChunkRef, chunk_id};
 use bridge_proto::path::RelPath;
 use bridge_proto::tree::{Node, Tree, hex};
+use bridge_proto::v1;
 use bridge_proto::v1::agent_client::AgentClient;
-use bridge_proto::v1::{self, sync_down, sync_up};
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
-use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status as GrpcStatus;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -37,10 +34,12 @@ use crate::provider::Provider;
 use crate::status::{Connection, Skipped, Status};
 use crate::watcher::{self, Mode, WatchMsg, Watcher};
 
-/// Ops per plan message.
-const PLAN_OPS: usize = 1024;
-/// Chunk refs per plan message (keeps messages well under the size limit).
-const PLAN_CHUNKS: usize = 64 * 1024;
+mod plan;
+mod round;
+
+use plan::{PlannedOp, diff};
+use round::Counters;
+
 /// How often a file that was busy (being written) is looked at again.
 const BUSY_RETRY: Duration = Duration::from_millis(300);
 /// How often racy files are re-checked.
@@ -155,154 +154,6 @@ impl tonic::service::Interceptor for Auth {
         req.metadata_mut().insert(AUTH_HEADER, self.0.clone());
         Ok(req)
     }
-}
-
-/// One planned change to the mirror.
-#[derive(Debug, Clone)]
-enum PlannedOp {
-    Remove(RelPath),
-    Mkdir(RelPath),
-    Symlink(RelPath, String),
-    Put {
-        path: RelPath,
-        node: Node,
-        chunks: Arc<[ChunkRef]>,
-    },
-}
-
-impl PlannedOp {
-    fn path(&self) -> &RelPath {
-        match self {
-            PlannedOp::Remove(p) | PlannedOp::Mkdir(p) | PlannedOp::Symlink(p, _) => p,
-            PlannedOp::Put { path, .. } => path,
-        }
-    }
-
-    fn to_wire(&self) -> v1::Op {
-        use v1::op::Op as W;
-        let op = match self {
-            PlannedOp::Remove(p) => W::Remove(v1::Remove {
-                path: p.to_string(),
-            }),
-            PlannedOp::Mkdir(p) => W::Mkdir(v1::Mkdir {
-                path: p.to_string(),
-            }),
-            PlannedOp::Symlink(p, t) => W::Symlink(v1::Symlink {
-                path: p.to_string(),
-                target: t.clone(),
-            }),
-            PlannedOp::Put { path, node, chunks } => W::Put(v1::Put {
-                path: path.to_string(),
-                executable: matches!(node, Node::File { exec: true, .. }),
-                chunks: chunks
-                    .iter()
-                    .map(|c| v1::ChunkRef {
-                        id: c.id.as_bytes().to_vec().into(),
-                        len: c.len,
-                    })
-                    .collect(),
-            }),
-        };
-        v1::Op { op: Some(op) }
-    }
-
-    /// Applies this op to the daemon's belief about the agent's tree.
-    fn apply_to(&self, t: &mut Tree) {
-        match self {
-            PlannedOp::Remove(p) => {
-                t.remove_subtree(p);
-            }
-            PlannedOp::Mkdir(p) => {
-                if !matches!(t.get(p), Some(Node::Dir)) {
-                    t.remove_subtree(p);
-                }
-                add_parents(t, p);
-                t.insert(p.clone(), Node::Dir);
-            }
-            PlannedOp::Symlink(p, target) => {
-                t.remove_subtree(p);
-                add_parents(t, p);
-                t.insert(
-                    p.clone(),
-                    Node::Symlink {
-                        target: target.clone(),
-                    },
-                );
-            }
-            PlannedOp::Put { path, node, .. } => {
-                t.remove_subtree(path);
-                add_parents(t, path);
-                t.insert(path.clone(), node.clone());
-            }
-        }
-    }
-}
-
-fn add_parents(t: &mut Tree, p: &RelPath) {
-    for a in p.ancestors() {
-        if !matches!(t.get(&a), Some(Node::Dir)) {
-            t.remove_subtree(&a);
-            t.insert(a, Node::Dir);
-        }
-    }
-}
-
-/// The ops that turn `remote` into `local`: removals first (a removed
-/// directory covers everything below it), then creations in path order, so
-/// parents come before children.
-fn diff(local: &Local, remote: &Tree) -> Vec<PlannedOp> {
-    let mut removes = Vec::new();
-    let mut creates = Vec::new();
-    let mut li = local.tree.iter().peekable();
-    let mut ri = remote.iter().peekable();
-    let mut last_removed: Option<RelPath> = None;
-    let create = |p: &RelPath, n: &Node| -> Option<PlannedOp> {
-        Some(match n {
-            Node::Dir => PlannedOp::Mkdir(p.clone()),
-            Node::Symlink { target } => PlannedOp::Symlink(p.clone(), target.clone()),
-            Node::File { .. } => PlannedOp::Put {
-                path: p.clone(),
-                node: n.clone(),
-                chunks: local.chunks(p)?.chunks.clone().into(),
-            },
-        })
-    };
-    loop {
-        match (li.peek(), ri.peek()) {
-            (None, None) => break,
-            (Some((lp, ln)), Some((rp, rn))) if lp == rp => {
-                if ln != rn {
-                    creates.extend(create(lp, ln));
-                }
-                li.next();
-                ri.next();
-            }
-            (Some((lp, ln)), Some((rp, _))) if lp < rp => {
-                creates.extend(create(lp, ln));
-                li.next();
-            }
-            (Some((lp, ln)), None) => {
-                creates.extend(create(lp, ln));
-                li.next();
-            }
-            (_, Some((rp, _))) => {
-                if !last_removed.as_ref().is_some_and(|l| rp.starts_with(l)) {
-                    removes.push(PlannedOp::Remove((*rp).clone()));
-                    last_removed = Some((*rp).clone());
-                }
-                ri.next();
-            }
-        }
-    }
-    removes.extend(creates);
-    removes
-}
-
-/// Counts what a round puts on the wire.
-#[derive(Default)]
-struct Counters {
-    bytes: AtomicU64,
-    chunks: AtomicU64,
 }
 
 struct Conn {
@@ -564,138 +415,6 @@ impl Engine {
         Err(SyncError::Diverged(format!(
             "after {MAX_REPAIRS} rounds the agent's root still differs; see the agent log"
         )))
-    }
-
-    /// One sync round. Returns the agent's root and the puts skipped because
-    /// the local file changed while it was read.
-    async fn round(
-        &mut self,
-        ops: Vec<PlannedOp>,
-    ) -> Result<(bridge_proto::chunking::Hash, Vec<RelPath>), SyncError> {
-        self.generation += 1;
-        let generation = self.generation;
-        let files_total = ops.len() as u64;
-        let bytes_total: u64 = ops
-            .iter()
-            .map(|o| match o {
-                PlannedOp::Put {
-                    node: Node::File { size, .. },
-                    ..
-                } => *size,
-                _ => 0,
-            })
-            .sum();
-        self.shared.progress.send_modify(|p| {
-            p.phase = "syncing".into();
-            p.files_done = 0;
-            p.files_total = files_total;
-            p.bytes_done = 0;
-            p.bytes_total = bytes_total;
-        });
-        let mut client = self.client()?;
-        let (tx, rx) = mpsc::channel::<v1::SyncUp>(64);
-        let counters = self.counters.clone();
-        let send = Sender { tx, counters };
-        send.send(sync_up::Msg::Begin(v1::Begin {
-            mirror: self.repo.mirror.clone(),
-            generation,
-        }))
-        .await?;
-        let mut down = client
-            .sync(ReceiverStream::new(rx))
-            .await
-            .map_err(rpc)?
-            .into_inner();
-
-        // Split into plan batches.
-        let mut batches: Vec<Vec<PlannedOp>> = Vec::new();
-        let mut cur = Vec::new();
-        let mut cur_chunks = 0usize;
-        for op in ops {
-            let n = match &op {
-                PlannedOp::Put { chunks, .. } => chunks.len(),
-                _ => 0,
-            };
-            if !cur.is_empty() && (cur.len() >= PLAN_OPS || cur_chunks + n > PLAN_CHUNKS) {
-                batches.push(std::mem::take(&mut cur));
-                cur_chunks = 0;
-            }
-            cur_chunks += n;
-            cur.push(op);
-        }
-        if !cur.is_empty() {
-            batches.push(cur);
-        }
-        let plan_msg = |b: &Vec<PlannedOp>| {
-            sync_up::Msg::Plan(v1::Plan {
-                ops: b.iter().map(PlannedOp::to_wire).collect(),
-            })
-        };
-        if let Some(b) = batches.first() {
-            send.send(plan_msg(b)).await?;
-        }
-        let compress = !self.provider.link_is_fast();
-        let mut skipped_all = Vec::new();
-        let mut applied: Vec<PlannedOp> = Vec::new();
-        for k in 0..batches.len() {
-            if let Some(next) = batches.get(k + 1) {
-                send.send(plan_msg(next)).await?;
-            }
-            let need = match down.message().await.map_err(rpc)? {
-                Some(v1::SyncDown {
-                    msg: Some(sync_down::Msg::Need(n)),
-                }) => n,
-                other => return Err(SyncError::Protocol(format!("expected Need, got {other:?}"))),
-            };
-            if need.ops.len() != batches[k].len() {
-                return Err(SyncError::Protocol("Need does not match the plan".into()));
-            }
-            let batch = std::mem::take(&mut batches[k]);
-            let root = self.repo.root.clone();
-            let s = send.clone();
-            let progress = self.shared.progress.clone();
-            let skipped = tokio::task::spawn_blocking(move || {
-                send_bodies(&root, &batch, &need, &s, compress, &progress).map(|sk| (batch, sk))
-            })
-            .await
-            .map_err(|e| SyncError::Protocol(e.to_string()))??;
-            let (batch, sk) = skipped;
-            for op in batch {
-                if !sk.contains(op.path()) {
-                    applied.push(op);
-                }
-            }
-            skipped_all.extend(sk);
-        }
-        send.send(sync_up::Msg::Commit(v1::Commit { generation }))
-            .await?;
-        let done = match down.message().await.map_err(rpc)? {
-            Some(v1::SyncDown {
-                msg: Some(sync_down::Msg::Done(d)),
-            }) => d,
-            other => return Err(SyncError::Protocol(format!("expected Done, got {other:?}"))),
-        };
-        let failed: BTreeSet<String> = done.failures.iter().map(|f| f.path.clone()).collect();
-        for f in &done.failures {
-            tracing::warn!(path = %f.path, error = %f.message, "agent could not apply");
-        }
-        for op in &applied {
-            if !failed.contains(op.path().as_str()) {
-                op.apply_to(&mut self.remote);
-            }
-        }
-        let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
-            .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
-        self.remote_root = Some(agent_root);
-        self.shared.progress.send_modify(|p| {
-            p.files_done = files_total;
-            p.bytes_done = bytes_total;
-        });
-        if !failed.is_empty() {
-            // The agent's state for those paths is unknown: ask it.
-            self.fetch_manifest().await?;
-        }
-        Ok((agent_root, skipped_all))
     }
 
     /// Asks the agent for its verified root and compares.
@@ -960,170 +679,5 @@ impl Engine {
         for (_, w) in waiters.drain(..) {
             let _ = w.send(result.clone().map(|_| synced.clone()));
         }
-    }
-}
-
-/// The round's outgoing half: counts bytes as it sends.
-#[derive(Clone)]
-struct Sender {
-    tx: mpsc::Sender<v1::SyncUp>,
-    counters: Arc<Counters>,
-}
-
-impl Sender {
-    async fn send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
-        let m = v1::SyncUp { msg: Some(msg) };
-        self.counters
-            .bytes
-            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-        self.tx.send(m).await.map_err(|_| {
-            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
-        })
-    }
-
-    fn blocking_send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
-        let m = v1::SyncUp { msg: Some(msg) };
-        self.counters
-            .bytes
-            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-        self.tx.blocking_send(m).map_err(|_| {
-            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
-        })
-    }
-}
-
-/// Sends the chunk bodies one batch needs, reading them from the files again.
-/// A file whose bytes no longer match its chunk list (it changed after it was
-/// hashed) gets a `SkipOp` and is returned for a rescan.
-fn send_bodies(
-    root: &Path,
-    batch: &[PlannedOp],
-    need: &v1::Need,
-    tx: &Sender,
-    compress: bool,
-    progress: &watch::Sender<Progress>,
-) -> Result<Vec<RelPath>, SyncError> {
-    let mut skipped = Vec::new();
-    for (op, n) in batch.iter().zip(&need.ops) {
-        let PlannedOp::Put { path, chunks, node } = op else {
-            progress.send_modify(|p| p.files_done += 1);
-            continue;
-        };
-        if !n.chunks.is_empty() {
-            let mut offsets = Vec::with_capacity(chunks.len());
-            let mut off = 0u64;
-            for c in chunks.iter() {
-                offsets.push(off);
-                off += c.len as u64;
-            }
-            let file = File::open(path.to_fs(root));
-            let mut try_compress = compress;
-            let mut incompressible = 0;
-            let mut ok = file.is_ok();
-            for &i in &n.chunks {
-                let Some(c) = chunks.get(i as usize) else {
-                    return Err(SyncError::Protocol(format!(
-                        "agent asked for chunk {i} of {path}"
-                    )));
-                };
-                let mut buf = vec![0u8; c.len as usize];
-                ok = ok
-                    && file
-                        .as_ref()
-                        .is_ok_and(|f| f.read_exact_at(&mut buf, offsets[i as usize]).is_ok())
-                    && chunk_id(&buf) == c.id;
-                if !ok {
-                    tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
-                    skipped.push(path.clone());
-                    break;
-                }
-                let (compression, data) = if try_compress {
-                    match zstd::bulk::compress(&buf, 1) {
-                        Ok(z) if z.len() < buf.len() * 9 / 10 => {
-                            incompressible = 0;
-                            (v1::Compression::Zstd, z)
-                        }
-                        _ => {
-                            incompressible += 1;
-                            // Stop trying on data that does not compress.
-                            try_compress = incompressible < 2;
-                            (v1::Compression::None, buf)
-                        }
-                    }
-                } else {
-                    (v1::Compression::None, buf)
-                };
-                tx.blocking_send(sync_up::Msg::Chunk(v1::ChunkData {
-                    id: c.id.as_bytes().to_vec().into(),
-                    compression: compression as i32,
-                    data: data.into(),
-                }))?;
-                tx.counters.chunks.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let size = match node {
-            Node::File { size, .. } => *size,
-            _ => 0,
-        };
-        progress.send_modify(|p| {
-            p.files_done += 1;
-            p.bytes_done += size;
-        });
-    }
-    Ok(skipped)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bridge_proto::chunking::chunk_bytes;
-
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
-
-    #[test]
-    fn diff_orders_removals_then_parents_first() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join(".git")).unwrap();
-        std::fs::create_dir_all(d.path().join("new/sub")).unwrap();
-        std::fs::write(d.path().join("new/sub/f"), "f").unwrap();
-        std::fs::write(d.path().join("same"), "s").unwrap();
-        let mut local = Local::new(d.path().to_path_buf(), d.path().join("index"));
-        local.apply([Dirty::Tree(None)].into());
-        let same = local.tree.get(&p("same")).unwrap().clone();
-        let remote: Tree = [
-            (p("old"), Node::Dir),
-            (
-                p("old/a"),
-                Node::File {
-                    hash: chunk_bytes(b"a").hash,
-                    size: 1,
-                    exec: false,
-                },
-            ),
-            (p("same"), same),
-        ]
-        .into_iter()
-        .collect();
-        let ops = diff(&local, &remote);
-        let names: Vec<String> = ops
-            .iter()
-            .map(|o| match o {
-                PlannedOp::Remove(p) => format!("rm {p}"),
-                PlannedOp::Mkdir(p) => format!("mkdir {p}"),
-                PlannedOp::Symlink(p, _) => format!("ln {p}"),
-                PlannedOp::Put { path, .. } => format!("put {path}"),
-            })
-            .collect();
-        assert_eq!(
-            names,
-            ["rm old", "mkdir new", "mkdir new/sub", "put new/sub/f"]
-        );
-        let mut r = remote.clone();
-        for o in &ops {
-            o.apply_to(&mut r);
-        }
-        assert_eq!(r.root(), local.tree.root());
     }
 }

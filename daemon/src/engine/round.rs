@@ -1,0 +1,278 @@
+//! One sync round on the wire: `Begin`, plans in batches (the next one sent
+//! before the agent's `Need` for the last arrives), the chunk bodies each batch
+//! needs — read again from the files and verified — then `Commit` and `Done`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bridge_proto::chunking::chunk_id;
+use bridge_proto::path::RelPath;
+use bridge_proto::tree::Node;
+use bridge_proto::v1::{self, sync_down, sync_up};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status as GrpcStatus;
+
+use super::plan::PlannedOp;
+use super::{Engine, Progress, SyncError, rpc};
+
+/// Ops per plan message.
+const PLAN_OPS: usize = 1024;
+/// Chunk refs per plan message (keeps messages well under the size limit).
+const PLAN_CHUNKS: usize = 64 * 1024;
+
+/// Counts what a round puts on the wire.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) bytes: AtomicU64,
+    pub(super) chunks: AtomicU64,
+}
+
+impl Engine {
+    /// One sync round. Returns the agent's root and the puts skipped because
+    /// the local file changed while it was read.
+    pub(super) async fn round(
+        &mut self,
+        ops: Vec<PlannedOp>,
+    ) -> Result<(bridge_proto::chunking::Hash, Vec<RelPath>), SyncError> {
+        self.generation += 1;
+        let generation = self.generation;
+        let files_total = ops.len() as u64;
+        let bytes_total: u64 = ops
+            .iter()
+            .map(|o| match o {
+                PlannedOp::Put {
+                    node: Node::File { size, .. },
+                    ..
+                } => *size,
+                _ => 0,
+            })
+            .sum();
+        self.shared.progress.send_modify(|p| {
+            p.phase = "syncing".into();
+            p.files_done = 0;
+            p.files_total = files_total;
+            p.bytes_done = 0;
+            p.bytes_total = bytes_total;
+        });
+        let mut client = self.client()?;
+        let (tx, rx) = mpsc::channel::<v1::SyncUp>(64);
+        let counters = self.counters.clone();
+        let send = Sender { tx, counters };
+        send.send(sync_up::Msg::Begin(v1::Begin {
+            mirror: self.repo.mirror.clone(),
+            generation,
+        }))
+        .await?;
+        let mut down = client
+            .sync(ReceiverStream::new(rx))
+            .await
+            .map_err(rpc)?
+            .into_inner();
+
+        // Split into plan batches.
+        let mut batches: Vec<Vec<PlannedOp>> = Vec::new();
+        let mut cur = Vec::new();
+        let mut cur_chunks = 0usize;
+        for op in ops {
+            let n = match &op {
+                PlannedOp::Put { chunks, .. } => chunks.len(),
+                _ => 0,
+            };
+            if !cur.is_empty() && (cur.len() >= PLAN_OPS || cur_chunks + n > PLAN_CHUNKS) {
+                batches.push(std::mem::take(&mut cur));
+                cur_chunks = 0;
+            }
+            cur_chunks += n;
+            cur.push(op);
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+        let plan_msg = |b: &Vec<PlannedOp>| {
+            sync_up::Msg::Plan(v1::Plan {
+                ops: b.iter().map(PlannedOp::to_wire).collect(),
+            })
+        };
+        if let Some(b) = batches.first() {
+            send.send(plan_msg(b)).await?;
+        }
+        let compress = !self.provider.link_is_fast();
+        let mut skipped_all = Vec::new();
+        let mut applied: Vec<PlannedOp> = Vec::new();
+        for k in 0..batches.len() {
+            if let Some(next) = batches.get(k + 1) {
+                send.send(plan_msg(next)).await?;
+            }
+            let need = match down.message().await.map_err(rpc)? {
+                Some(v1::SyncDown {
+                    msg: Some(sync_down::Msg::Need(n)),
+                }) => n,
+                other => return Err(SyncError::Protocol(format!("expected Need, got {other:?}"))),
+            };
+            if need.ops.len() != batches[k].len() {
+                return Err(SyncError::Protocol("Need does not match the plan".into()));
+            }
+            let batch = std::mem::take(&mut batches[k]);
+            let root = self.repo.root.clone();
+            let s = send.clone();
+            let progress = self.shared.progress.clone();
+            let skipped = tokio::task::spawn_blocking(move || {
+                send_bodies(&root, &batch, &need, &s, compress, &progress).map(|sk| (batch, sk))
+            })
+            .await
+            .map_err(|e| SyncError::Protocol(e.to_string()))??;
+            let (batch, sk) = skipped;
+            for op in batch {
+                if !sk.contains(op.path()) {
+                    applied.push(op);
+                }
+            }
+            skipped_all.extend(sk);
+        }
+        send.send(sync_up::Msg::Commit(v1::Commit { generation }))
+            .await?;
+        let done = match down.message().await.map_err(rpc)? {
+            Some(v1::SyncDown {
+                msg: Some(sync_down::Msg::Done(d)),
+            }) => d,
+            other => return Err(SyncError::Protocol(format!("expected Done, got {other:?}"))),
+        };
+        let failed: BTreeSet<String> = done.failures.iter().map(|f| f.path.clone()).collect();
+        for f in &done.failures {
+            tracing::warn!(path = %f.path, error = %f.message, "agent could not apply");
+        }
+        for op in &applied {
+            if !failed.contains(op.path().as_str()) {
+                op.apply_to(&mut self.remote);
+            }
+        }
+        let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
+            .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
+        self.remote_root = Some(agent_root);
+        self.shared.progress.send_modify(|p| {
+            p.files_done = files_total;
+            p.bytes_done = bytes_total;
+        });
+        if !failed.is_empty() {
+            // The agent's state for those paths is unknown: ask it.
+            self.fetch_manifest().await?;
+        }
+        Ok((agent_root, skipped_all))
+    }
+}
+
+/// The round's outgoing half: counts bytes as it sends.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::Sender<v1::SyncUp>,
+    counters: Arc<Counters>,
+}
+
+impl Sender {
+    async fn send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+        let m = v1::SyncUp { msg: Some(msg) };
+        self.counters
+            .bytes
+            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
+        self.tx.send(m).await.map_err(|_| {
+            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
+        })
+    }
+
+    fn blocking_send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+        let m = v1::SyncUp { msg: Some(msg) };
+        self.counters
+            .bytes
+            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
+        self.tx.blocking_send(m).map_err(|_| {
+            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
+        })
+    }
+}
+
+/// Sends the chunk bodies one batch needs, reading them from the files again.
+/// A file whose bytes no longer match its chunk list (it changed after it was
+/// hashed) gets a `SkipOp` and is returned for a rescan.
+fn send_bodies(
+    root: &Path,
+    batch: &[PlannedOp],
+    need: &v1::Need,
+    tx: &Sender,
+    compress: bool,
+    progress: &watch::Sender<Progress>,
+) -> Result<Vec<RelPath>, SyncError> {
+    let mut skipped = Vec::new();
+    for (op, n) in batch.iter().zip(&need.ops) {
+        let PlannedOp::Put { path, chunks, node } = op else {
+            progress.send_modify(|p| p.files_done += 1);
+            continue;
+        };
+        if !n.chunks.is_empty() {
+            let mut offsets = Vec::with_capacity(chunks.len());
+            let mut off = 0u64;
+            for c in chunks.iter() {
+                offsets.push(off);
+                off += c.len as u64;
+            }
+            let file = File::open(path.to_fs(root));
+            let mut try_compress = compress;
+            let mut incompressible = 0;
+            let mut ok = file.is_ok();
+            for &i in &n.chunks {
+                let Some(c) = chunks.get(i as usize) else {
+                    return Err(SyncError::Protocol(format!(
+                        "agent asked for chunk {i} of {path}"
+                    )));
+                };
+                let mut buf = vec![0u8; c.len as usize];
+                ok = ok
+                    && file
+                        .as_ref()
+                        .is_ok_and(|f| f.read_exact_at(&mut buf, offsets[i as usize]).is_ok())
+                    && chunk_id(&buf) == c.id;
+                if !ok {
+                    tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
+                    skipped.push(path.clone());
+                    break;
+                }
+                let (compression, data) = if try_compress {
+                    match zstd::bulk::compress(&buf, 1) {
+                        Ok(z) if z.len() < buf.len() * 9 / 10 => {
+                            incompressible = 0;
+                            (v1::Compression::Zstd, z)
+                        }
+                        _ => {
+                            incompressible += 1;
+                            // Stop trying on data that does not compress.
+                            try_compress = incompressible < 2;
+                            (v1::Compression::None, buf)
+                        }
+                    }
+                } else {
+                    (v1::Compression::None, buf)
+                };
+                tx.blocking_send(sync_up::Msg::Chunk(v1::ChunkData {
+                    id: c.id.as_bytes().to_vec().into(),
+                    compression: compression as i32,
+                    data: data.into(),
+                }))?;
+                tx.counters.chunks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let size = match node {
+            Node::File { size, .. } => *size,
+            _ => 0,
+        };
+        progress.send_modify(|p| {
+            p.files_done += 1;
+            p.bytes_done += size;
+        });
+    }
+    Ok(skipped)
+}
