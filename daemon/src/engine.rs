@@ -477,7 +477,11 @@ impl Engine {
                             };
                             st.last_error = Some(msg.clone());
                         });
-                        self.shared.progress.send_modify(|p| p.error = msg.clone());
+                        if retry {
+                            // Shown while retrying; a fatal error reaches
+                            // the waiters instead.
+                            self.shared.progress.send_modify(|p| p.error = msg.clone());
+                        }
                         if !retry {
                             for (_, w) in waiters.drain(..) {
                                 let _ = w.send(Err(msg.clone()));
@@ -614,7 +618,9 @@ impl Engine {
                             Connection::Disconnected
                         };
                     });
-                    self.shared.progress.send_modify(|p| p.error = msg.clone());
+                    if e.retryable() {
+                        self.shared.progress.send_modify(|p| p.error = msg.clone());
+                    }
                     self.conn = None;
                     if !e.retryable() {
                         for (_, w) in waiters.drain(..) {

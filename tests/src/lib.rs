@@ -119,11 +119,17 @@ impl Repo {
 
     /// Runs `bridge ARGS` in the repository.
     pub fn bridge(&self, args: &[&str]) -> Output {
+        self.bridge_env(args, &[])
+    }
+
+    /// Runs `bridge ARGS` with extra environment variables.
+    pub fn bridge_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(bridge_bin())
             .arg("-C")
             .arg(&self.root)
             .args(args)
             .env("BRIDGE_LOG", "info")
+            .envs(env.iter().copied())
             .output()
             .expect("run bridge")
     }

@@ -126,3 +126,33 @@ fn agent_rejects_bad_arguments() {
         "{out:?}"
     );
 }
+
+#[test]
+fn up_without_an_agent_binary_fails_clearly_and_leaves_nothing_running() {
+    let r = Repo::new();
+    r.write("a.py", "a");
+    let out = r.bridge_env(
+        &["up"],
+        &[("BRIDGE_AGENT_BIN", "/nonexistent/bridge-agent")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot find the agent binary at /nonexistent/bridge-agent")
+            && err.contains("BRIDGE_AGENT_BIN"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("retrying"),
+        "a fatal error was shown as retried: {err}"
+    );
+    assert!(
+        !r.path(".bridge/daemon.sock").exists(),
+        "the daemon was left running"
+    );
+    let err = r.fails(&["status"]);
+    assert!(err.contains("not running"), "{err}");
+    // Once the binary is there, up works.
+    r.up();
+    r.assert_mirror_exact();
+}

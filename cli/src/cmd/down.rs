@@ -16,13 +16,7 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     match client::daemon(&layout).await {
         Some(mut c) => {
             c.shutdown(bridge_proto::v1::ShutdownRequest {}).await?;
-            // The daemon removes its socket last, after stopping the agent.
-            for _ in 0..400 {
-                if !layout.control.exists() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
+            wait_gone(&layout).await;
             println!("bridge is down for {}", layout.repo.display());
         }
         None => {
@@ -35,4 +29,15 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits (up to 10 s) until the daemon is gone: it removes its socket last,
+/// after stopping the agent and saving its index.
+pub async fn wait_gone(layout: &bridge_daemon::repo::Layout) {
+    for _ in 0..400 {
+        if !layout.control.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -110,8 +110,10 @@ pub async fn run(cwd: &Path, _args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            // Leave nothing half-up: stop the daemon and its agent.
+            // Leave nothing half-up: stop the daemon and its agent, and wait
+            // for the daemon to be gone.
             let _ = c.shutdown(bridge_proto::v1::ShutdownRequest {}).await;
+            crate::cmd::down::wait_gone(&layout).await;
             Err(e.context(
                 "bridge up failed; the daemon was stopped (its log is in .bridge/daemon.log)",
             ))
