@@ -37,7 +37,7 @@ use crate::watcher::{self, Mode, WatchMsg, Watcher};
 mod plan;
 mod round;
 
-use plan::{PlannedOp, diff};
+use plan::{PlannedOp, diff, diff_paths};
 use round::Counters;
 
 /// How often a file that was busy (being written) is looked at again.
@@ -174,6 +174,11 @@ pub struct Engine {
     counters: Arc<Counters>,
     /// The agent's last reported root.
     remote_root: Option<bridge_proto::chunking::Hash>,
+    /// Local paths changed since the last round: outside them the local tree
+    /// and the belief about the agent's agree (unless `full_diff`).
+    touched: BTreeSet<RelPath>,
+    /// The belief was just refetched (or is in doubt): compare every entry.
+    full_diff: bool,
     /// Ignore files changed since the last round: they go first, then the
     /// agent's view is refetched, so paths that just became ignored are left
     /// alone on the agent instead of deleted.
@@ -202,6 +207,8 @@ impl Engine {
             generation: 0,
             counters: Arc::new(Counters::default()),
             remote_root: None,
+            touched: BTreeSet::new(),
+            full_diff: true,
             rules_changed: false,
         }
     }
@@ -239,6 +246,7 @@ impl Engine {
         // found then are handled the same way).
         for _ in 0..16 {
             self.rules_changed |= ch.rules_changed;
+            self.touched.extend(ch.touched.drain(..));
             busy.append(&mut ch.busy);
             self.watcher.remove(ch.gone_dirs.iter());
             if full {
@@ -370,6 +378,7 @@ impl Engine {
         }
         self.remote_root = Some(t.root());
         self.remote = t;
+        self.full_diff = true;
         Ok(())
     }
 
@@ -393,7 +402,20 @@ impl Engine {
             self.rules_changed = false;
         }
         for _ in 0..MAX_REPAIRS {
-            let ops = diff(self.local(), &self.remote);
+            let t = Instant::now();
+            let ops = if self.full_diff {
+                diff(self.local(), &self.remote)
+            } else {
+                diff_paths(self.local(), &self.remote, &self.touched)
+            };
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                ops = ops.len(),
+                full = self.full_diff,
+                "diff"
+            );
+            self.full_diff = false;
+            self.touched.clear();
             if ops.is_empty() {
                 if self.remote_root == Some(self.local().tree.root()) {
                     return Ok(retry);
@@ -552,7 +574,8 @@ impl Engine {
                 next_racy = now + RACY_TICK;
                 if !self.local().racy.is_empty() {
                     let ch = self.with_local(|l| l.settle_racy()).await;
-                    need_round |= ch.changed > 0;
+                    need_round |= !ch.touched.is_empty();
+                    self.touched.extend(ch.touched);
                 }
             }
             // Save between bursts only; the write and its fsync go to a thread.
@@ -574,7 +597,9 @@ impl Engine {
                 if !waiters.is_empty() {
                     self.shared.set_phase("scanning");
                 }
+                let t = Instant::now();
                 let b = self.rescan(dirty).await;
+                tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "rescan");
                 if !b.is_empty() {
                     busy.extend(b);
                     busy_at = Some(Instant::now() + BUSY_RETRY);
@@ -590,7 +615,9 @@ impl Engine {
 
             // Sync.
             need_round = false;
+            let t = Instant::now();
             let res = self.converge().await;
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "converge");
             match res {
                 Ok(skipped) => {
                     backoff = Duration::from_millis(100);

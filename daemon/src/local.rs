@@ -34,8 +34,9 @@ pub enum Dirty {
 /// What a rescan changed, for the watcher.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Synced paths whose entry changed, appeared or disappeared.
-    pub changed: usize,
+    /// Synced paths whose entry changed, appeared or disappeared (the only
+    /// places where the local tree can now differ from the agent's).
+    pub touched: Vec<RelPath>,
     /// Directories that appeared (to watch).
     pub new_dirs: Vec<RelPath>,
     /// Directories that disappeared (to unwatch).
@@ -49,7 +50,7 @@ pub struct Changes {
 
 impl Changes {
     fn touched(&mut self, p: &RelPath) {
-        self.changed += 1;
+        self.touched.push(p.clone());
         if scan::is_ignore_file(p.name()) {
             self.rules_changed = true;
         }
@@ -215,7 +216,7 @@ impl Local {
                     if !matches!(self.tree.get(&f.path), Some(Node::Dir)) {
                         self.remove(&f.path, ch);
                         self.tree.insert(f.path.clone(), Node::Dir);
-                        ch.changed += 1;
+                        ch.touched(&f.path);
                         ch.new_dirs.push(f.path.clone());
                         if !recursive {
                             new_subdirs.push(f.path);
@@ -279,7 +280,7 @@ impl Local {
             }
             self.tree.insert(p.clone(), node);
             self.index.entries.remove(p);
-            ch.changed += 1;
+            ch.touched(p);
         }
     }
 
@@ -425,11 +426,11 @@ mod tests {
         }
         l.racy.clear();
         let ch = full(&mut l);
-        assert_eq!(ch.changed, 0);
+        assert!(ch.touched.is_empty());
         assert_eq!(l.files_hashed, 20, "unchanged files are not rehashed");
         fs::write(d.path().join("src/f3"), "changed!").unwrap();
         let ch = l.apply([Dirty::File(RelPath::new("src/f3").unwrap())].into());
-        assert_eq!(ch.changed, 1);
+        assert_eq!(ch.touched.len(), 1);
         assert_eq!(l.files_hashed, 21);
     }
 
