@@ -46,14 +46,18 @@ fn up_twice_and_commands_before_up() {
         pid,
         "the running daemon was disturbed"
     );
+    let agent = r.agent_pid().expect("the agent's pid file");
+    let daemon = pid.as_u64().unwrap();
     let out = r.ok(&["down"]);
     assert!(out.contains("bridge is down"), "{out}");
     assert!(!r.path(".bridge/daemon.sock").exists());
-    assert!(
-        r.agent_pid().is_none()
-            || !std::path::Path::new(&format!("/proc/{}", r.agent_pid().unwrap())).exists(),
-        "the agent still runs"
-    );
+    for p in [agent as u64, daemon] {
+        let gone = eventually(std::time::Duration::from_secs(5), || {
+            // Gone, or a zombie not yet reaped by its parent.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| s.contains(") Z "))
+        });
+        assert!(gone, "process {p} still runs after bridge down");
+    }
     let out = r.ok(&["down"]);
     assert!(out.contains("not running"), "{out}");
 }
