@@ -382,6 +382,11 @@ impl<'a> Round<'a> {
             let fsp = a.to_fs(&self.mirror.root);
             match Stat::lstat(&fsp) {
                 Ok(s) if s.kind == FileKind::Dir => {
+                    if !matches!(self.mirror.tree.get(&a), Some(Node::Dir)) {
+                        // A retained directory in use again.
+                        self.mirror.unretain_dir(&a);
+                        self.mirror.tree.insert(a.clone(), Node::Dir);
+                    }
                     self.dirs_ok.insert(a.clone());
                 }
                 Ok(s) if s.kind == FileKind::Symlink => {
@@ -465,6 +470,7 @@ impl<'a> Round<'a> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
         }
+        self.mirror.unretain_dir(p);
         self.mirror.tree.insert(p.clone(), Node::Dir);
         Ok(())
     }
@@ -512,13 +518,54 @@ impl<'a> Round<'a> {
         match Stat::lstat(&dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
-            Ok(s) if s.kind == FileKind::Dir => self.remove_tree(p, &dst)?,
+            Ok(s) if s.kind == FileKind::Dir => self.remove_synced(p)?,
             Ok(s) => {
                 if s.kind == FileKind::File {
                     self.retire(p, &dst);
                 }
                 self.files.clear();
                 fs::remove_file(&dst)?;
+            }
+        }
+        self.mirror.forget(p);
+        Ok(())
+    }
+
+    /// Removes the synced entries at and below directory `p`, deepest first,
+    /// and leaves paths the ignore rules protect (a checkpoint written on the
+    /// agent) where they are. A directory kept only for them is *retained*: out
+    /// of the mirror's synced view until the daemon creates it again.
+    fn remove_synced(&mut self, p: &RelPath) -> Result<(), OpError> {
+        let mut entries: Vec<(RelPath, Node)> = self
+            .mirror
+            .tree
+            .descendants(Some(p))
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect();
+        entries.insert(0, (p.clone(), Node::Dir));
+        self.files.clear();
+        self.dirs_ok.clear();
+        // Reverse path order puts every entry before its parent.
+        for (k, n) in entries.into_iter().rev() {
+            let fp = k.to_fs(&self.mirror.root);
+            let res = match n {
+                Node::File { .. } => {
+                    self.retire(&k, &fp);
+                    fs::remove_file(&fp)
+                }
+                Node::Symlink { .. } => fs::remove_file(&fp),
+                Node::Dir => match fs::remove_dir(&fp) {
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {
+                        self.mirror.retain_dir(k.clone());
+                        Ok(())
+                    }
+                    other => other,
+                },
+            };
+            match res {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
             }
         }
         self.mirror.forget(p);

@@ -5,6 +5,7 @@
 //! files whose `lstat` changed since the stat cache ([`Index`]) saw them. Paths
 //! the agent writes itself are recorded as written, without a rehash.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ pub struct Mirror {
     last_save: Instant,
     /// Files hashed by refreshes since start (observability, tests).
     pub files_hashed: u64,
+    /// Directories the daemon removed that still hold ignored paths: kept on
+    /// disk, left out of the synced view while nothing synced is inside.
+    retained: BTreeSet<RelPath>,
+    retained_path: PathBuf,
 }
 
 /// Mirror names are one path component of safe characters.
@@ -57,6 +62,12 @@ impl Mirror {
         let state = agent_root.join("state");
         fs::create_dir_all(&state)?;
         let index_path = state.join(format!("{name}.index"));
+        let retained_path = state.join(format!("{name}.retained"));
+        let retained = fs::read_to_string(&retained_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| RelPath::new(l).ok())
+            .collect();
         let mut m = Mirror {
             name: name.to_string(),
             root,
@@ -66,6 +77,8 @@ impl Mirror {
             index_dirty: false,
             last_save: Instant::now(),
             files_hashed: 0,
+            retained,
+            retained_path,
         };
         m.refresh(store)?;
         Ok(m)
@@ -140,6 +153,22 @@ impl Mirror {
         if !self.index.entries.is_empty() {
             self.index_dirty = true;
         }
+        // Retained directories stay out of the view while nothing synced is
+        // inside (deepest first, so nested retained directories go first).
+        let before = self.retained.len();
+        for d in self.retained.clone().iter().rev() {
+            match tree.get(d) {
+                Some(Node::Dir) if tree.descendants(Some(d)).next().is_none() => {
+                    tree.remove_subtree(d);
+                }
+                _ => {
+                    self.retained.remove(d);
+                }
+            }
+        }
+        if self.retained.len() != before {
+            self.save_retained();
+        }
         self.index = index;
         self.tree = tree;
         self.maybe_save(false);
@@ -158,6 +187,27 @@ impl Mirror {
         );
         self.index.entries.insert(path, cached);
         self.index_dirty = true;
+    }
+
+    /// Keeps directory `d` on disk but out of the synced view (see `retained`).
+    pub fn retain_dir(&mut self, d: RelPath) {
+        if self.retained.insert(d) {
+            self.save_retained();
+        }
+    }
+
+    /// `d` is synced again.
+    pub fn unretain_dir(&mut self, d: &RelPath) {
+        if self.retained.remove(d) {
+            self.save_retained();
+        }
+    }
+
+    fn save_retained(&self) {
+        let text: String = self.retained.iter().map(|p| format!("{p}\n")).collect();
+        if let Err(e) = bridge_proto::index::write_atomic(&self.retained_path, text.as_bytes()) {
+            tracing::warn!(error = %e, "cannot save retained directories");
+        }
     }
 
     /// Forgets `path` and everything below it.

@@ -110,3 +110,46 @@ fn remote_only_entries_are_deleted_except_ignored_ones() {
     r.sync_wait();
     assert_eq!(fs::read(m.join("a.py")).unwrap(), b"a\n");
 }
+
+#[test]
+fn removing_a_directory_keeps_ignored_outputs_inside_it() {
+    let r = Repo::new();
+    r.write(".gitignore", "*.ckpt\n");
+    r.write("exp/run1/train.py", "train\n");
+    r.write("exp/run1/sub/notes.md", "notes\n");
+    r.up();
+    let m = r.mirror();
+    // Checkpoints written on the agent's side, ignored by the rules.
+    fs::write(m.join("exp/run1/model.ckpt"), "weights").unwrap();
+    fs::write(m.join("exp/run1/sub/best.ckpt"), "best").unwrap();
+
+    r.remove("exp");
+    r.wait_mirror("the synced files removed", |m| {
+        !m.join("exp/run1/train.py").exists()
+    });
+    r.sync_wait();
+    assert!(!m.join("exp/run1/sub/notes.md").exists());
+    assert_eq!(
+        fs::read(m.join("exp/run1/model.ckpt")).unwrap(),
+        b"weights",
+        "an ignored output was deleted"
+    );
+    assert_eq!(fs::read(m.join("exp/run1/sub/best.ckpt")).unwrap(), b"best");
+    let st = r.status();
+    assert_eq!(st["in_sync"], true, "{st}");
+    assert_eq!(st["local_root"], st["remote_root"]);
+
+    // The directory comes back locally: synced again, the outputs still there.
+    r.write("exp/run1/train.py", "train v2\n");
+    r.wait_mirror("the recreated directory", |m| {
+        m.join("exp/run1/train.py").exists()
+    });
+    r.sync_wait();
+    assert!(m.join("exp/run1/model.ckpt").exists());
+    // Everything synced matches; the only extra is `sub/`, kept on the agent
+    // for its ignored checkpoint alone (no synced entry inside).
+    let mut mirror = r.mirror_tree();
+    assert_eq!(mirror.remove("exp/run1/sub"), Some(Entry::Dir));
+    assert_trees_eq(&r.local_tree(), &mirror);
+    assert_eq!(fs::read_dir(m.join("exp/run1/sub")).unwrap().count(), 1);
+}
