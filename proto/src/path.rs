@@ -84,11 +84,6 @@ impl RelPath {
         self.0.rsplit('/').next().unwrap_or(&self.0)
     }
 
-    /// `self/name`; `name` must be one valid component.
-    pub fn join(&self, name: &str) -> Result<RelPath, PathError> {
-        RelPath::new(format!("{}/{}", self.0, name))
-    }
-
     /// Number of components.
     pub fn depth(&self) -> usize {
         self.0.split('/').count()
