@@ -2,7 +2,11 @@
 //! system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["bridge/v1/agent.proto", "bridge/v1/control.proto"];
+    let files = [
+        "bridge/v1/agent.proto",
+        "bridge/v1/control.proto",
+        "bridge/v1/jobs.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
