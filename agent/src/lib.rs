@@ -7,15 +7,28 @@
 //! - [`mirror`]: a mirror directory and the agent's own, disk-derived view of it.
 //! - [`store`]: where already-present chunks live (mirror files and retired
 //!   versions), bounded.
+//! - [`jobs`]: jobs — submission against a generation, snapshots, the GPU-aware
+//!   queue, supervision, outputs — and the `bridge.v1.Jobs` service.
+//! - [`shim`]: `bridge-agent shim JOB_DIR`, the per-job supervisor process that
+//!   runs the steps, writes the log and records the exit, independent of the agent.
+//! - [`joblog`]: the job log's record format, its writer and its readers.
+//! - [`envcache`]: cached Python environments and setup commands.
+//! - [`gpu`]: GPU discovery (`nvidia-smi`) behind the `GpuInventory` trait.
 //!
 //! Directory layout under `--root`:
 //! `mirrors/<name>/` (the mirrors), `state/` (their stat caches),
 //! `store/retired/` (old versions kept for dedup), `tmp/` (files being written;
-//! emptied at start), `agent.lock` (one agent per root).
+//! emptied at start), `jobs/<id>/` (one per job), `cache/` (Python
+//! environments and setup markers), `agent.lock` (one agent per root).
 
 pub mod apply;
+pub mod envcache;
+pub mod gpu;
+pub mod joblog;
+pub mod jobs;
 pub mod mirror;
 pub mod service;
+pub mod shim;
 pub mod store;
 
 use std::fs;
@@ -25,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bridge_proto::v1::agent_server::AgentServer;
+use bridge_proto::v1::jobs_server::JobsServer;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -58,6 +72,8 @@ pub enum Error {
     Root { path: PathBuf, source: io::Error },
     #[error("another bridge-agent is already serving {0}")]
     Locked(PathBuf),
+    #[error("cannot open the job store under {path}: {source}")]
+    Jobs { path: PathBuf, source: io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -88,9 +104,23 @@ pub async fn run(
         store,
         mirrors: Default::default(),
     }));
+    let jobs = Arc::new(
+        jobs::Jobs::open(&config.root, Box::new(gpu::NvidiaSmi::default())).map_err(|source| {
+            Error::Jobs {
+                path: config.root.clone(),
+                source,
+            }
+        })?,
+    );
+    let stop_poller = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = jobs::spawn_poller(jobs.clone(), state.clone(), stop_poller.clone());
     let svc = AgentService {
         root: config.root.clone(),
         tmp,
+        state: state.clone(),
+    };
+    let jobs_svc = jobs::service::JobsService {
+        jobs: jobs.clone(),
         state: state.clone(),
     };
     let expected = format!("Bearer {}", config.token);
@@ -112,11 +142,18 @@ pub async fn run(
         AgentServer::new(svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth.clone(),
+    );
+    let jobs_server = tonic::service::interceptor::InterceptedService::new(
+        JobsServer::new(jobs_svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         auth,
     );
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(server);
+        .add_service(server)
+        .add_service(jobs_server);
     tracing::info!(root = %config.root.display(), "agent serving");
     match listener {
         Listener::Unix(l) => {
@@ -135,6 +172,9 @@ pub async fn run(
             m.maybe_save(true);
         }
     }
+    // Jobs keep running under their shims; a restarted agent picks them up.
+    stop_poller.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -1,4 +1,6 @@
 //! `bridge-agent serve --root DIR --listen unix:PATH|tcp:HOST:PORT --token-file FILE`
+//! `bridge-agent shim JOB_DIR` (run by the agent, one per job)
+//! `bridge-agent gpus` (what GPU discovery finds, for manual checks)
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -35,10 +37,17 @@ enum Cmd {
         #[arg(long, default_value_t = DEFAULT_CACHE_BYTES / (1024 * 1024))]
         cache_mib: u64,
     },
+    /// Supervise one job (spawned by the agent).
+    #[command(hide = true)]
+    Shim {
+        /// The job's directory, holding spec.json.
+        job_dir: PathBuf,
+    },
+    /// List the GPUs this machine reports.
+    Gpus,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BRIDGE_LOG")
@@ -46,12 +55,35 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cmd::Serve {
-        root,
-        listen,
-        token_file,
-        cache_mib,
-    } = Cli::parse().cmd;
+    match Cli::parse().cmd {
+        Cmd::Serve {
+            root,
+            listen,
+            token_file,
+            cache_mib,
+        } => tokio::runtime::Runtime::new()?.block_on(serve(root, listen, token_file, cache_mib)),
+        // Before any runtime: the shim wants to be the only thread when it
+        // sets up its signal mask.
+        Cmd::Shim { job_dir } => std::process::exit(bridge_agent::shim::run(&job_dir)),
+        Cmd::Gpus => {
+            use bridge_agent::gpu::{GpuError, GpuInventory, NvidiaSmi};
+            match NvidiaSmi::default().discover() {
+                Err(GpuError::NotFound) => println!("no GPUs (nvidia-smi is not on PATH)"),
+                Ok(gpus) if gpus.is_empty() => println!("no GPUs"),
+                Ok(gpus) => gpus.iter().for_each(|g| println!("{g}")),
+                Err(e) => bail!(e),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(
+    root: PathBuf,
+    listen: String,
+    token_file: PathBuf,
+    cache_mib: u64,
+) -> anyhow::Result<()> {
     let token = read_token(&token_file)?;
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let listener = bind(&listen).await?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bridge_proto::index::{Cached, HashOutcome, Index, Saver, hash_file};
 use bridge_proto::path::RelPath;
-use bridge_proto::scan::{self, FileKind, Side};
+use bridge_proto::scan::{self, FileKind, Side, Stat};
 use bridge_proto::tree::{Node, Tree};
 
 use crate::store::Store;
@@ -187,6 +187,31 @@ impl Mirror {
         );
         self.index.entries.insert(path, cached);
         self.index_dirty = true;
+    }
+
+    /// A job snapshot hard-linked `path`, which moved its ctime: keeps the
+    /// stat cache valid when the content is what the cache says (`st` is the
+    /// file's stat after the link). Returns the updated entry.
+    pub fn relinked(&mut self, path: &RelPath, st: &Stat) -> Option<Cached> {
+        let c = self.index.entries.get_mut(path)?;
+        if c.ino != st.ino || c.size != st.size || c.mtime_ns != st.mtime_ns {
+            return None;
+        }
+        if c.ctime_ns != st.ctime_ns {
+            c.ctime_ns = st.ctime_ns;
+            self.index_dirty = true;
+        }
+        Some(c.clone())
+    }
+
+    /// Stops trusting the stat cache for `paths` (a job wrote into a file it
+    /// shared with the mirror): the next refresh rehashes them.
+    pub fn distrust(&mut self, paths: &[RelPath]) {
+        for p in paths {
+            if self.index.entries.remove(p).is_some() {
+                self.index_dirty = true;
+            }
+        }
     }
 
     /// Keeps directory `d` on disk but out of the synced view (see `retained`).

@@ -1,7 +1,13 @@
 //! One module per command.
 
+pub mod cancel;
 pub mod daemon;
 pub mod down;
+pub mod exec;
+pub mod logs;
+pub mod ps;
+pub mod pull;
+pub mod run;
 pub mod status;
 pub mod sync;
 pub mod up;

@@ -5,6 +5,8 @@
 
 mod client;
 mod cmd;
+mod jobs;
+mod spec;
 
 use std::path::PathBuf;
 
@@ -36,6 +38,18 @@ enum Cmd {
     Down(cmd::down::Args),
     /// Run the daemon in the foreground (`bridge up` starts it in the background).
     Daemon(cmd::daemon::Args),
+    /// Run a job file (train.toml) on the agent, streaming its logs; exits with its exit code.
+    Run(cmd::run::Args),
+    /// Run a command on the agent as an ad-hoc job: `bridge exec [--gpus N] -- CMD...`.
+    Exec(cmd::exec::Args),
+    /// Show a job's log (`-f` follows it, `--tail N` starts at the last N lines).
+    Logs(cmd::logs::Args),
+    /// List jobs: id, name, state, GPUs, start, duration, exit code.
+    Ps(cmd::ps::Args),
+    /// Stop a job: SIGTERM to its process group, SIGKILL after a grace period.
+    Cancel(cmd::cancel::Args),
+    /// Fetch a job's outputs into the local tree again.
+    Pull(cmd::pull::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,15 +72,21 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let res = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Up(a) => cmd::up::run(&cwd, a).await,
-            Cmd::Status(a) => cmd::status::run(&cwd, a).await,
-            Cmd::Sync(a) => cmd::sync::run(&cwd, a).await,
-            Cmd::Down(a) => cmd::down::run(&cwd, a).await,
-            Cmd::Daemon(a) => cmd::daemon::run(&cwd, a).await,
+            Cmd::Up(a) => cmd::up::run(&cwd, a).await.map(|()| 0),
+            Cmd::Status(a) => cmd::status::run(&cwd, a).await.map(|()| 0),
+            Cmd::Sync(a) => cmd::sync::run(&cwd, a).await.map(|()| 0),
+            Cmd::Down(a) => cmd::down::run(&cwd, a).await.map(|()| 0),
+            Cmd::Daemon(a) => cmd::daemon::run(&cwd, a).await.map(|()| 0),
+            Cmd::Run(a) => cmd::run::run(&cwd, a).await,
+            Cmd::Exec(a) => cmd::exec::run(&cwd, a).await,
+            Cmd::Logs(a) => cmd::logs::run(&cwd, a).await,
+            Cmd::Ps(a) => cmd::ps::run(&cwd, a).await,
+            Cmd::Cancel(a) => cmd::cancel::run(&cwd, a).await,
+            Cmd::Pull(a) => cmd::pull::run(&cwd, a).await,
         }
     });
     match res {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("bridge: {e:#}");
             std::process::ExitCode::FAILURE

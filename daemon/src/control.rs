@@ -16,13 +16,20 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Command, Shared};
+use crate::jobs::Relay;
+use crate::status::GpuStatus;
 
 pub struct ControlService {
     pub shared: Arc<Shared>,
     pub cmds: mpsc::Sender<Command>,
     /// Fired by `Shutdown`; the bool says whether to stop the agent too.
     pub stop: watch::Sender<Option<bool>>,
+    /// Job calls go to the agent through it.
+    pub relay: Arc<Relay>,
 }
+
+/// How long `status` waits for the agent's GPU list.
+const GPU_STATUS_WAIT: Duration = Duration::from_millis(1500);
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::SyncProgress, Status>> + Send>>;
 
@@ -32,12 +39,29 @@ impl Control for ControlService {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
-        let st = self
+        let mut st = self
             .shared
             .status
             .lock()
             .map_err(|_| Status::internal("status poisoned"))?
             .clone();
+        if self.shared.agent.borrow().is_some()
+            && let Ok(Ok(g)) = tokio::time::timeout(GPU_STATUS_WAIT, self.relay.gpus()).await
+        {
+            st.gpu_note = g.note;
+            st.gpus = g
+                .gpus
+                .into_iter()
+                .map(|g| GpuStatus {
+                    index: g.index,
+                    name: g.name,
+                    memory_total_mib: g.memory_total_mib,
+                    memory_used_mib: g.memory_used_mib,
+                    utilization_pct: g.utilization_pct,
+                    job: (!g.job.is_empty()).then_some(g.job),
+                })
+                .collect();
+        }
         let json = serde_json::to_string(&st).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::StatusReply { json }))
     }
@@ -115,6 +139,66 @@ impl Control for ControlService {
     ) -> Result<Response<v1::ShutdownReply>, Status> {
         let _ = self.stop.send(Some(true));
         Ok(Response::new(v1::ShutdownReply {}))
+    }
+
+    async fn submit(
+        &self,
+        req: Request<v1::ControlSubmitRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
+        self.relay.submit(spec).await.map(Response::new)
+    }
+
+    async fn list(&self, req: Request<v1::ListRequest>) -> Result<Response<v1::JobList>, Status> {
+        let jobs = self.relay.list(req.into_inner().all).await?;
+        Ok(Response::new(v1::JobList { jobs }))
+    }
+
+    type LogsStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>>;
+
+    async fn logs(
+        &self,
+        req: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        // NOT_FOUND for an unknown job before the stream starts.
+        self.relay.get(&req.id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let relay = self.relay.clone();
+        tokio::spawn(async move { relay.logs(req, tx).await });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel(&self, req: Request<v1::JobRef>) -> Result<Response<v1::JobInfo>, Status> {
+        self.relay
+            .cancel(&req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn wait(&self, req: Request<v1::JobRef>) -> Result<Response<v1::JobInfo>, Status> {
+        self.relay
+            .wait(&req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn pull(&self, req: Request<v1::JobRef>) -> Result<Response<v1::PullReply>, Status> {
+        let (got, dest) = self.relay.pull(&req.into_inner().id).await?;
+        Ok(Response::new(v1::PullReply {
+            files: got.files,
+            bytes_received: got.bytes,
+            destinations: vec![if dest.is_empty() { ".".into() } else { dest }],
+        }))
+    }
+
+    async fn gpus(&self, _: Request<v1::GpusRequest>) -> Result<Response<v1::GpuList>, Status> {
+        self.relay.gpus().await.map(Response::new)
     }
 }
 

@@ -22,6 +22,7 @@ use bridge_proto::path::RelPath;
 use bridge_proto::tree::{Node, Tree, hex};
 use bridge_proto::v1;
 use bridge_proto::v1::agent_client::AgentClient;
+use bridge_proto::v1::jobs_client::JobsClient;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status as GrpcStatus;
@@ -100,6 +101,43 @@ pub enum Command {
         verify: bool,
         reply: oneshot::Sender<Result<Synced, String>>,
     },
+    /// The job barrier: stop syncing `outputs` (repository-relative), rescan
+    /// and sync everything, verify, then submit `spec` against the verified
+    /// root before any other round can run.
+    Submit {
+        spec: Box<v1::JobSpec>,
+        outputs: Vec<RelPath>,
+        reply: oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
+    },
+}
+
+/// Someone waiting for the next complete sync.
+enum Waiter {
+    Sync(bool, oneshot::Sender<Result<Synced, String>>),
+    Submit(
+        Box<v1::JobSpec>,
+        oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
+    ),
+}
+
+impl Waiter {
+    fn verify(&self) -> bool {
+        match self {
+            Waiter::Sync(v, _) => *v,
+            Waiter::Submit(..) => true,
+        }
+    }
+
+    fn fail(self, msg: String) {
+        match self {
+            Waiter::Sync(_, w) => {
+                let _ = w.send(Err(msg));
+            }
+            Waiter::Submit(_, w) => {
+                let _ = w.send(Err(GrpcStatus::unavailable(msg)));
+            }
+        }
+    }
 }
 
 /// Proof of an exact mirror.
@@ -124,6 +162,24 @@ pub struct Progress {
 pub struct Shared {
     pub status: Mutex<Status>,
     pub progress: watch::Sender<Progress>,
+    /// The current connection to the agent (replaced on every reconnect), for
+    /// the job relays.
+    pub agent: watch::Sender<Option<AgentLink>>,
+}
+
+/// A connected channel to the agent and the token interceptor it needs.
+#[derive(Clone)]
+pub struct AgentLink {
+    pub channel: Channel,
+    pub auth: Auth,
+}
+
+impl AgentLink {
+    pub fn jobs(&self) -> JobsClient<InterceptedService<Channel, Auth>> {
+        JobsClient::with_interceptor(self.channel.clone(), self.auth.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
 }
 
 impl Shared {
@@ -138,6 +194,8 @@ impl Shared {
 /// What the engine needs to know about the repository.
 pub struct RepoInfo {
     pub root: PathBuf,
+    /// `.bridge/outputs`: output paths of submitted jobs, never synced up.
+    pub outputs_file: PathBuf,
     pub mirror: String,
     pub token: String,
     pub exclude_lines: Vec<String>,
@@ -194,7 +252,12 @@ impl Engine {
     ) -> Engine {
         let (tx, watch_rx) = mpsc::unbounded_channel();
         let watcher = Watcher::new(&repo.root, tx);
-        let local = Local::new(repo.root.clone(), index_path);
+        let mut local = Local::new(repo.root.clone(), index_path);
+        local.outputs = std::fs::read_to_string(&repo.outputs_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| RelPath::new(l).ok())
+            .collect();
         Engine {
             repo,
             provider,
@@ -321,7 +384,12 @@ impl Engine {
         let channel = self.provider.connect().await?;
         let token = MetadataValue::try_from(format!("Bearer {}", self.repo.token))
             .map_err(|_| SyncError::Protocol("the token is not valid ASCII".into()))?;
-        let mut client = AgentClient::with_interceptor(channel, Auth(token))
+        let auth = Auth(token);
+        let link = AgentLink {
+            channel: channel.clone(),
+            auth: auth.clone(),
+        };
+        let mut client = AgentClient::with_interceptor(channel, auth)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let hello = client
@@ -348,6 +416,7 @@ impl Engine {
             st.last_error = None;
         });
         self.conn = Some(Conn { client });
+        self.shared.agent.send_replace(Some(link));
         self.fetch_manifest().await
     }
 
@@ -469,7 +538,7 @@ impl Engine {
         let mut pending: BTreeSet<Dirty> = BTreeSet::new();
         let mut first_event: Option<Instant> = None;
         let mut last_event = Instant::now();
-        let mut waiters: Vec<(bool, oneshot::Sender<Result<Synced, String>>)> = Vec::new();
+        let mut waiters: Vec<Waiter> = Vec::new();
         let mut need_round = true;
         let mut backoff = Duration::from_millis(100);
         let mut next_retry_connect = Instant::now();
@@ -505,8 +574,8 @@ impl Engine {
                             self.shared.progress.send_modify(|p| p.error = msg.clone());
                         }
                         if !retry {
-                            for (_, w) in waiters.drain(..) {
-                                let _ = w.send(Err(msg.clone()));
+                            for w in waiters.drain(..) {
+                                w.fail(msg.clone());
                             }
                         }
                         next_retry_connect = Instant::now() + backoff;
@@ -547,10 +616,15 @@ impl Engine {
                     continue;
                 }
                 Some(c) = cmds.recv() => {
-                    let Command::Sync { verify, reply } = c;
+                    match c {
+                        Command::Sync { verify, reply } => waiters.push(Waiter::Sync(verify, reply)),
+                        Command::Submit { spec, outputs, reply } => {
+                            self.set_outputs(outputs).await;
+                            waiters.push(Waiter::Submit(spec, reply));
+                        }
+                    }
                     pending.insert(Dirty::Tree(None));
                     first_event.get_or_insert(Instant::now());
-                    waiters.push((verify, reply));
                     last_event = Instant::now() - watcher::DEBOUNCE_WINDOW;
                     continue;
                 }
@@ -650,8 +724,8 @@ impl Engine {
                     }
                     self.conn = None;
                     if !e.retryable() {
-                        for (_, w) in waiters.drain(..) {
-                            let _ = w.send(Err(msg.clone()));
+                        for w in waiters.drain(..) {
+                            w.fail(msg.clone());
                         }
                     }
                     next_retry_connect = Instant::now() + backoff;
@@ -663,8 +737,8 @@ impl Engine {
         if let Some(l) = self.local.as_mut() {
             l.save_index(false);
         }
-        for (_, w) in waiters.drain(..) {
-            let _ = w.send(Err("the daemon is shutting down".into()));
+        for w in waiters.drain(..) {
+            w.fail("the daemon is shutting down".into());
         }
     }
 
@@ -688,11 +762,8 @@ impl Engine {
 
     /// Answers `sync` waiters. A retryable failure (the connection dropped)
     /// keeps them waiting for the reconnect; anything else answers them.
-    async fn answer_waiters(
-        &mut self,
-        waiters: &mut Vec<(bool, oneshot::Sender<Result<Synced, String>>)>,
-    ) {
-        let result = if waiters.iter().any(|(v, _)| *v) {
+    async fn answer_waiters(&mut self, waiters: &mut Vec<Waiter>) {
+        let result = if waiters.iter().any(|w| w.verify()) {
             self.verified().await
         } else {
             Ok(())
@@ -709,8 +780,76 @@ impl Engine {
             generation: self.generation,
             root: hex(&self.local().tree.root()),
         };
-        for (_, w) in waiters.drain(..) {
-            let _ = w.send(result.clone().map(|_| synced.clone()));
+        for w in waiters.drain(..) {
+            match w {
+                Waiter::Sync(_, w) => {
+                    let _ = w.send(result.clone().map(|_| synced.clone()));
+                }
+                Waiter::Submit(spec, w) => {
+                    let out = match &result {
+                        Err(e) => Err(GrpcStatus::unavailable(e.clone())),
+                        // Still inside the engine loop: no round can run
+                        // between the verification and the snapshot.
+                        Ok(()) => self.submit(*spec, &synced.root).await,
+                    };
+                    let _ = w.send(out);
+                }
+            }
+        }
+    }
+
+    async fn submit(
+        &mut self,
+        spec: v1::JobSpec,
+        generation: &str,
+    ) -> Result<v1::JobInfo, GrpcStatus> {
+        let link = self
+            .shared
+            .agent
+            .borrow()
+            .clone()
+            .ok_or_else(|| GrpcStatus::unavailable("not connected to the agent"))?;
+        let r = link
+            .jobs()
+            .submit(v1::SubmitRequest {
+                mirror: self.repo.mirror.clone(),
+                generation: generation.to_string(),
+                spec: Some(spec),
+            })
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(j) = &r {
+            tracing::info!(job = %j.id, generation, "job submitted");
+            self.update_status(|st| st.jobs_submitted += 1);
+        }
+        r
+    }
+
+    /// Output paths are never synced up (they come back from jobs): adds
+    /// `outputs` to the set, persisted in `.bridge/outputs`; a change rescans
+    /// everything so paths already synced under them are removed from the
+    /// mirror.
+    async fn set_outputs(&mut self, outputs: Vec<RelPath>) {
+        let changed = self
+            .with_local(move |l| {
+                let before = l.outputs.len();
+                for o in outputs {
+                    if !l.outputs.contains(&o) {
+                        l.outputs.push(o);
+                    }
+                }
+                l.outputs.sort();
+                (l.outputs.len() != before).then(|| l.outputs.clone())
+            })
+            .await;
+        if let Some(all) = changed {
+            let text: String = all.iter().map(|p| format!("{p}\n")).collect();
+            if let Err(e) =
+                bridge_proto::index::write_atomic(&self.repo.outputs_file, text.as_bytes())
+            {
+                tracing::warn!(error = %e, "cannot save the output paths");
+            }
+            self.full_diff = true;
         }
     }
 }

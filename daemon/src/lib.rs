@@ -11,6 +11,8 @@
 //!   reconnects.
 //! - [`provider`]: the [`provider::Provider`] trait and its implementations
 //!   (local process).
+//! - [`jobs`]: the job relay — submit, logs, cancel, GPUs — and the output
+//!   puller that brings job outputs back into the local tree.
 //! - [`control`]: the control server the CLI talks to.
 //! - [`status`]: the `bridge status --json` schema.
 //!
@@ -19,6 +21,7 @@
 
 pub mod control;
 pub mod engine;
+pub mod jobs;
 pub mod local;
 pub mod provider;
 pub mod repo;
@@ -87,9 +90,11 @@ pub async fn run(
     let shared = Arc::new(Shared {
         status: Mutex::new(status),
         progress: watch::channel(Progress::default()).0,
+        agent: watch::channel(None).0,
     });
     let info = RepoInfo {
         root: config.repo.clone(),
+        outputs_file: layout.outputs.clone(),
         mirror: repo::mirror_name(&config.repo),
         token,
         exclude_lines: repo::exclude_lines(&config.repo),
@@ -99,10 +104,18 @@ pub async fn run(
     let (stop_tx, mut stop_rx) = watch::channel::<Option<bool>>(None);
     let (engine_stop_tx, engine_stop_rx) = watch::channel(false);
 
+    let relay = Arc::new(jobs::Relay::new(
+        shared.clone(),
+        config.repo.clone(),
+        repo::mirror_name(&config.repo),
+        cmd_tx.clone(),
+    ));
+    let pulls = tokio::spawn(relay.clone().pull_outputs(stop_tx.subscribe()));
     let svc = control::ControlService {
         shared: shared.clone(),
         cmds: cmd_tx,
         stop: stop_tx.clone(),
+        relay: relay.clone(),
     };
     let mut server_stop = stop_tx.subscribe();
     let server = tokio::spawn(
@@ -119,8 +132,12 @@ pub async fn run(
         _ = stop_rx.wait_for(|s| s.is_some()) => {}
     }
     let stop_agent = stop_rx.borrow().unwrap_or(false);
+    if stop_agent {
+        relay.cancel_all().await;
+    }
     let _ = engine_stop_tx.send(true);
     let _ = engine.await;
+    pulls.abort();
     if stop_agent && let Err(e) = provider.teardown().await {
         tracing::warn!(error = %e, "cannot stop the agent");
     }

@@ -69,6 +69,8 @@ pub struct Local {
     pub racy: BTreeSet<RelPath>,
     /// Files read and hashed since start.
     pub files_hashed: u64,
+    /// Job output paths: left out of the tree (they flow agent → local).
+    pub outputs: Vec<RelPath>,
     index_dirty: bool,
 }
 
@@ -82,6 +84,7 @@ impl Local {
             skipped: BTreeMap::new(),
             racy: BTreeSet::new(),
             files_hashed: 0,
+            outputs: Vec::new(),
             index_dirty: false,
         }
     }
@@ -171,12 +174,15 @@ impl Local {
                 return self.rescan(d.parent().as_ref(), false, ch);
             }
         }
-        let (found, bad) = scan::walk(
+        let (mut found, bad) = scan::walk(
             &self.root,
             dir,
             if recursive { None } else { Some(1) },
             Side::Daemon,
         );
+        if !self.outputs.is_empty() {
+            found.retain(|f| !self.outputs.iter().any(|o| f.path.starts_with(o)));
+        }
         let prefix = dir.map(|d| format!("{d}/"));
         self.skipped.retain(|k, _| match &prefix {
             None => !recursive && k.contains('/'),

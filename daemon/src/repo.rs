@@ -16,6 +16,9 @@ pub struct Layout {
     pub index: PathBuf,
     pub daemon_log: PathBuf,
     pub daemon_pid: PathBuf,
+    /// Output paths of submitted jobs (repository-relative, one per line):
+    /// never synced up, they come back from the agent.
+    pub outputs: PathBuf,
 }
 
 impl Layout {
@@ -28,6 +31,7 @@ impl Layout {
             index: state.join("index"),
             daemon_log: state.join("daemon.log"),
             daemon_pid: state.join("daemon.pid"),
+            outputs: state.join("outputs"),
             state,
         }
     }

@@ -56,6 +56,23 @@ pub struct Status {
     /// Chunk bodies sent since start.
     pub chunks_sent: u64,
     pub daemon_pid: u32,
+    /// Jobs this daemon has submitted since it started.
+    pub jobs_submitted: u64,
+    /// The agent's GPUs (filled in when status is asked for).
+    pub gpus: Vec<GpuStatus>,
+    /// Why the agent found no GPUs, when discovery failed.
+    pub gpu_note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub index: u32,
+    pub name: String,
+    pub memory_total_mib: u64,
+    pub memory_used_mib: u64,
+    pub utilization_pct: u32,
+    /// The job holding it, if any.
+    pub job: Option<String>,
 }
 
 impl Status {
@@ -84,6 +101,9 @@ impl Status {
             bytes_sent: 0,
             chunks_sent: 0,
             daemon_pid: std::process::id(),
+            jobs_submitted: 0,
+            gpus: Vec::new(),
+            gpu_note: String::new(),
         }
     }
 }

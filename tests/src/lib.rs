@@ -41,6 +41,31 @@ pub fn agent_bin() -> PathBuf {
     bin_dir().join("bridge-agent")
 }
 
+/// `tests/fixtures/`: the fake `nvidia-smi` lives there.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// `PATH` with the fake `nvidia-smi` first (it reports `BRIDGE_FAKE_GPUS` GPUs).
+pub fn path_with_fake_gpus() -> String {
+    format!(
+        "{}:{}",
+        fixtures_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// The wheels `tests/wheels` downloaded (Python environments are built from
+/// them with no network), or `None` when the script has not run.
+pub fn wheelhouse() -> Option<PathBuf> {
+    let dir = std::env::var_os("BRIDGE_WHEELHOUSE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bridge/wheels"))
+        })?;
+    dir.is_dir().then_some(dir)
+}
+
 /// What one entry of a tree is, for comparisons.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -132,6 +157,42 @@ impl Repo {
             .envs(env.iter().copied())
             .output()
             .expect("run bridge")
+    }
+
+    /// Starts `bridge ARGS` in the background, stdout and stderr to files
+    /// (`out` and `out.err` under the repository's temporary directory).
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)], out: &str) -> std::process::Child {
+        let o = self.scratch(out);
+        Command::new(bridge_bin())
+            .arg("-C")
+            .arg(&self.root)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(fs::File::create(&o).unwrap())
+            .stderr(fs::File::create(o.with_extension("err")).unwrap())
+            .spawn()
+            .expect("run bridge")
+    }
+
+    /// A path in the test's temporary directory, outside the repository (so
+    /// jobs can reach it by absolute path and it is never synced).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.root.parent().expect("tempdir").join(name)
+    }
+
+    /// Runs `bridge ARGS` with `env`, asserts success; returns stdout.
+    pub fn ok_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.bridge_env(args, env);
+        assert!(
+            out.status.success(),
+            "bridge {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `bridge ARGS` and asserts success; returns stdout.

@@ -10,6 +10,9 @@ mod editors;
 /// Ignore rules (nested .gitignore, negations, .bridgeignore, info/exclude)
 /// and what is left alone on the agent.
 mod ignore;
+/// Jobs: exit codes, logs across restarts, snapshots, setup cache, GPUs,
+/// cancel, outputs, the quickstart example, bad input.
+mod jobs;
 /// Large files: bytes on the wire for a small change.
 mod large;
 /// Daemon restart without rehashing; agent killed mid-sync.

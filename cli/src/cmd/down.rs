@@ -31,10 +31,11 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits (up to 10 s) until the daemon is gone: it removes its socket last,
+/// Waits (up to 30 s: running jobs get their grace period) until the daemon
+/// is gone: it removes its socket last,
 /// after stopping the agent and saving its index.
 pub async fn wait_gone(layout: &bridge_daemon::repo::Layout) {
-    for _ in 0..400 {
+    for _ in 0..1200 {
         if !layout.control.exists() {
             return;
         }

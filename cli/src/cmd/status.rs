@@ -78,6 +78,29 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         st.chunks_sent,
         st.files_hashed
     );
+    if st.gpus.is_empty() {
+        let why = if st.gpu_note.is_empty() {
+            "none"
+        } else {
+            &st.gpu_note
+        };
+        println!("gpus         {why}");
+    } else {
+        println!("gpus         {}", st.gpus.len());
+        for g in &st.gpus {
+            println!(
+                "  [{}] {}  {}/{} MiB  {}%  {}",
+                g.index,
+                g.name,
+                g.memory_used_mib,
+                g.memory_total_mib,
+                g.utilization_pct,
+                g.job
+                    .as_deref()
+                    .map_or("free".to_string(), |j| format!("job {j}"))
+            );
+        }
+    }
     if !st.skipped.is_empty() {
         println!("skipped      {} path(s) not synced:", st.skipped.len());
         for s in &st.skipped {

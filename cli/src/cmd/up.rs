@@ -19,9 +19,23 @@ pub struct Args {
     /// Where the agent runs. Only `local` (an agent process on this machine) is built so far.
     #[arg(long, default_value = "local", value_parser = ["local"])]
     provider: String,
+    /// Report on stderr (when a job command starts bridge: its stdout is the
+    /// job's).
+    #[arg(skip)]
+    quiet: bool,
 }
 
-pub async fn run(cwd: &Path, _args: Args) -> anyhow::Result<()> {
+impl Args {
+    /// `bridge up` with the defaults (the local provider), for job commands.
+    pub fn local() -> Args {
+        Args {
+            provider: "local".into(),
+            quiet: true,
+        }
+    }
+}
+
+pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let layout = client::repo(cwd)?;
     if let Some(mut c) = client::daemon(&layout).await {
         let pid = c
@@ -93,17 +107,20 @@ pub async fn run(cwd: &Path, _args: Args) -> anyhow::Result<()> {
                 .into_inner()
                 .json;
             let st: serde_json::Value = serde_json::from_str(&json)?;
-            println!(
-                "bridge is up: {} files ({}) mirrored to {} on the {} agent",
+            let report = format!(
+                "bridge is up: {} files ({}) mirrored to {} on the {} agent\nin sync: generation {}, root {}",
                 st["files"],
                 human_bytes(st["bytes"].as_u64().unwrap_or(0)),
                 st["mirror_path"].as_str().unwrap_or("?"),
                 st["provider"].as_str().unwrap_or("?"),
+                done.generation,
+                done.root
             );
-            println!(
-                "in sync: generation {}, root {}",
-                done.generation, done.root
-            );
+            if args.quiet {
+                eprintln!("{report}");
+            } else {
+                println!("{report}");
+            }
             if let Some(why) = st["watcher"].get("polling").and_then(|w| w.as_str()) {
                 eprintln!("bridge: warning: {why}");
             }

@@ -1,0 +1,812 @@
+//! Jobs on the agent: submission against a generation, the GPU-aware FIFO
+//! queue, supervision through shims, cancellation and recovery after a
+//! restart.
+//!
+//! Every job lives in `jobs/<id>/`: `record.pb` (the [`store`]), `tree/` (its
+//! [`snapshot`] of the mirror), and the files its shim (`bridge-agent shim`)
+//! keeps: `spec.json` (what to run), `log`, `state.json`, `exit.json`. The
+//! shim, not the agent, is the job's parent, so a job keeps running, logging
+//! and recording its exit while the agent restarts; the agent only watches
+//! those files ([`Jobs::poll`], every [`POLL`]).
+//!
+//! # Layout
+//! - [`store`]: persistent job records.
+//! - [`snapshot`]: a job's hard-linked copy of a generation.
+//! - [`outputs`]: output manifests and chunk reads for the daemon's pulls.
+//! - [`service`]: the `bridge.v1.Jobs` gRPC service.
+
+pub mod outputs;
+pub mod service;
+pub mod snapshot;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bridge_proto::path::RelPath;
+use bridge_proto::v1::{self, JobInfo, JobRecord, JobState};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tonic::Status;
+
+use crate::gpu::{GpuInfo, GpuInventory};
+use crate::joblog::LogWriter;
+use crate::service::State;
+use crate::shim::{Phase, PythonKind, PythonSpec, SetupSpec, ShimExit, ShimSpec, ShimState};
+
+/// How often the agent looks at its running jobs' files.
+pub const POLL: Duration = Duration::from_millis(20);
+/// SIGTERM → SIGKILL grace on cancel (and for leftovers when a job ends).
+pub const GRACE: Duration = Duration::from_secs(10);
+/// Finished jobs whose trees (and so outputs) are kept for `bridge pull`.
+pub const KEEP_TREES: usize = 20;
+
+pub struct Jobs {
+    store: store::Store,
+    /// Where environments and setup markers are cached.
+    cache_dir: PathBuf,
+    /// This binary, run as `shim` for each job.
+    shim_exe: PathBuf,
+    /// GPUs found at start (the job-visible inventory).
+    gpus: Vec<GpuInfo>,
+    /// Why none were found, when discovery failed.
+    gpu_note: String,
+    inventory: Box<dyn GpuInventory + Send + Sync>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    records: BTreeMap<u64, JobRecord>,
+    next_id: u64,
+    /// Job holding each GPU, by position in `Jobs::gpus`.
+    holder: Vec<Option<u64>>,
+    /// SIGKILL deadlines of jobs being cancelled.
+    kill_at: HashMap<u64, Instant>,
+    outputs: HashMap<u64, outputs::Outputs>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn state_of(r: &JobRecord) -> JobState {
+    r.info
+        .as_ref()
+        .map(|i| i.state())
+        .unwrap_or(JobState::Unspecified)
+}
+
+pub fn is_terminal(s: JobState) -> bool {
+    matches!(
+        s,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
+    )
+}
+
+fn parse_id(id: &str) -> Result<u64, Status> {
+    id.trim()
+        .parse::<u64>()
+        .map_err(|_| Status::invalid_argument(format!("{id:?} is not a job id (a number)")))
+}
+
+fn not_found(id: u64) -> Status {
+    Status::not_found(format!(
+        "no job {id} on this agent (`bridge ps --all` lists them)"
+    ))
+}
+
+/// Clock ticks since boot when `pid` started, or `None` if it is gone (or a
+/// zombie, which has finished).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    // Field 22 overall; `rest` starts at field 3.
+    fields.nth(18)?.parse().ok()
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
+    serde_json::from_slice(&fs::read(p).ok()?).ok()
+}
+
+fn rel(s: &str, what: &str) -> Result<Option<RelPath>, Status> {
+    let s = s.trim_matches('/');
+    if s.is_empty() || s == "." {
+        return Ok(None);
+    }
+    RelPath::new(s)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{what} {s:?}: {e}")))
+}
+
+impl Jobs {
+    /// Opens the job store under `root` and picks up where a previous agent
+    /// left off: jobs whose shim is still alive stay running (their GPUs stay
+    /// held); the next poll settles the rest.
+    pub fn open(root: &Path, inventory: Box<dyn GpuInventory + Send + Sync>) -> io::Result<Jobs> {
+        let store = store::Store::open(&root.join("jobs"))?;
+        let cache_dir = root.join("cache");
+        fs::create_dir_all(&cache_dir)?;
+        let (gpus, gpu_note) = match inventory.discover() {
+            Ok(g) if g.is_empty() => (g, "no GPUs found".to_string()),
+            Ok(g) => (g, String::new()),
+            Err(e) => (Vec::new(), e.to_string()),
+        };
+        let records = store.load_all()?;
+        let mut inner = Inner {
+            next_id: records.keys().next_back().map_or(1, |k| k + 1),
+            holder: vec![None; gpus.len()],
+            ..Default::default()
+        };
+        for (&id, r) in &records {
+            if matches!(state_of(r), JobState::Setup | JobState::Running) {
+                for g in &r.info.as_ref().expect("info").gpus {
+                    if let Some(pos) = gpus.iter().position(|x| x.index == *g) {
+                        inner.holder[pos] = Some(id);
+                    }
+                }
+            }
+        }
+        inner.records = records;
+        Ok(Jobs {
+            store,
+            cache_dir,
+            shim_exe: std::env::current_exe()?,
+            gpus,
+            gpu_note,
+            inventory,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, Status> {
+        self.inner
+            .lock()
+            .map_err(|_| Status::internal("job table poisoned"))
+    }
+
+    pub fn job_dir(&self, id: u64) -> PathBuf {
+        self.store.job_dir(id)
+    }
+
+    fn save(&self, id: u64, r: &JobRecord) {
+        if let Err(e) = self.store.save(id, r) {
+            tracing::error!(job = id, error = %e, "cannot persist job record");
+        }
+    }
+
+    /// Queues a job against `generation` of a mirror, snapshotting it under
+    /// the state lock (so no sync round can slip in between).
+    pub fn submit(&self, state: &Mutex<State>, req: v1::SubmitRequest) -> Result<JobInfo, Status> {
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
+        if spec.run.trim().is_empty() {
+            return Err(Status::invalid_argument("the job's `run` command is empty"));
+        }
+        if spec.gpus as usize > self.gpus.len() {
+            let have = match self.gpus.first() {
+                None => format!(
+                    "this agent has no GPUs ({})",
+                    if self.gpu_note.is_empty() {
+                        "none found"
+                    } else {
+                        &self.gpu_note
+                    }
+                ),
+                Some(g) => format!("this agent has {} ({})", self.gpus.len(), g.name),
+            };
+            return Err(Status::failed_precondition(format!(
+                "the job asks for {} GPU(s) but {have}; lower resources.gpus",
+                spec.gpus
+            )));
+        }
+        let workdir = rel(&spec.workdir, "workdir")?;
+        if let Some(p) = &spec.python {
+            rel(&p.file, "python file")?;
+        }
+        for i in &spec.setup_inputs {
+            rel(i, "setup input")?;
+        }
+        for o in &spec.outputs {
+            if rel(o, "output path")?.is_none() {
+                return Err(Status::invalid_argument(
+                    "an output path must name something inside the workdir, not the workdir itself",
+                ));
+            }
+        }
+
+        let mut st = state
+            .lock()
+            .map_err(|_| Status::internal("agent state poisoned"))?;
+        let State { store: _, mirrors } = &mut *st;
+        let mirror = mirrors.get_mut(&req.mirror).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "mirror {:?} is not open: call Hello first",
+                req.mirror
+            ))
+        })?;
+        let root = bridge_proto::tree::hex(&mirror.tree.root());
+        if root != req.generation {
+            return Err(Status::failed_precondition(format!(
+                "the mirror is at generation {root}, not {}: sync again and resubmit",
+                req.generation
+            )));
+        }
+        if let Some(w) = &workdir
+            && !matches!(mirror.tree.get(w), Some(bridge_proto::tree::Node::Dir))
+        {
+            return Err(Status::invalid_argument(format!(
+                "workdir {w:?} is not a directory in the synced tree"
+            )));
+        }
+        if let Some(p) = &spec.python
+            && let Some(f) = rel(&p.file, "python file")?
+            && !matches!(
+                mirror.tree.get(&f),
+                Some(bridge_proto::tree::Node::File { .. })
+            )
+        {
+            return Err(Status::invalid_argument(format!(
+                "python environment file {f:?} is not in the synced tree (is it ignored?)"
+            )));
+        }
+        let id = {
+            let mut inner = self.lock()?;
+            let id = inner.next_id;
+            inner.next_id += 1;
+            id
+        };
+        let dir = self.job_dir(id);
+        let snap = (|| {
+            fs::create_dir_all(&dir)?;
+            snapshot::take(mirror, &dir.join("tree"), &dir.join("snapshot.index"))
+        })();
+        drop(st);
+        let taken = snap.map_err(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            Status::internal(format!("cannot snapshot the mirror for job {id}: {e}"))
+        })?;
+        tracing::info!(
+            job = id,
+            files = taken.files,
+            copied = taken.copied,
+            "job snapshot taken"
+        );
+        let info = JobInfo {
+            id: id.to_string(),
+            name: if spec.name.is_empty() {
+                format!("job-{id}")
+            } else {
+                spec.name.clone()
+            },
+            state: JobState::Queued as i32,
+            mirror: req.mirror,
+            generation: req.generation,
+            submitted_ms: now_ms(),
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let rec = JobRecord {
+            info: Some(info.clone()),
+            ..Default::default()
+        };
+        self.save(id, &rec);
+        {
+            let mut inner = self.lock()?;
+            inner.records.insert(id, rec);
+        }
+        self.schedule();
+        self.get(&info.id)
+    }
+
+    /// Starts every queued job that can run: CPU-only jobs at once, GPU jobs
+    /// in submission order while enough GPUs are free (the first GPU job that
+    /// does not fit holds back the ones behind it, so none starves).
+    pub fn schedule(&self) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let queued: Vec<u64> = inner
+            .records
+            .iter()
+            .filter(|(_, r)| state_of(r) == JobState::Queued)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut gpu_blocked = false;
+        for id in queued {
+            let want = inner.records[&id]
+                .info
+                .as_ref()
+                .map_or(0, |i| i.spec.as_ref().map_or(0, |s| s.gpus))
+                as usize;
+            let mut gpus = Vec::new();
+            if want > 0 {
+                if gpu_blocked {
+                    continue;
+                }
+                let free: Vec<usize> = (0..inner.holder.len())
+                    .filter(|&i| inner.holder[i].is_none())
+                    .collect();
+                if free.len() < want {
+                    gpu_blocked = true;
+                    continue;
+                }
+                for &pos in &free[..want] {
+                    inner.holder[pos] = Some(id);
+                    gpus.push(self.gpus[pos].index);
+                }
+            }
+            if let Err(e) = self.start(&mut inner, id, gpus) {
+                tracing::error!(job = id, error = %e, "cannot start job");
+                self.finish(
+                    &mut inner,
+                    id,
+                    JobState::Failed,
+                    None,
+                    format!("bridge could not start the job: {e}"),
+                );
+            }
+        }
+    }
+
+    fn start(&self, inner: &mut Inner, id: u64, gpus: Vec<u32>) -> io::Result<()> {
+        let dir = self.job_dir(id);
+        let tree = dir.join("tree");
+        let rec = inner.records.get_mut(&id).expect("queued job");
+        let info = rec.info.as_mut().expect("info");
+        let spec = info.spec.clone().unwrap_or_default();
+        let workdir = spec.workdir.trim_matches('/');
+        let cwd = if workdir.is_empty() || workdir == "." {
+            tree.clone()
+        } else {
+            tree.join(workdir)
+        };
+        let mut env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
+        let visible = gpus
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
+        env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
+        env.insert(
+            "NVIDIA_VISIBLE_DEVICES".into(),
+            if visible.is_empty() {
+                "none".into()
+            } else {
+                visible
+            },
+        );
+        env.insert("BRIDGE_JOB_ID".into(), info.id.clone());
+        env.insert("BRIDGE_JOB_NAME".into(), info.name.clone());
+        env.insert("BRIDGE_GENERATION".into(), info.generation.clone());
+        let python = spec.python.as_ref().and_then(|p| {
+            let kind = match p.kind() {
+                v1::python_env::Kind::None => return None,
+                v1::python_env::Kind::Requirements => PythonKind::Requirements,
+                v1::python_env::Kind::Pyproject => PythonKind::Pyproject,
+                v1::python_env::Kind::Conda => PythonKind::Conda,
+            };
+            Some(PythonSpec {
+                kind,
+                file: tree.join(p.file.trim_matches('/')),
+            })
+        });
+        let setup = (!spec.setup.trim().is_empty()).then(|| SetupSpec {
+            command: spec.setup.clone(),
+            inputs: spec
+                .setup_inputs
+                .iter()
+                .map(|i| tree.join(i.trim_matches('/')))
+                .collect(),
+        });
+        let has_setup = python.is_some() || setup.is_some();
+        let shim = ShimSpec {
+            job_id: info.id.clone(),
+            tree: tree.clone(),
+            cwd,
+            command: spec.run.clone(),
+            env,
+            python,
+            setup,
+            cache_dir: self.cache_dir.clone(),
+            grace_ms: GRACE.as_millis() as u64,
+        };
+        bridge_proto::index::write_atomic(
+            &dir.join("spec.json"),
+            &serde_json::to_vec_pretty(&shim).map_err(io::Error::other)?,
+        )?;
+        let log = fs::File::create(dir.join("shim.log"))?;
+        let mut child = Command::new(&self.shim_exe)
+            .arg("shim")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        let pid = child.id();
+        // The shim is our child until we exit: reap it so it leaves no zombie.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        rec.shim_pid = pid;
+        rec.shim_start_ticks = start_ticks(pid).unwrap_or(0);
+        info.gpus = gpus;
+        info.started_ms = now_ms();
+        info.set_state(if has_setup {
+            JobState::Setup
+        } else {
+            JobState::Running
+        });
+        let rec = rec.clone();
+        self.save(id, &rec);
+        tracing::info!(job = id, pid, "job started");
+        Ok(())
+    }
+
+    /// Marks a job ended and frees its GPUs.
+    fn finish(
+        &self,
+        inner: &mut Inner,
+        id: u64,
+        state: JobState,
+        code: Option<i32>,
+        reason: String,
+    ) {
+        for h in inner.holder.iter_mut() {
+            if *h == Some(id) {
+                *h = None;
+            }
+        }
+        inner.kill_at.remove(&id);
+        let Some(rec) = inner.records.get_mut(&id) else {
+            return;
+        };
+        let info = rec.info.as_mut().expect("info");
+        info.set_state(state);
+        info.exit_code = code;
+        info.reason = reason;
+        info.finished_ms = now_ms();
+        let rec = rec.clone();
+        self.save(id, &rec);
+        tracing::info!(job = id, state = ?state, code, "job ended");
+    }
+
+    /// Looks at every active job's shim files: phase changes, exits, shims
+    /// that vanished, cancel deadlines. Then starts what can start.
+    pub fn poll(&self, state: &Mutex<State>) {
+        let mut ended_any = false;
+        {
+            let Ok(mut inner) = self.inner.lock() else {
+                return;
+            };
+            let active: Vec<u64> = inner
+                .records
+                .iter()
+                .filter(|(_, r)| matches!(state_of(r), JobState::Setup | JobState::Running))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in active {
+                let dir = self.job_dir(id);
+                if let Some(exit) = read_json::<ShimExit>(&dir.join("exit.json")) {
+                    let rec = &inner.records[&id];
+                    let cancelled = rec.cancel_requested;
+                    let code = exit.code.or(exit.signal.map(|s| 128 + s));
+                    let end = if cancelled {
+                        JobState::Cancelled
+                    } else if exit.phase == Phase::Running && code == Some(0) {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Failed
+                    };
+                    let changed =
+                        snapshot::modified_in_place(&dir.join("tree"), &dir.join("snapshot.index"));
+                    if !changed.is_empty() {
+                        let mirror = rec
+                            .info
+                            .as_ref()
+                            .map(|i| i.mirror.clone())
+                            .unwrap_or_default();
+                        let names: Vec<String> = changed.iter().map(|p| p.to_string()).collect();
+                        let line = format!(
+                            "bridge: this job wrote into {} in place; the agent's mirror shared {} and is being repaired\n",
+                            names.join(", "),
+                            if names.len() == 1 { "it" } else { "them" }
+                        );
+                        if let Ok(w) = LogWriter::open(&dir.join("log")) {
+                            let _ = w.write(3, line.as_bytes());
+                        }
+                        repair_mirror(state, &mirror, &changed);
+                    }
+                    self.finish(&mut inner, id, end, code, exit.reason.clone());
+                    ended_any = true;
+                    continue;
+                }
+                let rec = inner.records.get_mut(&id).expect("active");
+                if let Some(s) = read_json::<ShimState>(&dir.join("state.json")) {
+                    let info = rec.info.as_mut().expect("info");
+                    if s.phase == Phase::Running && info.state() == JobState::Setup {
+                        info.set_state(JobState::Running);
+                        let rec = rec.clone();
+                        self.save(id, &rec);
+                    }
+                    if let Some(deadline) = inner.kill_at.get(&id)
+                        && Instant::now() >= *deadline
+                        && let Some(child) = s.child_pid
+                    {
+                        let _ = killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
+                    }
+                }
+                let rec = &inner.records[&id];
+                if start_ticks(rec.shim_pid) != Some(rec.shim_start_ticks) || rec.shim_pid == 0 {
+                    // Look once more: the shim may have written exit.json and
+                    // exited since the first look.
+                    if dir.join("exit.json").exists() {
+                        continue;
+                    }
+                    self.finish(
+                        &mut inner,
+                        id,
+                        JobState::Lost,
+                        None,
+                        "the job's supervisor process vanished (killed, or the machine restarted)"
+                            .into(),
+                    );
+                    ended_any = true;
+                }
+            }
+            if ended_any {
+                self.prune_trees(&mut inner);
+            }
+        }
+        if ended_any {
+            self.schedule();
+        }
+    }
+
+    /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs.
+    fn prune_trees(&self, inner: &mut Inner) {
+        let finished: Vec<u64> = inner
+            .records
+            .iter()
+            .filter(|(_, r)| is_terminal(state_of(r)))
+            .map(|(&id, _)| id)
+            .collect();
+        if finished.len() <= KEEP_TREES {
+            return;
+        }
+        for id in &finished[..finished.len() - KEEP_TREES] {
+            let tree = self.job_dir(*id).join("tree");
+            if tree.exists() {
+                let _ = fs::remove_dir_all(&tree);
+            }
+            inner.outputs.remove(id);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobInfo, Status> {
+        let id = parse_id(id)?;
+        let inner = self.lock()?;
+        let rec = inner.records.get(&id).ok_or_else(|| not_found(id))?;
+        let mut info = rec.info.clone().unwrap_or_default();
+        info.log_bytes = fs::metadata(self.job_dir(id).join("log")).map_or(0, |m| m.len());
+        Ok(info)
+    }
+
+    pub fn list(&self, mirror: &str, all: bool) -> Result<Vec<JobInfo>, Status> {
+        let inner = self.lock()?;
+        Ok(inner
+            .records
+            .values()
+            .filter_map(|r| r.info.clone())
+            .filter(|i| mirror.is_empty() || i.mirror == mirror)
+            .filter(|i| all || !is_terminal(i.state()))
+            .collect())
+    }
+
+    /// Cancels a job: a queued one never starts; a running one gets SIGTERM
+    /// (its whole process group) and SIGKILL after [`GRACE`].
+    pub fn cancel(&self, id: &str) -> Result<JobInfo, Status> {
+        let n = parse_id(id)?;
+        {
+            let mut inner = self.lock()?;
+            let rec = inner.records.get_mut(&n).ok_or_else(|| not_found(n))?;
+            let st = state_of(rec);
+            if is_terminal(st) {
+                return Err(Status::failed_precondition(format!(
+                    "job {n} has already ended ({}); nothing to cancel",
+                    state_name(st)
+                )));
+            }
+            rec.cancel_requested = true;
+            let rec = rec.clone();
+            self.save(n, &rec);
+            if st == JobState::Queued {
+                self.finish(
+                    &mut inner,
+                    n,
+                    JobState::Cancelled,
+                    None,
+                    "cancelled before it started".into(),
+                );
+            } else {
+                let dir = self.job_dir(n);
+                let _ = fs::write(dir.join("cancel"), b"");
+                if let Some(s) = read_json::<ShimState>(&dir.join("state.json"))
+                    && let Some(child) = s.child_pid
+                {
+                    let _ = killpg(Pid::from_raw(child as i32), Signal::SIGTERM);
+                }
+                inner.kill_at.insert(n, Instant::now() + GRACE);
+            }
+        }
+        self.schedule();
+        self.get(id)
+    }
+
+    pub fn mark_pulled(&self, id: &str) -> Result<JobInfo, Status> {
+        let n = parse_id(id)?;
+        {
+            let mut inner = self.lock()?;
+            let rec = inner.records.get_mut(&n).ok_or_else(|| not_found(n))?;
+            if let Some(i) = rec.info.as_mut() {
+                i.outputs_pulled = true;
+            }
+            let rec = rec.clone();
+            self.save(n, &rec);
+        }
+        self.get(id)
+    }
+
+    /// The job's output manifest (see [`outputs`]).
+    pub fn outputs(&self, id: &str) -> Result<v1::OutputManifest, Status> {
+        let n = parse_id(id)?;
+        let (info, cwd, declared) = self.output_scope(n)?;
+        let complete = is_terminal(info.state());
+        let mut cache = self.lock()?.outputs.remove(&n).unwrap_or_default();
+        let entries = cache.manifest(&cwd, &declared, complete);
+        self.lock()?.outputs.insert(n, cache);
+        Ok(v1::OutputManifest {
+            entries,
+            complete,
+            job: Some(info),
+        })
+    }
+
+    pub fn read_chunks(&self, req: &v1::ReadChunksRequest) -> Result<Vec<(u32, Vec<u8>)>, Status> {
+        let n = parse_id(&req.id)?;
+        let (_, cwd, _) = self.output_scope(n)?;
+        let inner = self.lock()?;
+        let cache = inner
+            .outputs
+            .get(&n)
+            .ok_or_else(|| Status::aborted("ask for the output manifest first"))?;
+        cache
+            .read_chunks(&cwd, &req.path, &req.hash, &req.indexes)
+            .map_err(|e| Status::aborted(e.to_string()))
+    }
+
+    fn output_scope(&self, n: u64) -> Result<(JobInfo, PathBuf, Vec<String>), Status> {
+        let info = self.get(&n.to_string())?;
+        let spec = info.spec.clone().unwrap_or_default();
+        let tree = self.job_dir(n).join("tree");
+        if !tree.exists() {
+            return Err(Status::not_found(format!(
+                "the outputs of job {n} are no longer on the agent (it keeps the trees of the \
+                 {KEEP_TREES} most recent finished jobs)"
+            )));
+        }
+        let w = spec.workdir.trim_matches('/');
+        let cwd = if w.is_empty() || w == "." {
+            tree
+        } else {
+            tree.join(w)
+        };
+        Ok((info, cwd, spec.outputs))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.job_dir(id).join("log")
+    }
+
+    /// Whether job `id` has ended (its log is complete).
+    pub fn ended(&self, id: u64) -> Result<bool, Status> {
+        let inner = self.lock()?;
+        let rec = inner.records.get(&id).ok_or_else(|| not_found(id))?;
+        Ok(is_terminal(state_of(rec)))
+    }
+
+    pub fn parse_id(id: &str) -> Result<u64, Status> {
+        parse_id(id)
+    }
+
+    /// The GPUs with live memory and utilisation, and who holds each.
+    pub fn gpus(&self) -> v1::GpuList {
+        let live = self.inventory.discover().unwrap_or_default();
+        let inner = self.inner.lock().ok();
+        let gpus = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(pos, g)| {
+                let l = live.iter().find(|x| x.index == g.index).unwrap_or(g);
+                v1::Gpu {
+                    index: g.index,
+                    name: g.name.clone(),
+                    memory_total_mib: l.memory_total_mib,
+                    memory_used_mib: l.memory_used_mib,
+                    utilization_pct: l.utilization_pct,
+                    job: inner
+                        .as_ref()
+                        .and_then(|i| i.holder.get(pos).copied().flatten())
+                        .map(|j| j.to_string())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        v1::GpuList {
+            gpus,
+            note: self.gpu_note.clone(),
+        }
+    }
+}
+
+/// A job wrote into files it shared with `mirror`: rehash them, so the
+/// mirror's root shows the damage and the daemon's next verification sends
+/// the content again.
+fn repair_mirror(state: &Mutex<State>, mirror: &str, paths: &[RelPath]) {
+    let Ok(mut st) = state.lock() else { return };
+    let State { store, mirrors } = &mut *st;
+    if let Some(m) = mirrors.get_mut(mirror) {
+        m.distrust(paths);
+        if let Err(e) = m.refresh(store) {
+            tracing::warn!(error = %e, "cannot refresh the mirror after an in-place write");
+        }
+    }
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Unspecified => "unknown",
+        JobState::Queued => "queued",
+        JobState::Setup => "setup",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Lost => "lost",
+    }
+}
+
+/// Runs [`Jobs::poll`] until `stop` is set.
+pub fn spawn_poller(
+    jobs: Arc<Jobs>,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("job-poller".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                jobs.poll(&state);
+                std::thread::sleep(POLL);
+            }
+        })
+        .expect("spawn job poller")
+}

@@ -1,0 +1,189 @@
+//! The `bridge.v1.Jobs` gRPC service: a thin layer over [`Jobs`], with file
+//! work on tokio's blocking pool.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridge_proto::v1::jobs_server::Jobs as JobsRpc;
+use bridge_proto::v1::{self, JobInfo};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Jobs;
+use crate::joblog;
+use crate::service::State;
+
+/// A follower re-reads the log this often when it has caught up.
+const FOLLOW_POLL: Duration = Duration::from_millis(10);
+/// Upper bound on one log chunk message.
+const LOG_CHUNK_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct JobsService {
+    pub jobs: Arc<Jobs>,
+    pub state: Arc<Mutex<State>>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+}
+
+fn to_wire(c: joblog::Chunk) -> v1::LogChunk {
+    v1::LogChunk {
+        stream: c.stream as i32,
+        timestamp_ns: c.timestamp_ns,
+        data: c.data.into(),
+        next_offset: c.next_offset,
+    }
+}
+
+#[tonic::async_trait]
+impl JobsRpc for JobsService {
+    async fn submit(&self, req: Request<v1::SubmitRequest>) -> Result<Response<JobInfo>, Status> {
+        let (jobs, state) = (self.jobs.clone(), self.state.clone());
+        let req = req.into_inner();
+        blocking(move || jobs.submit(&state, req))
+            .await
+            .map(Response::new)
+    }
+
+    async fn list(&self, req: Request<v1::ListRequest>) -> Result<Response<v1::JobList>, Status> {
+        let req = req.into_inner();
+        let jobs = self.jobs.list(&req.mirror, req.all)?;
+        Ok(Response::new(v1::JobList { jobs }))
+    }
+
+    async fn get(&self, req: Request<v1::JobRef>) -> Result<Response<JobInfo>, Status> {
+        self.jobs.get(&req.into_inner().id).map(Response::new)
+    }
+
+    type LogsStream = BoxStream<v1::LogChunk>;
+
+    async fn logs(
+        &self,
+        req: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        let id = Jobs::parse_id(&req.id)?;
+        self.jobs.ended(id)?; // NOT_FOUND for an unknown job, before streaming
+        let jobs = self.jobs.clone();
+        let path = jobs.log_path(id);
+        let (tx, rx) = mpsc::channel::<Result<v1::LogChunk, Status>>(8);
+        tokio::spawn(async move {
+            let mut offset = req.offset;
+            if req.offset == 0 && req.tail_lines > 0 {
+                let p = path.clone();
+                let lines = req.tail_lines as usize;
+                match blocking(move || {
+                    joblog::tail_start(&p, lines).map_err(|e| Status::internal(e.to_string()))
+                })
+                .await
+                {
+                    Ok(chunks) => {
+                        for c in chunks {
+                            offset = c.next_offset;
+                            if tx.send(Ok(to_wire(c))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            loop {
+                // Whether the job had ended *before* this read: then an
+                // empty read means the log is complete.
+                let ended = jobs.ended(id).unwrap_or(true);
+                let p = path.clone();
+                let chunks = match blocking(move || {
+                    joblog::read_chunks(&p, offset, LOG_CHUNK_BYTES)
+                        .map_err(|e| Status::internal(e.to_string()))
+                })
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if chunks.is_empty() {
+                    if ended || !req.follow || tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                    continue;
+                }
+                for c in chunks {
+                    offset = c.next_offset;
+                    if tx.send(Ok(to_wire(c))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(&self, req: Request<v1::JobRef>) -> Result<Response<JobInfo>, Status> {
+        let jobs = self.jobs.clone();
+        blocking(move || jobs.cancel(&req.into_inner().id))
+            .await
+            .map(Response::new)
+    }
+
+    async fn outputs(
+        &self,
+        req: Request<v1::JobRef>,
+    ) -> Result<Response<v1::OutputManifest>, Status> {
+        let jobs = self.jobs.clone();
+        blocking(move || jobs.outputs(&req.into_inner().id))
+            .await
+            .map(Response::new)
+    }
+
+    type ReadChunksStream = BoxStream<v1::ChunkBody>;
+
+    async fn read_chunks(
+        &self,
+        req: Request<v1::ReadChunksRequest>,
+    ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let jobs = self.jobs.clone();
+        let req = req.into_inner();
+        let bodies = blocking(move || jobs.read_chunks(&req)).await?;
+        let msgs: Vec<Result<v1::ChunkBody, Status>> = bodies
+            .into_iter()
+            .map(|(index, data)| {
+                Ok(v1::ChunkBody {
+                    index,
+                    data: data.into(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
+    }
+
+    async fn mark_pulled(&self, req: Request<v1::JobRef>) -> Result<Response<JobInfo>, Status> {
+        let jobs = self.jobs.clone();
+        blocking(move || jobs.mark_pulled(&req.into_inner().id))
+            .await
+            .map(Response::new)
+    }
+
+    async fn gpus(&self, _req: Request<v1::GpusRequest>) -> Result<Response<v1::GpuList>, Status> {
+        let jobs = self.jobs.clone();
+        blocking(move || Ok(jobs.gpus())).await.map(Response::new)
+    }
+}

@@ -1,0 +1,317 @@
+//! The job shim: `bridge-agent shim JOB_DIR`, one small supervisor process per
+//! job (like containerd-shim or conmon).
+//!
+//! The agent writes `spec.json` ([`ShimSpec`]) into the job directory and
+//! spawns the shim in a process group of its own. From then on the job does
+//! not depend on the agent: the shim builds or reuses the Python env, runs the
+//! setup, runs the command, appends all output to `log` ([`crate::joblog`])
+//! and records the end in `exit.json` ([`ShimExit`]). Everything is a plain
+//! file in the job directory, so an agent that restarts picks the job up where
+//! it is.
+//!
+//! Files the shim writes:
+//! - `state.json` ([`ShimState`], atomic): the current step's process (leader
+//!   of its own process group, which the agent signals to cancel).
+//! - `log`: framed records, appended as output arrives.
+//! - `exit.json` ([`ShimExit`], atomic), last, after the log is synced: its
+//!   presence means the job is over and the log complete.
+//!
+//! Cancellation: the agent creates `cancel` and then signals the step's group.
+//! The shim looks for `cancel` before and after each step; a SIGTERM or SIGINT
+//! to the shim itself is turned into the same cancellation.
+//!
+//! No process outlives its step: the shim is a child subreaper, so daemonized
+//! grandchildren are reparented to it, and after each step it stops all its
+//! descendants ([`reap`]).
+
+mod reap;
+mod step;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{SigSet, Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::envcache::{EnvCache, EnvError, Outcome, write_atomic};
+use crate::joblog::LogWriter;
+use step::Steps;
+
+/// Written by the agent before it spawns the shim.
+pub const SPEC_FILE: &str = "spec.json";
+pub const STATE_FILE: &str = "state.json";
+pub const EXIT_FILE: &str = "exit.json";
+pub const LOG_FILE: &str = "log";
+/// Created (empty) by the agent to cancel the job.
+pub const CANCEL_FILE: &str = "cancel";
+
+/// What to run, written by the agent as `spec.json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ShimSpec {
+    pub job_id: String,
+    /// The job's snapshot of the repository (absolute).
+    pub tree: PathBuf,
+    /// `tree` + the workdir (absolute).
+    pub cwd: PathBuf,
+    /// Run with `/bin/sh -c`.
+    pub command: String,
+    /// Set on top of the shim's inherited environment (BRIDGE_JOB_ID,
+    /// CUDA_VISIBLE_DEVICES, the user's `[env]`, …), for every step.
+    pub env: BTreeMap<String, String>,
+    pub python: Option<PythonSpec>,
+    pub setup: Option<SetupSpec>,
+    /// Absolute; Python envs and setup markers live under it.
+    pub cache_dir: PathBuf,
+    /// SIGTERM → SIGKILL grace for processes a step leaves behind.
+    pub grace_ms: u64,
+}
+
+/// Which Python env the job runs in.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PythonSpec {
+    pub kind: PythonKind,
+    /// The requirements.txt / pyproject.toml / environment.yml (absolute,
+    /// inside the tree).
+    pub file: PathBuf,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PythonKind {
+    Requirements,
+    Pyproject,
+    Conda,
+}
+
+/// A command run once per distinct set of inputs (cached by content).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SetupSpec {
+    pub command: String,
+    /// Absolute, inside the tree; a directory stands for every file under it.
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Python env build and setup command.
+    Setup,
+    /// The job's command.
+    Running,
+}
+
+/// `state.json`: rewritten each time a step starts.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShimState {
+    pub shim_pid: u32,
+    pub phase: Phase,
+    /// The current step's process, leader of its own process group.
+    pub child_pid: Option<u32>,
+    /// Unix ms when the main command started; 0 before.
+    pub started_ms: u64,
+}
+
+/// `exit.json`: how the job ended. Written last.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShimExit {
+    /// The phase the job ended in.
+    pub phase: Phase,
+    /// The failed or finished step's exit code, 128 + signal when killed;
+    /// `None` when no process decided the outcome (a missing setup input, an
+    /// unreadable spec, a cancellation before any step).
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Empty on success; otherwise in words ("setup failed (exit 3)",
+    /// "command not found (exit 127)", "killed by signal 15", "cancelled").
+    pub reason: String,
+    pub finished_ms: u64,
+}
+
+impl ShimExit {
+    fn new(phase: Phase, outcome: Option<Outcome>, reason: impl Into<String>) -> ShimExit {
+        ShimExit {
+            phase,
+            code: outcome.map(Outcome::code),
+            signal: outcome.and_then(Outcome::signal),
+            reason: reason.into(),
+            finished_ms: now_ms(),
+        }
+    }
+}
+
+/// Runs the job in `job_dir` to its end and returns the shim's exit code: the
+/// job's code (128 + signal when killed), 1 when the job failed before a
+/// process decided, 2 when not even `exit.json` could be written.
+///
+/// Call it from a process with no other threads (the binary calls it before
+/// starting any runtime): it blocks SIGTERM/SIGINT for every thread it starts.
+pub fn run(job_dir: &Path) -> i32 {
+    let current_pgid = Arc::new(AtomicI32::new(0));
+    watch_signals(job_dir, current_pgid.clone());
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        // Without it daemonized grandchildren escape to init; the job still
+        // runs, its direct descendants are still cleaned up.
+        tracing::warn!("cannot become a child subreaper: {e}");
+    }
+    let exit = match LogWriter::open(&job_dir.join(LOG_FILE)) {
+        Ok(log) => {
+            let log = Arc::new(log);
+            let exit = run_job(job_dir, log.clone(), current_pgid);
+            if let Err(e) = log.finish() {
+                tracing::warn!("cannot sync the job log: {e}");
+            }
+            exit
+        }
+        Err(e) => ShimExit::new(Phase::Setup, None, format!("cannot open the job log: {e}")),
+    };
+    let json = serde_json::to_vec_pretty(&exit).expect("exit serializes");
+    if let Err(e) = write_atomic(&job_dir.join(EXIT_FILE), &json, true) {
+        tracing::error!(job_dir = %job_dir.display(), "cannot write {EXIT_FILE}: {e}");
+        return 2;
+    }
+    exit.code
+        .unwrap_or(if exit.reason.is_empty() { 0 } else { 1 })
+}
+
+/// Turns SIGTERM/SIGINT to the shim into a cancellation (the `cancel` file,
+/// then SIGTERM to the running step's group) instead of dying and orphaning
+/// the job. The signals are blocked here, before any other thread exists, so
+/// every thread inherits the mask and only the watcher receives them; child
+/// processes start with an empty mask (std resets it at spawn).
+fn watch_signals(job_dir: &Path, current_pgid: Arc<AtomicI32>) {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    if let Err(e) = set.thread_block() {
+        tracing::warn!("cannot block signals: {e}");
+        return;
+    }
+    let job_dir = job_dir.to_path_buf();
+    std::thread::spawn(move || {
+        while let Ok(sig) = set.wait() {
+            tracing::info!("{sig} received: cancelling the job");
+            let _ = fs::write(job_dir.join(CANCEL_FILE), b"");
+            let pgid = current_pgid.load(Ordering::SeqCst);
+            if pgid > 0 {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+            }
+        }
+    });
+}
+
+fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) -> ShimExit {
+    let mut steps = Steps {
+        job_dir: job_dir.to_path_buf(),
+        log,
+        state: ShimState {
+            shim_pid: std::process::id(),
+            phase: Phase::Setup,
+            child_pid: None,
+            started_ms: 0,
+        },
+        phase: Phase::Setup,
+        grace: Duration::from_secs(10),
+        current_pgid,
+    };
+    steps.write_state();
+    let spec: ShimSpec = match fs::read(job_dir.join(SPEC_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("cannot read {SPEC_FILE}: {e}");
+            steps.system(&reason);
+            return ShimExit::new(Phase::Setup, None, reason);
+        }
+    };
+    steps.grace = Duration::from_millis(spec.grace_ms);
+    let cancelled = |phase, outcome| ShimExit::new(phase, outcome, "cancelled");
+    if steps.cancelled() {
+        return cancelled(Phase::Setup, None);
+    }
+
+    let mut env: crate::envcache::Env = std::env::vars_os().collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.into(), v.into())));
+    let cache = EnvCache::new(&spec.cache_dir);
+    // Failures of the env build and the setup: the step's outcome decides the
+    // code, a cancellation wins over the failure it caused.
+    let setup_failed = |steps: &Steps, e: EnvError| {
+        if steps.cancelled() || matches!(e, EnvError::Cancelled) {
+            cancelled(Phase::Setup, e.outcome())
+        } else {
+            ShimExit::new(Phase::Setup, e.outcome(), e.to_string())
+        }
+    };
+    let mut python = None;
+    if let Some(p) = &spec.python {
+        match cache.ensure_python(p, &env, &spec.cwd, &mut steps) {
+            Ok(pe) => {
+                pe.activate(&mut env);
+                python = Some(pe);
+            }
+            Err(e) => return setup_failed(&steps, e),
+        }
+    }
+    if let Some(s) = &spec.setup
+        && let Err(e) =
+            cache.ensure_setup(s, &spec.tree, &spec.cwd, &env, python.as_ref(), &mut steps)
+    {
+        return setup_failed(&steps, e);
+    }
+    if steps.cancelled() {
+        return cancelled(Phase::Setup, None);
+    }
+
+    steps.phase = Phase::Running;
+    if !spec.cwd.is_dir() {
+        let reason = format!("working directory {} does not exist", spec.cwd.display());
+        steps.system(&reason);
+        return ShimExit::new(Phase::Running, None, reason);
+    }
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&spec.command)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .envs(&env);
+    let outcome = match steps.run_step(cmd, true) {
+        Ok(o) => o,
+        Err(e) => {
+            let reason = format!("cannot start the command: {e}");
+            steps.system(&reason);
+            return ShimExit::new(Phase::Running, None, reason);
+        }
+    };
+    if steps.cancelled() {
+        return cancelled(Phase::Running, Some(outcome));
+    }
+    ShimExit::new(Phase::Running, Some(outcome), describe(outcome))
+}
+
+/// The reason for the main command's outcome, as a shell user would say it.
+fn describe(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Exited(0) => String::new(),
+        Outcome::Exited(127) => "command not found (exit 127)".into(),
+        Outcome::Exited(126) => "command not executable (exit 126)".into(),
+        Outcome::Exited(c) => format!("command failed (exit {c})"),
+        Outcome::Signaled(s) => format!("killed by signal {s}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! Running one step of a job (an env build command, the setup, the main
+//! command): its own process group, its output drained into the job log as it
+//! arrives, `state.json` naming it so the agent can signal it, and nothing of
+//! it left running afterwards.
+
+use std::io::{self, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::{CANCEL_FILE, Phase, STATE_FILE, ShimState, now_ms, reap};
+use crate::envcache::{Outcome, StepRunner, write_atomic};
+use crate::joblog::{LogWriter, MAX_RECORD, STDERR, STDOUT, SYSTEM};
+
+/// How long the shim waits for a step's pipes to close once every process of
+/// the step is gone. Only a process the shim could not kill (or one outside
+/// its tree that was handed the pipe) keeps them open; the log is sealed
+/// before exit.json, so such a straggler cannot write after it.
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs a job's steps one at a time.
+pub struct Steps {
+    pub job_dir: PathBuf,
+    pub log: Arc<LogWriter>,
+    /// What `state.json` says now.
+    pub state: ShimState,
+    /// The phase the next step belongs to.
+    pub phase: Phase,
+    /// SIGTERM → SIGKILL grace for leftovers.
+    pub grace: Duration,
+    /// The running step's process group (0: none), for the signal thread,
+    /// which turns a SIGTERM to the shim into a cancellation.
+    pub current_pgid: Arc<AtomicI32>,
+}
+
+impl Steps {
+    pub fn write_state(&self) {
+        let path = self.job_dir.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        if let Err(e) = write_atomic(&path, &json, false) {
+            // The agent then cannot see the step to cancel it; the job still
+            // runs and its exit is still recorded.
+            tracing::warn!(path = %path.display(), "cannot write state: {e}");
+        }
+    }
+
+    /// Writes a system line into the job log.
+    pub fn system(&self, line: &str) {
+        if let Err(e) = self
+            .log
+            .write(SYSTEM, format!("bridge: {line}\n").as_bytes())
+        {
+            tracing::warn!("cannot write job log: {e}");
+        }
+    }
+
+    /// Runs `cmd` to completion and cleans up after it. `main` marks the job's
+    /// own command (its start time goes into the state).
+    pub fn run_step(&mut self, mut cmd: Command, main: bool) -> io::Result<Outcome> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        self.current_pgid.store(pid as i32, Ordering::SeqCst);
+        // Pumps first: the first output line should not wait for the state.
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut pumps = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            pumps.push(pump(out, STDOUT, self.log.clone(), done_tx.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(pump(err, STDERR, self.log.clone(), done_tx.clone()));
+        }
+        drop(done_tx);
+        self.state.phase = self.phase;
+        self.state.child_pid = Some(pid);
+        if main {
+            self.state.started_ms = now_ms();
+        }
+        self.write_state();
+        // The agent may have created `cancel` after our last check and
+        // signalled the previous step's group: make sure this one stops too.
+        if self.cancelled() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        let status = wait_for(pid as i32);
+        // Leftovers may hold the pipes; they go first, then the pumps end.
+        let left = reap::kill_leftovers(self.grace);
+        self.current_pgid.store(0, Ordering::SeqCst);
+        if left > 0 {
+            self.system(&format!(
+                "stopped {left} process{} left running by the step",
+                if left == 1 { "" } else { "es" }
+            ));
+        }
+        let deadline = std::time::Instant::now() + PIPE_DRAIN;
+        for _ in 0..pumps.len() {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            if done_rx.recv_timeout(wait).is_err() {
+                tracing::warn!("a step's output pipe is still open; not waiting for it");
+                break;
+            }
+        }
+        for p in pumps {
+            if p.is_finished() {
+                let _ = p.join();
+            }
+        }
+        status
+    }
+
+    pub fn cancelled(&self) -> bool {
+        cancel_requested(&self.job_dir)
+    }
+}
+
+/// Waits for the step's main process, reaping every other child that exits
+/// meanwhile: orphans reparented to the shim (it is a subreaper) would
+/// otherwise stay zombies until the step ends, which for a training run can
+/// be days.
+fn wait_for(pid: i32) -> io::Result<Outcome> {
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => {
+                return Ok(Outcome::Exited(code));
+            }
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                return Ok(Outcome::Signaled(sig as i32));
+            }
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+pub fn cancel_requested(job_dir: &Path) -> bool {
+    job_dir.join(CANCEL_FILE).exists()
+}
+
+/// Copies one pipe into the log, a record per read, as soon as it arrives:
+/// the first line of a job's output should reach a follower in milliseconds.
+fn pump(
+    mut pipe: impl Read + Send + 'static,
+    stream: u8,
+    log: Arc<LogWriter>,
+    done: mpsc::Sender<()>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_RECORD];
+        let mut failed = false;
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // Keep draining on a write error so the job never blocks
+                    // on a full pipe; say so once.
+                    if let Err(e) = log.write(stream, &buf[..n])
+                        && !failed
+                    {
+                        failed = true;
+                        tracing::warn!("cannot write job log: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = done.send(());
+    })
+}
+
+impl StepRunner for Steps {
+    fn run(&mut self, cmd: Command) -> io::Result<Outcome> {
+        self.run_step(cmd, false)
+    }
+
+    fn note(&mut self, line: &str) {
+        self.system(line);
+    }
+
+    fn cancelled(&self) -> bool {
+        Steps::cancelled(self)
+    }
+}

@@ -1,0 +1,47 @@
+//! `bridge cancel JOB`: SIGTERM to the job's whole process group, SIGKILL
+//! after a grace period; returns once the job has ended.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use bridge_proto::v1::JobRef;
+
+use crate::{client, jobs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The job id.
+    job: String,
+}
+
+pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
+    let layout = client::repo(cwd)?;
+    let mut c = client::require_daemon(&layout).await?;
+    let info = c
+        .cancel(JobRef {
+            id: args.job.clone(),
+        })
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+        .into_inner();
+    if jobs::state_name(info.state()) != "cancelled" {
+        eprintln!("bridge: job {} is stopping (SIGTERM sent)", info.id);
+    }
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.wait(JobRef {
+            id: args.job.clone(),
+        }),
+    )
+    .await;
+    match done {
+        Ok(Ok(j)) => eprintln!("{}", jobs::summary(&j.into_inner())),
+        Ok(Err(s)) => return Err(anyhow!("{}", s.message())),
+        Err(_) => eprintln!(
+            "bridge: job {} has not ended yet; `bridge ps` shows its state",
+            args.job
+        ),
+    }
+    Ok(0)
+}

@@ -1,0 +1,126 @@
+//! `bridge ps [--all] [--json]`: the agent's jobs for this repository.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::anyhow;
+use bridge_proto::v1::{JobInfo, ListRequest};
+
+use crate::{client, jobs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Include finished jobs.
+    #[arg(short, long)]
+    all: bool,
+    /// One JSON object per job, in an array.
+    #[arg(long)]
+    json: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn duration(j: &JobInfo) -> Option<f64> {
+    if j.started_ms == 0 {
+        return None;
+    }
+    let end = if j.finished_ms > 0 {
+        j.finished_ms
+    } else {
+        now_ms()
+    };
+    Some(end.saturating_sub(j.started_ms) as f64 / 1000.0)
+}
+
+fn clock(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let ago = now_ms().saturating_sub(ms) / 1000;
+    match ago {
+        0..60 => format!("{ago}s ago"),
+        60..3600 => format!("{}m ago", ago / 60),
+        3600..86400 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86400),
+    }
+}
+
+pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
+    let layout = client::repo(cwd)?;
+    let mut c = client::require_daemon(&layout).await?;
+    let list = c
+        .list(ListRequest {
+            mirror: String::new(),
+            all: args.all,
+        })
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+        .into_inner()
+        .jobs;
+    if args.json {
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|j| {
+                serde_json::json!({
+                    "id": j.id,
+                    "name": j.name,
+                    "state": jobs::state_name(j.state()),
+                    "gpus": j.gpus,
+                    "submitted_ms": j.submitted_ms,
+                    "started_ms": (j.started_ms > 0).then_some(j.started_ms),
+                    "finished_ms": (j.finished_ms > 0).then_some(j.finished_ms),
+                    "duration_s": duration(j),
+                    "exit_code": j.exit_code,
+                    "reason": j.reason,
+                    "generation": j.generation,
+                    "outputs_pulled": j.outputs_pulled,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    if list.is_empty() {
+        eprintln!(
+            "no {}jobs{}",
+            if args.all { "" } else { "active " },
+            if args.all {
+                ""
+            } else {
+                " (`bridge ps --all` includes finished ones)"
+            }
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<6} {:<20} {:<10} {:<8} {:<10} {:>9} {:>5}",
+        "ID", "NAME", "STATE", "GPUS", "STARTED", "DURATION", "EXIT"
+    );
+    for j in &list {
+        let gpus = if j.gpus.is_empty() {
+            "-".to_string()
+        } else {
+            j.gpus
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "{:<6} {:<20} {:<10} {:<8} {:<10} {:>9} {:>5}",
+            j.id,
+            j.name.chars().take(20).collect::<String>(),
+            jobs::state_name(j.state()),
+            gpus,
+            clock(j.started_ms),
+            duration(j).map_or("-".into(), |d| format!("{d:.1}s")),
+            j.exit_code.map_or("-".into(), |c| c.to_string()),
+        );
+    }
+    Ok(0)
+}

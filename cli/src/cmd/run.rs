@@ -1,0 +1,25 @@
+//! `bridge run FILE.toml [--set KEY=VALUE]... [--detach]`: run a job on the
+//! agent against exactly the tree saved now; exits with the job's exit code.
+
+use std::path::{Path, PathBuf};
+
+use crate::{client, jobs, spec};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The job file (train.toml).
+    file: PathBuf,
+    /// Override a field of the job file, e.g. `--set resources.gpus=2 --set env.LR=0.01`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Submit and return at once, printing the job id.
+    #[arg(long, short = 'd')]
+    detach: bool,
+}
+
+pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
+    let layout = client::repo(cwd)?;
+    let file = cwd.join(&args.file);
+    let loaded = spec::load(&file, &layout.repo, &args.set)?;
+    jobs::submit_and_follow(cwd, &layout, loaded.spec, args.detach).await
+}

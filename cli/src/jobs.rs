@@ -1,0 +1,266 @@
+//! What the job commands share: reaching a daemon that may restart under us,
+//! following a job's log from an offset, waiting for its end, and turning its
+//! end into an exit code.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use bridge_daemon::repo::Layout;
+use bridge_proto::v1::control_client::ControlClient;
+use bridge_proto::v1::{JobInfo, JobRef, JobState, LogStream, LogsRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::client;
+
+/// How long a job command waits for the daemon to come back before starting
+/// one itself, and how long it waits in all.
+const DAEMON_GRACE: Duration = Duration::from_secs(3);
+const DAEMON_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// The daemon, started with the local provider if none runs (a fresh clone
+/// needs nothing but `bridge run`).
+pub async fn daemon_or_up(cwd: &Path, layout: &Layout) -> anyhow::Result<ControlClient<Channel>> {
+    if let Some(c) = client::daemon(layout).await {
+        return Ok(c);
+    }
+    eprintln!(
+        "bridge: not up yet for {}; starting the local agent",
+        layout.repo.display()
+    );
+    if let Err(e) = crate::cmd::up::run(cwd, crate::cmd::up::Args::local()).await {
+        // Another command may have started it meanwhile.
+        if let Some(c) = client::daemon(layout).await {
+            return Ok(c);
+        }
+        return Err(e);
+    }
+    client::require_daemon(layout).await
+}
+
+/// Reconnects to the daemon after it went away: waits for it to come back,
+/// starts it after [`DAEMON_GRACE`].
+pub async fn reconnect(cwd: &Path, layout: &Layout) -> anyhow::Result<ControlClient<Channel>> {
+    let start = Instant::now();
+    let mut started = false;
+    loop {
+        if let Some(c) = client::daemon(layout).await {
+            return Ok(c);
+        }
+        if !started && start.elapsed() >= DAEMON_GRACE {
+            started = true;
+            eprintln!("bridge: the daemon went away; starting it again");
+            let _ = crate::cmd::up::run(cwd, crate::cmd::up::Args::local()).await;
+            continue;
+        }
+        if start.elapsed() >= DAEMON_GIVE_UP {
+            bail!("the daemon for {} did not come back", layout.repo.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn gone(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// Follows `id`'s log from `offset` to its end (or until the job ends, with
+/// `follow`), writing stdout to stdout and stderr and bridge's own lines to
+/// stderr. Survives daemon restarts: it resumes from the last offset it
+/// printed, so nothing is lost or repeated. Returns the offset reached.
+pub async fn follow_log(
+    cwd: &Path,
+    layout: &Layout,
+    c: &mut ControlClient<Channel>,
+    id: &str,
+    offset: u64,
+    follow: bool,
+    tail: u32,
+) -> anyhow::Result<u64> {
+    let mut offset = offset;
+    let mut tail = tail;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    loop {
+        let req = LogsRequest {
+            id: id.to_string(),
+            offset,
+            follow,
+            tail_lines: tail,
+        };
+        let mut stream = match c.logs(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if gone(&s) => {
+                *c = reconnect(cwd, layout).await?;
+                continue;
+            }
+            Err(s) => bail!("{}", s.message()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    match chunk.stream() {
+                        LogStream::Stdout | LogStream::Unspecified => {
+                            out.write_all(&chunk.data)?;
+                            out.flush()?;
+                        }
+                        LogStream::Stderr | LogStream::System => {
+                            err.write_all(&chunk.data)?;
+                        }
+                    }
+                    offset = chunk.next_offset;
+                    tail = 0;
+                }
+                Ok(None) => return Ok(offset),
+                Err(s) if gone(&s) => {
+                    *c = reconnect(cwd, layout).await?;
+                    break;
+                }
+                Err(s) => bail!("{}", s.message()),
+            }
+        }
+    }
+}
+
+/// Waits for the job's end and its outputs, over daemon restarts.
+pub async fn wait(
+    cwd: &Path,
+    layout: &Layout,
+    c: &mut ControlClient<Channel>,
+    id: &str,
+) -> anyhow::Result<JobInfo> {
+    loop {
+        match c.wait(JobRef { id: id.to_string() }).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if gone(&s) => *c = reconnect(cwd, layout).await?,
+            Err(s) => bail!("{}", s.message()),
+        }
+    }
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Unspecified => "unknown",
+        JobState::Queued => "queued",
+        JobState::Setup => "setup",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Lost => "lost",
+    }
+}
+
+/// The exit code `bridge run` ends with for a finished job.
+pub fn exit_code(j: &JobInfo) -> u8 {
+    match (j.state(), j.exit_code) {
+        (JobState::Succeeded, _) => 0,
+        (_, Some(c)) if (1..=255).contains(&c) => c as u8,
+        (JobState::Cancelled, _) => 130,
+        _ => 1,
+    }
+}
+
+/// One line saying how the job ended, for stderr.
+pub fn summary(j: &JobInfo) -> String {
+    let secs = if j.started_ms > 0 && j.finished_ms >= j.started_ms {
+        format!(
+            " in {:.1} s",
+            (j.finished_ms - j.started_ms) as f64 / 1000.0
+        )
+    } else {
+        String::new()
+    };
+    let mut s = format!(
+        "bridge: job {} ({}) {}{secs}",
+        j.id,
+        j.name,
+        state_name(j.state())
+    );
+    if let Some(c) = j.exit_code
+        && c != 0
+    {
+        s.push_str(&format!(", exit code {c}"));
+    }
+    if !j.reason.is_empty() {
+        s.push_str(&format!(": {}", j.reason));
+    }
+    if let Some(spec) = &j.spec
+        && !spec.outputs.is_empty()
+        && j.outputs_pulled
+    {
+        let dest = bridge_daemon::jobs::destination(spec, &j.id);
+        let outs: Vec<String> = spec
+            .outputs
+            .iter()
+            .map(|o| {
+                if dest.is_empty() {
+                    o.clone()
+                } else {
+                    format!("{dest}/{o}")
+                }
+            })
+            .collect();
+        s.push_str(&format!("; outputs in {}", outs.join(", ")));
+    }
+    s
+}
+
+/// Submits, then (unless detached) streams the log and waits for the end.
+/// Ctrl-C detaches: the job goes on.
+pub async fn submit_and_follow(
+    cwd: &Path,
+    layout: &Layout,
+    spec: bridge_proto::v1::JobSpec,
+    detach: bool,
+) -> anyhow::Result<u8> {
+    let mut c = daemon_or_up(cwd, layout).await?;
+    let info = c
+        .submit(bridge_proto::v1::ControlSubmitRequest { spec: Some(spec) })
+        .await
+        .map_err(|s| anyhow!("{}", s.message()))?
+        .into_inner();
+    let gpus = if info.gpus.is_empty() {
+        String::new()
+    } else {
+        format!(", GPUs {:?}", info.gpus)
+    };
+    eprintln!(
+        "bridge: job {} ({}) submitted at generation {}; {}{gpus}",
+        info.id,
+        info.name,
+        info.generation.get(..12).unwrap_or(&info.generation),
+        state_name(info.state())
+    );
+    if detach {
+        println!("{}", info.id);
+        eprintln!("bridge: follow it with `bridge logs -f {}`", info.id);
+        return Ok(0);
+    }
+    let id = info.id.clone();
+    let run = async {
+        follow_log(cwd, layout, &mut c, &id, 0, true, 0).await?;
+        wait(cwd, layout, &mut c, &id).await
+    };
+    tokio::select! {
+        r = run => {
+            let j = r?;
+            eprintln!("{}", summary(&j));
+            if j.exit_code == Some(127) {
+                eprintln!("bridge: exit code 127 means the shell did not find the command on the agent");
+            }
+            Ok(exit_code(&j))
+        }
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "\nbridge: detached; job {id} keeps running. Reattach with `bridge logs -f {id}`, stop it with `bridge cancel {id}`"
+            );
+            Ok(130)
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! From the job file as written ([`RawSpec`]) to the [`JobSpec`] the daemon
+//! submits: defaults filled in, paths normalised, and every check that needs
+//! more than a type.
+//!
+//! Paths in the file are relative to `workdir`, and `workdir` to the
+//! repository root. In the [`JobSpec`], `workdir`, the Python environment file
+//! and `setup_inputs` are repository-relative; outputs stay workdir-relative
+//! (the agent collects them from the job's workdir) with a trailing '/' on
+//! directories. Files the job needs must exist locally: a typo is cheaper to
+//! catch here than after a sync and a queue on the remote machine.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+use bridge_proto::v1::{JobSpec, PythonEnv, python_env};
+use toml::Spanned;
+
+use super::error::{Origin, SpecError};
+use super::path::{self, Norm, Problem};
+use super::raw::RawSpec;
+use super::set::Override;
+
+/// The name bridge reserves for the variables it sets in a job.
+const RESERVED_ENV_PREFIX: &str = "BRIDGE_";
+
+/// What the checks need to word and place their errors.
+pub struct Ctx<'a> {
+    /// The job file, for messages and the default name.
+    pub path: &'a Path,
+    pub text: &'a str,
+    pub sets: &'a [Override<'a>],
+    pub repo_root: &'a Path,
+}
+
+impl Ctx<'_> {
+    /// Where a problem with `key` is: the last override that set it, else
+    /// the file at `span`.
+    fn origin(&self, key: &[&str], span: Option<Range<usize>>) -> Origin {
+        match self.sets.iter().rev().find(|o| o.touches(key)) {
+            Some(o) => Origin::Set(o.text.to_string()),
+            None => Origin::in_file(self.path.to_path_buf(), self.text, span),
+        }
+    }
+
+    fn invalid(&self, key: &[&str], span: Option<Range<usize>>, problem: String) -> SpecError {
+        SpecError::Invalid {
+            origin: self.origin(key, span),
+            key: key.join("."),
+            problem,
+        }
+    }
+
+    /// Resolves the path value `v` of `key` against `base`.
+    fn resolve(
+        &self,
+        key: &[&str],
+        base: &Norm,
+        relative_to: &str,
+        v: &Spanned<String>,
+    ) -> Result<Norm, SpecError> {
+        path::resolve(base, v.get_ref()).map_err(|p| {
+            let hint = match p {
+                Problem::Absolute | Problem::Home => format!("; give it relative to {relative_to}"),
+                _ => String::new(),
+            };
+            self.invalid(
+                key,
+                Some(v.span()),
+                format!("= {:?} {p}{hint}", v.get_ref()),
+            )
+        })
+    }
+
+    /// Checks that `norm` (the value `v` of `key`) exists in the repository.
+    fn must_exist(
+        &self,
+        key: &[&str],
+        v: &Spanned<String>,
+        norm: &Norm,
+        file: bool,
+    ) -> Result<(), SpecError> {
+        let fs = self.repo_root.join(norm.joined());
+        let ok = if file { fs.is_file() } else { fs.exists() };
+        if ok {
+            return Ok(());
+        }
+        let what = if file && fs.exists() {
+            "is not a file"
+        } else {
+            "does not exist"
+        };
+        Err(self.invalid(
+            key,
+            Some(v.span()),
+            format!("= {:?} {what} (looked for {})", v.get_ref(), fs.display()),
+        ))
+    }
+}
+
+pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
+    let name = match &raw.name {
+        Some(n) if n.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(&["name"], Some(n.span()), "is empty".into()));
+        }
+        Some(n) => n.get_ref().trim().to_string(),
+        None => ctx
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "job".into()),
+    };
+
+    let run = match &raw.run {
+        None => {
+            return Err(ctx.invalid(
+                &["run"],
+                None,
+                "is missing: add the command the job runs, e.g. run = \"python train.py\"".into(),
+            ));
+        }
+        Some(r) if r.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(
+                &["run"],
+                Some(r.span()),
+                "is empty: give the command the job runs, e.g. run = \"python train.py\"".into(),
+            ));
+        }
+        Some(r) => r.get_ref().clone(),
+    };
+
+    let root = Norm::root();
+    let workdir = match &raw.workdir {
+        None => root.clone(),
+        Some(w) if w.get_ref().is_empty() => root.clone(),
+        Some(w) => {
+            let norm = ctx.resolve(&["workdir"], &root, "the repository root", w)?;
+            if !ctx.repo_root.join(norm.joined()).is_dir() {
+                return Err(ctx.invalid(
+                    &["workdir"],
+                    Some(w.span()),
+                    format!(
+                        "= {:?} is not a directory of the repository {}",
+                        w.get_ref(),
+                        ctx.repo_root.display()
+                    ),
+                ));
+            }
+            Norm { dir: true, ..norm }
+        }
+    };
+
+    let setup = raw
+        .setup
+        .as_ref()
+        .map(|s| s.get_ref().trim().to_string())
+        .filter(|s| !s.is_empty());
+    if setup.is_none()
+        && let Some(first) = raw.setup_inputs.first()
+    {
+        return Err(ctx.invalid(
+            &["setup_inputs"],
+            Some(first.span()),
+            "is set but there is no `setup` command (setup inputs only decide when setup reruns)"
+                .into(),
+        ));
+    }
+    let mut inputs = Vec::new();
+    for v in &raw.setup_inputs {
+        let key = ["setup_inputs"];
+        let norm = ctx.resolve(&key, &workdir, "the workdir", v)?;
+        if norm.parts.is_empty() {
+            return Err(ctx.invalid(
+                &key,
+                Some(v.span()),
+                format!(
+                    "= {:?} is the whole repository; name the files setup reads",
+                    v.get_ref()
+                ),
+            ));
+        }
+        inputs.push((v, norm));
+    }
+
+    let mut env = HashMap::new();
+    for (k, v) in &raw.env {
+        let name = k.get_ref();
+        let key = ["env", name.as_str()];
+        if !valid_env_name(name) {
+            return Err(ctx.invalid(
+                &key,
+                Some(k.span()),
+                "is not a valid variable name (letters, digits and '_', not starting with a digit)"
+                    .into(),
+            ));
+        }
+        if name.starts_with(RESERVED_ENV_PREFIX) {
+            return Err(ctx.invalid(
+                &key,
+                Some(k.span()),
+                format!("is reserved: bridge sets the {RESERVED_ENV_PREFIX}* variables itself"),
+            ));
+        }
+        if v.get_ref().contains('\0') {
+            return Err(ctx.invalid(&key, Some(v.span()), "contains a NUL byte".into()));
+        }
+        env.insert(name.clone(), v.get_ref().clone());
+    }
+
+    let python = match &raw.python {
+        None => None,
+        Some(p) => {
+            use python_env::Kind;
+            let given: Vec<(Kind, &str, &Spanned<String>)> = [
+                (
+                    Kind::Requirements,
+                    "requirements",
+                    &p.get_ref().requirements,
+                ),
+                (Kind::Pyproject, "pyproject", &p.get_ref().pyproject),
+                (Kind::Conda, "conda", &p.get_ref().conda),
+            ]
+            .into_iter()
+            .filter_map(|(kind, key, v)| v.as_ref().map(|v| (kind, key, v)))
+            .collect();
+            let (kind, key, v) = match given.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(ctx.invalid(
+                        &["python"],
+                        Some(p.span()),
+                        "needs one of `requirements`, `pyproject` or `conda`, e.g. requirements = \"requirements.txt\"".into(),
+                    ));
+                }
+                [a, b, ..] => {
+                    return Err(ctx.invalid(
+                        &["python"],
+                        Some(b.2.span()),
+                        format!(
+                            "has both `{}` and `{}`: give exactly one environment",
+                            a.1, b.1
+                        ),
+                    ));
+                }
+            };
+            let norm = ctx.resolve(&["python", key], &workdir, "the workdir", v)?;
+            if norm.dir {
+                return Err(ctx.invalid(
+                    &["python", key],
+                    Some(v.span()),
+                    format!("= {:?} must name a file", v.get_ref()),
+                ));
+            }
+            Some((kind, key, v, norm))
+        }
+    };
+
+    // Outputs are checked in repository terms (to compare with inputs), then
+    // stored relative to the workdir.
+    let mut outputs: Vec<(&Spanned<String>, Norm)> = Vec::new();
+    for v in &raw.outputs.paths {
+        let key = ["outputs", "paths"];
+        let norm = ctx.resolve(&key, &workdir, "the workdir", v)?;
+        if !norm.within(&workdir) {
+            return Err(ctx.invalid(
+                &key,
+                Some(v.span()),
+                format!(
+                    "= {:?} leaves the workdir: outputs are relative to the workdir and inside it",
+                    v.get_ref()
+                ),
+            ));
+        }
+        if norm.parts.len() == workdir.parts.len() {
+            return Err(ctx.invalid(
+                &key,
+                Some(v.span()),
+                format!(
+                    "= {:?} is the whole workdir, which would keep it all out of the sync; \
+                     name the directories the job writes, e.g. \"outputs/\"",
+                    v.get_ref()
+                ),
+            ));
+        }
+        if let Some((other, _)) = outputs
+            .iter()
+            .find(|(_, o)| o.within(&norm) || norm.within(o))
+        {
+            return Err(ctx.invalid(
+                &key,
+                Some(v.span()),
+                format!(
+                    "= {:?} overlaps {:?}: list each output once (the outer directory only)",
+                    v.get_ref(),
+                    other.get_ref()
+                ),
+            ));
+        }
+        outputs.push((v, norm));
+    }
+    // What the job reads must be in the synced tree: outputs are never synced
+    // up, so an input inside one would be missing on the agent.
+    let needed = inputs
+        .iter()
+        .map(|(v, n)| (vec!["setup_inputs"], *v, n, false))
+        .chain(
+            python
+                .iter()
+                .map(|(_, key, v, n)| (vec!["python", *key], *v, n, true)),
+        );
+    for (key, v, norm, file) in needed {
+        if let Some((out, _)) = outputs
+            .iter()
+            .find(|(_, o)| norm.within(o) || o.within(norm))
+        {
+            return Err(ctx.invalid(
+                &key,
+                Some(v.span()),
+                format!(
+                    "= {:?} overlaps the output {:?}, and outputs are not synced to the agent",
+                    v.get_ref(),
+                    out.get_ref()
+                ),
+            ));
+        }
+        ctx.must_exist(&key, v, norm, file)?;
+    }
+
+    let outputs_local = match &raw.outputs.local {
+        None => String::new(),
+        Some(l) if l.get_ref().trim().is_empty() => String::new(),
+        Some(l) => local_destination(ctx, l, raw.outputs.paths.is_empty())?,
+    };
+
+    Ok(JobSpec {
+        name,
+        run,
+        workdir: workdir.joined(),
+        setup: setup.unwrap_or_default(),
+        setup_inputs: inputs.into_iter().map(|(_, n)| n.joined()).collect(),
+        env,
+        python: python.map(|(kind, _, _, norm)| PythonEnv {
+            kind: kind as i32,
+            file: norm.joined(),
+        }),
+        gpus: raw.resources.gpus.0,
+        outputs: outputs
+            .into_iter()
+            .map(|(_, n)| {
+                Norm {
+                    parts: n.parts[workdir.parts.len()..].to_vec(),
+                    dir: n.dir,
+                }
+                .with_slash()
+            })
+            .collect(),
+        outputs_local,
+    })
+}
+
+/// Checks `outputs.local`: repository-relative, `{job}` as the only
+/// placeholder, and a fixed directory first (the daemon keeps that directory
+/// out of the sync, so it cannot depend on the job id).
+fn local_destination(ctx: &Ctx, l: &Spanned<String>, no_paths: bool) -> Result<String, SpecError> {
+    let key = ["outputs", "local"];
+    let s = l.get_ref();
+    if no_paths {
+        return Err(ctx.invalid(
+            &key,
+            Some(l.span()),
+            "is set but `outputs.paths` is empty: there is nothing to bring back".into(),
+        ));
+    }
+    if s.replace("{job}", "").contains(['{', '}']) {
+        return Err(ctx.invalid(
+            &key,
+            Some(l.span()),
+            format!("= {s:?}: the only placeholder is {{job}} (the job id)"),
+        ));
+    }
+    let norm = ctx.resolve(&key, &Norm::root(), "the repository root", l)?;
+    if norm.parts.first().is_none_or(|p| p.contains("{job}")) {
+        return Err(ctx.invalid(
+            &key,
+            Some(l.span()),
+            format!("= {s:?} must start with a directory, e.g. \"runs/{{job}}/\""),
+        ));
+    }
+    Ok(norm.with_slash())
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: what a POSIX shell accepts as a variable name.
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

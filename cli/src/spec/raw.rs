@@ -1,0 +1,179 @@
+//! The job file as written: the serde model of `train.toml`.
+//!
+//! Values keep their spans ([`Spanned`]) so that checks after parsing can
+//! still point at a line. Everything is optional here, `run` included: a
+//! required key could be supplied by a `--set` override, so its absence is a
+//! check in [`super::convert`], not a parse error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpec {
+    pub name: Option<Spanned<String>>,
+    pub run: Option<Spanned<String>>,
+    pub workdir: Option<Spanned<String>>,
+    pub setup: Option<Spanned<String>>,
+    #[serde(default)]
+    pub setup_inputs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<Spanned<String>, Spanned<String>>,
+    pub python: Option<Spanned<RawPython>>,
+    #[serde(default)]
+    pub resources: RawResources,
+    #[serde(default)]
+    pub outputs: RawOutputs,
+}
+
+/// `[python]`: exactly one of the three kinds.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPython {
+    pub requirements: Option<Spanned<String>>,
+    pub pyproject: Option<Spanned<String>>,
+    pub conda: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    #[serde(default)]
+    pub gpus: Gpus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutputs {
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    pub local: Option<Spanned<String>>,
+}
+
+/// A GPU count. Its own type so that a negative or non-integer value is
+/// reported in words ("a whole number ≥ 0") rather than as "expected u32".
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Gpus(pub u32);
+
+impl<'de> Deserialize<'de> for Gpus {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Gpus;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number ≥ 0")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Gpus, E> {
+                u32::try_from(v)
+                    .map(Gpus)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Gpus, E> {
+                u32::try_from(v)
+                    .map(Gpus)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Keys whose value is a string: a `--set` of one of these takes the text
+/// literally even when it would parse as another TOML type (`--set name=2024`,
+/// `--set run=true`).
+pub const STRING_KEYS: &[&str] = &[
+    "name",
+    "run",
+    "workdir",
+    "setup",
+    "python.requirements",
+    "python.pyproject",
+    "python.conda",
+    "outputs.local",
+];
+
+/// Keys of the sub-tables, to suggest `resources.gpus` for a top-level `gpus`.
+pub const NESTED_KEYS: &[&str] = &[
+    "python.requirements",
+    "python.pyproject",
+    "python.conda",
+    "resources.gpus",
+    "outputs.paths",
+    "outputs.local",
+];
+
+/// Rewrites serde's "invalid type: X, expected Y" for the value at `key` into
+/// "`key` must be Y, found X", with the type names a TOML user knows.
+/// Anything else is returned unchanged, prefixed with the key when known.
+pub fn describe_type_error(key: Option<&str>, message: &str) -> String {
+    let Some(key) = key else {
+        return message.to_string();
+    };
+    let parsed = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.split_once(", expected "));
+    let Some((found, expected)) = parsed else {
+        return format!("`{key}`: {message}");
+    };
+    let expected = match expected {
+        "a sequence" => "an array of strings, e.g. [\"a\", \"b\"]".to_string(),
+        "a map" => "a table".to_string(),
+        e if e.starts_with("struct ") => format!("a table ([{key}])"),
+        e => e.to_string(),
+    };
+    let found = found.replace("sequence", "array").replace("map", "table");
+    let mut out = format!("`{key}` must be {expected}, found {found}");
+    if key.starts_with("env.") && expected == "a string" {
+        let name = &key["env.".len()..];
+        out.push_str(&format!(
+            " (environment values are strings: quote it, {name} = \"…\")"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hint lists must name keys the model really has.
+    #[test]
+    fn key_lists_match_the_model() {
+        for key in STRING_KEYS.iter().chain(NESTED_KEYS) {
+            let toml = match key.split_once('.') {
+                Some((table, k)) if *key != "resources.gpus" && *key != "outputs.paths" => {
+                    format!("[{table}]\n{k} = \"x\"")
+                }
+                Some((table, k)) => {
+                    format!("[{table}]\n{k} = {}", if k == "gpus" { "1" } else { "[]" })
+                }
+                None => format!("{key} = \"x\""),
+            };
+            let r: Result<RawSpec, _> = toml::from_str(&toml);
+            assert!(r.is_ok(), "{key}: {:?}", r.err());
+        }
+    }
+
+    #[test]
+    fn type_errors_in_words() {
+        assert_eq!(
+            describe_type_error(
+                Some("resources.gpus"),
+                "invalid value: integer `-1`, expected a whole number ≥ 0"
+            ),
+            "`resources.gpus` must be a whole number ≥ 0, found integer `-1`"
+        );
+        assert_eq!(
+            describe_type_error(
+                Some("python"),
+                "invalid type: string \"x\", expected struct RawPython"
+            ),
+            "`python` must be a table ([python]), found string \"x\""
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! The job file end to end: valid files, every kind of error as the user sees
+//! it, and overrides. Paths are checked against this repository, whose
+//! `examples/quickstart` is the job the tests load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bridge_proto::v1::{JobSpec, PythonEnv, python_env};
+
+use super::{from_str, load};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn parse(text: &str, sets: &[&str]) -> Result<JobSpec, super::SpecError> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    from_str(text, Path::new("train.toml"), &repo(), &sets)
+}
+
+/// The message the user sees for `text` with `sets`.
+fn error(text: &str, sets: &[&str]) -> String {
+    match parse(text, sets) {
+        Ok(spec) => panic!("accepted: {spec:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The quickstart, in a workdir with real files to point at.
+const QS: &str = "run = \"python train.py\"\nworkdir = \"examples/quickstart\"\n";
+
+#[test]
+fn the_quickstart_job_file() {
+    let path = repo().join("examples/quickstart/train.toml");
+    let loaded = load(&path, &repo(), &[]).unwrap();
+    assert_eq!(loaded.path, path);
+    assert_eq!(
+        loaded.spec,
+        JobSpec {
+            name: "digits".into(),
+            run: "python train.py --epochs 10 --lr 0.1".into(),
+            workdir: "examples/quickstart".into(),
+            env: HashMap::from([("SEED".into(), "1".into())]),
+            python: Some(PythonEnv {
+                kind: python_env::Kind::Requirements as i32,
+                file: "examples/quickstart/requirements.txt".into(),
+            }),
+            outputs: vec!["outputs/".into(), "mlruns/".into()],
+            ..Default::default()
+        }
+    );
+    // A directory means the train.toml in it.
+    let dir = load(&repo().join("examples/quickstart"), &repo(), &[]).unwrap();
+    assert_eq!(dir.path, path);
+}
+
+#[test]
+fn paths_are_normalised() {
+    let spec = parse(
+        r#"
+        run = "sh -c true"
+        workdir = "./examples//quickstart/"
+        setup = "  pip download -r requirements.txt  "
+        setup_inputs = ["./requirements.txt", "../quickstart/train.py"]
+        [python]
+        pyproject = "../quickstart/./train.py"
+        [resources]
+        gpus = 2
+        [outputs]
+        paths = ["./outputs", "mlruns/", "a/../b/.", "c//d/"]
+        local = "./runs/{job}/"
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(spec.name, "train", "the default name is the file stem");
+    assert_eq!(spec.workdir, "examples/quickstart");
+    assert_eq!(spec.setup, "pip download -r requirements.txt");
+    assert_eq!(
+        spec.setup_inputs,
+        [
+            "examples/quickstart/requirements.txt",
+            "examples/quickstart/train.py"
+        ]
+    );
+    assert_eq!(
+        spec.python,
+        Some(PythonEnv {
+            kind: python_env::Kind::Pyproject as i32,
+            file: "examples/quickstart/train.py".into()
+        })
+    );
+    assert_eq!(spec.gpus, 2);
+    assert_eq!(spec.outputs, ["outputs", "mlruns/", "b/", "c/d/"]);
+    assert_eq!(spec.outputs_local, "runs/{job}/");
+
+    let root = parse(
+        "run = \"x\"\nworkdir = \".\"\n[outputs]\npaths = [\"out/\"]",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(root.workdir, "");
+    assert_eq!(root.outputs, ["out/"]);
+}
+
+#[test]
+fn missing_file() {
+    let e = load(Path::new("no/such/train.toml"), &repo(), &[]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no/such/train.toml: no such file (run from the repository, or give the path to the job file)"
+    );
+}
+
+#[test]
+fn toml_syntax_errors_point_at_the_line() {
+    assert_eq!(
+        error("name = \"x\"\nrun = python train.py\n", &[]),
+        "train.toml:2:7: string values must be quoted, expected literal string\n \
+         2 | run = python train.py\n   |       ^^^^^^^^^^^^^^^"
+    );
+    assert_eq!(
+        error("run = \"a\"\nrun = \"b\"\n", &[]),
+        "train.toml:2:1: duplicate key\n 2 | run = \"b\"\n   | ^^^"
+    );
+}
+
+#[test]
+fn wrong_types_say_what_is_expected() {
+    assert_eq!(
+        error("run = \"x\"\n[resources]\ngpus = \"two\"\n", &[]),
+        "train.toml:3:8: `resources.gpus` must be a whole number ≥ 0, found string \"two\"\n \
+         3 | gpus = \"two\"\n   |        ^^^^^"
+    );
+    assert_eq!(
+        error("run = \"x\"\n[resources]\ngpus = -1\n", &[]),
+        "train.toml:3:8: `resources.gpus` must be a whole number ≥ 0, found integer `-1`\n \
+         3 | gpus = -1\n   |        ^^"
+    );
+    assert_eq!(
+        error("run = \"x\"\n[env]\nSEED = 1\n", &[]),
+        "train.toml:3:8: `env.SEED` must be a string, found integer `1` \
+         (environment values are strings: quote it, SEED = \"…\")\n 3 | SEED = 1\n   |        ^"
+    );
+    assert_eq!(
+        error("run = \"x\"\nsetup_inputs = \"a.sh\"\n", &[]),
+        "train.toml:2:16: `setup_inputs` must be an array of strings, e.g. [\"a\", \"b\"], \
+         found string \"a.sh\"\n 2 | setup_inputs = \"a.sh\"\n   |                ^^^^^^"
+    );
+    assert_eq!(
+        error("run = [\"python\", \"x.py\"]\n", &[]),
+        "train.toml:1:7: `run` must be a string, found array\n \
+         1 | run = [\"python\", \"x.py\"]\n   |       ^^^^^^^^^^^^^^^^^^"
+    );
+}
+
+#[test]
+fn unknown_keys_suggest_the_known_one() {
+    assert_eq!(
+        error("rn = \"python train.py\"\n", &[]),
+        "train.toml:1:1: unknown key `rn`, did you mean `run`?\n 1 | rn = \"python train.py\"\n   | ^^"
+    );
+    assert_eq!(
+        error(&format!("{QS}[python]\nreqirements = \"r.txt\"\n"), &[]),
+        "train.toml:4:1: unknown key `reqirements` in [python], did you mean `requirements`?\n \
+         4 | reqirements = \"r.txt\"\n   | ^^^^^^^^^^^"
+    );
+    assert_eq!(
+        error("run = \"x\"\n[resources]\nGPUs = 1\n", &[]),
+        "train.toml:3:1: unknown key `GPUs` in [resources], did you mean `gpus`?\n \
+         3 | GPUs = 1\n   | ^^^^"
+    );
+    assert_eq!(
+        error("run = \"x\"\n[outputs]\npath = [\"o/\"]\n", &[]),
+        "train.toml:3:1: unknown key `path` in [outputs], did you mean `paths`?\n \
+         3 | path = [\"o/\"]\n   | ^^^^"
+    );
+    // A sub-table's key at the top level.
+    assert_eq!(
+        error("run = \"x\"\ngpus = 1\n", &[]),
+        "train.toml:2:1: unknown key `gpus`, did you mean `resources.gpus`?\n 2 | gpus = 1\n   | ^^^^"
+    );
+    // Nothing close: the list of keys instead.
+    assert_eq!(
+        error("run = \"x\"\ncolour = \"blue\"\n", &[]),
+        "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, setup, \
+         setup_inputs, env, python, resources, outputs)\n 2 | colour = \"blue\"\n   | ^^^^^^"
+    );
+}
+
+#[test]
+fn semantic_errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "name = \"x\"\n",
+            "train.toml: `run` is missing: add the command the job runs, e.g. run = \"python train.py\"",
+        ),
+        (
+            "run = \"  \"\n",
+            "train.toml:1:7: `run` is empty: give the command the job runs, e.g. run = \"python train.py\"\n \
+             1 | run = \"  \"\n   |       ^^^^",
+        ),
+        (
+            "run = \"x\"\nworkdir = \"/work\"\n",
+            "train.toml:2:11: `workdir` = \"/work\" is absolute; give it relative to the repository root\n \
+             2 | workdir = \"/work\"\n   |           ^^^^^^^",
+        ),
+        (
+            "run = \"x\"\nworkdir = \"examples/../..\"\n",
+            "train.toml:2:11: `workdir` = \"examples/../..\" leaves the repository (too many `..`)\n \
+             2 | workdir = \"examples/../..\"\n   |           ^^^^^^^^^^^^^^^^",
+        ),
+        ("run = \"x\"\nworkdir = \"no/such/dir\"\n", "no such dir"),
+        (
+            &format!("{QS}[python]\nrequirements = \"missing.txt\"\n"),
+            "missing file",
+        ),
+        (
+            &format!("{QS}[python]\nrequirements = \"requirements.txt\"\nconda = \"env.yml\"\n"),
+            "train.toml:5:9: `python` has both `requirements` and `conda`: give exactly one environment\n \
+             5 | conda = \"env.yml\"\n   |         ^^^^^^^^^",
+        ),
+        (
+            &format!("{QS}[python]\n"),
+            "train.toml:3:1: `python` needs one of `requirements`, `pyproject` or `conda`, \
+             e.g. requirements = \"requirements.txt\"\n 3 | [python]\n   | ^^^^^^^^",
+        ),
+        (
+            &format!("{QS}[python]\nrequirements = \"../../.git/config\"\n"),
+            "train.toml:4:16: `python.requirements` = \"../../.git/config\" is inside .git/, which is never synced\n \
+             4 | requirements = \"../../.git/config\"\n   |                ^^^^^^^^^^^^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[env]\n\"MY-VAR\" = \"1\"\n",
+            "train.toml:3:1: `env.MY-VAR` is not a valid variable name (letters, digits and '_', \
+             not starting with a digit)\n 3 | \"MY-VAR\" = \"1\"\n   | ^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[env]\nBRIDGE_JOB = \"1\"\n",
+            "train.toml:3:1: `env.BRIDGE_JOB` is reserved: bridge sets the BRIDGE_* variables itself\n \
+             3 | BRIDGE_JOB = \"1\"\n   | ^^^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\npaths = [\"./\"]\n",
+            "train.toml:3:10: `outputs.paths` = \"./\" is the whole workdir, which would keep it all out \
+             of the sync; name the directories the job writes, e.g. \"outputs/\"\n \
+             3 | paths = [\"./\"]\n   |          ^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\npaths = [\"\"]\n",
+            "train.toml:3:10: `outputs.paths` = \"\" is empty\n 3 | paths = [\"\"]\n   |          ^^",
+        ),
+        (
+            &format!("{QS}[outputs]\npaths = [\"../out/\"]\n"),
+            "train.toml:4:10: `outputs.paths` = \"../out/\" leaves the workdir: outputs are relative \
+             to the workdir and inside it\n 4 | paths = [\"../out/\"]\n   |          ^^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\npaths = [\"out/\", \"out/models/\"]\n",
+            "train.toml:3:18: `outputs.paths` = \"out/models/\" overlaps \"out/\": list each output once \
+             (the outer directory only)\n 3 | paths = [\"out/\", \"out/models/\"]\n   |                  ^^^^^^^^^^^^^",
+        ),
+        (
+            &format!(
+                "{QS}setup = \"pip install x\"\nsetup_inputs = [\"outputs/\"]\n[outputs]\npaths = [\"outputs/\"]\n"
+            ),
+            "input inside output",
+        ),
+        (
+            "run = \"x\"\nsetup_inputs = [\"Cargo.toml\"]\n",
+            "train.toml:2:17: `setup_inputs` is set but there is no `setup` command (setup inputs only \
+             decide when setup reruns)\n 2 | setup_inputs = [\"Cargo.toml\"]\n   |                 ^^^^^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\npaths = [\"o/\"]\nlocal = \"runs/{id}/\"\n",
+            "train.toml:4:9: `outputs.local` = \"runs/{id}/\": the only placeholder is {job} (the job id)\n \
+             4 | local = \"runs/{id}/\"\n   |         ^^^^^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\npaths = [\"o/\"]\nlocal = \"{job}/\"\n",
+            "train.toml:4:9: `outputs.local` = \"{job}/\" must start with a directory, e.g. \"runs/{job}/\"\n \
+             4 | local = \"{job}/\"\n   |         ^^^^^^^^",
+        ),
+        (
+            "run = \"x\"\n[outputs]\nlocal = \"runs/{job}/\"\n",
+            "train.toml:3:9: `outputs.local` is set but `outputs.paths` is empty: there is nothing to \
+             bring back\n 3 | local = \"runs/{job}/\"\n   |         ^^^^^^^^^^^^^",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = error(text, &[]);
+        match *want {
+            // These mention this machine's paths: check the stable part.
+            "no such dir" => assert!(
+                got.starts_with("train.toml:2:11: `workdir` = \"no/such/dir\" is not a directory of the repository "),
+                "{got}"
+            ),
+            "missing file" => assert!(
+                got.starts_with("train.toml:4:16: `python.requirements` = \"missing.txt\" does not exist (looked for ")
+                    && got.contains("examples/quickstart/missing.txt)"),
+                "{got}"
+            ),
+            "input inside output" => assert!(
+                got.starts_with("train.toml:4:17: `setup_inputs` = \"outputs/\" overlaps the output \
+                                 \"outputs/\", and outputs are not synced to the agent"),
+                "{got}"
+            ),
+            want => assert_eq!(got, want, "for {text:?}"),
+        }
+    }
+}
+
+#[test]
+fn overrides_change_the_spec() {
+    let spec = parse(
+        &format!("{QS}[resources]\ngpus = 1\n[env]\nSEED = \"1\"\n"),
+        &[
+            "resources.gpus=2",
+            "env.LR=0.01",
+            "run=python x.py --epochs 3",
+            "name=2024",
+            "outputs.paths=[\"outputs/\", \"mlruns\"]",
+            "python={requirements=\"requirements.txt\"}",
+        ],
+    )
+    .unwrap();
+    assert_eq!(spec.gpus, 2);
+    assert_eq!(
+        spec.env,
+        HashMap::from([("SEED".into(), "1".into()), ("LR".into(), "0.01".into())])
+    );
+    assert_eq!(spec.run, "python x.py --epochs 3");
+    assert_eq!(spec.name, "2024");
+    assert_eq!(spec.outputs, ["outputs/", "mlruns"]);
+    assert_eq!(
+        spec.python.unwrap().file,
+        "examples/quickstart/requirements.txt"
+    );
+    // A required key may come from an override alone.
+    assert_eq!(parse("", &["run=true"]).unwrap().run, "true");
+}
+
+#[test]
+fn override_errors_name_the_override() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["resoures.gpus=2"],
+            "--set resoures.gpus=2: unknown key `resoures`, did you mean `resources`?",
+        ),
+        (
+            &["resources.gpu=2"],
+            "--set resources.gpu=2: unknown key `gpu` in [resources], did you mean `gpus`?",
+        ),
+        (
+            &["python={requirement=\"r.txt\"}"],
+            "--set python={requirement=\"r.txt\"}: unknown key `requirement` in [python], did you mean `requirements`?",
+        ),
+        (
+            &["resources.gpus=two"],
+            "--set resources.gpus=two: `resources.gpus` must be a whole number ≥ 0, found string \"two\"",
+        ),
+        (
+            &["env.A=1", "run="],
+            "--set run=: `run` is empty: give the command the job runs, e.g. run = \"python train.py\"",
+        ),
+        (
+            &["python.conda=environment.yml"],
+            "--set python.conda=environment.yml: `python` has both `requirements` and `conda`: give exactly one environment",
+        ),
+        (
+            &["gpus"],
+            "--set gpus: expected KEY=VALUE, e.g. --set resources.gpus=2",
+        ),
+    ];
+    let file = format!("{QS}[python]\nrequirements = \"requirements.txt\"\n");
+    for (sets, want) in cases {
+        assert_eq!(error(&file, sets), *want, "for {sets:?}");
+    }
+}

@@ -1,0 +1,719 @@
+//! The daemon's side of jobs: it relays the CLI's job calls to the agent over
+//! the engine's current connection (waiting out reconnects), submits through
+//! the engine's barrier, and pulls every job's outputs back into the local
+//! tree while the job runs and once more when it has ended.
+//!
+//! Outputs flow with the sync's chunk rules in the other direction: the agent
+//! lists each output file's chunks, the daemon asks only for chunks the local
+//! file at that path lacks, writes a temporary file beside the destination and
+//! renames it into place. A pull only adds and replaces files: outputs of
+//! several jobs (an MLflow `mlruns/`) merge into one local directory.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridge_proto::chunking::{ChunkRef, hash_from_bytes};
+use bridge_proto::index::{Cached, HashOutcome, hash_file};
+use bridge_proto::path::RelPath;
+use bridge_proto::scan::{FileKind, Stat};
+use bridge_proto::v1::{self, JobInfo, JobState};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Code, Status};
+
+use crate::engine::{AgentLink, Command, Shared};
+
+/// How often a running job's outputs are looked at.
+const PULL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the daemon looks for jobs whose outputs are not all back.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a call waits for the engine to (re)connect.
+const LINK_WAIT: Duration = Duration::from_secs(30);
+/// Chunks asked for in one request (bounds the memory of a pull).
+const CHUNK_WINDOW: usize = 64;
+
+pub fn terminal(s: JobState) -> bool {
+    matches!(
+        s,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
+    )
+}
+
+pub struct Relay {
+    shared: Arc<Shared>,
+    repo: PathBuf,
+    mirror: String,
+    cmds: mpsc::Sender<Command>,
+    /// Jobs whose outputs a puller task is bringing back now.
+    pulling: Mutex<HashSet<String>>,
+}
+
+/// What one pull brought back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pulled {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Where a job's outputs land locally, relative to the repository.
+pub fn destination(spec: &v1::JobSpec, job: &str) -> String {
+    let local = spec.outputs_local.trim_matches('/');
+    if local.is_empty() {
+        spec.workdir
+            .trim_matches('/')
+            .trim_start_matches('.')
+            .to_string()
+    } else {
+        local.replace("{job}", job)
+    }
+}
+
+/// The repository-relative paths a job's outputs may land in: never synced up.
+pub fn excluded_paths(spec: &v1::JobSpec) -> Result<Vec<RelPath>, Status> {
+    let bad = |e: bridge_proto::path::PathError, p: &str| {
+        Status::invalid_argument(format!("output path {p:?}: {e}"))
+    };
+    let local = spec.outputs_local.trim_matches('/');
+    if !local.is_empty() {
+        let prefix = local
+            .split("{job}")
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('/');
+        if prefix.is_empty() {
+            return Err(Status::invalid_argument(
+                "outputs.local must start with a directory, e.g. \"runs/{job}/\"",
+            ));
+        }
+        return Ok(vec![RelPath::new(prefix).map_err(|e| bad(e, prefix))?]);
+    }
+    let workdir = spec.workdir.trim_matches('/').trim_start_matches('.');
+    spec.outputs
+        .iter()
+        .map(|o| {
+            let o = o.trim_matches('/');
+            let p = if workdir.is_empty() {
+                o.to_string()
+            } else {
+                format!("{workdir}/{o}")
+            };
+            RelPath::new(&p).map_err(|e| bad(e, &p))
+        })
+        .collect()
+}
+
+impl Relay {
+    pub fn new(
+        shared: Arc<Shared>,
+        repo: PathBuf,
+        mirror: String,
+        cmds: mpsc::Sender<Command>,
+    ) -> Relay {
+        Relay {
+            shared,
+            repo,
+            mirror,
+            cmds,
+            pulling: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The engine's current connection, waiting up to [`LINK_WAIT`] for one.
+    pub async fn link(&self) -> Result<AgentLink, Status> {
+        let mut rx = self.shared.agent.subscribe();
+        let wait = rx.wait_for(|l| l.is_some());
+        match tokio::time::timeout(LINK_WAIT, wait).await {
+            Ok(Ok(l)) => Ok(l.clone().expect("waited for Some")),
+            _ => {
+                let why = self
+                    .shared
+                    .status
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_error.clone())
+                    .unwrap_or_else(|| "still connecting".into());
+                Err(Status::unavailable(format!(
+                    "the agent is not reachable: {why}"
+                )))
+            }
+        }
+    }
+
+    /// Flushes the sync, submits against the verified generation, and starts
+    /// pulling the job's outputs.
+    pub async fn submit(self: &Arc<Self>, spec: v1::JobSpec) -> Result<JobInfo, Status> {
+        let outputs = excluded_paths(&spec)?;
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Submit {
+                spec: Box::new(spec),
+                outputs,
+                reply,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the daemon is shutting down"))?;
+        let info = rx
+            .await
+            .map_err(|_| Status::unavailable("the daemon stopped before submitting"))??;
+        self.ensure_puller(&info);
+        Ok(info)
+    }
+
+    /// The connection failed: have the engine find out now (a round on a
+    /// dead connection reconnects, restarting the agent if it is gone)
+    /// rather than at the next edit.
+    fn poke(&self) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.cmds.try_send(Command::Sync {
+            verify: false,
+            reply,
+        });
+    }
+
+    /// Retries `f` over reconnects for calls that are safe to repeat.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(AgentLink) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut tries = 0;
+        loop {
+            let link = self.link().await?;
+            match f(link).await {
+                Err(s) if retryable(&s) && tries < 40 => {
+                    tries += 1;
+                    self.poke();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<JobInfo, Status> {
+        let id = id.to_string();
+        self.call(|l| {
+            let id = id.clone();
+            async move { Ok(l.jobs().get(v1::JobRef { id }).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list(&self, all: bool) -> Result<Vec<JobInfo>, Status> {
+        let mirror = self.mirror.clone();
+        self.call(|l| {
+            let mirror = mirror.clone();
+            async move {
+                Ok(l.jobs()
+                    .list(v1::ListRequest { mirror, all })
+                    .await?
+                    .into_inner()
+                    .jobs)
+            }
+        })
+        .await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobInfo, Status> {
+        let link = self.link().await?;
+        Ok(link
+            .jobs()
+            .cancel(v1::JobRef { id: id.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn gpus(&self) -> Result<v1::GpuList, Status> {
+        let link = self.link().await?;
+        Ok(link.jobs().gpus(v1::GpusRequest {}).await?.into_inner())
+    }
+
+    /// Streams the job's log into `tx` from `req.offset`, resuming over
+    /// agent reconnects from the last offset sent.
+    pub async fn logs(&self, req: v1::LogsRequest, tx: mpsc::Sender<Result<v1::LogChunk, Status>>) {
+        let mut req = req;
+        let mut failures = 0;
+        loop {
+            let link = match self.link().await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut stream = match link.jobs().logs(req.clone()).await {
+                Ok(s) => s.into_inner(),
+                Err(s) if retryable(&s) && failures < 40 => {
+                    failures += 1;
+                    self.poke();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(c)) => {
+                        failures = 0;
+                        req.offset = c.next_offset;
+                        req.tail_lines = 0;
+                        if tx.send(Ok(c)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) if retryable(&s) && failures < 40 => {
+                        failures += 1;
+                        self.poke();
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        break;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cancels this repository's active jobs and waits (bounded) for them to
+    /// end: `bridge down` leaves nothing running on the agent.
+    pub async fn cancel_all(&self) {
+        let Some(link) = self.shared.agent.borrow().clone() else {
+            return;
+        };
+        let Ok(list) = link
+            .jobs()
+            .list(v1::ListRequest {
+                mirror: self.mirror.clone(),
+                all: false,
+            })
+            .await
+        else {
+            return;
+        };
+        let active = list.into_inner().jobs;
+        for j in &active {
+            let _ = link.jobs().cancel(v1::JobRef { id: j.id.clone() }).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        for j in &active {
+            while tokio::time::Instant::now() < deadline {
+                match link.jobs().get(v1::JobRef { id: j.id.clone() }).await {
+                    Ok(r) if !terminal(r.get_ref().state()) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if !active.is_empty() {
+            tracing::info!(
+                jobs = active.len(),
+                "cancelled the running jobs before stopping the agent"
+            );
+        }
+    }
+
+    /// Returns once the job has ended and its outputs are back.
+    pub async fn wait(self: &Arc<Self>, id: &str) -> Result<JobInfo, Status> {
+        loop {
+            let info = self.get(id).await?;
+            let no_outputs = info.spec.as_ref().is_none_or(|s| s.outputs.is_empty());
+            if terminal(info.state()) && (no_outputs || info.outputs_pulled) {
+                return Ok(info);
+            }
+            if terminal(info.state()) {
+                self.ensure_puller(&info);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fetches the job's outputs again, whatever was pulled before.
+    pub async fn pull(&self, id: &str) -> Result<(Pulled, String), Status> {
+        let info = self.get(id).await?;
+        let spec = info.spec.clone().unwrap_or_default();
+        if spec.outputs.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "job {id} declares no outputs ([outputs] paths in its job file)"
+            )));
+        }
+        let link = self.link().await?;
+        let mut puller = Puller::new(&self.repo, &info);
+        let manifest = link
+            .jobs()
+            .outputs(v1::JobRef { id: id.to_string() })
+            .await?
+            .into_inner();
+        let got = puller.apply(&link, &manifest).await?;
+        Ok((got, destination(&spec, &info.id)))
+    }
+
+    fn ensure_puller(self: &Arc<Self>, info: &JobInfo) {
+        if info.spec.as_ref().is_none_or(|s| s.outputs.is_empty()) || info.outputs_pulled {
+            return;
+        }
+        if !self
+            .pulling
+            .lock()
+            .expect("pulling")
+            .insert(info.id.clone())
+        {
+            return;
+        }
+        let me = self.clone();
+        let info = info.clone();
+        tokio::spawn(async move {
+            let id = info.id.clone();
+            me.pull_until_done(info).await;
+            me.pulling.lock().expect("pulling").remove(&id);
+        });
+    }
+
+    /// Pulls while the job runs, then once more from the final manifest, and
+    /// tells the agent the outputs are back.
+    async fn pull_until_done(&self, info: JobInfo) {
+        let mut puller = Puller::new(&self.repo, &info);
+        let job = v1::JobRef {
+            id: info.id.clone(),
+        };
+        loop {
+            let step = async {
+                let link = self.link().await?;
+                let manifest = link.jobs().outputs(job.clone()).await?.into_inner();
+                let got = puller.apply(&link, &manifest).await?;
+                if got.files > 0 {
+                    tracing::debug!(job = %job.id, files = got.files, bytes = got.bytes, "outputs pulled");
+                }
+                if manifest.complete {
+                    link.jobs().mark_pulled(job.clone()).await?;
+                }
+                Ok::<bool, Status>(manifest.complete)
+            };
+            match step.await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(s) if s.code() == Code::NotFound => {
+                    tracing::warn!(job = %job.id, error = %s.message(), "cannot pull outputs");
+                    return;
+                }
+                Err(s) => {
+                    if retryable(&s) {
+                        self.poke();
+                    }
+                    tracing::warn!(job = %job.id, error = %s.message(), "output pull failed; retrying");
+                    tokio::time::sleep(SCAN_INTERVAL).await;
+                    continue;
+                }
+            }
+            tokio::time::sleep(PULL_INTERVAL).await;
+        }
+        // A job may have written into files it shared with the mirror: have
+        // the engine check the mirror's root (and repair it).
+        let (reply, _) = oneshot::channel();
+        let _ = self
+            .cmds
+            .send(Command::Sync {
+                verify: true,
+                reply,
+            })
+            .await;
+    }
+
+    /// Background task: finds jobs of this repository whose outputs are not
+    /// all back (submitted before a daemon restart, or by another client) and
+    /// pulls them.
+    pub async fn pull_outputs(self: Arc<Self>, mut stop: watch::Receiver<Option<bool>>) {
+        loop {
+            if self.shared.agent.borrow().is_some()
+                && let Ok(jobs) = self.list(true).await
+            {
+                for j in jobs {
+                    self.ensure_puller(&j);
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| s.is_some()) => return,
+                _ = tokio::time::sleep(SCAN_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// One job's pull state: what is already local, by path.
+struct Puller {
+    /// Where the outputs land.
+    base: PathBuf,
+    /// The declared output paths (relative to the job's workdir).
+    declared: Vec<String>,
+    /// Content hash already in place per path.
+    done: HashMap<String, Vec<u8>>,
+    /// Stat and chunks of files this puller wrote (so reusing their chunks
+    /// needs no rehash while nobody touched them).
+    written: HashMap<String, Cached>,
+}
+
+impl Puller {
+    fn new(repo: &Path, info: &JobInfo) -> Puller {
+        let spec = info.spec.clone().unwrap_or_default();
+        let dest = destination(&spec, &info.id);
+        Puller {
+            base: if dest.is_empty() {
+                repo.to_path_buf()
+            } else {
+                repo.join(dest)
+            },
+            declared: spec
+                .outputs
+                .iter()
+                .map(|o| o.trim_matches('/').to_string())
+                .collect(),
+            done: HashMap::new(),
+            written: HashMap::new(),
+        }
+    }
+
+    fn allowed(&self, path: &str) -> bool {
+        RelPath::new(path).is_ok()
+            && self.declared.iter().any(|d| {
+                path == d
+                    || path
+                        .strip_prefix(d.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+    }
+
+    /// Brings the local tree up to `manifest`.
+    async fn apply(
+        &mut self,
+        link: &AgentLink,
+        manifest: &v1::OutputManifest,
+    ) -> Result<Pulled, Status> {
+        let job = manifest
+            .job
+            .as_ref()
+            .map(|j| j.id.clone())
+            .unwrap_or_default();
+        let mut got = Pulled::default();
+        for e in &manifest.entries {
+            if !self.allowed(&e.path) {
+                tracing::warn!(path = %e.path, "agent listed an output outside the declared paths; ignored");
+                continue;
+            }
+            let dest = self.base.join(&e.path);
+            if let Err(why) = no_symlink_between(&self.base, &dest) {
+                tracing::warn!(path = %dest.display(), why, "output not written");
+                continue;
+            }
+            match e.kind() {
+                v1::Kind::Dir => {
+                    fs::create_dir_all(&dest).map_err(|err| io_status(&dest, err))?;
+                }
+                v1::Kind::Symlink => {
+                    if e.target.starts_with('/') {
+                        tracing::warn!(path = %e.path, "absolute symlink target in outputs; ignored");
+                        continue;
+                    }
+                    if fs::read_link(&dest).is_ok_and(|t| t == Path::new(&e.target)) {
+                        continue;
+                    }
+                    if let Some(parent) = dest.parent() {
+                        fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
+                    }
+                    if Stat::lstat(&dest).is_ok_and(|s| s.kind != FileKind::Dir) {
+                        let _ = fs::remove_file(&dest);
+                    }
+                    std::os::unix::fs::symlink(&e.target, &dest)
+                        .map_err(|err| io_status(&dest, err))?;
+                }
+                v1::Kind::File => {
+                    if self.done.get(&e.path).is_some_and(|h| h[..] == e.hash[..]) {
+                        continue;
+                    }
+                    let bytes = self.pull_file(link, &job, e, &dest).await?;
+                    self.done.insert(e.path.clone(), e.hash.to_vec());
+                    got.files += 1;
+                    got.bytes += bytes;
+                }
+                v1::Kind::Unspecified => {}
+            }
+        }
+        Ok(got)
+    }
+
+    /// Writes one output file: chunks the local file already has are copied
+    /// from it, the rest are fetched in windows. Returns bytes received.
+    async fn pull_file(
+        &mut self,
+        link: &AgentLink,
+        job: &str,
+        e: &v1::OutputEntry,
+        dest: &Path,
+    ) -> Result<u64, Status> {
+        let chunks: Vec<ChunkRef> = e
+            .chunk_ids
+            .iter()
+            .zip(&e.chunk_lens)
+            .map(|(id, &len)| {
+                hash_from_bytes(id)
+                    .map(|id| ChunkRef { id, len })
+                    .ok_or_else(|| Status::internal("malformed chunk id in output manifest"))
+            })
+            .collect::<Result<_, _>>()?;
+        // Chunks the current local file holds, by id → offset.
+        let local = self.local_chunks(&e.path, dest).await;
+        if local
+            .as_ref()
+            .is_some_and(|c| c.hash.as_bytes()[..] == e.hash[..])
+        {
+            return Ok(0);
+        }
+        let mut have: HashMap<blake3::Hash, (u64, u32)> = HashMap::new();
+        if let Some(c) = &local {
+            let mut off = 0u64;
+            for r in c.chunks.iter() {
+                have.entry(r.id).or_insert((off, r.len));
+                off += r.len as u64;
+            }
+        }
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
+        if Stat::lstat(dest).is_ok_and(|s| s.kind == FileKind::Dir) {
+            return Err(Status::failed_precondition(format!(
+                "cannot write output {}: a directory is in the way",
+                dest.display()
+            )));
+        }
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = parent.join(format!(".{name}.bridge-pull"));
+        let mut out = File::create(&tmp).map_err(|err| io_status(&tmp, err))?;
+        let old = local.as_ref().and_then(|_| File::open(dest).ok());
+        let mut received = 0u64;
+        let result: Result<(), Status> = async {
+            for (w, window) in chunks.chunks(CHUNK_WINDOW).enumerate() {
+                let first = w * CHUNK_WINDOW;
+                let mut bodies: HashMap<u32, Vec<u8>> = HashMap::new();
+                // Reuse local chunks, verified (the file may have changed).
+                for (k, c) in window.iter().enumerate() {
+                    if let (Some(&(off, len)), Some(f)) = (have.get(&c.id), old.as_ref()) {
+                        let mut b = vec![0u8; len as usize];
+                        if f.read_exact_at(&mut b, off).is_ok() && blake3::hash(&b) == c.id {
+                            bodies.insert((first + k) as u32, b);
+                        }
+                    }
+                }
+                let need: Vec<u32> = (first..first + window.len())
+                    .map(|i| i as u32)
+                    .filter(|i| !bodies.contains_key(i))
+                    .collect();
+                if !need.is_empty() {
+                    let mut s = link
+                        .jobs()
+                        .read_chunks(v1::ReadChunksRequest {
+                            id: job.to_string(),
+                            path: e.path.clone(),
+                            hash: e.hash.clone(),
+                            indexes: need,
+                        })
+                        .await?
+                        .into_inner();
+                    while let Some(b) = s.message().await? {
+                        let c = chunks
+                            .get(b.index as usize)
+                            .ok_or_else(|| Status::internal("chunk index out of range"))?;
+                        if blake3::hash(&b.data) != c.id {
+                            return Err(Status::data_loss("an output chunk did not match its id"));
+                        }
+                        received += b.data.len() as u64;
+                        bodies.insert(b.index, b.data.to_vec());
+                    }
+                }
+                for k in 0..window.len() {
+                    let b = bodies
+                        .remove(&((first + k) as u32))
+                        .ok_or_else(|| Status::aborted("the agent did not send every chunk"))?;
+                    out.write_all(&b).map_err(|err| io_status(&tmp, err))?;
+                }
+            }
+            let mode = if e.executable { 0o755 } else { 0o644 };
+            out.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|err| io_status(&tmp, err))?;
+            out.sync_data().map_err(|err| io_status(&tmp, err))?;
+            fs::rename(&tmp, dest).map_err(|err| io_status(dest, err))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        if let Ok(st) = Stat::lstat(dest) {
+            let d = bridge_proto::chunking::Digest {
+                chunks,
+                hash: hash_from_bytes(&e.hash).unwrap_or(blake3::hash(b"")),
+                size: e.size,
+            };
+            self.written.insert(e.path.clone(), Cached::new(&st, d));
+        }
+        Ok(received)
+    }
+
+    /// The chunk list of the local file at `dest`, from what this puller
+    /// wrote when its stat still matches, else by hashing it.
+    async fn local_chunks(&self, rel: &str, dest: &Path) -> Option<Cached> {
+        let st = Stat::lstat(dest).ok()?;
+        if st.kind != FileKind::File {
+            return None;
+        }
+        if let Some(c) = self.written.get(rel)
+            && c.matches(&st)
+        {
+            return Some(c.clone());
+        }
+        let p = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || match hash_file(&p, 3, |_, _| {}) {
+            Ok(HashOutcome::Hashed(st, d)) => Some(Cached::new(&st, d)),
+            _ => None,
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+fn io_status(p: &Path, e: std::io::Error) -> Status {
+    Status::internal(format!("{}: {e}", p.display()))
+}
+
+/// Refuses a destination with a symlink between `base` and it: an output
+/// must never be written through a link out of the tree.
+fn no_symlink_between(base: &Path, dest: &Path) -> Result<(), &'static str> {
+    let Ok(rest) = dest.strip_prefix(base) else {
+        return Err("outside the destination");
+    };
+    let mut cur = base.to_path_buf();
+    let comps: Vec<_> = rest.components().collect();
+    for c in comps.iter().take(comps.len().saturating_sub(1)) {
+        cur.push(c);
+        if Stat::lstat(&cur).is_ok_and(|s| s.kind == FileKind::Symlink) {
+            return Err("a parent directory is a symlink");
+        }
+    }
+    Ok(())
+}
