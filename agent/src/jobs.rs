@@ -45,6 +45,8 @@ use crate::shim::{Phase, PythonKind, PythonSpec, SetupSpec, ShimExit, ShimSpec, 
 pub const POLL: Duration = Duration::from_millis(20);
 /// SIGTERM → SIGKILL grace on cancel (and for leftovers when a job ends).
 pub const GRACE: Duration = Duration::from_secs(10);
+/// How long a queued job waits for its damaged snapshot files to be restored.
+pub const RESTORE_WAIT: Duration = Duration::from_secs(120);
 /// Finished jobs whose trees (and so outputs) are kept for `bridge pull`.
 pub const KEEP_TREES: usize = 20;
 
@@ -71,6 +73,9 @@ struct Inner {
     /// SIGKILL deadlines of jobs being cancelled.
     kill_at: HashMap<u64, Instant>,
     outputs: HashMap<u64, outputs::Outputs>,
+    /// Queued jobs held back until their snapshot's copies of files another
+    /// job wrote in place are restored (what they should contain, since when).
+    repairs: HashMap<u64, (Vec<(RelPath, bridge_proto::index::Cached)>, Instant)>,
 }
 
 pub fn now_ms() -> u64 {
@@ -329,6 +334,9 @@ impl Jobs {
             .collect();
         let mut gpu_blocked = false;
         for id in queued {
+            if inner.repairs.contains_key(&id) {
+                continue;
+            }
             let want = inner.records[&id]
                 .info
                 .as_ref()
@@ -492,6 +500,9 @@ impl Jobs {
     /// that vanished, cancel deadlines. Then starts what can start.
     pub fn poll(&self, state: &Mutex<State>) {
         let mut ended_any = false;
+        // Mirror repairs wait until the job table is unlocked: the lock order
+        // is the agent state first, then the job table.
+        let mut damaged: Vec<(String, Vec<snapshot::Damage>)> = Vec::new();
         {
             let Ok(mut inner) = self.inner.lock() else {
                 return;
@@ -505,7 +516,7 @@ impl Jobs {
             for id in active {
                 let dir = self.job_dir(id);
                 if let Some(exit) = read_json::<ShimExit>(&dir.join("exit.json")) {
-                    let rec = &inner.records[&id];
+                    let rec = inner.records.get_mut(&id).expect("active");
                     let cancelled = rec.cancel_requested;
                     let code = exit.code.or(exit.signal.map(|s| 128 + s));
                     let end = if cancelled {
@@ -518,21 +529,55 @@ impl Jobs {
                     let changed =
                         snapshot::modified_in_place(&dir.join("tree"), &dir.join("snapshot.index"));
                     if !changed.is_empty() {
-                        let mirror = rec
-                            .info
-                            .as_ref()
-                            .map(|i| i.mirror.clone())
-                            .unwrap_or_default();
-                        let names: Vec<String> = changed.iter().map(|p| p.to_string()).collect();
+                        let info = rec.info.as_mut().expect("info");
+                        let names: Vec<String> =
+                            changed.iter().map(|d| d.path.to_string()).collect();
                         let line = format!(
-                            "bridge: this job wrote into {} in place; the agent's mirror shared {} and is being repaired\n",
+                            "bridge: this job wrote into {} in place; the agent's mirror and queued \
+                             jobs shared {} and are being repaired\n",
                             names.join(", "),
                             if names.len() == 1 { "it" } else { "them" }
                         );
                         if let Ok(w) = LogWriter::open(&dir.join("log")) {
                             let _ = w.write(3, line.as_bytes());
                         }
-                        repair_mirror(state, &mirror, &changed);
+                        info.modified_in_place = names;
+                        // Queued snapshots that share a damaged inode wait
+                        // for their copy to be restored.
+                        let queued: Vec<u64> = inner
+                            .records
+                            .iter()
+                            .filter(|(_, r)| state_of(r) == JobState::Queued)
+                            .map(|(&q, _)| q)
+                            .collect();
+                        for q in queued {
+                            let qd = self.job_dir(q);
+                            let hit = snapshot::affected(
+                                &qd.join("tree"),
+                                &qd.join("snapshot.index"),
+                                &changed,
+                            );
+                            if !hit.is_empty() {
+                                tracing::warn!(
+                                    job = q,
+                                    damaged_by = id,
+                                    files = hit.len(),
+                                    "queued snapshot shares files written in place"
+                                );
+                                inner
+                                    .repairs
+                                    .entry(q)
+                                    .or_insert_with(|| (Vec::new(), Instant::now()))
+                                    .0
+                                    .extend(hit);
+                            }
+                        }
+                        let mirror = inner.records[&id]
+                            .info
+                            .as_ref()
+                            .map(|i| i.mirror.clone())
+                            .unwrap_or_default();
+                        damaged.push((mirror, changed));
                     }
                     self.finish(&mut inner, id, end, code, exit.reason.clone());
                     ended_any = true;
@@ -575,9 +620,71 @@ impl Jobs {
                 self.prune_trees(&mut inner);
             }
         }
-        if ended_any {
+        for (mirror, changed) in &damaged {
+            let paths: Vec<RelPath> = changed.iter().map(|d| d.path.clone()).collect();
+            repair_mirror(state, mirror, &paths);
+        }
+        let restored = self.restore_snapshots(state);
+        if ended_any || restored {
             self.schedule();
         }
+    }
+
+    /// Rewrites queued snapshots' copies of files another job wrote in
+    /// place, from the chunk store; a job whose copy cannot be restored in
+    /// [`RESTORE_WAIT`] fails with the reason. True when a job was released.
+    fn restore_snapshots(&self, state: &Mutex<State>) -> bool {
+        let pending: Vec<(u64, Vec<(RelPath, bridge_proto::index::Cached)>, Instant)> =
+            match self.inner.lock() {
+                Ok(inner) if !inner.repairs.is_empty() => inner
+                    .repairs
+                    .iter()
+                    .map(|(&id, (files, since))| (id, files.clone(), *since))
+                    .collect(),
+                _ => return false,
+            };
+        let mut outcome = Vec::new();
+        if let Ok(mut st) = state.lock() {
+            for (id, files, since) in pending {
+                let tree = self.job_dir(id).join("tree");
+                let left: Vec<_> = files
+                    .into_iter()
+                    .filter(|(p, c)| {
+                        !matches!(snapshot::restore(&mut st.store, &tree, p, c), Ok(true))
+                    })
+                    .collect();
+                outcome.push((id, left, since));
+            }
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        let mut released = false;
+        for (id, left, since) in outcome {
+            if left.is_empty() {
+                inner.repairs.remove(&id);
+                tracing::info!(job = id, "queued snapshot restored");
+                released = true;
+            } else if since.elapsed() > RESTORE_WAIT {
+                inner.repairs.remove(&id);
+                let names: Vec<String> = left.iter().map(|(p, _)| p.to_string()).collect();
+                self.finish(
+                    &mut inner,
+                    id,
+                    JobState::Failed,
+                    None,
+                    format!(
+                        "another job wrote in place into {} which this job's snapshot shared, and \
+                         the original content could not be restored; resubmit",
+                        names.join(", ")
+                    ),
+                );
+                released = true;
+            } else if let Some(r) = inner.repairs.get_mut(&id) {
+                r.0 = left;
+            }
+        }
+        released
     }
 
     /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs.

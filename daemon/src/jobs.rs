@@ -50,6 +50,9 @@ pub struct Relay {
     cmds: mpsc::Sender<Command>,
     /// Jobs whose outputs a puller task is bringing back now.
     pulling: Mutex<HashSet<String>>,
+    /// Jobs that wrote into files shared with the mirror, whose repair the
+    /// engine has been asked for.
+    repaired: Mutex<HashSet<String>>,
 }
 
 /// What one pull brought back.
@@ -119,6 +122,7 @@ impl Relay {
             mirror,
             cmds,
             pulling: Mutex::new(HashSet::new()),
+            repaired: Mutex::new(HashSet::new()),
         }
     }
 
@@ -439,6 +443,21 @@ impl Relay {
             {
                 for j in jobs {
                     self.ensure_puller(&j);
+                    if !j.modified_in_place.is_empty()
+                        && self.repaired.lock().expect("repaired").insert(j.id.clone())
+                    {
+                        // The mirror's root now shows the damage: a verified
+                        // sync sends the right content again.
+                        tracing::warn!(job = %j.id, files = ?j.modified_in_place, "job wrote into mirror files in place; repairing");
+                        let (reply, _) = oneshot::channel();
+                        let _ = self
+                            .cmds
+                            .send(Command::Sync {
+                                verify: true,
+                                reply,
+                            })
+                            .await;
+                    }
                 }
             }
             tokio::select! {

@@ -512,3 +512,42 @@ fn the_quickstart_example_runs_end_to_end() {
         assert_eq!(runs, n, "MLflow runs of {n} jobs in the local mlruns/0");
     }
 }
+
+#[test]
+fn a_job_writing_in_place_corrupts_neither_the_mirror_nor_a_queued_job() {
+    let r = Repo::new();
+    let release = r.scratch("release");
+    r.write("data.txt", "original\n");
+    r.write(
+        "append.toml",
+        format!(
+            "run = \"while [ ! -e {} ]; do sleep 0.05; done; echo extra >> data.txt; cat data.txt\"\n[resources]\ngpus = 1\n",
+            release.display()
+        ),
+    );
+    r.write(
+        "show.toml",
+        "run = \"cat data.txt\"\n[resources]\ngpus = 1\n",
+    );
+    up_with_gpus(&r, "1");
+    let writer = submit(&r, "append.toml");
+    wait_state(&r, &writer, "running");
+    let reader = submit(&r, "show.toml");
+    fs::write(&release, "").unwrap();
+    wait_state(&r, &writer, "succeeded");
+    // The writer saw its own write...
+    let log = r.bridge(&["logs", &writer]);
+    assert_eq!(stdout(&log), "original\nextra\n");
+    assert!(stderr(&log).contains("in place"), "{}", stderr(&log));
+    // ...the queued job sees the tree it was submitted with...
+    assert_eq!(r.ok(&["logs", "-f", &reader]), "original\n");
+    // ...and the mirror is repaired.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            fs::read_to_string(r.mirror().join("data.txt")).is_ok_and(|s| s == "original\n")
+        }),
+        "the mirror kept the job's in-place write"
+    );
+    r.sync_wait();
+    r.assert_mirror_exact();
+}

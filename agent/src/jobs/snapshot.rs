@@ -13,18 +13,22 @@
 //! ends, by comparing each linked file with the stat it had at snapshot time
 //! (kept in `snapshot.index`); the caller then has the mirror rehash them, so
 //! the daemon's next verification sees the damage and sends the right content
-//! again.
+//! again. Queued jobs whose snapshots share a damaged inode are held back
+//! until [`restore`] has rewritten their copy from the chunk store (the
+//! daemon's repair of the mirror brings the chunks back).
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use bridge_proto::index::Index;
+use bridge_proto::index::{Cached, Index};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::Stat;
 use bridge_proto::tree::Node;
 
 use crate::mirror::Mirror;
+use crate::store::{FileCache, Store};
 
 /// What a snapshot cost, for the job's log.
 #[derive(Debug, Default, Clone, Copy)]
@@ -78,19 +82,70 @@ pub fn take(mirror: &mut Mirror, dest: &Path, manifest: &Path) -> io::Result<Tak
     Ok(taken)
 }
 
+/// A damaged shared file: its path, the inode the write went to, and the
+/// content the snapshots that share that inode should have.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub path: RelPath,
+    pub ino: u64,
+}
+
+/// Files of `tree` (a queued job's snapshot, per its `manifest`) that share an
+/// inode another job wrote into: what they should contain.
+pub fn affected(tree: &Path, manifest: &Path, damage: &[Damage]) -> Vec<(RelPath, Cached)> {
+    let linked = Index::load(manifest);
+    damage
+        .iter()
+        .filter_map(|d| {
+            let c = linked.entries.get(&d.path)?;
+            let st = Stat::lstat(&d.path.to_fs(tree)).ok()?;
+            (c.ino == d.ino && st.ino == d.ino).then(|| (d.path.clone(), c.clone()))
+        })
+        .collect()
+}
+
+/// Rewrites `tree`'s `path` as a file of its own with the content `want`
+/// (chunks from the agent's store), breaking the shared link. False when a
+/// chunk is not available (yet: the daemon resends it when it repairs the
+/// mirror).
+pub fn restore(store: &mut Store, tree: &Path, path: &RelPath, want: &Cached) -> io::Result<bool> {
+    let dest = path.to_fs(tree);
+    let tmp = dest.with_file_name(format!(".{}.bridge-restore", path.name()));
+    let mut files = FileCache::default();
+    let mut out = fs::File::create(&tmp)?;
+    for r in want.chunks.iter() {
+        match store.read(&r.id, &mut files) {
+            Some(b) => out.write_all(&b)?,
+            None => {
+                drop(out);
+                let _ = fs::remove_file(&tmp);
+                return Ok(false);
+            }
+        }
+    }
+    let mode = if want.exec { 0o755 } else { 0o644 };
+    out.set_permissions(fs::Permissions::from_mode(mode))?;
+    drop(out);
+    fs::rename(&tmp, &dest)?;
+    Ok(true)
+}
+
 /// Files of the snapshot at `tree` that still share their inode with the
 /// snapshot-time file but whose content changed: written in place by the job.
-pub fn modified_in_place(tree: &Path, manifest: &Path) -> Vec<RelPath> {
+pub fn modified_in_place(tree: &Path, manifest: &Path) -> Vec<Damage> {
     let linked = Index::load(manifest);
-    let mut out: Vec<RelPath> = linked
+    let mut out: Vec<Damage> = linked
         .entries
         .iter()
         .filter(|(p, c)| {
             Stat::lstat(&p.to_fs(tree))
                 .is_ok_and(|st| st.ino == c.ino && (st.size != c.size || st.mtime_ns != c.mtime_ns))
         })
-        .map(|(p, _)| p.clone())
+        .map(|(p, c)| Damage {
+            path: p.clone(),
+            ino: c.ino,
+        })
         .collect();
-    out.sort();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
     out
 }
