@@ -22,8 +22,9 @@ sshd_config go to the temporary work directory, `sshd -D` runs as a child on a
 free port and is killed at the end. Without sshd the peers are skipped and the
 reason is printed and recorded.
 
-The peers run the real interpreter of the Python running this script (not a
-pyenv shim), the same binary bridge's cached venv points at.
+The peers run a venv (made here, without pip) of the interpreter running this
+script, like bridge's cached env: no pyenv shim, no global site-packages. The
+remote bash skips ~/.bashrc unless --ssh-bashrc (see Sshd.opts).
 
 `--quick` (CI): 5 runs, 100,000 lines, 2 repetitions; asserts correctness
 (first line, every line in order, exit codes), never timing. Works with the
@@ -432,6 +433,10 @@ class Sshd:
                              f"sshd log: {self.errlog.read_text()[-1500:]}")
 
     def opts(self) -> list[str]:
+        # SHLVL=1 (sshd accepts it: AcceptEnv) makes bash skip ~/.bashrc, which
+        # Debian's bash otherwise sources for every ssh command; on the
+        # project's VMs root's .bashrc runs `pyenv init` (~0.3 s), a cost of
+        # this machine, not of ssh. --ssh-bashrc keeps it.
         return ["-F", "/dev/null", "-p", str(self.port), "-i", str(self.key),
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
@@ -476,6 +481,30 @@ class Sshd:
 
 # --------------------------------------------------------------------------
 # the benchmark
+
+
+def peer_python(work: Path) -> str:
+    """A venv of the interpreter running this script, for the peers.
+
+    bridge runs the job in a cached venv, which does not load the global
+    site-packages; the base interpreter may (on the project's VMs a .pth
+    file there imports certifi: ~0.2 s per start). The peers get an
+    equivalent venv, so all sides start the same interpreter the same way."""
+    venv = work / "peer-venv"
+    run_cmd([os.path.realpath(sys.executable), "-m", "venv", "--without-pip", str(venv)], 120)
+    return str(venv / "bin" / "python")
+
+
+def bridge_envs(repo: Path) -> list[str]:
+    """The base interpreters of bridge's cached envs (pyvenv.cfg `home`/`version`)."""
+    out = []
+    for cfg in sorted((repo / ".bridge").glob("agent/cache/envs/*/pyvenv.cfg")):
+        try:
+            kv = dict(l.split(" = ", 1) for l in cfg.read_text().splitlines() if " = " in l)
+            out.append(f"{kv.get('home', '?')} ({kv.get('version', kv.get('version_info', '?'))})")
+        except OSError:
+            pass
+    return out
 
 
 def write_repo(repo: Path, n_lines: int) -> None:
@@ -653,6 +682,8 @@ def main() -> int:
     ap.add_argument("--lines", type=int, help="lines printed by the throughput job (full: 1000000)")
     ap.add_argument("--line-reps", type=int, help="throughput repetitions per peer (full: 3)")
     ap.add_argument("--no-ssh", action="store_true", help="skip the ssh peers")
+    ap.add_argument("--ssh-bashrc", action="store_true",
+                    help="let the remote bash source ~/.bashrc (skipped by default: SHLVL=1)")
     ap.add_argument("--workdir", default="/tmp", help="parent of the temporary work directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (and .bridge/ logs)")
     args = ap.parse_args()
@@ -674,9 +705,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGHUP, _term)
 
-    # The peers run the real interpreter (a pyenv shim costs tens of ms per start).
-    py = os.path.realpath(sys.executable)
-    results: dict = {"config": cfg, "machine": machine_info(bridge_exe, py), "errors": {}}
+    cfg.update(ssh_bashrc=args.ssh_bashrc)
+    results: dict = {"config": cfg, "machine": machine_info(bridge_exe, os.path.realpath(sys.executable)),
+                     "errors": {}}
     bridge = Bridge(bridge_exe)
     work = Path(tempfile.mkdtemp(prefix="bridge-jobbench-", dir=args.workdir))
     repo = work / "repo"
@@ -691,7 +722,7 @@ def main() -> int:
             if err:
                 results["ssh_skipped"] = err
             else:
-                sshd = Sshd(work / "ssh")
+                sshd = Sshd(work / "ssh", bashrc=args.ssh_bashrc)
                 try:
                     sshd.start()
                     log(f"sshd on 127.0.0.1:{sshd.port}")
@@ -706,12 +737,14 @@ def main() -> int:
             if results.get("ssh_skipped"):
                 log(f"ssh peers skipped: {results['ssh_skipped']}")
         write_repo(repo, cfg["lines"])
+        py = peer_python(work)
         results["bridge_up_s"] = round(bridge.up(repo), 3)
         try:
             results["first_line"] = bench_first_line(bridge, repo, sshd, py, cfg["runs"], results["errors"])
         except Exception as e:  # noqa: BLE001 - recorded and reported
             results["errors"]["first_line"] = f"{type(e).__name__}: {e}"
             log(traceback.format_exc())
+        results["python"] = {"peers": py, "bridge_envs": bridge_envs(repo)}
         try:
             results["lines"] = bench_lines(bridge, repo, work, sshd, py, cfg["lines"], cfg["line_reps"],
                                            results["errors"])

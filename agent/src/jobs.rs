@@ -64,6 +64,9 @@ pub struct Jobs {
     inner: Mutex<Inner>,
 }
 
+/// A file of a queued snapshot to restore, and the content it should have.
+type Restore = (RelPath, bridge_proto::index::Cached);
+
 #[derive(Default)]
 struct Inner {
     records: BTreeMap<u64, JobRecord>,
@@ -75,7 +78,7 @@ struct Inner {
     outputs: HashMap<u64, outputs::Outputs>,
     /// Queued jobs held back until their snapshot's copies of files another
     /// job wrote in place are restored (what they should contain, since when).
-    repairs: HashMap<u64, (Vec<(RelPath, bridge_proto::index::Cached)>, Instant)>,
+    repairs: HashMap<u64, (Vec<Restore>, Instant)>,
 }
 
 pub fn now_ms() -> u64 {
@@ -634,15 +637,14 @@ impl Jobs {
     /// place, from the chunk store; a job whose copy cannot be restored in
     /// [`RESTORE_WAIT`] fails with the reason. True when a job was released.
     fn restore_snapshots(&self, state: &Mutex<State>) -> bool {
-        let pending: Vec<(u64, Vec<(RelPath, bridge_proto::index::Cached)>, Instant)> =
-            match self.inner.lock() {
-                Ok(inner) if !inner.repairs.is_empty() => inner
-                    .repairs
-                    .iter()
-                    .map(|(&id, (files, since))| (id, files.clone(), *since))
-                    .collect(),
-                _ => return false,
-            };
+        let pending: Vec<(u64, Vec<Restore>, Instant)> = match self.inner.lock() {
+            Ok(inner) if !inner.repairs.is_empty() => inner
+                .repairs
+                .iter()
+                .map(|(&id, (files, since))| (id, files.clone(), *since))
+                .collect(),
+            _ => return false,
+        };
         let mut outcome = Vec::new();
         if let Ok(mut st) = state.lock() {
             for (id, files, since) in pending {
