@@ -551,3 +551,37 @@ fn a_job_writing_in_place_corrupts_neither_the_mirror_nor_a_queued_job() {
     r.sync_wait();
     r.assert_mirror_exact();
 }
+
+#[test]
+fn ctrl_c_detaches_and_overrides_apply() {
+    let r = Repo::new();
+    let release = r.scratch("release");
+    r.write(
+        "msg.toml",
+        format!(
+            "run = \"echo $MSG; while [ ! -e {} ]; do sleep 0.05; done; echo bye\"\n[env]\nMSG = \"from the file\"\n",
+            release.display()
+        ),
+    );
+    r.up();
+    let mut run = r.spawn(&["run", "msg.toml", "--set", "env.MSG=overridden"], &[], "run.out");
+    let out = r.scratch("run.out");
+    assert!(eventually(Duration::from_secs(20), || {
+        fs::read_to_string(&out).is_ok_and(|s| s == "overridden\n")
+    }));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = run.wait().unwrap();
+    let err = fs::read_to_string(r.scratch("run.err")).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("detached") && err.contains("bridge logs -f"), "{err}");
+    let id = job_id_from(&err);
+    assert_eq!(job(&r, &id)["state"], "running", "Ctrl-C must not stop the job");
+    fs::write(&release, "").unwrap();
+    assert_eq!(r.ok(&["logs", "-f", &id]), "overridden\nbye\n");
+    let e = r.fails(&["run", "msg.toml", "--set", "env=1"]);
+    assert!(e.contains("--set env=1"), "{e}");
+}
