@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bridge_proto::jobs::{is_terminal, state_name};
 use bridge_proto::path::RelPath;
 use bridge_proto::v1::{self, JobInfo, JobRecord, JobState};
 use nix::sys::signal::{Signal, killpg};
@@ -93,13 +94,6 @@ fn state_of(r: &JobRecord) -> JobState {
         .as_ref()
         .map(|i| i.state())
         .unwrap_or(JobState::Unspecified)
-}
-
-pub fn is_terminal(s: JobState) -> bool {
-    matches!(
-        s,
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
-    )
 }
 
 fn parse_id(id: &str) -> Result<u64, Status> {
@@ -887,19 +881,6 @@ fn repair_mirror(state: &Mutex<State>, mirror: &str, paths: &[RelPath]) {
         if let Err(e) = m.refresh(store) {
             tracing::warn!(error = %e, "cannot refresh the mirror after an in-place write");
         }
-    }
-}
-
-pub fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Unspecified => "unknown",
-        JobState::Queued => "queued",
-        JobState::Setup => "setup",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Lost => "lost",
     }
 }
 

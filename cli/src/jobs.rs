@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use bridge_daemon::repo::Layout;
+pub use bridge_proto::jobs::state_name;
 use bridge_proto::v1::control_client::ControlClient;
 use bridge_proto::v1::{JobInfo, JobRef, JobState, LogStream, LogsRequest};
 use tonic::Code;
@@ -140,19 +141,6 @@ pub async fn wait(
             Err(s) if gone(&s) => *c = reconnect(cwd, layout).await?,
             Err(s) => bail!("{}", s.message()),
         }
-    }
-}
-
-pub fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Unspecified => "unknown",
-        JobState::Queued => "queued",
-        JobState::Setup => "setup",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Lost => "lost",
     }
 }
 

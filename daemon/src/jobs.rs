@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use bridge_proto::chunking::{ChunkRef, hash_from_bytes};
 use bridge_proto::index::{Cached, HashOutcome, hash_file};
+use bridge_proto::jobs::is_terminal;
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::{FileKind, Stat};
-use bridge_proto::v1::{self, JobInfo, JobState};
+use bridge_proto::v1::{self, JobInfo};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Code, Status};
 
@@ -35,13 +36,6 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 const LINK_WAIT: Duration = Duration::from_secs(30);
 /// Chunks asked for in one request (bounds the memory of a pull).
 const CHUNK_WINDOW: usize = 64;
-
-pub fn terminal(s: JobState) -> bool {
-    matches!(
-        s,
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
-    )
-}
 
 pub struct Relay {
     shared: Arc<Shared>,
@@ -312,7 +306,7 @@ impl Relay {
         for j in &active {
             while tokio::time::Instant::now() < deadline {
                 match link.jobs().get(v1::JobRef { id: j.id.clone() }).await {
-                    Ok(r) if !terminal(r.get_ref().state()) => {
+                    Ok(r) if !is_terminal(r.get_ref().state()) => {
                         tokio::time::sleep(Duration::from_millis(50)).await
                     }
                     _ => break,
@@ -332,10 +326,10 @@ impl Relay {
         loop {
             let info = self.get(id).await?;
             let no_outputs = info.spec.as_ref().is_none_or(|s| s.outputs.is_empty());
-            if terminal(info.state()) && (no_outputs || info.outputs_pulled) {
+            if is_terminal(info.state()) && (no_outputs || info.outputs_pulled) {
                 return Ok(info);
             }
-            if terminal(info.state()) {
+            if is_terminal(info.state()) {
                 self.ensure_puller(&info);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -9,6 +9,7 @@
 //! - [`tree`]: entries and the Merkle tree root ("in sync" means equal roots).
 //! - [`scan`]: which paths are synced (git's ignore semantics, `.bridgeignore`,
 //!   editor temporaries) and the directory walk both sides use.
+//! - [`jobs`]: job state names and which states are final.
 //! - [`index`]: the persistent stat cache that keeps rescans from rehashing
 //!   unchanged files.
 //!
@@ -17,6 +18,7 @@
 
 pub mod chunking;
 pub mod index;
+pub mod jobs;
 pub mod path;
 pub mod scan;
 pub mod tree;

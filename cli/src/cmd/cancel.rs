@@ -25,7 +25,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         .await
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner();
-    if jobs::state_name(info.state()) != "cancelled" {
+    if info.state() != bridge_proto::v1::JobState::Cancelled {
         eprintln!("bridge: job {} is stopping (SIGTERM sent)", info.id);
     }
     let done = tokio::time::timeout(
