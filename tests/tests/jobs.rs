@@ -564,7 +564,11 @@ fn ctrl_c_detaches_and_overrides_apply() {
         ),
     );
     r.up();
-    let mut run = r.spawn(&["run", "msg.toml", "--set", "env.MSG=overridden"], &[], "run.out");
+    let mut run = r.spawn(
+        &["run", "msg.toml", "--set", "env.MSG=overridden"],
+        &[],
+        "run.out",
+    );
     let out = r.scratch("run.out");
     assert!(eventually(Duration::from_secs(20), || {
         fs::read_to_string(&out).is_ok_and(|s| s == "overridden\n")
@@ -577,9 +581,16 @@ fn ctrl_c_detaches_and_overrides_apply() {
     let status = run.wait().unwrap();
     let err = fs::read_to_string(r.scratch("run.err")).unwrap();
     assert_eq!(status.code(), Some(130), "{err}");
-    assert!(err.contains("detached") && err.contains("bridge logs -f"), "{err}");
+    assert!(
+        err.contains("detached") && err.contains("bridge logs -f"),
+        "{err}"
+    );
     let id = job_id_from(&err);
-    assert_eq!(job(&r, &id)["state"], "running", "Ctrl-C must not stop the job");
+    assert_eq!(
+        job(&r, &id)["state"],
+        "running",
+        "Ctrl-C must not stop the job"
+    );
     fs::write(&release, "").unwrap();
     assert_eq!(r.ok(&["logs", "-f", &id]), "overridden\nbye\n");
     let e = r.fails(&["run", "msg.toml", "--set", "env=1"]);
