@@ -507,6 +507,23 @@ def bridge_envs(repo: Path) -> list[str]:
     return out
 
 
+def python3_on_path() -> dict:
+    """What `python3` is on the PATH bridge's agent inherited. A script there
+    (a pyenv or asdf shim) is run by the agent on every job to find the
+    interpreter (agent/src/envcache.rs: python_id), ~0.1-0.2 s per job; a
+    binary is cached. Running this script through pyenv's `python3` puts the
+    real interpreter's directory first on PATH, so bridge sees a binary."""
+    p = shutil.which("python3")
+    if not p:
+        return {"path": None}
+    try:
+        with open(os.path.realpath(p), "rb") as f:
+            script = f.read(2) == b"#!"
+    except OSError:
+        script = None
+    return {"path": p, "real": os.path.realpath(p), "is_script": script}
+
+
 def write_repo(repo: Path, n_lines: int) -> None:
     repo.mkdir(parents=True, exist_ok=True)
     run_cmd(["git", "init", "-q", str(repo)], 60)
@@ -623,6 +640,10 @@ def render(results: dict) -> str:
         lines.append(f"WARNING: the bridge binary is older than {m.get('newest_source')}")
     if results.get("ssh_skipped"):
         lines.append(f"ssh peers skipped: {results['ssh_skipped']}")
+    pop = results.get("python", {}).get("python3_on_path", {})
+    if pop.get("is_script"):
+        lines.append(f"note: python3 on PATH is a script ({pop['path']}): bridge's agent runs it on every "
+                     f"job to find the interpreter (~0.1-0.2 s more to the first line)")
     lines.append("")
     fl = results.get("first_line")
     lines.append(f"1. Warm `bridge run` to first log line ({cfg['runs']} runs each, interleaved; "
@@ -706,6 +727,12 @@ def main() -> int:
     signal.signal(signal.SIGHUP, _term)
 
     cfg.update(ssh_bashrc=args.ssh_bashrc)
+    # Every side runs Python with its default (block-buffered) stdout: bridge's
+    # job inherits the environment of `bridge up` (daemon -> agent -> job) and
+    # the local peer ours, while ssh's remote side gets a fresh one, so an
+    # inherited PYTHONUNBUFFERED=1 (set on the project's VMs) would make only
+    # some sides write one line per syscall (3x slower on 1M lines).
+    cfg["removed_env"] = {k: os.environ.pop(k) for k in ("PYTHONUNBUFFERED",) if k in os.environ}
     results: dict = {"config": cfg, "machine": machine_info(bridge_exe, os.path.realpath(sys.executable)),
                      "errors": {}}
     bridge = Bridge(bridge_exe)
@@ -744,7 +771,8 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - recorded and reported
             results["errors"]["first_line"] = f"{type(e).__name__}: {e}"
             log(traceback.format_exc())
-        results["python"] = {"peers": py, "bridge_envs": bridge_envs(repo)}
+        results["python"] = {"peers": f"venv of {os.path.realpath(sys.executable)}",
+                             "bridge_envs": bridge_envs(repo), "python3_on_path": python3_on_path()}
         try:
             results["lines"] = bench_lines(bridge, repo, work, sshd, py, cfg["lines"], cfg["line_reps"],
                                            results["errors"])

@@ -228,6 +228,36 @@ impl KeyHasher {
     }
 }
 
+/// What a version-manager shim (pyenv, asdf) decides by: the environment
+/// (minus what differs per job) and the version files that apply to `cwd`.
+fn shim_inputs(h: &mut KeyHasher, env: &Env, cwd: &Path) {
+    for (k, v) in env {
+        let name = k.to_string_lossy();
+        if name.starts_with("BRIDGE_") || name.ends_with("_VISIBLE_DEVICES") {
+            continue;
+        }
+        h.field(k.as_bytes());
+        h.field(v.as_bytes());
+    }
+    let mut files: Vec<PathBuf> = cwd
+        .ancestors()
+        .flat_map(|d| [d.join(".python-version"), d.join(".tool-versions")])
+        .collect();
+    let home = env.get(std::ffi::OsStr::new("HOME")).map(PathBuf::from);
+    let pyenv_root = env
+        .get(std::ffi::OsStr::new("PYENV_ROOT"))
+        .map(PathBuf::from)
+        .or_else(|| home.as_ref().map(|h| h.join(".pyenv")));
+    files.extend(pyenv_root.map(|r| r.join("version")));
+    files.extend(home.map(|h| h.join(".tool-versions")));
+    for f in files {
+        if let Ok(bytes) = fs::read(&f) {
+            h.field(f.as_os_str().as_bytes());
+            h.field(&bytes);
+        }
+    }
+}
+
 fn short(key: &str) -> &str {
     &key[..16]
 }
@@ -388,10 +418,13 @@ impl EnvCache {
         }
     }
 
-    /// Resolves `python3` on PATH to its interpreter and version. For a
-    /// binary, the answer is cached by the binary's identity (path, inode,
-    /// size, mtime). A script (a pyenv or asdf shim) picks the interpreter at
-    /// run time, so it is asked every time (~0.1 s).
+    /// Resolves `python3` on PATH to its interpreter and version, cached by
+    /// the binary's identity (path, inode, size, mtime). A script (a pyenv or
+    /// asdf shim) picks the interpreter at run time from the environment and
+    /// version files, so its answer is cached by those as well (every
+    /// variable but the per-job `BRIDGE_*`/`*_VISIBLE_DEVICES` ones, and the
+    /// `.python-version`/`.tool-versions` files that apply to `cwd`, plus
+    /// pyenv's global `version` file): asking the shim costs ~0.2 s a job.
     fn python_id(&self, env: &Env, cwd: &Path) -> Result<PythonId, EnvError> {
         let python3 = which(env, "python3").ok_or(EnvError::NoPython)?;
         let real = fs::canonicalize(&python3).map_err(io_err("cannot resolve", &python3))?;
@@ -401,7 +434,7 @@ impl EnvCache {
             .and_then(|mut f| f.read_exact(&mut magic))
             .is_ok()
             && &magic == b"#!";
-        let cache_file = (!is_script).then(|| {
+        let cache_file = {
             let mut h = KeyHasher::new("python-id");
             h.field(real.as_os_str().as_bytes());
             for n in [meta.ino(), meta.size()] {
@@ -409,8 +442,11 @@ impl EnvCache {
             }
             h.field(&meta.mtime().to_le_bytes());
             h.field(&meta.mtime_nsec().to_le_bytes());
-            self.dir.join("python").join(&h.finish()[..16])
-        });
+            if is_script {
+                shim_inputs(&mut h, env, cwd);
+            }
+            Some(self.dir.join("python").join(&h.finish()[..16]))
+        };
         if let Some(cf) = &cache_file
             && let Ok(text) = fs::read_to_string(cf)
             && let Some((exe, version)) = text.trim_end().split_once('\n')
