@@ -218,6 +218,20 @@ impl<'a> Round<'a> {
             for i in a.need {
                 self.pending.remove(&a.chunks[i as usize].id);
             }
+            // A link that drops mid-file must not cost the whole file again:
+            // the chunks already written are kept as a retired (partial)
+            // version, so the next round's Need skips them.
+            if a.failed.is_none() && a.file.is_some() && a.cursor > 0 {
+                let done = &a.chunks[..a.cursor];
+                let mut h = blake3::Hasher::new();
+                h.update(b"bridge-partial");
+                for c in done {
+                    h.update(c.id.as_bytes());
+                }
+                if let Err(e) = self.store.retire(&a.tmp, h.finalize(), done) {
+                    tracing::debug!(error = %e, "cannot keep a partial file's chunks");
+                }
+            }
             let _ = fs::remove_file(&a.tmp);
         }
     }

@@ -17,15 +17,31 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Command, Shared};
 use crate::jobs::Relay;
+use crate::provider::Provider;
 use crate::status::GpuStatus;
 
 pub struct ControlService {
     pub shared: Arc<Shared>,
     pub cmds: mpsc::Sender<Command>,
-    /// Fired by `Shutdown`; the bool says whether to stop the agent too.
-    pub stop: watch::Sender<Option<bool>>,
+    /// Fired by `Shutdown` (or the daemon's own shutdown signal).
+    pub stop: watch::Sender<Option<Stop>>,
     /// Job calls go to the agent through it.
     pub relay: Arc<Relay>,
+    pub provider: Arc<dyn Provider>,
+}
+
+/// What a stop takes down besides the daemon. The default (a signal to the
+/// daemon) leaves the agent and its jobs running.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// Cancel running jobs first (this repository's, or all with
+    /// `all_mirrors`), waiting out their grace period.
+    pub cancel_jobs: bool,
+    pub all_mirrors: bool,
+    /// Stop the agent process itself.
+    pub stop_agent: bool,
+    /// Then remove the agent's files.
+    pub purge: bool,
 }
 
 /// How long `status` waits for the agent's GPU list.
@@ -135,9 +151,35 @@ impl Control for ControlService {
 
     async fn shutdown(
         &self,
-        _: Request<v1::ShutdownRequest>,
+        req: Request<v1::ShutdownRequest>,
     ) -> Result<Response<v1::ShutdownReply>, Status> {
-        let _ = self.stop.send(Some(true));
+        let req = req.into_inner();
+        let local = self.provider.down_stops_agent();
+        let stop_agent = local || req.remote || req.purge;
+        let mut stop = Stop {
+            cancel_jobs: local,
+            all_mirrors: false,
+            stop_agent,
+            purge: req.purge,
+        };
+        if stop_agent && !local {
+            // A shared agent: its jobs may belong to other repositories too.
+            let running = self.relay.list_all_mirrors().await?;
+            if !running.is_empty() && !req.force {
+                let ids: Vec<String> = running
+                    .iter()
+                    .map(|j| format!("{} ({})", j.id, j.name))
+                    .collect();
+                return Err(Status::failed_precondition(format!(
+                    "{} job(s) still running on the agent: {}; wait for them, cancel them, or add --force to cancel them",
+                    running.len(),
+                    ids.join(", ")
+                )));
+            }
+            stop.cancel_jobs = !running.is_empty();
+            stop.all_mirrors = true;
+        }
+        let _ = self.stop.send(Some(stop));
         Ok(Response::new(v1::ShutdownReply {}))
     }
 

@@ -50,6 +50,9 @@ const RACY_TICK: Duration = Duration::from_secs(1);
 /// loses at most this much of the cache, which costs a rehash, never a wrong
 /// answer.
 const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Failed attempts at the very first connection before `sync --wait`
+/// waiters (`bridge up`) are told (the daemon keeps retrying).
+const FIRST_CONNECT_ATTEMPTS: u32 = 3;
 /// Rounds in a row that may end with disagreeing roots before giving up.
 const MAX_REPAIRS: usize = 4;
 
@@ -382,7 +385,11 @@ impl Engine {
         self.shared.set_phase("connecting");
         self.provider.ensure_agent().await?;
         let channel = self.provider.connect().await?;
-        let token = MetadataValue::try_from(format!("Bearer {}", self.repo.token))
+        let token = self
+            .provider
+            .agent_token()
+            .unwrap_or_else(|| self.repo.token.clone());
+        let token = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| SyncError::Protocol("the token is not valid ASCII".into()))?;
         let auth = Auth(token);
         let link = AgentLink {
@@ -546,6 +553,8 @@ impl Engine {
         let mut next_racy = Instant::now() + RACY_TICK;
         let mut busy_at = (!busy.is_empty()).then(|| Instant::now() + BUSY_RETRY);
         let mut last_index_save = Instant::now();
+        let mut ever_connected = false;
+        let mut first_failures = 0u32;
 
         loop {
             // Connect when needed (not while a burst is being collected).
@@ -554,7 +563,10 @@ impl Engine {
                     // The backoff resets only after a successful round: a
                     // connection that works but cannot converge must not
                     // turn into a hot loop.
-                    Ok(()) => need_round = true,
+                    Ok(()) => {
+                        need_round = true;
+                        ever_connected = true;
+                    }
                     Err(e) => {
                         let retry = e.retryable();
                         let msg = e.to_string();
@@ -573,7 +585,13 @@ impl Engine {
                             // the waiters instead.
                             self.shared.progress.send_modify(|p| p.error = msg.clone());
                         }
-                        if !retry {
+                        // Before the first connection ever succeeded, a link
+                        // that keeps failing is most likely a mistake (wrong
+                        // host or port, nothing listening): tell the waiters
+                        // (`bridge up`) rather than retry in silence.
+                        first_failures += 1;
+                        let give_up = !ever_connected && first_failures >= FIRST_CONNECT_ATTEMPTS;
+                        if !retry || give_up {
                             for w in waiters.drain(..) {
                                 w.fail(msg.clone());
                             }

@@ -282,18 +282,36 @@ impl Relay {
         }
     }
 
-    /// Cancels this repository's active jobs and waits (bounded) for them to
-    /// end: `bridge down` leaves nothing running on the agent.
-    pub async fn cancel_all(&self) {
+    /// Active jobs of every repository on the agent.
+    pub async fn list_all_mirrors(&self) -> Result<Vec<JobInfo>, Status> {
+        self.call(|l| async move {
+            Ok(l.jobs()
+                .list(v1::ListRequest {
+                    mirror: String::new(),
+                    all: false,
+                })
+                .await?
+                .into_inner()
+                .jobs)
+        })
+        .await
+    }
+
+    /// Cancels this repository's (or, with `all_mirrors`, every) active job
+    /// and waits (bounded) for them to end: `bridge down` leaves nothing
+    /// running on an agent it stops.
+    pub async fn cancel_all(&self, all_mirrors: bool) {
         let Some(link) = self.shared.agent.borrow().clone() else {
             return;
         };
+        let mirror = if all_mirrors {
+            String::new()
+        } else {
+            self.mirror.clone()
+        };
         let Ok(list) = link
             .jobs()
-            .list(v1::ListRequest {
-                mirror: self.mirror.clone(),
-                all: false,
-            })
+            .list(v1::ListRequest { mirror, all: false })
             .await
         else {
             return;
@@ -430,7 +448,10 @@ impl Relay {
     /// Background task: finds jobs of this repository whose outputs are not
     /// all back (submitted before a daemon restart, or by another client) and
     /// pulls them.
-    pub async fn pull_outputs(self: Arc<Self>, mut stop: watch::Receiver<Option<bool>>) {
+    pub async fn pull_outputs(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<Option<crate::control::Stop>>,
+    ) {
         loop {
             if self.shared.agent.borrow().is_some()
                 && let Ok(jobs) = self.list(true).await

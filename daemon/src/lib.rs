@@ -47,6 +47,9 @@ use crate::repo::Layout;
 pub enum ProviderConfig {
     /// An agent process on this machine.
     Local { agent_bin: PathBuf },
+    /// An agent on a machine reached over SSH.
+    #[cfg(feature = "ssh")]
+    Ssh(provider::ssh::SshConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +67,7 @@ pub enum Error {
 }
 
 /// Runs the daemon until `shutdown` resolves or a client asks it to stop
-/// (`bridge down`, which also stops the agent).
+/// (`bridge down`: see [`control::Stop`] for what else stops).
 pub async fn run(
     config: Config,
     control: UnixListener,
@@ -81,6 +84,8 @@ pub async fn run(
             &layout.state,
             agent_bin.clone(),
         )),
+        #[cfg(feature = "ssh")]
+        ProviderConfig::Ssh(c) => Arc::new(provider::ssh::SshProvider::new(c.clone())),
     };
     let status = status::Status::new(
         config.repo.display().to_string(),
@@ -101,7 +106,7 @@ pub async fn run(
     };
     let engine = Engine::new(info, provider.clone(), shared.clone(), layout.index.clone());
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
-    let (stop_tx, mut stop_rx) = watch::channel::<Option<bool>>(None);
+    let (stop_tx, mut stop_rx) = watch::channel::<Option<control::Stop>>(None);
     let (engine_stop_tx, engine_stop_rx) = watch::channel(false);
 
     let relay = Arc::new(jobs::Relay::new(
@@ -116,6 +121,7 @@ pub async fn run(
         cmds: cmd_tx,
         stop: stop_tx.clone(),
         relay: relay.clone(),
+        provider: provider.clone(),
     };
     let mut server_stop = stop_tx.subscribe();
     let server = tokio::spawn(
@@ -128,18 +134,28 @@ pub async fn run(
     let engine = tokio::spawn(engine.run(cmd_rx, engine_stop_rx));
 
     tokio::select! {
-        _ = shutdown => { let _ = stop_tx.send(Some(false)); }
+        _ = shutdown => { let _ = stop_tx.send(Some(control::Stop::default())); }
         _ = stop_rx.wait_for(|s| s.is_some()) => {}
     }
-    let stop_agent = stop_rx.borrow().unwrap_or(false);
-    if stop_agent {
-        relay.cancel_all().await;
+    let stop = stop_rx.borrow().clone().unwrap_or_default();
+    if stop.cancel_jobs {
+        relay.cancel_all(stop.all_mirrors).await;
     }
     let _ = engine_stop_tx.send(true);
     let _ = engine.await;
     pulls.abort();
-    if stop_agent && let Err(e) = provider.teardown().await {
+    let res = if stop.stop_agent {
+        provider.stop_agent().await
+    } else {
+        provider.teardown().await
+    };
+    if let Err(e) = res {
         tracing::warn!(error = %e, "cannot stop the agent");
+    }
+    if stop.purge
+        && let Err(e) = provider.purge().await
+    {
+        tracing::warn!(error = %e, "cannot remove the agent's files");
     }
     // Let the Shutdown reply reach the client before the server goes.
     server.await.ok().transpose()?;

@@ -5,13 +5,68 @@
 //! Transport, auth and reconnection are written once, above this trait.
 //!
 //! - [`local`]: an agent process on this machine, over a Unix socket (the default).
+//! - [`ssh`]: a shared agent on a remote machine, over one multiplexed SSH connection.
 
 pub mod local;
+#[cfg(feature = "ssh")]
+pub mod ssh;
 
 use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+use serde::{Deserialize, Serialize};
+
 use tonic::transport::Channel;
+
+/// Where the agent runs, as `bridge up` chose it: saved in
+/// `.bridge/provider.toml`, so the daemon (also one a job command restarts)
+/// and later `bridge up`s use the same agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProviderSpec {
+    /// An agent process on this machine (the default).
+    Local,
+    /// An agent on a machine reached over SSH.
+    Ssh {
+        /// `[user@]host[:port]` or a `Host` alias of `~/.ssh/config`.
+        host: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<PathBuf>,
+        /// Record an unknown host key (in bridge's own known-hosts file).
+        #[serde(default)]
+        accept_new_host_key: bool,
+        /// Where the agent keeps its files on the remote (default `~/.bridge`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_dir: Option<String>,
+    },
+}
+
+impl ProviderSpec {
+    /// The saved choice; `None` when there is none.
+    pub fn load(path: &Path) -> io::Result<Option<ProviderSpec>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map(Some)
+                .map_err(|e| io::Error::other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let text = toml::to_string(self).map_err(io::Error::other)?;
+        bridge_proto::index::write_atomic(path, text.as_bytes())
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProviderSpec::Local => "local",
+            ProviderSpec::Ssh { .. } => "ssh",
+        }
+    }
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -58,4 +113,30 @@ pub trait Provider: Send + Sync {
 
     /// True when the link is faster than compression (then chunks go raw).
     fn link_is_fast(&self) -> bool;
+
+    /// The token the daemon must present to this provider's agent, known
+    /// after `ensure_agent`: a remote agent shared by every repository of its
+    /// user keeps its own. `None`: the repository's `.bridge/token`.
+    fn agent_token(&self) -> Option<String> {
+        None
+    }
+
+    /// `bridge down --remote`: stop the agent itself, wherever it runs (the
+    /// local provider's `teardown` already does).
+    fn stop_agent(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        self.teardown()
+    }
+
+    /// `bridge down --purge`: remove everything the agent keeps (mirrors,
+    /// jobs, caches). Called after `stop_agent`.
+    fn purge(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Whether `bridge down` stops the agent (and cancels this repository's
+    /// jobs): true for an agent private to the repository, false for a shared
+    /// remote one, which keeps running (with its jobs) until `--remote`.
+    fn down_stops_agent(&self) -> bool {
+        true
+    }
 }

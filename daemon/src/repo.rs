@@ -19,6 +19,8 @@ pub struct Layout {
     /// Output paths of submitted jobs (repository-relative, one per line):
     /// never synced up, they come back from the agent.
     pub outputs: PathBuf,
+    /// The provider `bridge up` chose (`ProviderSpec`, TOML).
+    pub provider: PathBuf,
 }
 
 impl Layout {
@@ -32,6 +34,7 @@ impl Layout {
             daemon_log: state.join("daemon.log"),
             daemon_pid: state.join("daemon.pid"),
             outputs: state.join("outputs"),
+            provider: state.join("provider.toml"),
             state,
         }
     }

@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// A TCP proxy the tests can cut, take down and slow down.
+pub mod proxy;
+/// A private OpenSSH server on 127.0.0.1 for the SSH provider's tests.
+pub mod sshd;
+
 /// Directory holding the built `bridge` and `bridge-agent`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -327,7 +332,14 @@ impl Repo {
 impl Drop for Repo {
     fn drop(&mut self) {
         if self.path(".bridge").exists() {
-            let _ = self.bridge(&["down"]);
+            // A remote (SSH) agent outlives a plain `down`: stop and remove it.
+            let ssh = fs::read_to_string(self.path(".bridge/provider.toml"))
+                .is_ok_and(|t| t.contains("\"ssh\""));
+            if ssh {
+                let _ = self.bridge(&["down", "--remote", "--force", "--purge"]);
+            } else {
+                let _ = self.bridge(&["down"]);
+            }
         }
         // Whatever survived (a test that killed the daemon): kill it.
         for f in [".bridge/daemon.pid", ".bridge/agent.pid"] {

@@ -17,6 +17,9 @@ mod jobs;
 mod large;
 /// Daemon restart without rehashing; agent killed mid-sync.
 mod restart;
+/// The SSH provider against a real sshd: the whole flow, agent reuse and
+/// upgrade, host keys, bad input, link cuts.
+mod ssh;
 /// Symlinks inside, absolute and escaping.
 mod symlinks;
 /// Initial sync and live edits: files, directories, renames, modes, names.

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use bridge_daemon::provider::ProviderSpec;
 use bridge_daemon::{Config, ProviderConfig};
 
 use crate::client;
@@ -29,11 +30,10 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(&layout.control)
         .with_context(|| format!("cannot listen on {}", layout.control.display()))?;
     std::fs::write(&layout.daemon_pid, std::process::id().to_string())?;
+    let spec = ProviderSpec::load(&layout.provider)?.unwrap_or(ProviderSpec::Local);
     let config = Config {
         repo: layout.repo.clone(),
-        provider: ProviderConfig::Local {
-            agent_bin: client::agent_bin(),
-        },
+        provider: provider_config(spec),
     };
     bridge_daemon::run(config, listener, async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -46,4 +46,33 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// The daemon's provider from the saved choice. `BRIDGE_SSH_DIR` stands in
+/// for `~/.ssh` (config, known_hosts, default keys) and `BRIDGE_KNOWN_HOSTS`
+/// for bridge's own known-hosts file (tests, and users who keep them apart).
+pub fn provider_config(spec: ProviderSpec) -> ProviderConfig {
+    match spec {
+        ProviderSpec::Local => ProviderConfig::Local {
+            agent_bin: client::agent_bin(),
+        },
+        ProviderSpec::Ssh {
+            host,
+            identity,
+            accept_new_host_key,
+            remote_dir,
+        } => {
+            let mut c = bridge_daemon::provider::ssh::SshConfig::new(host, client::agent_bin());
+            c.identity = identity;
+            c.accept_new_host_key = accept_new_host_key;
+            c.remote_dir = remote_dir;
+            if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
+                c.ssh_dir = d.into();
+            }
+            if let Some(f) = std::env::var_os("BRIDGE_KNOWN_HOSTS") {
+                c.bridge_known_hosts = f.into();
+            }
+            ProviderConfig::Ssh(c)
+        }
+    }
 }

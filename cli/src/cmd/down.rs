@@ -9,13 +9,31 @@ use bridge_daemon::provider::local::LocalProvider;
 use crate::client;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Also stop a remote (SSH) agent, which otherwise keeps running with its
+    /// jobs for the next `bridge up`. Refused while jobs run, unless --force.
+    #[arg(long)]
+    remote: bool,
+    /// With --remote: cancel running jobs (of every repository on that agent).
+    #[arg(long, requires = "remote")]
+    force: bool,
+    /// Stop the agent and remove everything it keeps (mirrors, jobs, cached
+    /// environments): `~/.bridge` on a remote, `.bridge/agent/` locally.
+    #[arg(long)]
+    purge: bool,
+}
 
-pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
+pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let layout = client::repo(cwd)?;
     match client::daemon(&layout).await {
         Some(mut c) => {
-            c.shutdown(bridge_proto::v1::ShutdownRequest {}).await?;
+            c.shutdown(bridge_proto::v1::ShutdownRequest {
+                remote: args.remote,
+                force: args.force,
+                purge: args.purge,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             wait_gone(&layout).await;
             println!("bridge is down for {}", layout.repo.display());
         }

@@ -2,11 +2,12 @@
 //! then wait for the first exact mirror, showing progress.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use bridge_daemon::provider::ProviderSpec;
 use bridge_daemon::repo::ensure_token;
 use bridge_proto::v1::SyncProgress;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,9 +17,26 @@ use crate::client::{self, human_bytes};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where the agent runs. Only `local` (an agent process on this machine) is built so far.
-    #[arg(long, default_value = "local", value_parser = ["local"])]
-    provider: String,
+    /// Where the agent runs: `local` (an agent process on this machine) or `ssh`
+    /// (any machine you can SSH into). Default: what the last `bridge up` here
+    /// chose (`.bridge/provider.toml`), else local.
+    #[arg(long, value_parser = ["local", "ssh"])]
+    provider: Option<String>,
+    /// SSH: `[user@]host[:port]`, or a Host alias from ~/.ssh/config (implies --provider ssh).
+    #[arg(long, value_name = "[USER@]HOST[:PORT]")]
+    host: Option<String>,
+    /// SSH: the private key to use (else ssh-agent, ~/.ssh/config's IdentityFile, ~/.ssh/id_*).
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// SSH: trust a host key seen for the first time (recorded in bridge's own known-hosts file).
+    #[arg(long)]
+    accept_new_host_key: bool,
+    /// SSH: where the agent keeps its files on the remote (default ~/.bridge).
+    #[arg(long, value_name = "DIR")]
+    remote_dir: Option<String>,
+    /// Fail unless the agent has at least N GPUs.
+    #[arg(long, value_name = "N")]
+    gpu: Option<u32>,
     /// Report on stderr (when a job command starts bridge: its stdout is the
     /// job's).
     #[arg(skip)]
@@ -26,12 +44,49 @@ pub struct Args {
 }
 
 impl Args {
-    /// `bridge up` with the defaults (the local provider), for job commands.
+    /// `bridge up` with the saved (or default) provider, for job commands.
     pub fn local() -> Args {
         Args {
-            provider: "local".into(),
+            provider: None,
+            host: None,
+            identity: None,
+            accept_new_host_key: false,
+            remote_dir: None,
+            gpu: None,
             quiet: true,
         }
+    }
+
+    /// The provider this `up` uses: the flags, else the saved choice, else local.
+    fn spec(&self, saved: Option<ProviderSpec>) -> anyhow::Result<ProviderSpec> {
+        let ssh_flags =
+            self.identity.is_some() || self.accept_new_host_key || self.remote_dir.is_some();
+        let wants_ssh = self.provider.as_deref() == Some("ssh") || self.host.is_some();
+        if self.provider.as_deref() == Some("local") && (self.host.is_some() || ssh_flags) {
+            bail!(
+                "--host, --identity, --accept-new-host-key and --remote-dir are for --provider ssh"
+            );
+        }
+        if wants_ssh {
+            let Some(host) = self.host.clone() else {
+                bail!(
+                    "--provider ssh needs --host [user@]host[:port] (or a Host alias from ~/.ssh/config)"
+                );
+            };
+            return Ok(ProviderSpec::Ssh {
+                host,
+                identity: self.identity.clone(),
+                accept_new_host_key: self.accept_new_host_key,
+                remote_dir: self.remote_dir.clone(),
+            });
+        }
+        if ssh_flags {
+            bail!("--identity, --accept-new-host-key and --remote-dir need --host");
+        }
+        if self.provider.as_deref() == Some("local") {
+            return Ok(ProviderSpec::Local);
+        }
+        Ok(saved.unwrap_or(ProviderSpec::Local))
     }
 }
 
@@ -54,6 +109,28 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     layout
         .create()
         .with_context(|| format!("cannot create {}", layout.state.display()))?;
+    let saved = ProviderSpec::load(&layout.provider)?;
+    let spec = args.spec(saved.clone())?;
+    spec.save(&layout.provider)
+        .with_context(|| format!("cannot write {}", layout.provider.display()))?;
+    // A failed `up` leaves the previous choice in place.
+    let restore = |layout: &bridge_daemon::repo::Layout| match &saved {
+        Some(s) => {
+            let _ = s.save(&layout.provider);
+        }
+        None => {
+            let _ = std::fs::remove_file(&layout.provider);
+        }
+    };
+    let res = start(&layout, &args).await;
+    if res.is_err() {
+        restore(&layout);
+    }
+    res
+}
+
+async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Result<()> {
+    let layout = layout.clone();
     ensure_token(&layout.token)
         .with_context(|| format!("cannot write the agent token {}", layout.token.display()))?;
 
@@ -124,12 +201,34 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             if let Some(why) = st["watcher"].get("polling").and_then(|w| w.as_str()) {
                 eprintln!("bridge: warning: {why}");
             }
+            if let Some(want) = args.gpu {
+                let gpus = st["gpus"].as_array().cloned().unwrap_or_default();
+                if (gpus.len() as u32) < want {
+                    let have = if gpus.is_empty() {
+                        format!(
+                            "no GPUs ({})",
+                            st["gpu_note"].as_str().unwrap_or("none found")
+                        )
+                    } else {
+                        let names: Vec<&str> =
+                            gpus.iter().filter_map(|g| g["name"].as_str()).collect();
+                        format!("{} GPU(s): {}", gpus.len(), names.join(", "))
+                    };
+                    let _ = c
+                        .shutdown(bridge_proto::v1::ShutdownRequest::default())
+                        .await;
+                    crate::cmd::down::wait_gone(&layout).await;
+                    bail!("--gpu {want}: the agent has {have}; bridge was stopped again");
+                }
+            }
             Ok(())
         }
         Err(e) => {
             // Leave nothing half-up: stop the daemon and its agent, and wait
             // for the daemon to be gone.
-            let _ = c.shutdown(bridge_proto::v1::ShutdownRequest {}).await;
+            let _ = c
+                .shutdown(bridge_proto::v1::ShutdownRequest::default())
+                .await;
             crate::cmd::down::wait_gone(&layout).await;
             Err(e.context(
                 "bridge up failed; the daemon was stopped (its log is in .bridge/daemon.log)",

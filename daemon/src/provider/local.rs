@@ -143,6 +143,17 @@ impl Provider for LocalProvider {
         })
     }
 
+    fn purge(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move {
+            match std::fs::remove_dir_all(&self.root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ProviderError::fatal(
+                    format!("cannot remove {}: {e}", self.root.display()),
+                )),
+                _ => Ok(()),
+            }
+        })
+    }
+
     fn teardown(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             if let Some(pid) = self.pid()

@@ -1,0 +1,458 @@
+//! The SSH provider against a real OpenSSH server on 127.0.0.1 (the harness
+//! starts a private `sshd` with generated keys), optionally through a TCP
+//! proxy the tests cut.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use bridge_tests::proxy::Proxy;
+use bridge_tests::sshd::{Sshd, require_sshd};
+use bridge_tests::{Repo, eventually, random_bytes};
+
+/// A repository whose agent is reached over SSH, with the client's `~/.ssh`,
+/// bridge's known-hosts file and the remote directory in its scratch space.
+struct SshRepo {
+    repo: Repo,
+    ssh_dir: PathBuf,
+    known_hosts: PathBuf,
+    remote: PathBuf,
+}
+
+impl SshRepo {
+    fn new(sshd: &Sshd, accept_host: bool) -> SshRepo {
+        let repo = Repo::new();
+        let ssh_dir = sshd.ssh_dir(accept_host);
+        let known_hosts = repo.scratch("bridge_known_hosts");
+        let remote = repo.scratch("remote");
+        SshRepo {
+            repo,
+            ssh_dir,
+            known_hosts,
+            remote,
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("BRIDGE_SSH_DIR".into(), self.ssh_dir.display().to_string()),
+            (
+                "BRIDGE_KNOWN_HOSTS".into(),
+                self.known_hosts.display().to_string(),
+            ),
+            ("SSH_AUTH_SOCK".into(), String::new()),
+        ]
+    }
+
+    fn up_args(&self, port: u16) -> Vec<String> {
+        vec![
+            "up".into(),
+            "--host".into(),
+            format!("root@127.0.0.1:{port}"),
+            "--remote-dir".into(),
+            self.remote.display().to_string(),
+        ]
+    }
+
+    /// `bridge up` over SSH with extra arguments and environment.
+    fn up_with(&self, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut args = self.up_args(port);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut e = self.env();
+        e.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.repo.bridge_env(&args, &e)
+    }
+
+    fn up(&self, port: u16) {
+        let o = self.up_with(port, &[], &[]);
+        assert!(
+            o.status.success(),
+            "bridge up over ssh failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout),
+            self.repo.daemon_log()
+        );
+    }
+
+    fn agent_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.remote.join("run/agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for SshRepo {
+    fn drop(&mut self) {
+        let _ = self
+            .repo
+            .bridge(&["down", "--remote", "--force", "--purge"]);
+        if let Some(pid) = self.agent_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_whole_flow_over_ssh_and_the_agent_is_reused() {
+    require_sshd();
+    let sshd = Sshd::start();
+    let s = SshRepo::new(&sshd, true);
+    let r = &s.repo;
+    r.write("train.py", "print('trained over ssh')\nimport os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/result.txt','w').write('42\\n')\n");
+    r.write(
+        "train.toml",
+        "run = \"python3 train.py\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    r.write("data/big.bin", random_bytes(3_000_000, 7));
+    s.up(sshd.port());
+    let st = r.status();
+    assert_eq!(st["provider"], "ssh");
+    assert_eq!(st["connection"], "connected");
+    assert!(
+        st["mirror_path"]
+            .as_str()
+            .unwrap()
+            .starts_with(s.remote.to_str().unwrap())
+    );
+    r.assert_mirror_exact();
+    // Live edits.
+    r.write("train.py", "print('edited over ssh')\n");
+    r.wait_mirror("the edit", |m| {
+        fs::read_to_string(m.join("train.py")).is_ok_and(|t| t.contains("edited"))
+    });
+    r.write("train.py", "print('trained over ssh')\nimport os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/result.txt','w').write('42\\n')\n");
+    // A job: logs and outputs come back.
+    let o = r.bridge(&["run", "train.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "trained over ssh\n");
+    assert_eq!(
+        fs::read_to_string(r.path("outputs/result.txt")).unwrap(),
+        "42\n"
+    );
+    let id = r.ok(&["ps", "--all", "--json"]);
+    assert!(id.contains("succeeded"), "{id}");
+    // `down` leaves the remote agent running; the next `up` reuses it.
+    let agent = s.agent_pid().expect("remote agent pid");
+    r.ok(&["down"]);
+    assert!(alive(agent), "plain `down` stopped the remote agent");
+    s.up(sshd.port());
+    assert_eq!(s.agent_pid(), Some(agent), "the agent was not reused");
+    assert!(
+        r.ok(&["logs", "1"]).contains("trained over ssh"),
+        "the job's log survived"
+    );
+    // `down --remote` stops it.
+    r.ok(&["down", "--remote"]);
+    assert!(eventually(Duration::from_secs(10), || !alive(agent)));
+}
+
+#[test]
+fn a_different_agent_binary_is_uploaded_and_replaces_the_running_one() {
+    require_sshd();
+    let sshd = Sshd::start();
+    let s = SshRepo::new(&sshd, true);
+    s.repo.write("a.txt", "a");
+    s.up(sshd.port());
+    let first = s.agent_pid().unwrap();
+    let bins = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir.join("bin"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(bins(&s.remote).len(), 1, "{:?}", bins(&s.remote));
+    s.repo.ok(&["down"]);
+    // The same program with other bytes (ELF ignores trailing data): a new version.
+    let other = s.repo.scratch("bridge-agent");
+    let mut bytes = fs::read(bridge_tests::agent_bin()).unwrap();
+    bytes.extend_from_slice(b"another build");
+    fs::write(&other, bytes).unwrap();
+    fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = s.up_with(
+        sshd.port(),
+        &[],
+        &[("BRIDGE_AGENT_BIN", other.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(bins(&s.remote).len(), 2, "{:?}", bins(&s.remote));
+    let second = s.agent_pid().unwrap();
+    assert_ne!(first, second);
+    assert!(!alive(first), "the old agent still runs");
+    s.repo.assert_mirror_exact();
+}
+
+#[test]
+fn host_keys_are_checked() {
+    require_sshd();
+    let mut sshd = Sshd::start();
+    let s = SshRepo::new(&sshd, false);
+    s.repo.write("a.txt", "a");
+    // Unknown host: refused with its fingerprint, nothing installed.
+    let o = s.up_with(sshd.port(), &[], &[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("SHA256:") && e.contains("--accept-new-host-key"),
+        "{e}"
+    );
+    assert!(
+        !s.remote.exists(),
+        "something was installed for an unknown host"
+    );
+    assert!(!s.repo.path(".bridge/daemon.sock").exists());
+    // Accepted once: recorded in bridge's own file (never ~/.ssh/known_hosts).
+    let o = s.up_with(sshd.port(), &["--accept-new-host-key"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        fs::read_to_string(&s.known_hosts)
+            .unwrap()
+            .contains("ssh-ed25519")
+    );
+    assert!(!s.ssh_dir.join("known_hosts").exists());
+    s.repo.ok(&["down"]);
+    // A changed key is always refused, loudly, even with the flag.
+    sshd.rotate_host_key();
+    for extra in [&[][..], &["--accept-new-host-key"][..]] {
+        let o = s.up_with(sshd.port(), extra, &[]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("changed"), "{e}");
+    }
+}
+
+#[test]
+fn bad_ssh_input_is_a_clear_error() {
+    require_sshd();
+    let sshd = Sshd::start();
+    let s = SshRepo::new(&sshd, true);
+    s.repo.write("a.txt", "a");
+    let run = |args: &[&str], env: &[(&str, &str)]| -> String {
+        let mut e = s.env();
+        e.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let t = Instant::now();
+        let o = s.repo.bridge_env(args, &e);
+        eprintln!("{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{args:?} took {:?}",
+            t.elapsed()
+        );
+        assert!(
+            !s.repo.path(".bridge/daemon.sock").exists(),
+            "{args:?} left a daemon"
+        );
+        stderr(&o)
+    };
+    let remote = s.remote.display().to_string();
+    // Unknown host name, resolved in a network namespace of its own with no
+    // network, so the lookup never leaves this machine.
+    let o = std::process::Command::new("unshare")
+        .arg("-n")
+        .arg(bridge_tests::bridge_bin())
+        .arg("-C")
+        .arg(&s.repo.root)
+        .args([
+            "up",
+            "--host",
+            "no-such-host.invalid",
+            "--remote-dir",
+            &remote,
+        ])
+        .envs(s.env())
+        .output()
+        .expect("unshare");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("no-such-host.invalid"), "{e}");
+    assert!(!s.repo.path(".bridge/daemon.sock").exists());
+    // Nothing listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let e = run(
+        &[
+            "up",
+            "--host",
+            &format!("root@127.0.0.1:{closed}"),
+            "--remote-dir",
+            &remote,
+        ],
+        &[],
+    );
+    assert!(e.to_lowercase().contains("refused"), "{e}");
+    // A key the server does not accept.
+    let wrong = s.repo.scratch("wrong-ssh");
+    fs::create_dir_all(&wrong).unwrap();
+    fs::copy(s.ssh_dir.join("known_hosts"), wrong.join("known_hosts")).unwrap();
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(wrong.join("id_ed25519"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let port = format!("root@127.0.0.1:{}", sshd.port());
+    let e = run(
+        &["up", "--host", &port, "--remote-dir", &remote],
+        &[("BRIDGE_SSH_DIR", wrong.to_str().unwrap())],
+    );
+    assert!(e.to_lowercase().contains("key"), "{e}");
+    // A remote directory that cannot be written.
+    let e = run(
+        &[
+            "up",
+            "--host",
+            &port,
+            "--remote-dir",
+            "/proc/bridge-cannot-write",
+        ],
+        &[],
+    );
+    assert!(e.contains("/proc/bridge-cannot-write"), "{e}");
+    // Nothing was installed by any of them.
+    assert!(!s.remote.exists());
+    // More GPUs than the agent has.
+    let o = s.up_with(sshd.port(), &["--gpu", "1"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--gpu 1"), "{}", stderr(&o));
+    assert!(!s.repo.path(".bridge/daemon.sock").exists());
+}
+
+const NUMBERED: &str = r#"import sys, time
+for i in range(1, 3001):
+    print(i, flush=True)
+    time.sleep(0.002)
+"#;
+
+#[test]
+fn the_session_heals_after_twenty_link_cuts() {
+    require_sshd();
+    let sshd = Sshd::start();
+    let proxy = Proxy::start(sshd.port());
+    let s = SshRepo::new(&sshd, false);
+    // The host key as seen through the proxy's port.
+    fs::write(
+        s.ssh_dir.join("known_hosts"),
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            proxy.port(),
+            sshd.host_key_pub().trim()
+        ),
+    )
+    .unwrap();
+    let r = &s.repo;
+    let mut payload = 0u64;
+    for i in 0..40 {
+        let b = random_bytes(200_000 + i * 10_000, i as u64);
+        payload += b.len() as u64;
+        r.write(&format!("data/f{i:02}.bin"), b);
+    }
+    r.write("count.py", NUMBERED);
+    r.write("count.toml", "run = \"python3 count.py\"\n");
+    let mut cuts = 0;
+    // 1. Cuts during the initial sync.
+    let up_args = s.up_args(proxy.port());
+    let up_args: Vec<&str> = up_args.iter().map(String::as_str).collect();
+    let env = s.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut up = r.spawn(&up_args, &env, "up.out");
+    let t = Instant::now();
+    while up.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(120), "up never finished");
+        if cuts < 6 && proxy.bytes().0 > (cuts as u64 + 1) * 1_000_000 {
+            proxy.cut();
+            cuts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        up.wait().unwrap().success(),
+        "{}",
+        fs::read_to_string(r.scratch("up.err")).unwrap()
+    );
+    r.sync_wait();
+    r.assert_mirror_exact();
+    // 2. Cuts during a stream of edits.
+    for i in 0..30 {
+        r.write(&format!("src/edit{}.txt", i % 7), format!("edit {i}\n"));
+        if i % 5 == 2 {
+            proxy.cut();
+            cuts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // 3. Cuts while a job prints numbered lines.
+    let mut run = r.spawn(&["run", "count.toml"], &[], "run.out");
+    let out = r.scratch("run.out");
+    while cuts < 20 {
+        std::thread::sleep(Duration::from_millis(300));
+        if run.try_wait().unwrap().is_some() {
+            break;
+        }
+        if fs::metadata(&out).is_ok_and(|m| m.len() > 0) {
+            proxy.cut();
+            cuts += 1;
+        }
+    }
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = run.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "bridge run never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = fs::read_to_string(r.scratch("run.err")).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(cuts >= 14, "only {cuts} cuts happened");
+    let expected: String = (1..=3000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        fs::read_to_string(&out).unwrap() == expected,
+        "lines lost or repeated; {err}"
+    );
+    let jobs = r.ok(&["ps", "--all", "--json"]);
+    assert!(
+        jobs.contains("succeeded"),
+        "the job was interrupted: {jobs}"
+    );
+    // The mirror is exact, and little was sent twice.
+    r.sync_wait();
+    r.assert_mirror_exact();
+    let st = r.status();
+    let sent = st["bytes_sent"].as_u64().unwrap();
+    let resent = sent.saturating_sub(payload);
+    eprintln!("cuts {cuts}, payload {payload} B, sent {sent} B, resent ≤ {resent} B");
+    assert!(
+        resent <= cuts as u64 * 512 * 1024,
+        "{resent} bytes resent over {cuts} cuts (payload {payload}, sent {sent})"
+    );
+}
