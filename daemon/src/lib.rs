@@ -144,12 +144,11 @@ pub async fn run(
     let _ = engine_stop_tx.send(true);
     let _ = engine.await;
     pulls.abort();
-    let res = if stop.stop_agent {
-        provider.stop_agent().await
-    } else {
-        provider.teardown().await
-    };
-    if let Err(e) = res {
+    // Without `stop_agent` (a signal, or `down` of a shared remote agent)
+    // the agent keeps running; the connection closes with the daemon.
+    if stop.stop_agent
+        && let Err(e) = provider.stop_agent().await
+    {
         tracing::warn!(error = %e, "cannot stop the agent");
     }
     if stop.purge

@@ -529,7 +529,17 @@ impl Inner {
             }
             (code, out, err)
         };
-        let (sent, (code, out, err)) = tokio::join!(send, recv);
+        // The reply ends the exchange: when the connection breaks, `recv`
+        // ends while a write may wait forever for window space.
+        tokio::pin!(send, recv);
+        let mut sent: Option<Result<(), russh::Error>> = None;
+        let (code, out, err) = loop {
+            tokio::select! {
+                r = &mut send, if sent.is_none() => sent = Some(r),
+                r = &mut recv => break r,
+            }
+        };
+        let sent = sent.unwrap_or(Ok(()));
         match code {
             Some(code) => Ok((code, out, err)),
             None => Err(self.retryable(format!(
