@@ -16,7 +16,7 @@ does the same work over ssh to a private sshd on 127.0.0.1 (this machine):
    lines.toml > FILE`, next to the same `python3 -c` run locally `> FILE` and
    over ssh `> FILE`. Every output is checked (all lines, in order).
 
-The sshd is set up by the script: openssh-server is installed with apt-get
+The sshd is set up by bench/sshd.py (shared with ssh_bench.py): openssh-server is installed with apt-get
 when /usr/sbin/sshd is missing (as root; no service is started), keys and an
 sshd_config go to the temporary work directory, `sshd -D` runs as a child on a
 free port and is killed at the end. Without sshd the peers are skipped and the
@@ -24,7 +24,7 @@ reason is printed and recorded.
 
 The peers run a venv (made here, without pip) of the interpreter running this
 script, like bridge's cached env: no pyenv shim, no global site-packages. The
-remote bash skips ~/.bashrc unless --ssh-bashrc (see Sshd.opts).
+remote bash skips ~/.bashrc unless --ssh-bashrc (see sshd.Sshd.opts).
 
 `--quick` (CI): 5 runs, 100,000 lines, 2 repetitions; asserts correctness
 (first line, every line in order, exit codes), never timing. Works with the
@@ -49,7 +49,6 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py
+from sshd import Sshd, SshdError, ensure_sshd  # noqa: E402  (bench/sshd.py, shared with ssh_bench.py)
+
 MB = 1_000_000
 
 TARGET_FIRST_LINE_P50_MS = 300.0
@@ -67,16 +70,12 @@ TARGET_FIRST_LINE_P50_MS = 300.0
 UP_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 120.0
 SMALL_CMD_TIMEOUT_S = 60.0
-APT_TIMEOUT_S = 600.0
 
 QUICK = dict(runs=5, lines=100_000, line_reps=2)
 FULL = dict(runs=20, lines=1_000_000, line_reps=3)
 
 FIRST_CODE = "print(\"first\", flush=True); import time; time.sleep(0.2)"
 LINES_CODE = "import sys; sys.stdout.writelines(f'line {i}\\n' for i in range({n}))"
-
-SSHD = "/usr/sbin/sshd"
-
 
 class BenchError(Exception):
     """A benchmark step failed (the tool errored, timed out or was wrong)."""
@@ -108,12 +107,6 @@ def run_cmd(args: list[str], timeout: float, check: bool = True, **kw) -> subpro
         raise BenchError(f"exit {cp.returncode}: {' '.join(args)}\n"
                          f"stdout: {cp.stdout.strip()}\nstderr: {cp.stderr.strip()}")
     return cp
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stats_ms(vals_s: list[float]) -> dict:
@@ -321,162 +314,6 @@ class Bridge:
             return "\n".join(p.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return f"(no {name})"
-
-
-# --------------------------------------------------------------------------
-# private sshd on 127.0.0.1
-
-
-def ensure_sshd() -> str | None:
-    """Install openssh-server (and client) if sshd is missing; returns an
-    error string or None. Never starts the system service: a policy-rc.d
-    that refuses service starts is in place during the install (and removed
-    after) unless one already exists."""
-    if os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen"):
-        return None
-    if os.geteuid() != 0:
-        return f"{SSHD} is missing and we are not root (cannot apt-get install openssh-server)"
-    if not shutil.which("apt-get"):
-        return f"{SSHD} is missing and there is no apt-get"
-    log("sshd is missing; installing openssh-server with apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    policy = Path("/usr/sbin/policy-rc.d")
-    made_policy = False
-    try:
-        if not policy.exists():
-            policy.write_text("#!/bin/sh\n# job_bench.py: no service starts during its install\nexit 101\n")
-            policy.chmod(0o755)
-            made_policy = True
-        pkgs = ["openssh-server", "openssh-client"]
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs]
-        cp = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
-        if cp.returncode != 0:  # stale package lists: update once and retry
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
-                           text=True, timeout=APT_TIMEOUT_S)
-            cp = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot install openssh-server: {e}"
-    finally:
-        if made_policy:
-            try:
-                policy.unlink()
-            except OSError:
-                pass
-    if cp.returncode != 0 or not os.path.exists(SSHD):
-        return f"cannot install openssh-server: {(cp.stderr or cp.stdout).strip()[-1500:]}"
-    return None
-
-
-class Sshd:
-    """sshd -D on 127.0.0.1:PORT with its own keys and config in `dir`."""
-
-    def __init__(self, dir: Path, bashrc: bool = False):
-        self.dir = dir
-        self.bashrc = bashrc
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.master: subprocess.Popen | None = None
-        self.control = dir / "cm.sock"
-        self.key = dir / "id_ed25519"
-        self.errlog = dir / "sshd.log"
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
-        hostkey = self.dir / "ssh_host_ed25519_key"
-        for k in (hostkey, self.key):
-            if not k.exists():
-                run_cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "job_bench",
-                         "-f", str(k)], 30)
-        auth = self.dir / "authorized_keys"
-        auth.write_text((self.key.with_suffix(".pub")).read_text())
-        auth.chmod(0o600)
-        self.port = free_port()
-        conf = self.dir / "sshd_config"
-        conf.write_text("\n".join([
-            "ListenAddress 127.0.0.1",
-            f"Port {self.port}",
-            f"HostKey {hostkey}",
-            f"AuthorizedKeysFile {auth}",
-            "StrictModes no",
-            "UsePAM no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password",
-            f"PidFile {self.dir / 'sshd.pid'}",
-            "UseDNS no",
-            "PrintMotd no",
-            "LogLevel ERROR",
-            "MaxStartups 100:30:200",
-            "AcceptEnv SHLVL",
-            "",
-        ]))
-        run_cmd([SSHD, "-t", "-f", str(conf)], 30)  # config check: a clear error
-        self.proc = subprocess.Popen([SSHD, "-D", "-f", str(conf), "-e"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.errlog, "wb"))
-        deadline = time.monotonic() + 10
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"sshd exited {self.proc.returncode}: {self.errlog.read_text()[-1500:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"sshd did not listen on port {self.port} within 10 s") from None
-                time.sleep(0.02)
-        cp = run_cmd(self.args(False, "echo ok"), 30, check=False)
-        if cp.returncode != 0 or cp.stdout.strip() != "ok":
-            raise BenchError(f"ssh to the private sshd failed (exit {cp.returncode}): {cp.stderr.strip()}\n"
-                             f"sshd log: {self.errlog.read_text()[-1500:]}")
-
-    def opts(self) -> list[str]:
-        # SHLVL=1 (sshd accepts it: AcceptEnv) makes bash skip ~/.bashrc, which
-        # Debian's bash otherwise sources for every ssh command; on the
-        # project's VMs root's .bashrc runs `pyenv init` (~0.3 s), a cost of
-        # this machine, not of ssh. --ssh-bashrc keeps it.
-        return ["-F", "/dev/null", "-p", str(self.port), "-i", str(self.key),
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
-                *([] if self.bashrc else ["-o", "SetEnv=SHLVL=1"])]
-
-    def args(self, mux: bool, remote_cmd: str) -> list[str]:
-        extra = ["-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"] if mux else \
-                ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-        return ["ssh", *self.opts(), *extra, "127.0.0.1", remote_cmd]
-
-    def start_master(self) -> None:
-        """A ControlMaster connection (kept by this child process) for the mux peer."""
-        self.master = subprocess.Popen(
-            ["ssh", *self.opts(), "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
-             "-o", "ControlPersist=no", "-N", "127.0.0.1"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.master.poll() is not None:
-                raise BenchError(f"ssh ControlMaster exited {self.master.returncode}: "
-                                 f"{self.master.stderr.read().decode(errors='replace')}")
-            if self.control.exists():
-                cp = run_cmd(["ssh", *self.opts(), "-o", f"ControlPath={self.control}", "-O", "check",
-                              "127.0.0.1"], 10, check=False)
-                if cp.returncode == 0:
-                    return
-            if time.monotonic() > deadline:
-                raise BenchError("ssh ControlMaster did not come up within 15 s")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        for p in (self.master, self.proc):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        self.master = self.proc = None
 
 
 # --------------------------------------------------------------------------
@@ -745,19 +582,19 @@ def main() -> int:
         if args.no_ssh:
             results["ssh_skipped"] = "--no-ssh"
         else:
-            err = ensure_sshd()
+            err = ensure_sshd(log)
             if err:
                 results["ssh_skipped"] = err
             else:
-                sshd = Sshd(work / "ssh", bashrc=args.ssh_bashrc)
+                sshd = Sshd(work / "ssh", bashrc=args.ssh_bashrc, comment="job_bench")
                 try:
                     sshd.start()
                     log(f"sshd on 127.0.0.1:{sshd.port}")
                     try:
                         sshd.start_master()
-                    except BenchError as e:
+                    except SshdError as e:
                         results["errors"]["ssh_mux"] = str(e)
-                except BenchError as e:
+                except SshdError as e:
                     results["ssh_skipped"] = str(e)
                     sshd.stop()
                     sshd = None
