@@ -202,16 +202,7 @@ impl Repo {
 
     /// Runs `bridge ARGS` and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.bridge(args);
-        assert!(
-            out.status.success(),
-            "bridge {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.daemon_log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ok_env(args, &[])
     }
 
     /// Runs `bridge ARGS`, asserts failure, returns stderr.
