@@ -27,9 +27,6 @@
 //! - [`path`]: lexical path normalisation and the paths never allowed.
 //! - [`convert`]: defaults, semantic checks, and the [`JobSpec`] itself.
 
-// `bridge run` does not read `Loaded::path` yet; this line goes once it does.
-#![cfg_attr(not(test), allow(dead_code))]
-
 mod convert;
 mod error;
 mod path;

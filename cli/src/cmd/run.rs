@@ -21,5 +21,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     let layout = client::repo(cwd)?;
     let file = cwd.join(&args.file);
     let loaded = spec::load(&file, &layout.repo, &args.set)?;
+    if loaded.path != file {
+        eprintln!("bridge: job file {}", loaded.path.display());
+    }
     jobs::submit_and_follow(cwd, &layout, loaded.spec, args.detach).await
 }
