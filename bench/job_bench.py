@@ -39,12 +39,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import json
-import math
 import os
-import platform
 import select
 import shlex
 import shutil
@@ -60,8 +57,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py, common.py
 from sshd import Sshd, SshdError, ensure_sshd  # noqa: E402  (bench/sshd.py, shared with ssh_bench.py)
+from common import (  # noqa: E402  (bench/common.py, shared with sync_bench.py, ssh_bench.py)
+    BenchError, add_bridge_info, base_machine_info, check_binaries, git_init, git_state,
+    install_term_handlers, log, percentile, render_errors, run_cmd, ssh_version, write_results)
 
 MB = 1_000_000
 
@@ -77,36 +77,9 @@ FULL = dict(runs=20, lines=1_000_000, line_reps=3)
 FIRST_CODE = "print(\"first\", flush=True); import time; time.sleep(0.2)"
 LINES_CODE = "import sys; sys.stdout.writelines(f'line {i}\\n' for i in range({n}))"
 
-class BenchError(Exception):
-    """A benchmark step failed (the tool errored, timed out or was wrong)."""
-
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_vals: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_vals:
-        return None
-    k = max(1, math.ceil(q / 100.0 * len(sorted_vals)))
-    return sorted_vals[min(k, len(sorted_vals)) - 1]
-
-
-def run_cmd(args: list[str], timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(args)}\n"
-                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(f"exit {cp.returncode}: {' '.join(args)}\n"
-                         f"stdout: {cp.stdout.strip()}\nstderr: {cp.stderr.strip()}")
-    return cp
 
 
 def stats_ms(vals_s: list[float]) -> dict:
@@ -119,62 +92,14 @@ def stats_ms(vals_s: list[float]) -> dict:
 
 
 def machine_info(bridge: Path, python: str) -> dict:
-    info: dict = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "nproc_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "python_executable": python,
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_total_kib"] = int(f.readline().split()[1])
-    except OSError:
-        pass
+    info = base_machine_info(python_executable=python)
     try:
         info["loadavg"] = os.getloadavg()
     except OSError:
         pass
-    try:
-        info["bridge_version"] = run_cmd([str(bridge), "--version"], 10).stdout.strip()
-        info["bridge_binary"] = str(bridge)
-        info["bridge_binary_mtime"] = _dt.datetime.fromtimestamp(
-            bridge.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
-    except (BenchError, OSError) as e:
-        info["bridge_version"] = f"unknown ({e})"
-    # A binary older than the sources measures some other code: say so.
-    try:
-        newest = max((q.stat().st_mtime, str(q.relative_to(ROOT)))
-                     for d in ("proto", "agent", "daemon", "cli")
-                     for q in (ROOT / d).rglob("*")
-                     if q.is_file() and q.suffix in (".rs", ".proto", ".toml"))
-        info["bridge_binary_stale"] = newest[0] > bridge.stat().st_mtime
-        if info["bridge_binary_stale"]:
-            info["newest_source"] = newest[1]
-            log(f"warning: {bridge} is older than {newest[1]}; rebuild with "
-                f"`cargo build --release --bins` to measure the current code")
-    except (OSError, ValueError):
-        pass
-    try:
-        cp = run_cmd(["ssh", "-V"], 10, check=False)
-        info["ssh_version"] = (cp.stderr or cp.stdout).strip() or None
-    except (BenchError, OSError):
-        info["ssh_version"] = None
-    # Read-only git queries (no optional locks: never touch the index).
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], env=env,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "--no-optional-locks", "status",
-                                "--porcelain", "--untracked-files=no"], env=env,
-                               capture_output=True, text=True, timeout=30)
-        info["git_head"] = rev.stdout.strip() or None
-        info["git_modified_files"] = len(dirty.stdout.splitlines()) if dirty.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    add_bridge_info(info, bridge)
+    info["ssh_version"] = ssh_version()
+    info.update(git_state())
     return info
 
 
@@ -362,8 +287,7 @@ def python3_on_path() -> dict:
 
 
 def write_repo(repo: Path, n_lines: int) -> None:
-    repo.mkdir(parents=True, exist_ok=True)
-    run_cmd(["git", "init", "-q", str(repo)], 60)
+    git_init(repo)
     (repo / "requirements.txt").write_text("")
     (repo / "job.toml").write_text(
         'name = "first"\n'
@@ -516,11 +440,7 @@ def render(results: dict) -> str:
                          f"{s['mb_per_s']:8.1f} {s['lines_per_s']:>11,} {ratio:>12}")
     else:
         lines.append(f"   FAILED: {results['errors'].get('lines', 'not run')}")
-    if results["errors"]:
-        lines.append("")
-        lines.append("errors:")
-        for k, v in results["errors"].items():
-            lines.append(f"  {k}: {v}")
+    render_errors(lines, results["errors"])
     return "\n".join(lines)
 
 
@@ -553,15 +473,10 @@ def main() -> int:
         args.out = str(HERE / "results" / "jobs-quick.json")
 
     bridge_exe = Path(args.bridge).resolve()
-    if not bridge_exe.exists() or not (bridge_exe.parent / "bridge-agent").exists():
-        print(f"error: {bridge_exe} (and bridge-agent next to it) not found; "
-              f"run `cargo build --release --bins` first or pass --bridge", file=sys.stderr)
+    if not check_binaries(bridge_exe):
         return 2
 
-    def _term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGHUP, _term)
+    install_term_handlers()
 
     cfg.update(ssh_bashrc=args.ssh_bashrc)
     # Every side runs Python with its default (block-buffered) stdout: bridge's
@@ -630,10 +545,7 @@ def main() -> int:
 
     results["total_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results))
-    print(f"\nresults: {out} (total {results['total_s']} s)")
+    write_results(out, results, render)
     return 1 if results["errors"] else 0
 
 

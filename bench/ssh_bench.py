@@ -47,11 +47,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import queue
 import random
 import shutil
@@ -69,8 +67,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py, common.py
 from sshd import Sshd, SshdError, ensure_sshd  # noqa: E402  (bench/sshd.py)
+from common import (  # noqa: E402  (bench/common.py, shared with sync_bench.py, job_bench.py)
+    BenchError, add_bridge_info, base_machine_info, check_binaries, git_init, install_term_handlers,
+    log, percentile, render_errors, run_cmd, ssh_version, write_results)
 
 KIB = 1024
 
@@ -98,24 +99,8 @@ LABELS = {
 }
 
 
-class BenchError(Exception):
-    """A benchmark step failed (the tool errored, timed out or was wrong)."""
-
-
 # --------------------------------------------------------------------------
 # helpers
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_vals: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_vals:
-        return None
-    k = max(1, math.ceil(q / 100.0 * len(sorted_vals)))
-    return sorted_vals[min(k, len(sorted_vals)) - 1]
 
 
 def summary_ms(vals: list[float]) -> dict:
@@ -126,19 +111,6 @@ def summary_ms(vals: list[float]) -> dict:
     return {"n": len(v), "p50_ms": r(percentile(v, 50)), "p95_ms": r(percentile(v, 95)),
             "p99_ms": r(percentile(v, 99)), "min_ms": r(v[0]), "max_ms": r(v[-1]),
             "mean_ms": r(statistics.fmean(v))}
-
-
-def run_cmd(args: list[str], timeout: float, check: bool = True,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(args)}\n"
-                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(f"exit {cp.returncode}: {' '.join(args)}\n"
-                         f"stdout: {cp.stdout.strip()}\nstderr: {cp.stderr.strip()}")
-    return cp
 
 
 def alive(pid: int) -> bool:
@@ -169,47 +141,13 @@ def git_head() -> dict:
 
 
 def machine_info(bridge: Path) -> dict:
-    info: dict = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "nproc_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_total_kib"] = int(f.readline().split()[1])
-    except OSError:
-        pass
+    info = base_machine_info()
     try:
         info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    try:
-        info["bridge_version"] = run_cmd([str(bridge), "--version"], 10).stdout.strip()
-        info["bridge_binary"] = str(bridge)
-        info["bridge_binary_mtime"] = _dt.datetime.fromtimestamp(
-            bridge.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
-    except (BenchError, OSError) as e:
-        info["bridge_version"] = f"unknown ({e})"
-    try:
-        newest = max((q.stat().st_mtime, str(q.relative_to(ROOT)))
-                     for d in ("proto", "agent", "daemon", "cli")
-                     for q in (ROOT / d).rglob("*")
-                     if q.is_file() and q.suffix in (".rs", ".proto", ".toml"))
-        info["bridge_binary_stale"] = newest[0] > bridge.stat().st_mtime
-        if info["bridge_binary_stale"]:
-            info["newest_source"] = newest[1]
-            log(f"warning: {bridge} is older than {newest[1]}; rebuild to measure the current code")
-    except (OSError, ValueError):
-        pass
-    try:
-        cp = run_cmd(["ssh", "-V"], 10, check=False)
-        info["ssh_version"] = (cp.stderr or cp.stdout).strip() or None
-    except (BenchError, OSError):
-        info["ssh_version"] = None
+    add_bridge_info(info, bridge, rebuild="rebuild")
+    info["ssh_version"] = ssh_version()
     info.update(git_head())
     return info
 
@@ -574,8 +512,7 @@ class Peer:
 
 def write_tree(repo: Path, n_files: int, seed: int) -> list[str]:
     """git init + n_files deterministic files of 1-4 KiB (text) in ~sqrt(n) dirs."""
-    repo.mkdir(parents=True, exist_ok=True)
-    run_cmd(["git", "init", "-q", str(repo)], 60)
+    git_init(repo)
     rng = random.Random(seed)
     n_dirs = max(1, int(math.sqrt(n_files)))
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(500)]
@@ -912,11 +849,7 @@ def render(results: dict) -> str:
             for t in heal["trials"]))
     else:
         lines.append(f"   FAILED: {results['errors'].get('heal', 'not run')}")
-    if results["errors"]:
-        lines.append("")
-        lines.append("errors:")
-        for k, v in results["errors"].items():
-            lines.append(f"  {k}: {v}")
+    render_errors(lines, results["errors"])
     return "\n".join(lines)
 
 
@@ -951,15 +884,10 @@ def main() -> int:
     cfg.update(quick=args.quick, spacing_ms=args.spacing_ms, delay_ms=args.delay_ms, seed=args.seed,
                bridge=str(bridge_exe), bridge_log=args.log, proxy_quickack=args.proxy_quickack)
     out = Path(args.out or HERE / "results" / ("ssh-quick.json" if args.quick else "ssh.json"))
-    if not bridge_exe.exists() or not (bridge_exe.parent / "bridge-agent").exists():
-        print(f"error: {bridge_exe} (and bridge-agent next to it) not found; run "
-              f"`cargo build {'' if args.quick else '--release '}--bins` first or pass --bridge", file=sys.stderr)
+    if not check_binaries(bridge_exe, f"cargo build {'' if args.quick else '--release '}--bins"):
         return 2
 
-    def _term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGHUP, _term)
+    install_term_handlers()
 
     results: dict = {"config": cfg, "machine": machine_info(bridge_exe), "errors": {}}
     work = Path(tempfile.mkdtemp(prefix="bridge-sshbench-", dir=args.workdir))
@@ -1055,10 +983,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     results["total_s"] = round(time.perf_counter() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results))
-    print(f"\nresults: {out} (total {results['total_s']} s)")
+    write_results(out, results, render)
     return 1 if results["errors"] else 0
 
 

@@ -29,12 +29,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -51,6 +49,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KIB = 1024
 MIB = 1024 * 1024
+
+sys.path.insert(0, str(HERE))
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing common.py
+from common import (  # noqa: E402  (bench/common.py, shared with job_bench.py, ssh_bench.py)
+    BenchError, add_bridge_info, base_machine_info, check_binaries, git_init, git_state,
+    install_term_handlers, log, percentile, render_errors, run_cmd, write_results)
 
 # Latency targets (ms) for a 1 KiB edit in the large tree.
 TARGET_P50_MS = 50.0
@@ -72,16 +76,8 @@ QUICK = dict(files=300, dirs=12, edits=20, reps=2, big_mib=8, change_kib=256)
 FULL = dict(files=100_000, dirs=1000, edits=200, reps=3, big_mib=200, change_kib=1024)
 
 
-class BenchError(Exception):
-    """A benchmark step failed (the tool errored, timed out or was wrong)."""
-
-
 # --------------------------------------------------------------------------
 # helpers
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def human_bytes(n: float) -> str:
@@ -90,26 +86,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
-
-
-def percentile(sorted_vals: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_vals:
-        return None
-    k = max(1, math.ceil(q / 100.0 * len(sorted_vals)))
-    return sorted_vals[min(k, len(sorted_vals)) - 1]
-
-
-def run_cmd(args: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(args)}\n"
-                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
-    if check and cp.returncode != 0:
-        raise BenchError(f"exit {cp.returncode}: {' '.join(args)}\n"
-                         f"stdout: {cp.stdout.strip()}\nstderr: {cp.stderr.strip()}")
-    return cp
 
 
 def sha256_file(p: Path) -> str:
@@ -152,20 +128,7 @@ def compare_trees(src: Path, mirror: Path) -> None:
 
 
 def machine_info(bridge: Path, workdir: str) -> dict:
-    info: dict = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "nproc_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_total_kib"] = int(f.readline().split()[1])
-    except OSError:
-        pass
+    info = base_machine_info()
     try:
         info["loadavg"] = os.getloadavg()
     except OSError:
@@ -186,42 +149,13 @@ def machine_info(bridge: Path, workdir: str) -> dict:
         info["workdir_fs"] = {"mount": best[0], "type": best[1], "options": best[2]}
     except OSError:
         pass
-    try:
-        info["bridge_version"] = run_cmd([str(bridge), "--version"], 10).stdout.strip()
-        info["bridge_binary_mtime"] = _dt.datetime.fromtimestamp(
-            bridge.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
-    except (BenchError, OSError) as e:
-        info["bridge_version"] = f"unknown ({e})"
-    # A binary older than the sources measures some other code: say so.
-    try:
-        newest = max((q.stat().st_mtime, str(q.relative_to(ROOT)))
-                     for d in ("proto", "agent", "daemon", "cli")
-                     for q in (ROOT / d).rglob("*")
-                     if q.is_file() and q.suffix in (".rs", ".proto", ".toml"))
-        info["bridge_binary_stale"] = newest[0] > bridge.stat().st_mtime
-        if info["bridge_binary_stale"]:
-            info["newest_source"] = newest[1]
-            log(f"warning: {bridge} is older than {newest[1]}; rebuild with "
-                f"`cargo build --release --bins` to measure the current code")
-    except (OSError, ValueError):
-        pass
+    add_bridge_info(info, bridge, record_path=False)
     try:
         out = run_cmd(["rsync", "--version"], 10).stdout.splitlines()
         info["rsync_version"] = out[0] if out else "?"
     except (BenchError, OSError):
         info["rsync_version"] = None
-    # Read-only git queries (no optional locks: never touch the index).
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], env=env,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "--no-optional-locks", "status",
-                                "--porcelain", "--untracked-files=no"], env=env,
-                               capture_output=True, text=True, timeout=30)
-        info["git_head"] = rev.stdout.strip() or None
-        info["git_modified_files"] = len(dirty.stdout.splitlines()) if dirty.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    info.update(git_state())
     return info
 
 
@@ -352,11 +286,6 @@ def create_rate(trash: Trash, n: int) -> float:
     for i in range(n):
         os.close(os.open(d / f"c{i:06d}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
     return n / (time.perf_counter() - t0)
-
-
-def git_init(repo: Path) -> None:
-    repo.mkdir(parents=True, exist_ok=True)
-    run_cmd(["git", "init", "-q", str(repo)], 60)
 
 
 # --------------------------------------------------------------------------
@@ -731,11 +660,7 @@ def render(results: dict) -> str:
                      f"{d['bridge_initial_bytes_sent']:,} bytes)")
     else:
         lines.append(f"   FAILED: {results['errors'].get('delta', 'not run')}")
-    if results["errors"]:
-        lines.append("")
-        lines.append("errors:")
-        for k, v in results["errors"].items():
-            lines.append(f"  {k}: {v}")
+    render_errors(lines, results["errors"])
     return "\n".join(lines)
 
 
@@ -774,16 +699,10 @@ def main() -> int:
         only.add("initial")
 
     bridge_exe = Path(args.bridge).resolve()
-    if not bridge_exe.exists() or not (bridge_exe.parent / "bridge-agent").exists():
-        print(f"error: {bridge_exe} (and bridge-agent next to it) not found; "
-              f"run `cargo build --release --bins` first or pass --bridge", file=sys.stderr)
+    if not check_binaries(bridge_exe):
         return 2
 
-    # SIGTERM/SIGHUP: unwind through the finally blocks (bridge down, rm temp dirs).
-    def _term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGHUP, _term)
+    install_term_handlers()
 
     rsync_err = ensure_rsync()
     results: dict = {"config": cfg, "machine": machine_info(bridge_exe, os.path.realpath(args.workdir)), "errors": {}}
@@ -850,10 +769,7 @@ def main() -> int:
 
     results["total_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results))
-    print(f"\nresults: {out} (total {results['total_s']} s)")
+    write_results(out, results, render)
     if results["errors"]:
         return 1
     return 0

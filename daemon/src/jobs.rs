@@ -34,6 +34,8 @@ const PULL_INTERVAL: Duration = Duration::from_millis(500);
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a call waits for the engine to (re)connect.
 const LINK_WAIT: Duration = Duration::from_secs(30);
+/// At most one connection check (a rescan and round) per this interval.
+const POKE_INTERVAL: Duration = Duration::from_secs(2);
 /// Chunks asked for in one request (bounds the memory of a pull).
 const CHUNK_WINDOW: usize = 64;
 
@@ -47,6 +49,8 @@ pub struct Relay {
     /// Jobs that wrote into files shared with the mirror, whose repair the
     /// engine has been asked for.
     repaired: Mutex<HashSet<String>>,
+    /// When the engine was last asked to check the connection.
+    last_poke: Mutex<Option<std::time::Instant>>,
 }
 
 /// What one pull brought back.
@@ -117,6 +121,7 @@ impl Relay {
             cmds,
             pulling: Mutex::new(HashSet::new()),
             repaired: Mutex::new(HashSet::new()),
+            last_poke: Mutex::new(None),
         }
     }
 
@@ -164,7 +169,21 @@ impl Relay {
     /// The connection failed: have the engine find out now (a round on a
     /// dead connection reconnects, restarting the agent if it is gone)
     /// rather than at the next edit.
+    ///
+    /// A poke costs a rescan, so it is sent only while the engine believes it
+    /// is connected (otherwise it is already reconnecting) and at most once
+    /// per [`POKE_INTERVAL`].
     fn poke(&self) {
+        let connected = self
+            .shared
+            .status
+            .lock()
+            .is_ok_and(|s| s.connection == crate::status::Connection::Connected);
+        let mut last = self.last_poke.lock().expect("last_poke");
+        if !connected || last.is_some_and(|t| t.elapsed() < POKE_INTERVAL) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
         let (reply, _) = oneshot::channel();
         let _ = self.cmds.try_send(Command::Sync {
             verify: false,
