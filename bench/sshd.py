@@ -20,24 +20,21 @@ import subprocess
 import time
 from pathlib import Path
 
+from common import BenchError, run_cmd  # bench/common.py
+
 SSHD = "/usr/sbin/sshd"
 APT_TIMEOUT_S = 600.0
 
 
-class SshdError(Exception):
+class SshdError(BenchError):
     """Setting up or talking to the private sshd failed."""
 
 
 def _run(args: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess:
     try:
-        cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise SshdError(f"timed out after {timeout:.0f} s: {' '.join(args)}\n"
-                        f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
-    if check and cp.returncode != 0:
-        raise SshdError(f"exit {cp.returncode}: {' '.join(args)}\n"
-                        f"stdout: {cp.stdout.strip()}\nstderr: {cp.stderr.strip()}")
-    return cp
+        return run_cmd(args, timeout, check)
+    except BenchError as e:
+        raise SshdError(str(e)) from None
 
 
 def free_port() -> int:

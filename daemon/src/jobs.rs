@@ -262,42 +262,34 @@ impl Relay {
                     return;
                 }
             };
-            let mut stream = match link.jobs().logs(req.clone()).await {
-                Ok(s) => s.into_inner(),
-                Err(s) if retryable(&s) && failures < 40 => {
-                    failures += 1;
-                    self.poke();
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
-            };
-            loop {
-                match stream.message().await {
-                    Ok(Some(c)) => {
-                        failures = 0;
-                        req.offset = c.next_offset;
-                        req.tail_lines = 0;
-                        if tx.send(Ok(c)).await.is_err() {
-                            return;
+            // Stream until the end, or until the error that broke the call.
+            let err = match link.jobs().logs(req.clone()).await {
+                Ok(s) => {
+                    let mut stream = s.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(c)) => {
+                                failures = 0;
+                                req.offset = c.next_offset;
+                                req.tail_lines = 0;
+                                if tx.send(Ok(c)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => return,
+                            Err(s) => break s,
                         }
                     }
-                    Ok(None) => return,
-                    Err(s) if retryable(&s) && failures < 40 => {
-                        failures += 1;
-                        self.poke();
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        break;
-                    }
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
                 }
+                Err(s) => s,
+            };
+            if !retryable(&err) || failures >= 40 {
+                let _ = tx.send(Err(err)).await;
+                return;
             }
+            failures += 1;
+            self.poke();
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
