@@ -828,6 +828,25 @@ impl Jobs {
         self.job_dir(id).join("log")
     }
 
+    /// Jobs queued, in setup or running: what holds the machine against the
+    /// idle autostop. One pass over the table, no disk access.
+    pub fn active(&self) -> u32 {
+        let Ok(inner) = self.inner.lock() else {
+            // A poisoned table: count the machine as busy rather than stop it.
+            return 1;
+        };
+        inner
+            .records
+            .values()
+            .filter(|r| {
+                matches!(
+                    state_of(r),
+                    JobState::Queued | JobState::Setup | JobState::Running
+                )
+            })
+            .count() as u32
+    }
+
     /// Whether job `id` has ended (its log is complete).
     pub fn ended(&self, id: u64) -> Result<bool, Status> {
         let inner = self.lock()?;
@@ -867,6 +886,12 @@ impl Jobs {
             gpus,
             note: self.gpu_note.clone(),
         }
+    }
+}
+
+impl crate::idle::Activity for Jobs {
+    fn jobs_active(&self) -> u32 {
+        self.active()
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`joblog`]: the job log's record format, its writer and its readers.
 //! - [`envcache`]: cached Python environments and setup commands.
 //! - [`gpu`]: GPU discovery (`nvidia-smi`) behind the `GpuInventory` trait.
+//! - [`idle`]: idle autostop — which daemons are attached (the `Attach`
+//!   stream's pings), the idle clock, and the command run when it expires.
 //!
 //! Directory layout under `--root`:
 //! `mirrors/<name>/` (the mirrors), `state/` (their stat caches),
@@ -24,6 +26,7 @@
 pub mod apply;
 pub mod envcache;
 pub mod gpu;
+pub mod idle;
 pub mod joblog;
 pub mod jobs;
 pub mod mirror;
@@ -58,6 +61,8 @@ pub struct Config {
     pub token: String,
     /// Bound on the retired-version cache.
     pub cache_bytes: u64,
+    /// Idle autostop (`--idle-timeout`, `--idle-command`); `None`: never.
+    pub idle: Option<idle::Policy>,
 }
 
 /// A bound listener the agent serves on.
@@ -114,10 +119,25 @@ pub async fn run(
     );
     let stop_poller = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let poller = jobs::spawn_poller(jobs.clone(), state.clone(), stop_poller.clone());
+    let idle = Arc::new(idle::Idle::new(
+        config.idle.clone(),
+        Arc::new(idle::SystemClock),
+        jobs.clone(),
+    ));
+    // Set when shutdown begins: the idle policy stops, and open `Attach`
+    // streams end (the graceful shutdown would otherwise wait for them).
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let idle_policy = tokio::spawn(idle::run(idle.clone(), stopping_rx.clone()));
+    let shutdown = async {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
     let svc = AgentService {
         root: config.root.clone(),
         tmp,
         state: state.clone(),
+        idle,
+        stopping: stopping_rx,
     };
     let jobs_svc = jobs::service::JobsService {
         jobs: jobs.clone(),
@@ -172,6 +192,8 @@ pub async fn run(
             m.maybe_save(true);
         }
     }
+    let _ = stopping.send(true);
+    let _ = idle_policy.await;
     // Jobs keep running under their shims; a restarted agent picks them up.
     stop_poller.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.join();

@@ -1,11 +1,14 @@
-//! `bridge-agent serve --root DIR --listen unix:PATH|tcp:HOST:PORT --token-file FILE`
+//! `bridge-agent serve --root DIR --listen unix:PATH|tcp:HOST:PORT --token-file FILE
+//!   [--idle-timeout SECS [--idle-command CMD]]`
 //! `bridge-agent shim JOB_DIR` (run by the agent, one per job)
 //! `bridge-agent gpus` (what GPU discovery finds, for manual checks)
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bridge_agent::idle::{DEFAULT_COMMAND, Policy};
 use bridge_agent::{Config, DEFAULT_CACHE_BYTES, Listener};
 use clap::{Parser, Subcommand};
 
@@ -36,6 +39,14 @@ enum Cmd {
         /// Bound on old file versions kept for dedup, in MiB.
         #[arg(long, default_value_t = DEFAULT_CACHE_BYTES / (1024 * 1024))]
         cache_mib: u64,
+        /// Run --idle-command once no job has been queued or running and no
+        /// daemon attached for this many seconds (absent or 0: never).
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        idle_timeout: u64,
+        /// What to run when idle, with `sh -c` (it runs again after another
+        /// timeout if the machine is still up).
+        #[arg(long, value_name = "CMD", default_value = DEFAULT_COMMAND)]
+        idle_command: String,
     },
     /// Supervise one job (spawned by the agent).
     #[command(hide = true)]
@@ -61,7 +72,19 @@ fn main() -> anyhow::Result<()> {
             listen,
             token_file,
             cache_mib,
-        } => tokio::runtime::Runtime::new()?.block_on(serve(root, listen, token_file, cache_mib)),
+            idle_timeout,
+            idle_command,
+        } => {
+            if idle_timeout > 0 && idle_command.trim().is_empty() {
+                bail!("--idle-command is empty: give the command to run when idle");
+            }
+            let idle = (idle_timeout > 0).then(|| Policy {
+                timeout: Duration::from_secs(idle_timeout),
+                command: idle_command,
+            });
+            tokio::runtime::Runtime::new()?
+                .block_on(serve(root, listen, token_file, cache_mib, idle))
+        }
         // Before any runtime: the shim wants to be the only thread when it
         // sets up its signal mask.
         Cmd::Shim { job_dir } => std::process::exit(bridge_agent::shim::run(&job_dir)),
@@ -83,6 +106,7 @@ async fn serve(
     listen: String,
     token_file: PathBuf,
     cache_mib: u64,
+    idle: Option<Policy>,
 ) -> anyhow::Result<()> {
     let token = read_token(&token_file)?;
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -91,6 +115,7 @@ async fn serve(
         root,
         token,
         cache_bytes: cache_mib * 1024 * 1024,
+        idle,
     };
     bridge_agent::run(config, listener, shutdown_signal()).await?;
     Ok(())

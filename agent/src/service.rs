@@ -2,7 +2,8 @@
 //!
 //! Blocking file work runs on tokio's blocking pool; the async side only moves
 //! messages. One lock guards the store and the mirrors: a sync round holds it
-//! from `Begin` to `Commit`, so rounds on one agent are serialised.
+//! from `Begin` to `Commit`, so rounds on one agent are serialised. `Attach`
+//! (presence for the idle autostop) touches none of that: see [`crate::idle`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use bridge_proto::PROTOCOL_VERSION;
 use bridge_proto::v1::agent_server::Agent;
 use bridge_proto::v1::{self, sync_up};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::apply::{Round, RoundError};
+use crate::idle::Idle;
 use crate::mirror::{Mirror, valid_name};
 use crate::store::Store;
 
@@ -32,6 +34,12 @@ pub struct AgentService {
     pub root: PathBuf,
     pub tmp: PathBuf,
     pub state: Arc<Mutex<State>>,
+    /// Attached daemons and the idle clock.
+    pub idle: Arc<Idle>,
+    /// Set when the agent starts shutting down: streams that would stay open
+    /// for as long as the daemon lives (`Attach`) end, so the graceful
+    /// shutdown does not wait for them.
+    pub stopping: watch::Receiver<bool>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -177,6 +185,56 @@ impl Agent for AgentService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx_out))))
     }
+
+    type AttachStream = BoxStream<v1::IdleStatus>;
+
+    async fn attach(
+        &self,
+        req: Request<Streaming<v1::AttachPing>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut pings = req.into_inner();
+        // Attached from the opening on; detached when this task ends.
+        let attached = self.idle.attach();
+        let idle = self.idle.clone();
+        let mut stopping = self.stopping.clone();
+        let (tx, rx) = mpsc::channel::<Result<v1::IdleStatus, Status>>(4);
+        tokio::spawn(async move {
+            let mut mirror = String::new();
+            if tx.send(Ok(idle.status())).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    ping = pings.message() => match ping {
+                        Ok(Some(p)) => {
+                            attached.ping();
+                            if mirror.is_empty() && !p.mirror.is_empty() {
+                                mirror = p.mirror;
+                                tracing::info!(mirror = %mirror, "daemon attached");
+                            }
+                            if tx.send(Ok(idle.status())).await.is_err() {
+                                break;
+                            }
+                        }
+                        // The daemon closed the stream or the connection went.
+                        Ok(None) | Err(_) => break,
+                    },
+                    // The daemon dropped its side of the call.
+                    _ = tx.closed() => break,
+                    // Ends the stream; the daemon attaches to the next agent.
+                    _ = stopped(&mut stopping) => break,
+                }
+            }
+            drop(attached);
+            tracing::info!(mirror = %mirror, "daemon detached");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Resolves once the agent is shutting down (holding no borrow of the flag).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await.map(|_| ());
 }
 
 fn round_status(e: RoundError) -> Status {

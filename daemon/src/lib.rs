@@ -13,12 +13,15 @@
 //!   (local process).
 //! - [`jobs`]: the job relay — submit, logs, cancel, GPUs — and the output
 //!   puller that brings job outputs back into the local tree.
+//! - [`attach`]: presence for the agent's idle autostop — one pinged
+//!   `Attach` stream on the current link, its answers in the status.
 //! - [`control`]: the control server the CLI talks to.
 //! - [`status`]: the `bridge status --json` schema.
 //!
 //! [`run`] takes a bound control listener and a shutdown future, so tests and
 //! `bridge daemon` start it the same way.
 
+pub mod attach;
 pub mod control;
 pub mod engine;
 pub mod jobs;
@@ -116,6 +119,11 @@ pub async fn run(
         cmd_tx.clone(),
     ));
     let pulls = tokio::spawn(relay.clone().pull_outputs(stop_tx.subscribe()));
+    let attach = tokio::spawn(attach::run(
+        shared.clone(),
+        repo::mirror_name(&config.repo),
+        stop_tx.subscribe(),
+    ));
     let svc = control::ControlService {
         shared: shared.clone(),
         cmds: cmd_tx,
@@ -141,6 +149,8 @@ pub async fn run(
     if stop.cancel_jobs {
         relay.cancel_all(stop.all_mirrors).await;
     }
+    // Detached before the engine goes: the agent's idle clock starts now.
+    let _ = attach.await;
     let _ = engine_stop_tx.send(true);
     let _ = engine.await;
     pulls.abort();

@@ -62,6 +62,24 @@ pub struct Status {
     pub gpus: Vec<GpuStatus>,
     /// Why the agent found no GPUs, when discovery failed.
     pub gpu_note: String,
+    /// The agent's idle autostop, as it last answered this daemon's ping;
+    /// `None` when the agent has none or nothing was heard on this link.
+    pub autostop: Option<Autostop>,
+}
+
+/// The agent stops its machine (runs `command`) after `timeout_s` with no
+/// job queued or running and no daemon attached.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Autostop {
+    pub timeout_s: u64,
+    /// Seconds until it runs if nothing changes; equals `timeout_s` while
+    /// held (this daemon, attached, holds it).
+    pub shutdown_in_s: u64,
+    /// Jobs queued, in setup or running on the agent (all mirrors).
+    pub jobs_active: u32,
+    /// Daemons attached to the agent, this one included.
+    pub daemons: u32,
+    pub command: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +122,7 @@ impl Status {
             jobs_submitted: 0,
             gpus: Vec::new(),
             gpu_note: String::new(),
+            autostop: None,
         }
     }
 }
