@@ -3,6 +3,8 @@
 //! Parses arguments, sets up logging, and hands each command to its module in
 //! [`cmd`]. Errors are printed once, with what to do, by `anyhow`.
 
+#[cfg(feature = "aws")]
+mod aws;
 mod client;
 mod cmd;
 mod jobs;
@@ -29,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the agent and the daemon for this repository; returns once the mirror is exact.
-    Up(cmd::up::Args),
+    Up(Box<cmd::up::Args>),
     /// Show the daemon's state: agent, mirror, sync, watcher, skipped paths.
     Status(cmd::status::Args),
     /// Sync now; with --wait, return once the agent's tree root equals the local one.
@@ -72,7 +74,7 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let res = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Up(a) => cmd::up::run(&cwd, a).await.map(|()| 0),
+            Cmd::Up(a) => cmd::up::run(&cwd, *a).await.map(|()| 0),
             Cmd::Status(a) => cmd::status::run(&cwd, a).await.map(|()| 0),
             Cmd::Sync(a) => cmd::sync::run(&cwd, a).await.map(|()| 0),
             Cmd::Down(a) => cmd::down::run(&cwd, a).await.map(|()| 0),

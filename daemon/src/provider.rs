@@ -6,7 +6,10 @@
 //!
 //! - [`local`]: an agent process on this machine, over a Unix socket (the default).
 //! - [`ssh`]: a shared agent on a remote machine, over one multiplexed SSH connection.
+//! - [`aws`]: an EC2 instance bridge launches, then reaches like [`ssh`].
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod local;
 #[cfg(feature = "ssh")]
 pub mod ssh;
@@ -41,6 +44,18 @@ pub enum ProviderSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         remote_dir: Option<String>,
     },
+    /// An EC2 instance bridge launched (and terminates), reached over SSH.
+    #[cfg(feature = "aws")]
+    Aws {
+        region: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<String>,
+        /// How to launch it (again, after `bridge down`).
+        launch: aws::Launch,
+        /// The running (or stopped) instance; none after `bridge down`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<aws::Instance>,
+    },
 }
 
 impl ProviderSpec {
@@ -64,6 +79,8 @@ impl ProviderSpec {
         match self {
             ProviderSpec::Local => "local",
             ProviderSpec::Ssh { .. } => "ssh",
+            #[cfg(feature = "aws")]
+            ProviderSpec::Aws { .. } => "aws",
         }
     }
 }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// A private EC2 API emulator (moto) and a fault-injecting proxy.
+pub mod moto;
 /// A TCP proxy the tests can cut, take down and slow down.
 pub mod proxy;
 /// A private OpenSSH server on 127.0.0.1 for the SSH provider's tests.

@@ -54,11 +54,19 @@ pub struct Sshd {
     ssh_dirs: AtomicUsize,
     /// Which host key is current (`host_key`, then `host_key_1`, …).
     host_key_generation: u32,
+    /// Extra `sshd_config` lines ([`Sshd::start_with`]).
+    extra_config: String,
 }
 
 impl Sshd {
     /// Generates the keys and config and starts sshd on a free port.
     pub fn start() -> Sshd {
+        Sshd::start_with("")
+    }
+
+    /// [`Sshd::start`] with extra `sshd_config` lines (say `SetEnv`, which
+    /// sets the environment of every session, so of a remote agent too).
+    pub fn start_with(extra_config: &str) -> Sshd {
         require_sshd();
         // sshd refuses to start without its privilege-separation directory.
         fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
@@ -79,6 +87,7 @@ impl Sshd {
             child: None,
             ssh_dirs: AtomicUsize::new(0),
             host_key_generation: 0,
+            extra_config: extra_config.to_string(),
         };
         // The free port can be taken by someone else between our probe and
         // sshd's bind: try a few.
@@ -213,11 +222,13 @@ impl Sshd {
              ClientAliveInterval 0\n\
              LogLevel VERBOSE\n\
              PermitUserEnvironment no\n\
-             Subsystem sftp internal-sftp\n",
+             Subsystem sftp internal-sftp\n\
+             {extra}\n",
             port = self.port,
             host_key = self.host_key_path().display(),
             authorized_keys = d.join("authorized_keys").display(),
             pid = d.join("sshd.pid").display(),
+            extra = self.extra_config,
         );
         let path = d.join("sshd_config");
         fs::write(&path, config).expect("write sshd_config");
@@ -327,7 +338,7 @@ fn keygen(path: &Path) {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")

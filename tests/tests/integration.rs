@@ -3,10 +3,16 @@
 
 /// A raw gRPC client attacking the agent: paths, chunks, tokens, versions.
 mod agent_safety;
+/// The AWS provider against a real EC2 API emulator (moto) and a private
+/// sshd standing in for the instance: launch, reuse, autostop, down, bad input.
+mod aws;
 /// The command line's errors: outside a repository, `up` twice, `down`.
 mod cli;
 /// Editors' save strategies: atomic rename, vim, JetBrains; torn writes.
 mod editors;
+/// Idle autostop: attached clients, running jobs and a connected daemon
+/// hold the agent; the idle command runs a timeout after they are gone.
+mod idle;
 /// Ignore rules (nested .gitignore, negations, .bridgeignore, info/exclude)
 /// and what is left alone on the agent.
 mod ignore;

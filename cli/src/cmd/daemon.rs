@@ -33,7 +33,7 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     let spec = ProviderSpec::load(&layout.provider)?.unwrap_or(ProviderSpec::Local);
     let config = Config {
         repo: layout.repo.clone(),
-        provider: provider_config(spec),
+        provider: provider_config(spec)?,
     };
     bridge_daemon::run(config, listener, async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -51,11 +51,30 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
 /// The daemon's provider from the saved choice. `BRIDGE_SSH_DIR` stands in
 /// for `~/.ssh` (config, known_hosts, default keys) and `BRIDGE_KNOWN_HOSTS`
 /// for bridge's own known-hosts file (tests, and users who keep them apart).
-pub fn provider_config(spec: ProviderSpec) -> ProviderConfig {
-    match spec {
+pub fn provider_config(spec: ProviderSpec) -> anyhow::Result<ProviderConfig> {
+    Ok(match spec {
         ProviderSpec::Local => ProviderConfig::Local {
             agent_bin: client::agent_bin(),
         },
+        #[cfg(feature = "aws")]
+        ProviderSpec::Aws {
+            launch, instance, ..
+        } => {
+            let Some(instance) = instance.filter(|i| !i.ssh.is_empty()) else {
+                bail!("no AWS instance is up for this repository: run `bridge up`");
+            };
+            let mut c =
+                bridge_daemon::provider::aws::ssh_config(&launch, &instance, client::agent_bin());
+            if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
+                c.ssh_dir = d.into();
+            }
+            ProviderConfig::Ssh(c)
+        }
+        #[cfg(not(feature = "ssh"))]
+        ProviderSpec::Ssh { .. } => {
+            bail!("this bridge was built without the SSH provider (cargo feature `ssh`)")
+        }
+        #[cfg(feature = "ssh")]
         ProviderSpec::Ssh {
             host,
             identity,
@@ -74,5 +93,5 @@ pub fn provider_config(spec: ProviderSpec) -> ProviderConfig {
             }
             ProviderConfig::Ssh(c)
         }
-    }
+    })
 }

@@ -3,8 +3,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use bridge_daemon::provider::Provider;
+use anyhow::anyhow;
 use bridge_daemon::provider::local::LocalProvider;
+use bridge_daemon::provider::{Provider, ProviderSpec};
+use tonic::Code;
 
 use crate::client;
 
@@ -14,18 +16,44 @@ pub struct Args {
     /// jobs for the next `bridge up`. Refused while jobs run, unless --force.
     #[arg(long)]
     remote: bool,
-    /// With --remote: cancel running jobs (of every repository on that agent).
-    #[arg(long, requires = "remote")]
+    /// Cancel running jobs (SSH with --remote: of every repository on that
+    /// agent; AWS: before terminating the instance).
+    #[arg(long)]
     force: bool,
     /// Stop the agent and remove everything it keeps (mirrors, jobs, cached
     /// environments): `~/.bridge` on a remote, `.bridge/agent/` locally.
     #[arg(long)]
     purge: bool,
+    /// AWS: terminate every bridge instance of yours in the region (orphans
+    /// included), after confirmation.
+    #[cfg(feature = "aws")]
+    #[arg(long)]
+    all: bool,
+    /// AWS, with --all: the region (default: this repository's, else AWS_REGION).
+    #[cfg(feature = "aws")]
+    #[arg(long, requires = "all", value_name = "REGION")]
+    region: Option<String>,
+    /// AWS, with --all: the profile.
+    #[cfg(feature = "aws")]
+    #[arg(long, requires = "all", value_name = "NAME")]
+    profile: Option<String>,
+    /// AWS, with --all: terminate without asking.
+    #[cfg(feature = "aws")]
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
+    #[cfg(feature = "aws")]
+    if args.all {
+        return down_all(cwd, &args).await;
+    }
     let layout = client::repo(cwd)?;
+    #[allow(unused_mut)]
+    let mut spec = ProviderSpec::load(&layout.provider)?;
+    let cloud = spec.as_ref().is_some_and(|s| s.name() == "aws");
     match client::daemon(&layout).await {
+        Some(c) if cloud => stop_before_terminate(&layout, c, args.force).await?,
         Some(mut c) => {
             c.shutdown(bridge_proto::v1::ShutdownRequest {
                 remote: args.remote,
@@ -33,10 +61,11 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
                 purge: args.purge,
             })
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            .map_err(|s| anyhow!("{}", s.message()))?;
             wait_gone(&layout).await;
             println!("bridge is down for {}", layout.repo.display());
         }
+        None if cloud => {}
         None => {
             // No daemon, but a local agent may be left from a crash.
             LocalProvider::in_state_dir(&layout.state, client::agent_bin())
@@ -44,6 +73,78 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
                 .await?;
             let _ = std::fs::remove_file(&layout.control);
             println!("bridge was not running for {}", layout.repo.display());
+        }
+    }
+    #[cfg(feature = "aws")]
+    if let Some(spec) = spec.as_mut().filter(|_| cloud) {
+        crate::aws::down(&layout, spec).await?;
+    }
+    Ok(())
+}
+
+/// Stops the daemon of an instance about to be terminated: refused while
+/// jobs run there (unless `force`, which cancels them first). An agent that
+/// cannot be reached does not hold the termination up.
+async fn stop_before_terminate(
+    layout: &bridge_daemon::repo::Layout,
+    mut c: bridge_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
+    force: bool,
+) -> anyhow::Result<()> {
+    let req = bridge_proto::v1::ShutdownRequest {
+        remote: true,
+        force,
+        purge: false,
+    };
+    let asked = tokio::time::timeout(Duration::from_secs(15), c.shutdown(req)).await;
+    match asked {
+        Ok(Ok(_)) => {}
+        Ok(Err(s)) if s.code() == Code::FailedPrecondition => {
+            return Err(anyhow!(
+                "{}; the instance was not terminated",
+                s.message()
+                    .replace("add --force", "run `bridge down --force`")
+            ));
+        }
+        _ => {
+            eprintln!(
+                "bridge: the agent does not answer; stopping the daemon and terminating anyway"
+            );
+            c.shutdown(bridge_proto::v1::ShutdownRequest::default())
+                .await
+                .map_err(|s| anyhow!("{}", s.message()))?;
+        }
+    }
+    wait_gone(layout).await;
+    println!("bridge is down for {}", layout.repo.display());
+    Ok(())
+}
+
+#[cfg(feature = "aws")]
+async fn down_all(cwd: &Path, args: &Args) -> anyhow::Result<()> {
+    // The repository is optional here: --all works from anywhere.
+    let layout = client::repo(cwd).ok();
+    let mut spec = match &layout {
+        Some(l) => ProviderSpec::load(&l.provider)?,
+        None => None,
+    };
+    let acct = crate::aws::account_for(args.region.clone(), args.profile.clone(), spec.as_ref());
+    let ids = crate::aws::down_all(acct, args.yes).await?;
+    // This repository's instance may have been one of them.
+    let Some(layout) = layout else {
+        return Ok(());
+    };
+    if let Some(ProviderSpec::Aws { instance, .. }) = spec.as_mut()
+        && instance.as_ref().is_some_and(|i| ids.contains(&i.id))
+    {
+        *instance = None;
+        if let Some(mut c) = client::daemon(&layout).await {
+            let _ = c
+                .shutdown(bridge_proto::v1::ShutdownRequest::default())
+                .await;
+            wait_gone(&layout).await;
+        }
+        if let Some(s) = &spec {
+            s.save(&layout.provider)?;
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use bridge_daemon::status::{Connection, Status};
+use bridge_daemon::status::{Autostop, Connection, Status};
 use bridge_daemon::watcher::Mode;
 
 use crate::client::{self, human_bytes};
@@ -22,8 +22,16 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .json;
+    let cloud = cloud_status(&layout).await;
     if args.json {
-        println!("{json}");
+        match cloud {
+            Some(v) => {
+                let mut all: serde_json::Value = serde_json::from_str(&json)?;
+                all["aws"] = v;
+                println!("{all}");
+            }
+            None => println!("{json}"),
+        }
         return Ok(());
     }
     let st: Status = serde_json::from_str(&json)?;
@@ -49,6 +57,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             format!(", host {}", st.agent_host)
         }
     );
+    #[cfg(feature = "aws")]
+    if let Some(v) = &cloud {
+        println!("instance     {}", crate::aws::status_line(v));
+    }
     println!("mirror       {}", st.mirror_path);
     println!("connection   {conn}");
     if let Some(e) = &st.last_error {
@@ -101,6 +113,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(a) = &st.autostop {
+        println!("autostop     {}", autostop(a));
+    }
     if !st.skipped.is_empty() {
         println!("skipped      {} path(s) not synced:", st.skipped.len());
         for s in &st.skipped {
@@ -112,4 +127,103 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
 
 fn short(root: &str) -> &str {
     root.get(..16).unwrap_or(root)
+}
+
+/// The cloud instance's state (AWS: `DescribeInstances`), or why it is
+/// unknown; `None` for other providers.
+async fn cloud_status(layout: &bridge_daemon::repo::Layout) -> Option<serde_json::Value> {
+    #[cfg(feature = "aws")]
+    {
+        let spec = bridge_daemon::provider::ProviderSpec::load(&layout.provider).ok()??;
+        match crate::aws::status(&spec).await {
+            Ok(v) => v,
+            Err(e) => Some(serde_json::json!({ "error": format!("{e:#}") })),
+        }
+    }
+    #[cfg(not(feature = "aws"))]
+    {
+        let _ = layout;
+        None
+    }
+}
+
+/// One line on the agent's idle autostop.
+fn autostop(a: &Autostop) -> String {
+    let mut holders = Vec::new();
+    if a.daemons > 0 {
+        holders.push("this daemon".to_string());
+    }
+    if a.daemons > 1 {
+        holders.push(plural(a.daemons - 1, "other daemon"));
+    }
+    if a.jobs_active > 0 {
+        holders.push(plural(a.jobs_active, "job"));
+    }
+    let after = format!(
+        "after {} idle runs `{}`",
+        human_secs(a.timeout_s),
+        a.command
+    );
+    match holders.split_last() {
+        None => format!("in {} ({after})", human_secs(a.shutdown_in_s)),
+        Some((last, [])) => format!("{after}; held by {last}{CLOCK}"),
+        Some((last, rest)) => format!("{after}; held by {} and {last}{CLOCK}", rest.join(", ")),
+    }
+}
+
+const CLOCK: &str =
+    " (the timer starts when no job is queued or running and no daemon is connected)";
+
+fn plural(n: u32, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// `30m`, `1h 5m`, `12m 30s`, `0s`.
+fn human_secs(s: u64) -> String {
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let parts: Vec<String> = [(h, "h"), (m, "m"), (s, "s")]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if parts.is_empty() {
+        "0s".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(daemons: u32, jobs_active: u32, shutdown_in_s: u64) -> Autostop {
+        Autostop {
+            timeout_s: 1800,
+            shutdown_in_s,
+            jobs_active,
+            daemons,
+            command: "sudo -n shutdown -h now".into(),
+        }
+    }
+
+    #[test]
+    fn autostop_line() {
+        assert_eq!(
+            autostop(&a(1, 1, 1800)),
+            "after 30m idle runs `sudo -n shutdown -h now`; held by this daemon and 1 job \
+             (the timer starts when no job is queued or running and no daemon is connected)"
+        );
+        assert!(
+            autostop(&a(3, 2, 1800)).contains("held by this daemon, 2 other daemons and 2 jobs (")
+        );
+        assert!(autostop(&a(1, 0, 1800)).contains("held by this daemon ("));
+        assert_eq!(
+            autostop(&a(0, 0, 750)),
+            "in 12m 30s (after 30m idle runs `sudo -n shutdown -h now`)"
+        );
+        assert_eq!(human_secs(0), "0s");
+        assert_eq!(human_secs(3900), "1h 5m");
+        assert_eq!(human_secs(45), "45s");
+    }
 }

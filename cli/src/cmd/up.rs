@@ -17,10 +17,11 @@ use crate::client::{self, human_bytes};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where the agent runs: `local` (an agent process on this machine) or `ssh`
-    /// (any machine you can SSH into). Default: what the last `bridge up` here
-    /// chose (`.bridge/provider.toml`), else local.
-    #[arg(long, value_parser = ["local", "ssh"])]
+    /// Where the agent runs: `local` (an agent process on this machine), `ssh`
+    /// (any machine you can SSH into) or `aws` (an EC2 GPU instance bridge
+    /// launches). Default: what the last `bridge up` here chose
+    /// (`.bridge/provider.toml`), else local.
+    #[arg(long, value_parser = ["local", "ssh", "aws"])]
     provider: Option<String>,
     /// SSH: `[user@]host[:port]`, or a Host alias from ~/.ssh/config (implies --provider ssh).
     #[arg(long, value_name = "[USER@]HOST[:PORT]")]
@@ -31,12 +32,15 @@ pub struct Args {
     /// SSH: trust a host key seen for the first time (recorded in bridge's own known-hosts file).
     #[arg(long)]
     accept_new_host_key: bool,
-    /// SSH: where the agent keeps its files on the remote (default ~/.bridge).
+    /// SSH and AWS: where the agent keeps its files on the remote (default ~/.bridge).
     #[arg(long, value_name = "DIR")]
     remote_dir: Option<String>,
-    /// Fail unless the agent has at least N GPUs.
+    /// Fail unless the agent has at least N GPUs (AWS: launch a type with N GPUs; default 1).
     #[arg(long, value_name = "N")]
     gpu: Option<u32>,
+    #[cfg(feature = "aws")]
+    #[command(flatten)]
+    aws: crate::aws::UpArgs,
     /// Report on stderr (when a job command starts bridge: its stdout is the
     /// job's).
     #[arg(skip)]
@@ -53,12 +57,18 @@ impl Args {
             accept_new_host_key: false,
             remote_dir: None,
             gpu: None,
+            #[cfg(feature = "aws")]
+            aws: Default::default(),
             quiet: true,
         }
     }
 
     /// The provider this `up` uses: the flags, else the saved choice, else local.
     fn spec(&self, saved: Option<ProviderSpec>) -> anyhow::Result<ProviderSpec> {
+        #[cfg(feature = "aws")]
+        if let Some(spec) = self.aws_spec(&saved)? {
+            return Ok(spec);
+        }
         let ssh_flags =
             self.identity.is_some() || self.accept_new_host_key || self.remote_dir.is_some();
         let wants_ssh = self.provider.as_deref() == Some("ssh") || self.host.is_some();
@@ -88,6 +98,30 @@ impl Args {
         }
         Ok(saved.unwrap_or(ProviderSpec::Local))
     }
+
+    /// The AWS spec when `--provider aws` or an AWS flag asks for it, or the
+    /// saved choice is AWS and no other provider is asked for.
+    #[cfg(feature = "aws")]
+    fn aws_spec(&self, saved: &Option<ProviderSpec>) -> anyhow::Result<Option<ProviderSpec>> {
+        let asked = self.provider.as_deref() == Some("aws");
+        let saved_aws = matches!(saved, Some(ProviderSpec::Aws { .. }));
+        let other = self.host.is_some() || self.provider.as_deref().is_some_and(|p| p != "aws");
+        if (self.aws.any() || self.aws.yes) && other {
+            bail!(
+                "--region, --profile, --gpu-type, --instance-type, --ami, --spot, --on-idle, --idle-timeout and --ssh-cidr are for --provider aws"
+            );
+        }
+        if other || !(asked || self.aws.any() || saved_aws) {
+            return Ok(None);
+        }
+        if !asked && !self.aws.any() && self.gpu.is_none() {
+            // A plain `bridge up` (or a job command) with AWS saved.
+            return Ok(saved.clone());
+        }
+        self.aws
+            .spec(self.gpu, self.remote_dir.clone(), saved.clone())
+            .map(Some)
+    }
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
@@ -110,9 +144,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         .create()
         .with_context(|| format!("cannot create {}", layout.state.display()))?;
     let saved = ProviderSpec::load(&layout.provider)?;
-    let spec = args.spec(saved.clone())?;
-    spec.save(&layout.provider)
-        .with_context(|| format!("cannot write {}", layout.provider.display()))?;
+    #[allow(unused_mut)]
+    let mut spec = args.spec(saved.clone())?;
     // A failed `up` leaves the previous choice in place.
     let restore = |layout: &bridge_daemon::repo::Layout| match &saved {
         Some(s) => {
@@ -122,8 +155,22 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&layout.provider);
         }
     };
+    #[cfg(feature = "aws")]
+    let prepared = match crate::aws::prepare(&layout, &mut spec, args.aws.yes).await {
+        Ok(p) => p,
+        Err(e) => {
+            restore(&layout);
+            return Err(e);
+        }
+    };
+    spec.save(&layout.provider)
+        .with_context(|| format!("cannot write {}", layout.provider.display()))?;
     let res = start(&layout, &args).await;
     if res.is_err() {
+        #[cfg(feature = "aws")]
+        if let Some(launched) = &prepared.launched {
+            crate::aws::undo_launch(&mut spec, launched).await;
+        }
         restore(&layout);
     }
     res

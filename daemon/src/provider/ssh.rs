@@ -78,6 +78,13 @@ pub struct SshConfig {
     pub bridge_known_hosts: PathBuf,
     /// Bound on the TCP connect and on the SSH handshake, each.
     pub connect_timeout: Duration,
+    /// Read the user's and the system's known-hosts files. Off for machines
+    /// whose address is recycled (cloud instances): then only
+    /// `bridge_known_hosts` counts.
+    pub user_known_hosts: bool,
+    /// Extra `bridge-agent serve` arguments (the idle autostop of a cloud
+    /// instance). An agent started with other ones is restarted.
+    pub agent_args: Vec<String>,
 }
 
 impl SshConfig {
@@ -97,6 +104,8 @@ impl SshConfig {
             ssh_dir: home.join(".ssh"),
             bridge_known_hosts: config_home.join("bridge").join("known_hosts"),
             connect_timeout: Duration::from_secs(10),
+            user_known_hosts: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -149,6 +158,10 @@ struct Inner {
     info: OnceCell<RemoteInfo>,
     /// The agent's token, read from the remote by `ensure_agent`.
     token: StdMutex<Option<String>>,
+    /// The agent binary's hash, by its size and modification time: hashed
+    /// again only when the file changed (it is tens of MiB, and every
+    /// reconnect asks).
+    agent_hash: StdMutex<Option<(u64, std::time::SystemTime, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +204,7 @@ impl SshProvider {
                 session: Mutex::new(None),
                 info: OnceCell::new(),
                 token: StdMutex::new(None),
+                agent_hash: StdMutex::new(None),
             }),
         }
     }
@@ -302,10 +316,14 @@ impl Inner {
     }
 
     fn host_key_policy(&self, t: &Target) -> HostKeyPolicy {
-        let user_files = vec![
-            self.config.ssh_dir.join("known_hosts"),
-            PathBuf::from(SYSTEM_KNOWN_HOSTS),
-        ];
+        let user_files = if self.config.user_known_hosts {
+            vec![
+                self.config.ssh_dir.join("known_hosts"),
+                PathBuf::from(SYSTEM_KNOWN_HOSTS),
+            ]
+        } else {
+            Vec::new()
+        };
         HostKeyPolicy {
             label: if t.port == 22 {
                 t.alias.clone()
@@ -602,6 +620,33 @@ impl Inner {
         }
     }
 
+    /// The local agent binary's hash, streamed from the file (never held
+    /// in memory), cached while its size and time stay the same.
+    fn agent_file_hash(&self) -> Result<String, ProviderError> {
+        let bin = &self.config.agent_bin;
+        let unreadable = |e: std::io::Error| {
+            ProviderError::fatal(format!(
+                "cannot read the agent binary {}: {e} (build it with `cargo build --release -p bridge-agent`, or set BRIDGE_AGENT_BIN)",
+                bin.display()
+            ))
+        };
+        let meta = std::fs::metadata(bin).map_err(unreadable)?;
+        let key = (meta.len(), meta.modified().map_err(unreadable)?);
+        let mut cache = self.agent_hash.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((len, time, hash)) = cache.as_ref()
+            && (*len, *time) == key
+        {
+            return Ok(hash.clone());
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(std::fs::File::open(bin).map_err(unreadable)?)
+            .map_err(unreadable)?;
+        let hash = hasher.finalize().to_hex()[..16].to_string();
+        *cache = Some((key.0, key.1, hash.clone()));
+        Ok(hash)
+    }
+
     async fn ensure_agent(&self) -> Result<(), ProviderError> {
         let info = self.info().await?;
         if info.platform != SUPPORTED_PLATFORM {
@@ -611,14 +656,11 @@ impl Inner {
             )));
         }
         let bin = &self.config.agent_bin;
-        let binary = std::fs::read(bin).map_err(|e| {
-            ProviderError::fatal(format!(
-                "cannot read the agent binary {} to upload: {e} (build it with `cargo build --release -p bridge-agent`, or set BRIDGE_AGENT_BIN)",
-                bin.display()
-            ))
-        })?;
-        let hash = agent_hash(&binary);
-        let ensure = remote::command(&remote::ensure_script(), &[&info.dir, &hash]);
+        let hash = self.agent_file_hash()?;
+        let version = agent_version(&hash, &self.config.agent_args);
+        let mut args = vec![info.dir.as_str(), hash.as_str(), version.as_str()];
+        args.extend(self.config.agent_args.iter().map(String::as_str));
+        let ensure = remote::command(&remote::ensure_script(), &args);
         for attempt in 0..2 {
             let (code, out, err) = self.exec(&ensure, None).await?;
             if code == remote::EXIT_NOT_STARTED {
@@ -631,6 +673,9 @@ impl Inner {
             self.script_result("set up the agent", code, &err)?;
             let out = String::from_utf8_lossy(&out);
             if remote::field(&out, "need") == Some("upload") && attempt == 0 {
+                // Read only to upload it (rarely): it is tens of MiB.
+                let binary = read_agent(bin)?;
+                let hash = agent_hash(&binary);
                 self.upload(&info.dir, bin, &binary, &hash).await?;
                 continue;
             }
@@ -735,9 +780,28 @@ fn purgeable(dir: &str, home: &str) -> bool {
     !d.is_empty() && d != home.trim_end_matches('/')
 }
 
+fn read_agent(bin: &Path) -> Result<Vec<u8>, ProviderError> {
+    std::fs::read(bin).map_err(|e| {
+        ProviderError::fatal(format!(
+            "cannot read the agent binary {} to upload: {e} (build it with `cargo build --release -p bridge-agent`, or set BRIDGE_AGENT_BIN)",
+            bin.display()
+        ))
+    })
+}
+
 /// The name the binary is installed under: blake3, 16 hex digits.
 fn agent_hash(binary: &[u8]) -> String {
     blake3::hash(binary).to_hex()[..16].to_string()
+}
+
+/// What `run/agent.version` holds for an agent of `hash` started with
+/// `args`: the hash alone without extra arguments.
+fn agent_version(hash: &str, args: &[String]) -> String {
+    if args.is_empty() {
+        return hash.to_string();
+    }
+    let args_hash = blake3::hash(args.join("\0").as_bytes());
+    format!("{hash}-{}", &args_hash.to_hex()[..8])
 }
 
 /// "connection refused", "timed out", … for people.
@@ -883,6 +947,21 @@ mod tests {
         );
         assert_eq!(p.agent_token(), None);
         assert_eq!(agent_hash(b"x").len(), 16);
+    }
+
+    #[test]
+    fn the_streamed_hash_is_the_installed_name_and_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bridge-agent");
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&bin, &content).unwrap();
+        let p = SshProvider::new(SshConfig::new("gpu-box", &bin));
+        assert_eq!(p.inner.agent_file_hash().unwrap(), agent_hash(&content));
+        std::fs::write(&bin, b"another binary").unwrap();
+        assert_eq!(
+            p.inner.agent_file_hash().unwrap(),
+            agent_hash(b"another binary")
+        );
     }
 
     #[test]

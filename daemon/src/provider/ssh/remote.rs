@@ -8,7 +8,8 @@
 //! ```text
 //! D/bin/bridge-agent-<hash>   uploaded binaries (blake3 of the file, 16 hex)
 //! D/run/                      0700: agent.sock, agent.pid, agent.version
-//!                             (the hash it runs), token (0600), start.lock
+//!                             (the hash it runs, and of its extra
+//!                             arguments), token (0600), start.lock
 //! D/agent/                    the agent's --root (mirrors, store, jobs)
 //! D/agent.log                 the running agent's stdout and stderr
 //! ```
@@ -80,14 +81,16 @@ lock() {
 }
 "#;
 
-/// `D HASH`: creates the layout (private), then either reports that the
-/// binary is missing (`need=upload`) or makes sure an agent running that
-/// binary serves `run/agent.sock` (`state=reused|started|upgraded`) and
+/// `D HASH VERSION [SERVE_ARG…]`: creates the layout (private), then either
+/// reports that the binary is missing (`need=upload`) or makes sure an agent
+/// running that binary with those extra `serve` arguments (`VERSION` names
+/// the pair) serves `run/agent.sock` (`state=reused|started|upgraded`) and
 /// prints the token (`token=…`).
 pub fn ensure_script() -> String {
     format!(
         "{}{PRELUDE}{}",
-        r#"D=$1 H=$2
+        r#"D=$1 H=$2 V=$3
+shift 3
 umask 077
 mkdir -p "$D" || { echo "cannot create the remote directory $D" >&2; exit 10; }
 [ -d "$D" ] && [ -w "$D" ] && [ -x "$D" ] || { echo "the remote directory $D is not writable by $(id -un)" >&2; exit 10; }
@@ -105,7 +108,7 @@ fi
 chmod 600 run/token
 state=started
 if p=$(agent_pid); then
-  if [ "$(cat run/agent.version 2>/dev/null)" = "$H" ] && [ -S run/agent.sock ]; then
+  if [ "$(cat run/agent.version 2>/dev/null)" = "$V" ] && [ -S run/agent.sock ]; then
     echo state=reused
     echo "token=$(cat run/token)"
     exit 0
@@ -115,10 +118,10 @@ if p=$(agent_pid); then
 fi
 rm -f run/agent.sock
 # 9>&-: the agent must not hold the start lock.
-nohup setsid "bin/bridge-agent-$H" serve --root "$D/agent" --listen "unix:$D/run/agent.sock" --token-file "$D/run/token" > "$D/agent.log" 2>&1 < /dev/null 9>&- &
+nohup setsid "bin/bridge-agent-$H" serve --root "$D/agent" --listen "unix:$D/run/agent.sock" --token-file "$D/run/token" "$@" > "$D/agent.log" 2>&1 < /dev/null 9>&- &
 p=$!
 echo "$p" > run/agent.pid
-echo "$H" > run/agent.version
+echo "$V" > run/agent.version
 i=0
 while [ ! -S run/agent.sock ]; do
   if ! alive "$p" || [ $i -ge 100 ]; then
@@ -235,7 +238,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().join("remote dir");
         let d = d.to_str().unwrap();
-        let (code, out, err) = run(&ensure_script(), &[d, "0123456789abcdef"], b"");
+        let (code, out, err) = run(&ensure_script(), &[d, "0123456789abcdef", "v"], b"");
         assert_eq!((code, field(&out, "need")), (0, Some("upload")), "{err}");
         let mode = |p: &str| {
             use std::os::unix::fs::PermissionsExt;
@@ -280,7 +283,7 @@ mod tests {
 
     #[test]
     fn unwritable_directory_is_named() {
-        let (code, _, err) = run(&ensure_script(), &["/proc/bridge-test", "00"], b"");
+        let (code, _, err) = run(&ensure_script(), &["/proc/bridge-test", "00", "v"], b"");
         assert_eq!(code, EXIT_NOT_WRITABLE, "{err}");
         assert!(err.contains("/proc/bridge-test"), "{err}");
     }
