@@ -424,6 +424,21 @@ impl Engine {
         });
         self.conn = Some(Conn { client });
         self.shared.agent.send_replace(Some(link));
+        self.learn_remote().await
+    }
+
+    /// After (re)connecting: when the agent's verified root is the local
+    /// root, its tree is the local tree (the Merkle root names every entry),
+    /// so the manifest, one entry per file, need not cross the link; a
+    /// daemon restart over an unchanged repository sends a few bytes.
+    async fn learn_remote(&mut self) -> Result<(), SyncError> {
+        let local_root = self.local().tree.root();
+        if self.verify().await? {
+            self.remote = self.local().tree.clone();
+            self.remote_root = Some(local_root);
+            self.full_diff = false;
+            return Ok(());
+        }
         self.fetch_manifest().await
     }
 
