@@ -243,7 +243,7 @@ impl SshProvider {
         cmd: &str,
         stdin: Option<&[u8]>,
     ) -> Result<(i32, Vec<u8>, Vec<u8>), ProviderError> {
-        self.inner.exec(cmd, stdin).await
+        self.inner.exec(cmd, stdin.map(Stdin::Bytes)).await
     }
 
     /// Stops the remote agent (SIGTERM, up to 5 s, then SIGKILL) and removes
@@ -507,7 +507,7 @@ impl Inner {
     async fn exec(
         &self,
         cmd: &str,
-        stdin: Option<&[u8]>,
+        stdin: Option<Stdin<'_>>,
     ) -> Result<(i32, Vec<u8>, Vec<u8>), ProviderError> {
         let channel = self
             .open_channel(|h| async move { h.channel_open_session().await })
@@ -518,8 +518,21 @@ impl Inner {
         // Write and read at once: a command may answer before it has read
         // all its input (or without reading it).
         let send = async {
-            if let Some(data) = stdin {
-                wr.data(data).await?;
+            match stdin {
+                Some(Stdin::Bytes(data)) => wr.data(data).await?,
+                Some(Stdin::File(path)) => {
+                    use tokio::io::AsyncReadExt;
+                    let mut f = tokio::fs::File::open(path).await?;
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        let n = f.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        wr.data(&buf[..n]).await?;
+                    }
+                }
+                None => {}
             }
             wr.eof().await
         };
@@ -673,10 +686,7 @@ impl Inner {
             self.script_result("set up the agent", code, &err)?;
             let out = String::from_utf8_lossy(&out);
             if remote::field(&out, "need") == Some("upload") && attempt == 0 {
-                // Read only to upload it (rarely): it is tens of MiB.
-                let binary = read_agent(bin)?;
-                let hash = agent_hash(&binary);
-                self.upload(&info.dir, bin, &binary, &hash).await?;
+                self.upload(&info.dir, bin, &hash).await?;
                 continue;
             }
             let (Some(state), Some(token)) =
@@ -704,14 +714,11 @@ impl Inner {
         )))
     }
 
-    async fn upload(
-        &self,
-        dir: &str,
-        path: &Path,
-        binary: &[u8],
-        hash: &str,
-    ) -> Result<(), ProviderError> {
-        let elf = elf::inspect(binary).map_err(|e| {
+    /// Uploads the agent binary, streamed from the file (it is tens of MiB:
+    /// never held in memory).
+    async fn upload(&self, dir: &str, path: &Path, hash: &str) -> Result<(), ProviderError> {
+        let (header, len) = read_header(path)?;
+        let elf = elf::inspect(&header).map_err(|e| {
             ProviderError::fatal(format!(
                 "the agent binary {} is unusable: {e}",
                 path.display()
@@ -734,15 +741,15 @@ impl Inner {
         getrandom::fill(&mut rand)
             .map_err(|e| ProviderError::fatal(format!("no randomness: {e}")))?;
         let tmp = hex::encode(rand);
-        let size = binary.len().to_string();
+        let size = len.to_string();
         tracing::info!(
             "uploading {} ({:.1} MiB) to {}:{dir}/bin/bridge-agent-{hash}",
             path.display(),
-            binary.len() as f64 / (1024.0 * 1024.0),
+            len as f64 / (1024.0 * 1024.0),
             self.label
         );
         let cmd = remote::command(remote::UPLOAD, &[dir, &tmp, &size, hash]);
-        let (code, _, err) = self.exec(&cmd, Some(binary)).await?;
+        let (code, _, err) = self.exec(&cmd, Some(Stdin::File(path))).await?;
         self.script_result("upload the agent", code, &err)
     }
 
@@ -780,16 +787,35 @@ fn purgeable(dir: &str, home: &str) -> bool {
     !d.is_empty() && d != home.trim_end_matches('/')
 }
 
-fn read_agent(bin: &Path) -> Result<Vec<u8>, ProviderError> {
-    std::fs::read(bin).map_err(|e| {
+/// What `exec` feeds the command.
+enum Stdin<'a> {
+    Bytes(&'a [u8]),
+    /// Streamed from the file.
+    File(&'a Path),
+}
+
+/// The first MiB of the agent binary (its ELF headers and interpreter
+/// path live there) and its size.
+fn read_header(bin: &Path) -> Result<(Vec<u8>, u64), ProviderError> {
+    use std::io::Read;
+    let unreadable = |e: std::io::Error| {
         ProviderError::fatal(format!(
             "cannot read the agent binary {} to upload: {e} (build it with `cargo build --release -p bridge-agent`, or set BRIDGE_AGENT_BIN)",
             bin.display()
         ))
-    })
+    };
+    let f = std::fs::File::open(bin).map_err(unreadable)?;
+    let len = f.metadata().map_err(unreadable)?.len();
+    let mut header = Vec::new();
+    f.take(1024 * 1024)
+        .read_to_end(&mut header)
+        .map_err(unreadable)?;
+    Ok((header, len))
 }
 
-/// The name the binary is installed under: blake3, 16 hex digits.
+/// The name the binary is installed under: blake3, 16 hex digits (what
+/// `agent_file_hash` computes streaming).
+#[cfg(test)]
 fn agent_hash(binary: &[u8]) -> String {
     blake3::hash(binary).to_hex()[..16].to_string()
 }
