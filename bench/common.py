@@ -1,24 +1,31 @@
-"""Helpers shared by the benchmarks (sync_bench.py, job_bench.py,
-ssh_bench.py): logging, running commands, percentiles, machine info, binary
-checks, signal handling and writing the results. Python 3.11 standard
-library only.
+"""Helpers shared by the benchmarks (bench.py and its scenario modules,
+ssh_bench.py): logging, running commands, statistics, file and tree
+comparison, machine info, binary checks, signal handling and writing the
+results. Python 3.11 standard library only.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
 import platform
+import random
 import signal
+import stat
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+KIB = 1024
+MIB = 1024 * KIB
 
 
 class BenchError(Exception):
@@ -37,6 +44,25 @@ def percentile(sorted_vals: list[float], q: float) -> float | None:
     return sorted_vals[min(k, len(sorted_vals)) - 1]
 
 
+def summarize(vals: list[float], digits: int = 3) -> dict:
+    """n, median, min, max, p50/p95/p99 (nearest rank) and every value, in input order."""
+    if not vals:
+        return {"n": 0}
+    s = sorted(vals)
+    r = lambda x: round(x, digits)  # noqa: E731
+    return {"n": len(s), "median": r(statistics.median(s)), "min": r(s[0]), "max": r(s[-1]),
+            "p50": r(percentile(s, 50)), "p95": r(percentile(s, 95)), "p99": r(percentile(s, 99)),
+            "all": [r(x) for x in vals]}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def run_cmd(args: list[str], timeout: float, check: bool = True, env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
     try:
@@ -53,6 +79,156 @@ def run_cmd(args: list[str], timeout: float, check: bool = True, env: dict | Non
 def git_init(repo: Path) -> None:
     repo.mkdir(parents=True, exist_ok=True)
     run_cmd(["git", "init", "-q", str(repo)], 60)
+
+
+# --------------------------------------------------------------------------
+# files and trees
+
+
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(4 * MIB):
+            h.update(b)
+    return h.hexdigest()
+
+
+def tree_sizes(root: Path, skip_top: frozenset[str]) -> dict[str, int]:
+    """relative path -> size of every regular file under root, minus the
+    top-level entries in skip_top (.git, .bridge, ignored directories)."""
+    out: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip_top]
+            filenames = [f for f in filenames if f not in skip_top]
+        for fn in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, fn))
+            out[rel] = os.lstat(os.path.join(dirpath, fn)).st_size
+    return out
+
+
+def same_content(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(4 * MIB), fb.read(4 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def compare_trees(src: Path, mirror: Path, skip_top: frozenset[str], sample: int | None = None,
+                  also: list[str] | tuple = ()) -> int:
+    """Raise unless mirror holds exactly src's files: the same paths and
+    sizes, and the same contents (of every file, or with `sample` of
+    `sample` files chosen at random plus the paths in `also`). Returns the
+    number of files."""
+    a, b = tree_sizes(src, skip_top), tree_sizes(mirror, skip_top)
+    if a != b:
+        differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])[:5]
+        raise BenchError(f"mirror {mirror} differs from {src}: {len(a)} vs {len(b)} files; "
+                         f"missing in mirror {sorted(set(a) - set(b))[:5]}, "
+                         f"extra in mirror {sorted(set(b) - set(a))[:5]}, sizes differ {differ}")
+    paths = sorted(a)
+    if sample is not None and sample < len(paths):
+        paths = sorted(set(random.Random(len(paths)).sample(paths, sample)) | (set(also) & set(a)))
+    wrong = [p for p in paths if not same_content(src / p, mirror / p)]
+    if wrong:
+        raise BenchError(f"mirror {mirror}: {len(wrong)} files differ from {src}: {wrong[:5]}")
+    return len(a)
+
+
+def wait_content(path: Path, content: bytes, t0: float, timeout: float, poll_s: float = 0.0002) -> float | None:
+    """Poll until path holds exactly content; seconds since t0 (perf_counter), or None."""
+    deadline = t0 + timeout
+    while True:
+        try:
+            if os.stat(path).st_size == len(content):
+                with open(path, "rb") as f:
+                    if f.read() == content:
+                        return time.perf_counter() - t0
+        except FileNotFoundError:
+            pass
+        if time.perf_counter() > deadline:
+            return None
+        time.sleep(poll_s)
+
+
+class Trash:
+    """Moves directories aside instead of deleting them during the run.
+
+    Deleting many files and then creating many files is very slow on ext4
+    without a journal (this project's VMs): every create skips the inodes
+    freed in the last 60-360 s (`recently_deleted()` in the kernel's inode
+    allocator), so a timed sync right after a cleanup would be measured
+    against the cleanup. So what is discarded is moved here and deleted at
+    the end, except its big files (BIG_FILE bytes and more), deleted at
+    once: they hold the disk space and free few inodes.
+    """
+
+    BIG_FILE = 16 * MIB
+
+    def __init__(self, work: Path):
+        self.dir = work / "trash"
+        self.dir.mkdir(exist_ok=True)
+        self.n = 0
+
+    def new_dir(self, prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.dir))
+
+    def discard(self, path: Path) -> None:
+        if not (path.exists() or path.is_symlink()):
+            return
+        self.free_big_files(path)
+        self.n += 1
+        os.rename(path, self.dir / f"{self.n:04d}-{path.name}")
+
+    def free_big_files(self, path: Path) -> None:
+        for dirpath, _, filenames in os.walk(path):
+            for fn in filenames:
+                p = os.path.join(dirpath, fn)
+                st = os.lstat(p)
+                if st.st_size >= self.BIG_FILE and stat.S_ISREG(st.st_mode):
+                    os.unlink(p)
+
+
+def create_rate(trash: Trash, n: int) -> float:
+    """Empty files created per second in a fresh directory: a health check
+    of the file system (see Trash); a small figure means every tool's
+    initial-sync times are inflated."""
+    d = trash.new_dir("calibrate-")
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(d / f"c{i:06d}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+    return n / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def proc_mem_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, KiB; {} once it is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------

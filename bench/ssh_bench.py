@@ -2,7 +2,7 @@
 """Benchmark bridge's SSH provider on loopback, next to the local provider.
 
 Everything runs on this machine: a private sshd on 127.0.0.1 (bench/sshd.py,
-shared with job_bench.py), and bridge with `--provider ssh --host
+shared with bench.py), and bridge with `--provider ssh --host
 root@127.0.0.1:PORT --remote-dir DIR`, so the "remote" mirror is a directory
 here and the script can watch it. Four repositories with the same tree, each
 with its own `bridge up`, are measured interleaved, edit by edit:
@@ -17,7 +17,7 @@ with its own `bridge up`, are measured interleaved, edit by edit:
 1. Edit-to-mirror latency: --edits (100) rounds; in each, every peer gets
    one 1 KiB edit (in-place overwrite of a random file of a --files (2,000)
    file tree); the time from just before the write until the mirror copy
-   holds the new content (polled every 0.2 ms, as sync_bench.py does). The
+   holds the new content (polled every 0.2 ms, as bench.py does). The
    next edit follows --spacing-ms (150) ms after the last one arrived.
    p50/p95/p99/max per peer, ratios against `local`, and the daemon's own
    `last_latency_ms` (first event of the burst -> agent's ack).
@@ -50,10 +50,8 @@ import argparse
 import json
 import math
 import os
-import queue
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -69,26 +67,27 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing sshd.py, common.py
 from sshd import Sshd, SshdError, ensure_sshd  # noqa: E402  (bench/sshd.py)
-from common import (  # noqa: E402  (bench/common.py, shared with sync_bench.py, job_bench.py)
-    BenchError, add_bridge_info, base_machine_info, check_binaries, git_init, install_term_handlers,
-    log, percentile, render_errors, run_cmd, ssh_version, write_results)
+from proxy import DelayProxy  # noqa: E402  (bench/proxy.py)
+from bridgectl import Bridge  # noqa: E402  (bench/bridgectl.py)
+from common import (  # noqa: E402  (bench/common.py, shared with bench.py)
+    BenchError, add_bridge_info, base_machine_info, check_binaries, compare_trees, git_init,
+    install_term_handlers, log, percentile, render_errors, ssh_version, wait_content,
+    write_results)
 
 KIB = 1024
 
 QUICK = dict(files=300, edits=12, cuts=3)
 FULL = dict(files=2000, edits=100, cuts=10)
 
-UP_TIMEOUT_S = 300.0
-SYNC_TIMEOUT_S = 120.0
 SMALL_CMD_TIMEOUT_S = 60.0
 EDIT_TIMEOUT_S = 10.0
 HEAL_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 60.0
 STATUS_POLL_S = 0.020
-MIRROR_POLL_S = 0.0002
 # After the edit arrived without `connection` ever leaving "connected", keep
 # polling status this long before concluding it never left.
 NEVER_LEFT_GRACE_S = 1.0
+
+SKIP_TOP = frozenset({".git", ".bridge"})
 
 PEERS = ("local", "ssh", "ssh_proxy", "ssh_delay")
 LABELS = {
@@ -111,14 +110,6 @@ def summary_ms(vals: list[float]) -> dict:
     return {"n": len(v), "p50_ms": r(percentile(v, 50)), "p95_ms": r(percentile(v, 95)),
             "p99_ms": r(percentile(v, 99)), "min_ms": r(v[0]), "max_ms": r(v[-1]),
             "mean_ms": r(statistics.fmean(v))}
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def git_head() -> dict:
@@ -185,169 +176,6 @@ def probe_netem(delay_ms: int) -> dict:
     return res
 
 
-# --------------------------------------------------------------------------
-# a delaying, cuttable TCP proxy
-
-
-class DelayProxy:
-    """127.0.0.1:port -> 127.0.0.1:target. Each direction of a connection has
-    a reader and a writer thread joined by a bounded queue: the reader stamps
-    each chunk with when it may leave (now + delay), the writer sleeps until
-    then, so order is kept and the delay is one-way per direction (a round
-    trip gains twice the delay). cut() shuts down both sockets of every live
-    connection, as a broken link would; new connections are accepted."""
-
-    CHUNK = 64 * KIB
-    IN_FLIGHT = 256  # chunks per direction before the reader waits (16 MiB)
-
-    def __init__(self, target_port: int, delay_s: float = 0.0, quickack: bool = False):
-        self.target = ("127.0.0.1", target_port)
-        self.delay_s = delay_s
-        # Diagnostic (--proxy-quickack): ACK what the server sends at once
-        # (TCP_QUICKACK after every read), so a server with Nagle on never
-        # waits for our delayed ACK.
-        self.quickack = quickack
-        self.lock = threading.Lock()
-        self.live: dict[int, tuple[socket.socket, socket.socket]] = {}
-        self.accepted = 0
-        self.accept_times: list[float] = []  # perf_counter() of each accept
-        self.cuts = 0
-        self.bytes = [0, 0]  # client->server, server->client
-        self.stopping = False
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept_loop, name=f"proxy-{self.port}", daemon=True)
-        self.thread.start()
-
-    def _accept_loop(self) -> None:
-        next_id = 0
-        while not self.stopping:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                if self.stopping:
-                    return
-                time.sleep(0.01)
-                continue
-            if self.stopping:
-                client.close()
-                return
-            next_id += 1
-            with self.lock:
-                self.accepted += 1
-                self.accept_times.append(time.perf_counter())
-            threading.Thread(target=self._connect, args=(next_id, client), daemon=True).start()
-
-    def _connect(self, cid: int, client: socket.socket) -> None:
-        try:
-            server = socket.create_connection(self.target, timeout=5)
-            server.settimeout(None)
-        except OSError:
-            client.close()
-            return
-        for s in (client, server):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.lock:
-            self.live[cid] = (client, server)
-        done = threading.Barrier(5)  # 4 forwarding threads + the closer below
-
-        def closer() -> None:
-            done.wait()
-            with self.lock:
-                self.live.pop(cid, None)
-            for s in (client, server):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-        threading.Thread(target=closer, daemon=True).start()
-        for src, dst, k in ((client, server, 0), (server, client, 1)):
-            q: queue.Queue = queue.Queue(self.IN_FLIGHT)
-            qa = self.quickack and src is server
-            threading.Thread(target=self._reader, args=(src, dst, q, done, qa), daemon=True).start()
-            threading.Thread(target=self._writer, args=(src, dst, q, k, done), daemon=True).start()
-
-    def _kill(self, a: socket.socket, b: socket.socket) -> None:
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _reader(self, src, dst, q: queue.Queue, done: threading.Barrier, quickack: bool) -> None:
-        try:
-            while True:
-                try:
-                    data = src.recv(self.CHUNK)
-                except OSError:
-                    data = b""
-                if not data:
-                    q.put(None)
-                    return
-                q.put((time.monotonic() + self.delay_s, data))
-                if quickack:
-                    try:
-                        src.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                    except OSError:
-                        pass
-        finally:
-            done.wait()
-
-    def _writer(self, src, dst, q: queue.Queue, k: int, done: threading.Barrier) -> None:
-        try:
-            while True:
-                item = q.get()
-                if item is None:  # EOF from src: pass it on
-                    try:
-                        dst.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                    return
-                due, data = item
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                try:
-                    dst.sendall(data)
-                except OSError:
-                    self._kill(src, dst)
-                    # Drain so the reader never blocks on a full queue.
-                    while q.get() is not None:
-                        pass
-                    return
-                with self.lock:
-                    self.bytes[k] += len(data)
-        finally:
-            done.wait()
-
-    def cut(self) -> int:
-        """Shut down both sockets of every live connection; returns how many."""
-        with self.lock:
-            live = list(self.live.values())
-            self.live.clear()
-            self.cuts += 1
-        for c, s in live:
-            self._kill(c, s)
-        return len(live)
-
-    def n_live(self) -> int:
-        with self.lock:
-            return len(self.live)
-
-    def stop(self) -> None:
-        self.stopping = True
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(timeout=5)
-        self.cut()
-
-
 def measure_rtt(delay_s: float, n: int = 20) -> dict:
     """Round trips of 64 bytes to a TCP echo server on 127.0.0.1, directly and
     through a DelayProxy with delay_s: the RTT the proxy adds."""
@@ -404,110 +232,7 @@ def measure_rtt(delay_s: float, n: int = 20) -> dict:
 
 
 # --------------------------------------------------------------------------
-# bridge peers
-
-
-class Peer:
-    def __init__(self, name: str, exe: Path, repo: Path, env: dict, up_args: list[str],
-                 remote: Path | None = None, proxy: DelayProxy | None = None):
-        self.name = name
-        self.exe = exe
-        self.repo = repo
-        self.env = env
-        self.up_args = up_args
-        self.remote = remote
-        self.proxy = proxy
-        self.up_done = False
-        self.daemon_pid: int | None = None
-        self.agent_pid: int | None = None
-        self.mirror: Path | None = None
-        # After `bridge down` returned: how long until the daemon and the
-        # remote agent were gone, seconds.
-        self.exit_wait_s: dict[str, float] = {}
-
-    def bridge(self, *args: str, timeout: float = SMALL_CMD_TIMEOUT_S, check: bool = True,
-               extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        env = dict(self.env, **(extra_env or {}))
-        return run_cmd([str(self.exe), "-C", str(self.repo), *args], timeout, check, env)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join((self.repo / ".bridge" / "daemon.log").read_text(errors="replace")
-                             .splitlines()[-n:])
-        except OSError:
-            return "(no daemon.log)"
-
-    def up(self, extra_env: dict | None = None) -> float:
-        self.up_done = True
-        t0 = time.perf_counter()
-        try:
-            self.bridge(*self.up_args, timeout=UP_TIMEOUT_S, extra_env=extra_env)
-        except BenchError as e:
-            raise BenchError(f"{self.name}: {e}\ndaemon.log tail:\n{self.log_tail()}") from None
-        dt = time.perf_counter() - t0
-        st = self.status()
-        self.daemon_pid = st.get("daemon_pid")
-        self.mirror = Path(st["mirror_path"])
-        if self.remote is not None:
-            try:
-                self.agent_pid = int((self.remote / "run" / "agent.pid").read_text().strip())
-            except (OSError, ValueError):
-                pass
-        return dt
-
-    def status(self) -> dict:
-        cp = self.bridge("status", "--json")
-        try:
-            return json.loads(cp.stdout)
-        except json.JSONDecodeError:
-            raise BenchError(f"{self.name}: status --json printed no JSON: {cp.stdout!r} {cp.stderr!r}") from None
-
-    def sync_wait(self) -> None:
-        try:
-            self.bridge("sync", "--wait", timeout=SYNC_TIMEOUT_S)
-        except BenchError as e:
-            raise BenchError(f"{self.name}: {e}\ndaemon.log tail:\n{self.log_tail()}") from None
-
-    def wait_ready(self, limit_s: float = READY_TIMEOUT_S) -> dict:
-        """Status once connected, in sync and with nothing pending."""
-        deadline = time.monotonic() + limit_s
-        while True:
-            st = self.status()
-            if st.get("connection") == "connected" and st.get("in_sync") and not st.get("pending_changes"):
-                return st
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: not connected and in sync within {limit_s:.0f} s: {st}")
-            time.sleep(0.02)
-
-    def down(self) -> str | None:
-        """Stop daemon and agent (and remove the remote agent's files); returns
-        an error string or None. Never raises."""
-        if not self.up_done:
-            return None
-        err = None
-        args = ["down", "--remote", "--force", "--purge"] if self.remote else ["down", "--purge"]
-        try:
-            self.bridge(*args, timeout=120)
-        except (BenchError, OSError) as e:
-            err = f"{self.name}: bridge {' '.join(args)} failed: {e}"
-        # Whatever is left of what we started (after a grace period: the
-        # processes may still be exiting): end it by its id.
-        t0 = time.monotonic()
-        for what, pid, sig in (("daemon", self.daemon_pid, signal.SIGTERM),
-                               ("agent", self.agent_pid, signal.SIGKILL)):
-            deadline = t0 + 10
-            while pid and alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if pid:
-                self.exit_wait_s[what] = round(time.monotonic() - t0, 3)
-            if pid and alive(pid):
-                err = err or f"{self.name}: pid {pid} still alive 10 s after bridge down"
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-        self.up_done = False
-        return err
+# trees and edits
 
 
 def write_tree(repo: Path, n_files: int, seed: int) -> list[str]:
@@ -528,53 +253,17 @@ def write_tree(repo: Path, n_files: int, seed: int) -> list[str]:
     return rels
 
 
-def tree_files(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == root:
-            dirnames[:] = [d for d in dirnames if d not in (".git", ".bridge")]
-        for fn in filenames:
-            p = Path(dirpath) / fn
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
-
-
-def compare_trees(src: Path, mirror: Path) -> None:
-    a, b = tree_files(src), tree_files(mirror)
-    if a != b:
-        raise BenchError(f"mirror {mirror} differs from {src}: {len(a)} vs {len(b)} files; "
-                         f"missing {sorted(set(a) - set(b))[:5]}, extra {sorted(set(b) - set(a))[:5]}, "
-                         f"different {sorted(k for k in set(a) & set(b) if a[k] != b[k])[:5]}")
-
-
 def new_content(tag: str, rng: random.Random) -> bytes:
     header = f"{tag} {rng.getrandbits(64):016x}\n".encode()
     body = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz \n", k=KIB - len(header))).encode()
     return header + body
 
 
-def wait_mirror(dst: Path, content: bytes, t0: float, timeout: float) -> float | None:
-    """Tight poll until dst holds exactly content; seconds since t0, or None."""
-    deadline = t0 + timeout
-    n = len(content)
-    while True:
-        try:
-            if os.stat(dst).st_size == n:
-                with open(dst, "rb") as f:
-                    if f.read() == content:
-                        return time.perf_counter() - t0
-        except FileNotFoundError:
-            pass
-        if time.perf_counter() > deadline:
-            return None
-        time.sleep(MIRROR_POLL_S)
-
-
 # --------------------------------------------------------------------------
 # 1 + 2. edit-to-mirror latency, interleaved
 
 
-def bench_latency(peers: list[Peer], rels: list[str], n_edits: int, spacing_s: float,
+def bench_latency(peers: list[Bridge], rels: list[str], n_edits: int, spacing_s: float,
                   seed: int) -> dict:
     rng = random.Random(seed + 1)
     targets = rng.sample(rels, min(n_edits, len(rels)))
@@ -592,7 +281,7 @@ def bench_latency(peers: list[Peer], rels: list[str], n_edits: int, spacing_s: f
             t0 = time.perf_counter()
             with open(src, "wb") as f:
                 f.write(content)
-            dt = wait_mirror(dst, content, t0, EDIT_TIMEOUT_S)
+            dt = wait_content(dst, content, t0, EDIT_TIMEOUT_S)
             t_seen = time.perf_counter()
             expected[p.name][rel] = content
             s = {"i": i, "path": rel, "ok": dt is not None,
@@ -618,7 +307,7 @@ def bench_latency(peers: list[Peer], rels: list[str], n_edits: int, spacing_s: f
         wrong = [r for r, c in expected[p.name].items() if (p.mirror / r).read_bytes() != c]
         if wrong:
             raise BenchError(f"{p.name}: after sync --wait, {len(wrong)} edited files differ in the mirror")
-        compare_trees(p.repo, p.mirror)
+        compare_trees(p.repo, p.mirror, SKIP_TOP)
         ss = samples[p.name]
         ok = [s["ms"] for s in ss if s["ok"]]
         res[p.name] = {
@@ -648,7 +337,7 @@ class StatusPoller(threading.Thread):
     when the answer came, connection, last_error, t when the call started)
     for each answer."""
 
-    def __init__(self, peer: Peer, t0: float):
+    def __init__(self, peer: Bridge, t0: float):
         super().__init__(daemon=True)
         self.peer, self.t0 = peer, t0
         self.samples: list[tuple[float, str, str | None, float]] = []
@@ -686,7 +375,7 @@ class StatusPoller(threading.Thread):
         return left, back
 
 
-def bench_heal(peer: Peer, rels: list[str], cuts: int, seed: int) -> dict:
+def bench_heal(peer: Bridge, rels: list[str], cuts: int, seed: int) -> dict:
     rng = random.Random(seed + 2)
     proxy = peer.proxy
     assert proxy is not None
@@ -705,7 +394,7 @@ def bench_heal(peer: Peer, rels: list[str], cuts: int, seed: int) -> dict:
             f.write(content)
         poller = StatusPoller(peer, t0)
         poller.start()
-        dt = wait_mirror(dst, content, t0, HEAL_TIMEOUT_S)
+        dt = wait_content(dst, content, t0, HEAL_TIMEOUT_S)
         mirror_ms = round(dt * 1000, 2) if dt is not None else None
         # Keep polling status until it came back, or a grace period if it never left.
         deadline = time.perf_counter() + HEAL_TIMEOUT_S
@@ -749,7 +438,7 @@ def bench_heal(peer: Peer, rels: list[str], cuts: int, seed: int) -> dict:
                else "never left 'connected'"))
     peer.sync_wait()
     peer.wait_ready()
-    compare_trees(peer.repo, peer.mirror)
+    compare_trees(peer.repo, peer.mirror, SKIP_TOP)
     ok = [t["mirror_ms"] for t in trials if t["ok"]]
     backs = [t["connected_again_ms"] for t in trials if t["connected_again_ms"] is not None]
     recon = [t["reconnect_accepted_ms"][0] for t in trials if t["reconnect_accepted_ms"]]
@@ -895,7 +584,7 @@ def main() -> int:
     started = time.perf_counter()
     sshd: Sshd | None = None
     proxies: list[DelayProxy] = []
-    peers: list[Peer] = []
+    peers: list[Bridge] = []
     try:
         results["netem"] = probe_netem(args.delay_ms)
         log(f"netem in a network namespace: {'works' if results['netem']['works'] else 'not available'}"
@@ -925,10 +614,10 @@ def main() -> int:
             repo = work / f"repo-{name}"
             rels = write_tree(repo, cfg["files"], args.seed)
             if name == "local":
-                peers.append(Peer(name, bridge_exe, repo, local_env, ["up", "--provider", "local"]))
+                peers.append(Bridge(name, bridge_exe, repo, local_env, ["up", "--provider", "local"]))
             else:
                 remote = work / f"remote-{name}"
-                peers.append(Peer(name, bridge_exe, repo, ssh_env,
+                peers.append(Bridge(name, bridge_exe, repo, ssh_env,
                                   ["up", "--host", f"root@127.0.0.1:{ports[name]}", "--remote-dir", str(remote)],
                                   remote=remote, proxy=proxy_of.get(name)))
         results["up_s"] = {}
@@ -936,7 +625,7 @@ def main() -> int:
         for p in peers:
             log(f"bridge up: {p.name}")
             results["up_s"][p.name] = round(p.up(up_env), 3)
-            compare_trees(p.repo, p.mirror)
+            compare_trees(p.repo, p.mirror, SKIP_TOP)
         try:
             results["latency"] = bench_latency(peers, rels, cfg["edits"], args.spacing_ms / 1000, args.seed)
         except Exception as e:  # noqa: BLE001 - recorded and reported

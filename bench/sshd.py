@@ -1,11 +1,10 @@
-"""A private OpenSSH server on 127.0.0.1 for the benchmarks (job_bench.py,
+"""A private OpenSSH server on 127.0.0.1 for the benchmarks (bench.py,
 ssh_bench.py). Python 3.11 standard library only.
 
 `ensure_sshd()` installs Debian's openssh-server with apt-get when
-/usr/sbin/sshd is missing (as root; a temporary policy-rc.d keeps the system
-service from starting). `Sshd(dir)` generates a host key and an authorized
-client key in `dir`, writes an sshd_config there and runs `sshd -D` as a
-child on a free port; `stop()` kills it and every per-connection server it
+/usr/sbin/sshd is missing (bench/apt.py: as root, no service starts).
+`Sshd(dir)` generates a host key and an authorized client key in `dir`,
+writes an sshd_config there and runs `sshd -D` as a child on a free port; `stop()` kills it and every per-connection server it
 forked. `client_dir()` writes a directory that stands in for a client's
 ~/.ssh (what bridge's `BRIDGE_SSH_DIR` points at).
 """
@@ -20,10 +19,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from apt import ensure_packages  # bench/apt.py
 from common import BenchError, run_cmd  # bench/common.py
 
 SSHD = "/usr/sbin/sshd"
-APT_TIMEOUT_S = 600.0
 
 
 class SshdError(BenchError):
@@ -44,44 +43,10 @@ def free_port() -> int:
 
 
 def ensure_sshd(log=None) -> str | None:
-    """Install openssh-server (and client) if sshd is missing; returns an
-    error string or None. Never starts the system service: a policy-rc.d
-    that refuses service starts is in place during the install (and removed
-    after) unless one already exists."""
-    if os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen"):
-        return None
-    if os.geteuid() != 0:
-        return f"{SSHD} is missing and we are not root (cannot apt-get install openssh-server)"
-    if not shutil.which("apt-get"):
-        return f"{SSHD} is missing and there is no apt-get"
-    if log:
-        log("sshd is missing; installing openssh-server with apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    policy = Path("/usr/sbin/policy-rc.d")
-    made_policy = False
-    try:
-        if not policy.exists():
-            policy.write_text("#!/bin/sh\n# bench/sshd.py: no service starts during its install\nexit 101\n")
-            policy.chmod(0o755)
-            made_policy = True
-        pkgs = ["openssh-server", "openssh-client"]
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs]
-        cp = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
-        if cp.returncode != 0:  # stale package lists: update once and retry
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
-                           text=True, timeout=APT_TIMEOUT_S)
-            cp = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot install openssh-server: {e}"
-    finally:
-        if made_policy:
-            try:
-                policy.unlink()
-            except OSError:
-                pass
-    if cp.returncode != 0 or not os.path.exists(SSHD):
-        return f"cannot install openssh-server: {(cp.stderr or cp.stdout).strip()[-1500:]}"
-    return None
+    """Install openssh-server (and client) if sshd is missing (bench/apt.py:
+    no service is started); returns an error string or None."""
+    return ensure_packages({SSHD: "openssh-server", "ssh": "openssh-client",
+                            "ssh-keygen": "openssh-client"}, log)
 
 
 def _children() -> dict[int, list[int]]:
@@ -117,7 +82,9 @@ def _descendants(pid: int) -> list[list[int]]:
 class Sshd:
     """sshd -D on 127.0.0.1:PORT with its own keys and config in `dir`.
 
-    `bashrc=False` lets the ssh client send SHLVL=1 (see opts()).
+    `bashrc=False` makes bash skip ~/.bashrc in every session: sshd sets
+    SHLVL=1 for all of them (bridge's SSH provider included, which cannot
+    send environment variables), and opts() sends it too.
     """
 
     def __init__(self, dir: Path, bashrc: bool = False, comment: str = "bench"):
@@ -126,8 +93,6 @@ class Sshd:
         self.comment = comment
         self.port = 0
         self.proc: subprocess.Popen | None = None
-        self.master: subprocess.Popen | None = None
-        self.control = dir / "cm.sock"
         self.key = dir / "id_ed25519"
         self.hostkey = dir / "ssh_host_ed25519_key"
         self.errlog = dir / "sshd.log"
@@ -165,6 +130,7 @@ class Sshd:
             "LogLevel ERROR",
             "MaxStartups 100:30:200",
             "AcceptEnv SHLVL",
+            *([] if self.bashrc else ["SetEnv SHLVL=1"]),
             "",
         ]))
         _run([SSHD, "-t", "-f", str(conf)], 30)  # config check: a clear error
@@ -182,7 +148,7 @@ class Sshd:
                 if time.monotonic() > deadline:
                     raise SshdError(f"sshd did not listen on port {self.port} within 10 s") from None
                 time.sleep(0.02)
-        cp = _run(self.args(False, "echo ok"), 30, check=False)
+        cp = _run(["ssh", *self.opts(), "127.0.0.1", "echo ok"], 30, check=False)
         if cp.returncode != 0 or cp.stdout.strip() != "ok":
             raise SshdError(f"ssh to the private sshd failed (exit {cp.returncode}): {cp.stderr.strip()}\n"
                             f"sshd log: {self.errlog.read_text()[-1500:]}")
@@ -205,54 +171,23 @@ class Sshd:
         (path / "known_hosts").write_text("".join(f"[127.0.0.1]:{p} {pub}\n" for p in ports))
         return path
 
-    def opts(self) -> list[str]:
+    def opts(self, port: int | None = None) -> list[str]:
+        """ssh options for sshd's port, or `port` (a proxy in front of it)."""
         # SHLVL=1 (sshd accepts it: AcceptEnv) makes bash skip ~/.bashrc, which
         # Debian's bash otherwise sources for every ssh command; on the
         # project's VMs root's .bashrc runs `pyenv init` (~0.3 s), a cost of
         # this machine, not of ssh. bashrc=True keeps it.
-        return ["-F", "/dev/null", "-p", str(self.port), "-i", str(self.key),
+        return ["-F", "/dev/null", "-p", str(port or self.port), "-i", str(self.key),
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
                 *([] if self.bashrc else ["-o", "SetEnv=SHLVL=1"])]
 
-    def args(self, mux: bool, remote_cmd: str) -> list[str]:
-        extra = ["-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"] if mux else \
-                ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-        return ["ssh", *self.opts(), *extra, "127.0.0.1", remote_cmd]
-
-    def start_master(self) -> None:
-        """A ControlMaster connection (kept by this child process) for a mux peer."""
-        self.master = subprocess.Popen(
-            ["ssh", *self.opts(), "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
-             "-o", "ControlPersist=no", "-N", "127.0.0.1"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.master.poll() is not None:
-                raise SshdError(f"ssh ControlMaster exited {self.master.returncode}: "
-                                f"{self.master.stderr.read().decode(errors='replace')}")
-            if self.control.exists():
-                cp = _run(["ssh", *self.opts(), "-o", f"ControlPath={self.control}", "-O", "check",
-                           "127.0.0.1"], 10, check=False)
-                if cp.returncode == 0:
-                    return
-            if time.monotonic() > deadline:
-                raise SshdError("ssh ControlMaster did not come up within 15 s")
-            time.sleep(0.02)
-
     def stop(self) -> None:
-        """Ends the ControlMaster, then sshd and every process it forked (the
-        per-connection servers and their sessions; they start sessions of
-        their own, so a process-group kill would miss them), leaves first.
-        Processes that left the tree (a daemonized remote agent) are not
-        touched: stop those by their own means first."""
-        if self.master is not None and self.master.poll() is None:
-            self.master.terminate()
-            try:
-                self.master.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.master.kill()
-                self.master.wait()
+        """Ends sshd and every process it forked (the per-connection servers
+        and their sessions; they start sessions of their own, so a
+        process-group kill would miss them), leaves first. Processes that
+        left the tree (a daemonized remote agent) are not touched: stop
+        those by their own means first."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 levels = _descendants(self.proc.pid)
@@ -273,4 +208,4 @@ class Sshd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.master = self.proc = None
+        self.proc = None

@@ -1,0 +1,200 @@
+"""Scenarios 1, 3 and 4 on the ml-repo: initial sync, a change in the
+middle of the biggest file, and a branch switch there and back.
+
+bridge (SSH provider) and its peers run alternately in the same run, each
+through its own proxy lane in front of the private sshd; times are wall
+times of the commands, bytes are what crossed the lane's proxy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from common import KIB, BenchError, compare_trees, human_bytes, log, same_content, summarize
+from peers import rsync_file, rsync_push, unison_sync
+from repos import BRANCH, checkout, reset_hard
+from scenarios import Context, dur, ratio, row
+
+INITIAL_TOOLS = ("rsync", "unison", "bridge")
+
+
+# --------------------------------------------------------------------------
+# 1. initial sync
+
+
+def initial_rsync(ctx: Context) -> dict:
+    dst = ctx.lab.trash.new_dir("rsync-initial-")
+    r = rsync_push(ctx.lab, "rsync", ctx.ml.path, dst)
+    compare_trees(ctx.ml.path, dst, ctx.ml.SKIP_TOP, ctx.sample, ctx.ml.binaries)
+    ctx.rsync_mirror = dst
+    return r
+
+
+def initial_unison(ctx: Context) -> dict:
+    dst = ctx.lab.trash.new_dir("unison-initial-")
+    r = unison_sync(ctx.lab, "unison", ctx.ml.path, dst, ctx.lab.trash.new_dir("unison-archives-"),
+                    [".venv", "outputs"])
+    compare_trees(ctx.ml.path, dst, ctx.ml.SKIP_TOP, ctx.sample, ctx.ml.binaries)
+    return r
+
+
+def initial_bridge(ctx: Context) -> dict:
+    """`bridge up` from nothing but the agent binary on the remote: no
+    `.bridge/`, no agent state, an empty mirror."""
+    b = ctx.ml_bridge
+    ctx.lab.reset_bridge(b)
+    b0 = b.proxy.total_bytes()
+    t = b.up()
+    time.sleep(0.05)
+    st = b.status()
+    want = len(ctx.ml.sources) + len(ctx.ml.binaries) + 1  # + .gitignore
+    if not st.get("in_sync") or st.get("files") != want:
+        raise BenchError(f"`bridge up` returned with in_sync={st.get('in_sync')}, "
+                         f"{st.get('files')} files (the tree has {want})")
+    compare_trees(ctx.ml.path, b.mirror, ctx.ml.SKIP_TOP, ctx.sample, ctx.ml.binaries)
+    return {"time_s": round(t, 4), "wire_bytes": b.proxy.total_bytes() - b0,
+            "bytes_sent": st.get("bytes_sent"), "files": st.get("files")}
+
+
+def initial_sync(ctx: Context) -> dict:
+    """Scenario 1: one unmeasured warm-up round (uploads bridge's agent,
+    warms the page cache), then reps rounds of all three tools, the order
+    rotating each round."""
+    runs = {"rsync": initial_rsync, "unison": initial_unison, "bridge": initial_bridge}
+    samples: dict[str, list[dict]] = {k: [] for k in INITIAL_TOOLS}
+    reps = ctx.cfg["reps"]
+    for r in range(-1, reps):
+        order = INITIAL_TOOLS[r % 3:] + INITIAL_TOOLS[:r % 3]
+        for tool in order:
+            res = runs[tool](ctx)
+            log(f"1 initial sync {'warm-up' if r < 0 else f'rep {r + 1}/{reps}'}: {tool} "
+                f"{res['time_s']:.2f} s, {human_bytes(res['wire_bytes'])} on the wire")
+            if r >= 0:
+                samples[tool].append(res)
+    out: dict = {"files": len(ctx.ml.sources) + len(ctx.ml.binaries) + 1, "bytes": ctx.ml.bytes_synced,
+                 "reps": reps, "samples": samples}
+    for tool in INITIAL_TOOLS:
+        out[tool] = {"time_s": summarize([s["time_s"] for s in samples[tool]]),
+                     "wire_bytes": summarize([s["wire_bytes"] for s in samples[tool]], 0)}
+    med = {t: out[t]["time_s"]["median"] for t in INITIAL_TOOLS}
+    name = f"initial sync, ml-repo ({out['files']:,} files, {human_bytes(out['bytes'])})"
+    out["rows"] = [
+        row(1, name, dur(med["bridge"]), f"rsync {dur(med['rsync'])}", ratio(med["bridge"], med["rsync"]),
+            "≤ 1.0× rsync", med["bridge"] <= med["rsync"]),
+        row(1, name, dur(med["bridge"]), f"unison {dur(med['unison'])}", ratio(med["bridge"], med["unison"]),
+            "(reference)", None),
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------
+# 3. a change in the middle of the biggest file
+
+
+def big_delta(ctx: Context) -> dict:
+    """Scenario 3: reps times, change_kib KiB of new random bytes written in
+    place at the middle of the biggest binary; bridge from the write until
+    `sync --wait` returns, then rsync of that file over its copy in rsync's
+    mirror (`-I`: always transferred, with rsync's delta algorithm)."""
+    b, ml = ctx.ml_bridge, ctx.ml
+    rel = max(ml.binaries, key=lambda r: (ml.path / r).stat().st_size)
+    path, size = ml.path / rel, (ml.path / rel).stat().st_size
+    change = ctx.cfg["change_kib"] * KIB
+    rng = random.Random(ctx.seed + 3)
+    samples = []
+    for r in range(ctx.cfg["reps"]):
+        b.wait_ready()
+        st0, b0 = b.status(), b.proxy.total_bytes()
+        t0 = time.perf_counter()
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            f.write(rng.randbytes(change))
+        b.sync_wait()
+        t_bridge = time.perf_counter() - t0
+        time.sleep(0.05)
+        st1 = b.status()
+        if not same_content(path, b.mirror / rel):
+            raise BenchError(f"3: the mirror's {rel} differs from the source after sync --wait")
+        rs = rsync_file(ctx.lab, "rsync", path, ctx.rsync_mirror / rel)
+        if not same_content(path, ctx.rsync_mirror / rel):
+            raise BenchError(f"3: rsync's copy of {rel} differs from the source")
+        s = {"bridge": {"time_s": round(t_bridge, 4), "wire_bytes": b.proxy.total_bytes() - b0,
+                        "bytes_sent": st1["bytes_sent"] - st0["bytes_sent"]},
+             "rsync": {"time_s": rs["time_s"], "wire_bytes": rs["wire_bytes"], "stats": rs["stats"]}}
+        log(f"3 big-file change rep {r + 1}: bridge {t_bridge:.2f} s {human_bytes(s['bridge']['wire_bytes'])}, "
+            f"rsync {rs['time_s']:.2f} s {human_bytes(rs['wire_bytes'])}")
+        if ctx.quick and not change <= s["bridge"]["bytes_sent"] < size:
+            raise BenchError(f"3: bridge sent {s['bridge']['bytes_sent']} bytes for a {change}-byte change "
+                             f"in a {size}-byte file")
+        samples.append(s)
+    out: dict = {"file": rel, "file_bytes": size, "change_bytes": change, "samples": samples}
+    for tool in ("bridge", "rsync"):
+        out[tool] = {k: summarize([s[tool][k] for s in samples], 4 if k == "time_s" else 0)
+                     for k in ("time_s", "wire_bytes")}
+    bw, rw = out["bridge"]["wire_bytes"]["median"], out["rsync"]["wire_bytes"]["median"]
+    bt, rt = out["bridge"]["time_s"]["median"], out["rsync"]["time_s"]["median"]
+    name = f"{human_bytes(change)} changed in a {human_bytes(size)} file"
+    out["rows"] = [
+        row(3, f"{name}: bytes on the wire", human_bytes(bw), f"rsync {human_bytes(rw)}", ratio(bw, rw),
+            "≤ rsync", bw <= rw),
+        row(3, f"{name}: time", dur(bt), f"rsync {dur(rt)}", ratio(bt, rt), "≤ rsync", bt <= rt),
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------
+# 4. branch switch and back
+
+
+def switch(ctx: Context, branch: str, changed: list[str]) -> dict:
+    """git checkout branch; bridge until `sync --wait` returns (timed from
+    the end of the checkout), then rsync of the tree."""
+    b, ml = ctx.ml_bridge, ctx.ml
+    b.wait_ready()
+    b0 = b.proxy.total_bytes()
+    t0 = time.perf_counter()
+    checkout(ml.path, branch)
+    t1 = time.perf_counter()
+    b.sync_wait()
+    t2 = time.perf_counter()
+    time.sleep(0.05)
+    wire = b.proxy.total_bytes() - b0
+    compare_trees(ml.path, b.mirror, ml.SKIP_TOP, ctx.sample, changed)
+    rs = rsync_push(ctx.lab, "rsync", ml.path, ctx.rsync_mirror)
+    compare_trees(ml.path, ctx.rsync_mirror, ml.SKIP_TOP, ctx.sample, changed)
+    return {"checkout_s": round(t1 - t0, 4),
+            "bridge": {"time_s": round(t2 - t1, 4), "wire_bytes": wire},
+            "rsync": {"time_s": rs["time_s"], "wire_bytes": rs["wire_bytes"], "stats": rs["stats"]}}
+
+
+def branch_switch(ctx: Context) -> dict:
+    """Scenario 4: from a clean main, one unmeasured round trip main ->
+    other -> main (both contents seen), then reps measured round trips."""
+    ml = ctx.ml
+    changed = ml.branch_paths
+    reset_hard(ml.path)
+    directions = ((BRANCH, f"main->{BRANCH}"), ("main", f"{BRANCH}->main"))
+    for branch, _ in directions:
+        switch(ctx, branch, changed)
+    samples: dict[str, list[dict]] = {d: [] for _, d in directions}
+    for r in range(ctx.cfg["reps"]):
+        for branch, d in directions:
+            s = switch(ctx, branch, changed)
+            log(f"4 checkout {d} rep {r + 1}: bridge {human_bytes(s['bridge']['wire_bytes'])} "
+                f"{s['bridge']['time_s']:.2f} s, rsync {human_bytes(s['rsync']['wire_bytes'])} "
+                f"{s['rsync']['time_s']:.2f} s (changed {human_bytes(ml.changed_bytes[d])})")
+            samples[d].append(s)
+    out: dict = {"branch_files": len(changed), "changed_bytes": ml.changed_bytes, "samples": samples,
+                 "rows": []}
+    for _, d in directions:
+        out[d] = {tool: {k: summarize([s[tool][k] for s in samples[d]], 4 if k == "time_s" else 0)
+                         for k in ("time_s", "wire_bytes")} for tool in ("bridge", "rsync")}
+        bw, rw = out[d]["bridge"]["wire_bytes"]["median"], out[d]["rsync"]["wire_bytes"]["median"]
+        share = bw / ml.changed_bytes[d]
+        out[d]["bridge_share_of_changed"] = round(share, 4)
+        out["rows"].append(row(
+            4, f"git checkout {d} ({len(changed):,} files, {human_bytes(ml.changed_bytes[d])} changed): "
+               f"bytes on the wire", f"{human_bytes(bw)} ({share:.1%} of changed)", f"rsync {human_bytes(rw)}",
+            ratio(bw, rw), "≤ 5% of changed bytes", share <= 0.05))
+    return out
