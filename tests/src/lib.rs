@@ -497,3 +497,31 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A gRPC channel to an agent listening on the Unix socket `path`, retried
+/// for up to `timeout` (the socket file appears at bind(), a moment before
+/// listen()); `None` when it never answers.
+pub async fn unix_channel(path: &Path, timeout: Duration) -> Option<tonic::transport::Channel> {
+    let path = path.to_path_buf();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        }
+    });
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = tonic::transport::Endpoint::from_static("http://agent")
+            .connect_with_connector(connector.clone())
+            .await
+        {
+            return Some(c);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -49,29 +49,14 @@ impl Agent {
     }
 
     async fn channel(&self) -> Channel {
-        let path = self.dir.path().join("agent.sock");
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        });
-        // The socket file appears at bind(), a moment before listen().
-        for _ in 0..100 {
-            if let Ok(c) = tonic::transport::Endpoint::from_static("http://agent")
-                .connect_with_connector(connector.clone())
-                .await
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let sock = self.dir.path().join("agent.sock");
+        match unix_channel(&sock, Duration::from_secs(2)).await {
+            Some(c) => c,
+            None => panic!(
+                "cannot connect to the agent:\n{}",
+                std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+            ),
         }
-        panic!(
-            "cannot connect to the agent:\n{}",
-            std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-        )
     }
 
     async fn client(

@@ -109,25 +109,11 @@ impl Agent {
     }
 
     async fn channel(&self) -> Channel {
-        let path = self.dir.path().join("agent.sock");
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        });
-        for _ in 0..250 {
-            if let Ok(c) = tonic::transport::Endpoint::from_static("http://agent")
-                .connect_with_connector(connector.clone())
-                .await
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let sock = self.dir.path().join("agent.sock");
+        match unix_channel(&sock, Duration::from_secs(5)).await {
+            Some(c) => c,
+            None => panic!("cannot connect to the agent:\n{}", self.log()),
         }
-        panic!("cannot connect to the agent:\n{}", self.log())
     }
 
     async fn agent(&self) -> AgentClient<Authed> {
