@@ -36,7 +36,7 @@ enum Cmd {
     Status(cmd::status::Args),
     /// Sync now; with --wait, return once the agent's tree root equals the local one.
     Sync(cmd::sync::Args),
-    /// Stop the daemon and the agent it started.
+    /// Stop the daemon and the agent it started (AWS: terminate the instance).
     Down(cmd::down::Args),
     /// Run the daemon in the foreground (`bridge up` starts it in the background).
     Daemon(cmd::daemon::Args),
