@@ -222,30 +222,28 @@ pub async fn prepare(
     *region = ec2.region.clone();
     if let Some(inst) = instance.clone() {
         match instance::describe_one(&ec2, &inst.id).await? {
-            Some(d) if matches!(d.state.as_str(), "running" | "pending") => {
-                eprintln!(
-                    "bridge: reusing {} ({}, {})",
-                    d.id, d.instance_type, d.state
-                );
+            Some(d)
+                if matches!(
+                    d.state.as_str(),
+                    "running" | "pending" | "stopped" | "stopping"
+                ) =>
+            {
+                if matches!(d.state.as_str(), "stopped" | "stopping") {
+                    eprintln!(
+                        "bridge: starting {} ({}), stopped when it was idle",
+                        d.id, d.instance_type
+                    );
+                    wait_stopped(&ec2, &inst.id).await?;
+                    instance::start(&ec2, &inst.id).await?;
+                } else {
+                    eprintln!(
+                        "bridge: reusing {} ({}, {})",
+                        d.id, d.instance_type, d.state
+                    );
+                }
+                // A restarted instance has a new address.
                 let ip = wait_running(&ec2, &inst.id).await?;
-                let endpoint = ssh_endpoint(&inst, &ip)?;
-                *instance = Some(Instance {
-                    ssh: endpoint.clone(),
-                    ..inst
-                });
-                spec.save(&layout.provider)?;
-                wait_ssh(&endpoint).await?;
-                return Ok(Prepared { launched: None });
-            }
-            Some(d) if matches!(d.state.as_str(), "stopped" | "stopping") => {
-                eprintln!(
-                    "bridge: starting {} ({}), stopped when it was idle",
-                    d.id, d.instance_type
-                );
-                wait_stopped(&ec2, &inst.id).await?;
-                instance::start(&ec2, &inst.id).await?;
-                let ip = wait_running(&ec2, &inst.id).await?;
-                let endpoint = ssh_endpoint(&inst, &ip)?;
+                let endpoint = ssh_endpoint(&inst, &ip);
                 *instance = Some(Instance {
                     ssh: endpoint.clone(),
                     ..inst
@@ -328,7 +326,7 @@ async fn launch_new(
     let ready = async {
         spec.save(&layout.provider)?;
         let ip = wait_running(ec2, &id).await?;
-        let endpoint = ssh_endpoint_for(&image.user, &ip)?;
+        let endpoint = ssh_endpoint_for(&image.user, &ip);
         if let ProviderSpec::Aws { instance, .. } = spec {
             *instance = Some(Instance {
                 ssh: endpoint.clone(),
@@ -441,22 +439,17 @@ async fn wait_ssh(endpoint: &str) -> anyhow::Result<()> {
 }
 
 /// `user@ip:22`, or the test override.
-fn ssh_endpoint_for(user: &str, ip: &str) -> anyhow::Result<String> {
+fn ssh_endpoint_for(user: &str, ip: &str) -> String {
     match std::env::var(SSH_ENDPOINT_ENV) {
-        Ok(e) if !e.is_empty() => {
-            if e.contains('@') {
-                Ok(e)
-            } else {
-                Ok(format!("{user}@{e}"))
-            }
-        }
-        _ => Ok(format!("{user}@{ip}:22")),
+        Ok(e) if e.contains('@') => e,
+        Ok(e) if !e.is_empty() => format!("{user}@{e}"),
+        _ => format!("{user}@{ip}:22"),
     }
 }
 
 /// The saved user with the instance's current address (it changes when a
 /// stopped instance starts again).
-fn ssh_endpoint(inst: &Instance, ip: &str) -> anyhow::Result<String> {
+fn ssh_endpoint(inst: &Instance, ip: &str) -> String {
     let user = inst.ssh.split_once('@').map_or("ubuntu", |(u, _)| u);
     ssh_endpoint_for(user, ip)
 }
@@ -590,14 +583,9 @@ pub async fn down_all(acct: Account, yes: bool) -> anyhow::Result<Vec<String>> {
         .map_err(|e| ec2::describe("terminate the instances", &e))?;
     for id in &ids {
         let mut p = Progress::new();
-        let res = instance::wait_for(
-            &ec2,
-            id,
-            TERMINATE_LIMIT,
-            "terminate",
-            |d| Ok(d.is_none_or(|d| d.state == "terminated")),
-            |s| p.say(format!("terminating {id}: {s}")),
-        )
+        let res = instance::wait_terminated(&ec2, id, TERMINATE_LIMIT, |s| {
+            p.say(format!("terminating {id}: {s}"))
+        })
         .await;
         p.done();
         res?;

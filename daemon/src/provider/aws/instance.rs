@@ -438,6 +438,16 @@ pub async fn terminate(
         Err(e) if code(&e) == Some("InvalidInstanceID.NotFound") => return Ok(()),
         Err(e) => return Err(describe(&format!("terminate {id}"), &e)),
     }
+    wait_terminated(ec2, id, limit, tick).await
+}
+
+/// Waits until a terminating instance is terminated (or gone).
+pub async fn wait_terminated(
+    ec2: &Ec2,
+    id: &str,
+    limit: Duration,
+    tick: impl FnMut(&str),
+) -> Result<(), AwsError> {
     wait_for(
         ec2,
         id,
