@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Hash, chunk_id, content_hash, hash_from_bytes};
-use bridge_proto::index::Cached;
+use bridge_proto::index::{Cached, Index};
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::tree::Node;
-use bridge_proto::v1;
+use bridge_proto::{splice, v1};
 
 use crate::mirror::Mirror;
 use crate::store::{FileCache, Store};
@@ -62,6 +62,8 @@ enum Op {
     Mkdir(RelPath),
     Symlink(RelPath, String),
     Remove(RelPath),
+    /// A spliced `Put` whose base this mirror does not hold at that path.
+    NoBase(RelPath),
 }
 
 /// The `Put` being written.
@@ -118,7 +120,7 @@ impl<'a> Round<'a> {
         let ops = plan
             .ops
             .into_iter()
-            .map(validate)
+            .map(|op| validate(op, &self.mirror.index))
             .collect::<Result<Vec<_>, _>>()?;
         let mut need = v1::Need::default();
         for op in ops {
@@ -285,6 +287,9 @@ impl<'a> Round<'a> {
                 Op::Mkdir(p) => self.mkdir(&p),
                 Op::Symlink(p, t) => self.symlink(&p, &t),
                 Op::Remove(p) => self.remove(&p),
+                Op::NoBase(p) => Err(OpError::Failed(format!(
+                    "the version of {p} this change was made against is not in the mirror"
+                ))),
             };
             self.op_result(&path, res)?;
         }
@@ -595,7 +600,11 @@ impl Drop for Round<'_> {
 
 fn op_path(op: &Op) -> &RelPath {
     match op {
-        Op::Put { path, .. } | Op::Mkdir(path) | Op::Symlink(path, _) | Op::Remove(path) => path,
+        Op::Put { path, .. }
+        | Op::Mkdir(path)
+        | Op::Symlink(path, _)
+        | Op::Remove(path)
+        | Op::NoBase(path) => path,
     }
 }
 
@@ -603,10 +612,29 @@ fn rel(p: String) -> Result<RelPath, RoundError> {
     RelPath::new(p).map_err(|e| RoundError::Refused(format!("refused path: {e}")))
 }
 
-/// Checks everything about an op that does not depend on the disk.
-fn validate(op: v1::Op) -> Result<Op, RoundError> {
+/// Checks everything about an op that does not depend on the disk, and
+/// expands a spliced `Put` against the chunk list `index` holds for its path.
+fn validate(op: v1::Op, index: &Index) -> Result<Op, RoundError> {
     use v1::op::Op as W;
     match op.op {
+        Some(W::Put(p)) if !p.base.is_empty() => {
+            let path = rel(p.path)?;
+            let base = hash_from_bytes(&p.base)
+                .filter(|_| p.chunks.is_empty())
+                .ok_or_else(|| RoundError::Refused(format!("bad splice base for {path}")))?;
+            // The content hash covers the chunk list, so an entry with that
+            // hash holds exactly the base's list, whatever its stat says.
+            let Some(held) = index.entries.get(&path).filter(|c| c.hash == base) else {
+                return Ok(Op::NoBase(path));
+            };
+            let chunks = splice::apply(&held.chunks, &p.splice)
+                .map_err(|e| RoundError::Refused(format!("{e} ({path})")))?;
+            Ok(Op::Put {
+                path,
+                exec: p.executable,
+                chunks,
+            })
+        }
         Some(W::Put(p)) => {
             let path = rel(p.path)?;
             let chunks = p

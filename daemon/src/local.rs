@@ -6,14 +6,15 @@
 //! one file, one directory level, or a subtree; each rehashes only files whose
 //! `lstat` changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bridge_proto::chunking::Digest;
+use bridge_proto::chunking::{ChunkRef, Digest, Hash};
 use bridge_proto::index::{Cached, HashOutcome, Index, RACY_WINDOW_NS, Saver, hash_file, now_ns};
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
+use bridge_proto::splice;
 use bridge_proto::tree::{Node, Tree};
 
 /// How often a file that keeps changing while it is read is retried in one
@@ -71,8 +72,24 @@ pub struct Local {
     pub files_hashed: u64,
     /// Job output paths: left out of the tree (they flow agent → local).
     pub outputs: Vec<RelPath>,
+    /// The chunk lists of large files' versions before their last change, until
+    /// a round has sent the new one: the agent most likely holds the old one,
+    /// so the new one goes as a splice of it (`bridge_proto::splice`).
+    pub previous: HashMap<RelPath, Previous>,
+    previous_refs: usize,
     index_dirty: bool,
 }
+
+/// A file version the agent may still hold.
+#[derive(Debug)]
+pub struct Previous {
+    pub hash: Hash,
+    pub chunks: Box<[ChunkRef]>,
+}
+
+/// At most this many chunk refs (~36 bytes each) are kept in
+/// [`Local::previous`]: 64 GiB of files' worth, 9 MiB.
+const PREVIOUS_MAX_REFS: usize = 1 << 18;
 
 impl Local {
     pub fn new(root: PathBuf, index_path: PathBuf) -> Local {
@@ -85,6 +102,8 @@ impl Local {
             racy: BTreeSet::new(),
             files_hashed: 0,
             outputs: Vec::new(),
+            previous: HashMap::new(),
+            previous_refs: 0,
             index_dirty: false,
         }
     }
@@ -298,6 +317,7 @@ impl Local {
                 Node::File { .. } => {
                     self.index.entries.remove(&k);
                     self.racy.remove(&k);
+                    self.forget_previous(&k);
                     self.index_dirty = true;
                 }
                 Node::Symlink { .. } => {}
@@ -355,8 +375,31 @@ impl Local {
             self.tree.insert(path.clone(), node);
             ch.touched(&path);
         }
-        self.index.entries.insert(path, c);
+        let new_hash = c.hash;
+        if let Some(old) = self.index.entries.insert(path.clone(), c)
+            && old.hash != new_hash
+            && old.chunks.len() >= splice::MIN_CHUNKS
+            && self.previous_refs + old.chunks.len() <= PREVIOUS_MAX_REFS
+            && !self.previous.contains_key(&path)
+        {
+            // The first version seen is the one the agent has, if any.
+            self.previous_refs += old.chunks.len();
+            self.previous.insert(
+                path,
+                Previous {
+                    hash: old.hash,
+                    chunks: old.chunks,
+                },
+            );
+        }
         self.index_dirty = true;
+    }
+
+    /// Forgets `p`'s previous version (the agent now has the current one).
+    pub fn forget_previous(&mut self, p: &RelPath) {
+        if let Some(old) = self.previous.remove(p) {
+            self.previous_refs -= old.chunks.len();
+        }
     }
 
     /// Chunk list of a synced file, as last hashed.

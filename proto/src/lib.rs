@@ -9,6 +9,7 @@
 //! - [`tree`]: entries and the Merkle tree root ("in sync" means equal roots).
 //! - [`scan`]: which paths are synced (git's ignore semantics, `.bridgeignore`,
 //!   editor temporaries) and the directory walk both sides use.
+//! - [`splice`]: a chunk list sent as edits of the version the agent holds.
 //! - [`jobs`]: job state names and which states are final.
 //! - [`index`]: the persistent stat cache that keeps rescans from rehashing
 //!   unchanged files.
@@ -21,6 +22,7 @@ pub mod index;
 pub mod jobs;
 pub mod path;
 pub mod scan;
+pub mod splice;
 pub mod tree;
 
 /// Generated protobuf and gRPC code for `bridge.v1`.
@@ -30,7 +32,7 @@ pub mod v1 {
 }
 
 /// Version of the daemon ↔ agent protocol; both sides refuse a peer with another.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Metadata key carrying the agent token (`Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";

@@ -101,6 +101,7 @@ fn put(path: &str, data: &[u8]) -> v1::Op {
                 id: blake3::hash(data).as_bytes().to_vec().into(),
                 len: data.len() as u32,
             }],
+            ..Default::default()
         })),
     }
 }
@@ -150,9 +151,14 @@ where
         };
         for &i in &n.chunks {
             let data = bodies.next().expect("a body for every needed chunk");
+            // A spliced Put lists no chunks: its bodies are sent as they are.
+            let id = match p.chunks.get(i as usize) {
+                Some(c) => c.id.clone(),
+                None => blake3::hash(data).as_bytes().to_vec().into(),
+            };
             let _ = tx
                 .send(msg(sync_up::Msg::Chunk(v1::ChunkData {
-                    id: p.chunks[i as usize].id.clone(),
+                    id,
                     compression: 0,
                     data: data.to_vec().into(),
                 })))
@@ -375,4 +381,91 @@ async fn chunks_must_match_their_ids() {
         .unwrap();
     assert!(done.failures.is_empty());
     assert_eq!(std::fs::read(mirror.join("copy.py")).unwrap(), b"hello");
+}
+
+/// A Put sent as a splice of the version the agent holds: only the new
+/// chunks' bodies cross; a base the agent lacks fails the op (retryable),
+/// and a splice that does not fit its base is refused. Nothing half-written.
+#[tokio::test(flavor = "multi_thread")]
+async fn spliced_puts_apply_against_the_held_version_only() {
+    use bridge_proto::chunking::{ChunkRef, chunk_id, content_hash};
+    let a = Agent::start();
+    let mut c = a.client(Some("right-token")).await;
+    c.hello(hello("m")).await.unwrap();
+    let mirror = a.root().join("mirrors/m");
+    let chunk = |k: &str| format!("chunk {k} ").repeat(10).into_bytes();
+    let refs = |bodies: &[Vec<u8>]| -> Vec<ChunkRef> {
+        bodies
+            .iter()
+            .map(|b| ChunkRef {
+                id: chunk_id(b),
+                len: b.len() as u32,
+            })
+            .collect()
+    };
+    let whole = |bodies: &[Vec<u8>]| v1::Op {
+        op: Some(v1::op::Op::Put(v1::Put {
+            path: "big.bin".into(),
+            chunks: refs(bodies)
+                .iter()
+                .map(|c| v1::ChunkRef {
+                    id: c.id.as_bytes().to_vec().into(),
+                    len: c.len,
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    };
+    let spliced = |base: &[u8], steps: Vec<v1::Splice>| v1::Op {
+        op: Some(v1::op::Op::Put(v1::Put {
+            path: "big.bin".into(),
+            base: base.to_vec().into(),
+            splice: steps,
+            ..Default::default()
+        })),
+    };
+
+    let old: Vec<Vec<u8>> = (0..40).map(|k| chunk(&k.to_string())).collect();
+    let bodies: Vec<&[u8]> = old.iter().map(|b| b.as_slice()).collect();
+    round(&mut c, vec![whole(&old)], &bodies).await.unwrap();
+    let base = content_hash(&refs(&old));
+
+    // Chunks 20 and 21 rewritten: the agent asks for those two bodies only.
+    let mut new = old.clone();
+    new[20] = chunk("A");
+    new[21] = chunk("B");
+    let steps = bridge_proto::splice::encode(&refs(&old), &refs(&new)).expect("a splice");
+    assert_eq!(steps.iter().map(|s| s.insert.len()).sum::<usize>(), 2);
+    let done = round(
+        &mut c,
+        vec![spliced(base.as_bytes(), steps.clone())],
+        &[&new[20], &new[21]],
+    )
+    .await
+    .unwrap();
+    assert!(done.failures.is_empty(), "{:?}", done.failures);
+    assert_eq!(std::fs::read(mirror.join("big.bin")).unwrap(), new.concat());
+
+    // The same splice again: its base is no longer the mirror's version.
+    let done = round(&mut c, vec![spliced(base.as_bytes(), steps)], &[])
+        .await
+        .unwrap();
+    assert_eq!(done.failures.len(), 1, "{:?}", done.failures);
+    assert_eq!(done.failures[0].path, "big.bin");
+    assert_eq!(std::fs::read(mirror.join("big.bin")).unwrap(), new.concat());
+
+    // A splice copying past the end of its base is refused.
+    let cur = content_hash(&refs(&new));
+    let past = vec![v1::Splice {
+        skip: 30,
+        copy: 11,
+        ..Default::default()
+    }];
+    let e = round(&mut c, vec![spliced(cur.as_bytes(), past)], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("past the end"), "{}", e.message());
+    assert_eq!(std::fs::read(mirror.join("big.bin")).unwrap(), new.concat());
+    assert!(files_under(&a.root().join("tmp")).is_empty());
 }

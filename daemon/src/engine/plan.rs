@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use bridge_proto::chunking::ChunkRef;
+use bridge_proto::chunking::{ChunkRef, Hash};
 use bridge_proto::path::RelPath;
 use bridge_proto::tree::{Node, Tree};
-use bridge_proto::v1;
+use bridge_proto::{splice, v1};
 
 use crate::local::Local;
 
@@ -21,6 +21,9 @@ pub(super) enum PlannedOp {
         path: RelPath,
         node: Node,
         chunks: Arc<[ChunkRef]>,
+        /// The agent's version (content hash) and the steps that turn its
+        /// chunk list into `chunks`, when that is much smaller than `chunks`.
+        splice: Option<(Hash, Vec<v1::Splice>)>,
     },
 }
 
@@ -45,17 +48,34 @@ impl PlannedOp {
                 path: p.to_string(),
                 target: t.clone(),
             }),
-            PlannedOp::Put { path, node, chunks } => W::Put(v1::Put {
-                path: path.to_string(),
-                executable: matches!(node, Node::File { exec: true, .. }),
-                chunks: chunks
-                    .iter()
-                    .map(|c| v1::ChunkRef {
-                        id: c.id.as_bytes().to_vec().into(),
-                        len: c.len,
-                    })
-                    .collect(),
-            }),
+            PlannedOp::Put {
+                path,
+                node,
+                chunks,
+                splice,
+            } => {
+                let (base, steps, chunks) = match splice {
+                    Some((base, steps)) => (base.as_bytes().to_vec(), steps.clone(), Vec::new()),
+                    None => (
+                        Vec::new(),
+                        Vec::new(),
+                        chunks
+                            .iter()
+                            .map(|c| v1::ChunkRef {
+                                id: c.id.as_bytes().to_vec().into(),
+                                len: c.len,
+                            })
+                            .collect(),
+                    ),
+                };
+                W::Put(v1::Put {
+                    path: path.to_string(),
+                    executable: matches!(node, Node::File { exec: true, .. }),
+                    chunks,
+                    base: base.into(),
+                    splice: steps,
+                })
+            }
         };
         v1::Op { op: Some(op) }
     }
@@ -101,17 +121,28 @@ fn add_parents(t: &mut Tree, p: &RelPath) {
     }
 }
 
-/// The op that makes the agent's entry at `p` equal to the local `n` (`None`
-/// when the file's chunk list is unknown: it vanished after the scan).
-fn create(local: &Local, p: &RelPath, n: &Node) -> Option<PlannedOp> {
+/// The op that makes the agent's entry at `p` (`remote`) equal to the local
+/// `n` (`None` when the file's chunk list is unknown: it vanished after the
+/// scan). A large file the agent holds the previous version of is spliced.
+fn create(local: &Local, p: &RelPath, n: &Node, remote: Option<&Node>) -> Option<PlannedOp> {
     Some(match n {
         Node::Dir => PlannedOp::Mkdir(p.clone()),
         Node::Symlink { target } => PlannedOp::Symlink(p.clone(), target.clone()),
-        Node::File { .. } => PlannedOp::Put {
-            path: p.clone(),
-            node: n.clone(),
-            chunks: local.chunks(p)?.chunks.clone().into(),
-        },
+        Node::File { .. } => {
+            let chunks = &local.chunks(p)?.chunks;
+            let splice = match (remote, local.previous.get(p)) {
+                (Some(Node::File { hash, .. }), Some(prev)) if prev.hash == *hash => {
+                    splice::encode(&prev.chunks, chunks).map(|steps| (*hash, steps))
+                }
+                _ => None,
+            };
+            PlannedOp::Put {
+                path: p.clone(),
+                node: n.clone(),
+                chunks: chunks.clone().into(),
+                splice,
+            }
+        }
     })
 }
 
@@ -149,17 +180,17 @@ pub(super) fn diff(local: &Local, remote: &Tree) -> Vec<PlannedOp> {
             (None, None) => break,
             (Some((lp, ln)), Some((rp, rn))) if lp == rp => {
                 if ln != rn {
-                    ops.creates.extend(create(local, lp, ln));
+                    ops.creates.extend(create(local, lp, ln, Some(rn)));
                 }
                 li.next();
                 ri.next();
             }
             (Some((lp, ln)), Some((rp, _))) if lp < rp => {
-                ops.creates.extend(create(local, lp, ln));
+                ops.creates.extend(create(local, lp, ln, None));
                 li.next();
             }
             (Some((lp, ln)), None) => {
-                ops.creates.extend(create(local, lp, ln));
+                ops.creates.extend(create(local, lp, ln, None));
                 li.next();
             }
             (_, Some((rp, _))) => {
@@ -184,7 +215,7 @@ pub(super) fn diff_paths(
     for p in touched {
         match (local.tree.get(p), remote.get(p)) {
             (Some(l), Some(r)) if l == r => {}
-            (Some(l), _) => ops.creates.extend(create(local, p, l)),
+            (Some(l), r) => ops.creates.extend(create(local, p, l, r)),
             (None, Some(_)) => ops.remove(p),
             (None, None) => {}
         }

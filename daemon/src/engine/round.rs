@@ -149,9 +149,19 @@ impl Engine {
         for f in &done.failures {
             tracing::warn!(path = %f.path, error = %f.message, "agent could not apply");
         }
+        let mut sent = Vec::new();
         for op in &applied {
             if !failed.contains(op.path().as_str()) {
                 op.apply_to(&mut self.remote);
+                if let PlannedOp::Put { path, .. } = op {
+                    sent.push(path.clone());
+                }
+            }
+        }
+        if !sent.is_empty() && !self.local().previous.is_empty() {
+            let local = self.local.as_mut().expect("local tree is home");
+            for p in &sent {
+                local.forget_previous(p);
             }
         }
         let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
@@ -211,7 +221,10 @@ fn send_bodies(
 ) -> Result<Vec<RelPath>, SyncError> {
     let mut skipped = Vec::new();
     for (op, n) in batch.iter().zip(&need.ops) {
-        let PlannedOp::Put { path, chunks, node } = op else {
+        let PlannedOp::Put {
+            path, chunks, node, ..
+        } = op
+        else {
             progress.send_modify(|p| p.files_done += 1);
             continue;
         };
