@@ -11,6 +11,8 @@ mod jobs;
 mod spec;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
@@ -54,7 +56,22 @@ enum Cmd {
     Pull(cmd::pull::Args),
 }
 
+/// When this command started, in milliseconds since the Unix epoch.
+static STARTED: OnceLock<u64> = OnceLock::new();
+
+/// When this command started (ms since the epoch): a daemon whose full scan
+/// began later has seen every change made before the command.
+pub fn started_unix_ms() -> u64 {
+    *STARTED.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
 fn main() -> std::process::ExitCode {
+    started_unix_ms();
     let cli = Cli::parse();
     let cwd = match cli
         .dir

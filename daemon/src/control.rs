@@ -88,11 +88,15 @@ impl Control for ControlService {
         &self,
         req: Request<v1::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let wait = req.into_inner().wait;
+        let req = req.into_inner();
+        let wait = req.wait;
+        let issued = (req.issued_unix_ms > 0)
+            .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(req.issued_unix_ms));
         let (reply, done) = oneshot::channel();
         self.cmds
             .send(Command::Sync {
                 verify: wait,
+                issued,
                 reply,
             })
             .await

@@ -16,8 +16,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use bridge_proto::chunking::Hash;
 use bridge_proto::path::RelPath;
 use bridge_proto::tree::{Node, Tree, hex};
 use bridge_proto::v1;
@@ -30,7 +31,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::local::{Dirty, Local};
+use crate::local::{Changes, Dirty, Local};
 use crate::provider::Provider;
 use crate::status::{Connection, Skipped, Status};
 use crate::watcher::{self, Mode, WatchMsg, Watcher};
@@ -102,6 +103,10 @@ pub enum Command {
     /// verified root equals the local root.
     Sync {
         verify: bool,
+        /// When the asking command started (this machine's clock): a full
+        /// rescan that began after it has already seen every change made
+        /// before it, so none is needed (a fresh daemon's first scan).
+        issued: Option<SystemTime>,
         reply: oneshot::Sender<Result<Synced, String>>,
     },
     /// The job barrier: stop syncing `outputs` (repository-relative), rescan
@@ -116,7 +121,14 @@ pub enum Command {
 
 /// Someone waiting for the next complete sync.
 enum Waiter {
-    Sync(bool, oneshot::Sender<Result<Synced, String>>),
+    Sync {
+        verify: bool,
+        /// A full rescan since the command started covers it (see
+        /// `Command::Sync`): a fresh verification of the agent's root
+        /// answers it without another.
+        covered: bool,
+        reply: oneshot::Sender<Result<Synced, String>>,
+    },
     Submit(
         Box<v1::JobSpec>,
         oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
@@ -124,17 +136,20 @@ enum Waiter {
 }
 
 impl Waiter {
-    fn verify(&self) -> bool {
+    /// Needs a verification of its own (not covered by a fresh one).
+    fn needs_verify(&self, fresh: bool) -> bool {
         match self {
-            Waiter::Sync(v, _) => *v,
+            Waiter::Sync {
+                verify, covered, ..
+            } => *verify && !(*covered && fresh),
             Waiter::Submit(..) => true,
         }
     }
 
     fn fail(self, msg: String) {
         match self {
-            Waiter::Sync(_, w) => {
-                let _ = w.send(Err(msg));
+            Waiter::Sync { reply, .. } => {
+                let _ = reply.send(Err(msg));
             }
             Waiter::Submit(_, w) => {
                 let _ = w.send(Err(GrpcStatus::unavailable(msg)));
@@ -244,7 +259,14 @@ pub struct Engine {
     /// agent's view is refetched, so paths that just became ignored are left
     /// alone on the agent instead of deleted.
     rules_changed: bool,
+    /// When the last full rescan began.
+    full_scan_began: Option<SystemTime>,
+    /// The agent's last verified root and when it was verified.
+    verified: Option<(bridge_proto::chunking::Hash, Instant)>,
 }
+
+/// How recent a verification must be to answer a covered `sync --wait`.
+const VERIFY_FRESH: Duration = Duration::from_secs(5);
 
 impl Engine {
     pub fn new(
@@ -276,6 +298,8 @@ impl Engine {
             touched: BTreeSet::new(),
             full_diff: true,
             rules_changed: false,
+            full_scan_began: None,
+            verified: None,
         }
     }
 
@@ -304,7 +328,55 @@ impl Engine {
     /// Rescans `dirty`, updating watches.
     async fn rescan(&mut self, dirty: BTreeSet<Dirty>) -> Vec<RelPath> {
         let full = dirty.contains(&Dirty::Tree(None));
-        let mut ch = self.with_local(move |l| l.apply(dirty)).await;
+        if full {
+            self.full_scan_began = Some(SystemTime::now());
+        }
+        let ch = self.with_local(move |l| l.apply(dirty)).await;
+        self.watch_rescanned(full, ch).await
+    }
+
+    /// The daemon's start: the first full scan, and meanwhile the first
+    /// connection and the agent's verification of its mirror, so the two
+    /// walks (on two machines, normally) overlap. Returns the paths still
+    /// being written and the outcome of the connection.
+    async fn start(&mut self) -> (Vec<RelPath>, Result<(), SyncError>) {
+        self.shared.set_phase("scanning");
+        self.full_scan_began = Some(SystemTime::now());
+        let mut local = self.local.take().expect("local tree is home");
+        let scan = tokio::task::spawn_blocking(move || {
+            let ch = local.apply([Dirty::Tree(None)].into());
+            (local, ch)
+        });
+        let verifying = match self.link().await {
+            Ok(()) => {
+                let client = self.client();
+                let mirror = self.repo.mirror.clone();
+                Ok(tokio::spawn(
+                    async move { verified_root(client?, mirror).await },
+                ))
+            }
+            Err(e) => Err(e),
+        };
+        let (local, ch) = scan.await.expect("local tree task panicked");
+        self.local = Some(local);
+        let busy = self.watch_rescanned(true, ch).await;
+        let connected = match verifying {
+            Ok(task) => match task.await {
+                Ok(Ok(root)) => self.learn_remote_from(root).await,
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(SyncError::Protocol(e.to_string())),
+            },
+            Err(e) => Err(e),
+        };
+        if connected.is_err() {
+            // The engine loop reports it and retries, as for any connect.
+            self.conn = None;
+        }
+        (busy, connected)
+    }
+
+    /// After a rescan: records what it touched and watches new directories.
+    async fn watch_rescanned(&mut self, full: bool, mut ch: Changes) -> Vec<RelPath> {
         let mut busy = Vec::new();
         // A directory is watched only after it was walked: whatever was
         // created in it in between has no event. Look at every new directory
@@ -381,7 +453,8 @@ impl Engine {
         });
     }
 
-    async fn connect(&mut self) -> Result<(), SyncError> {
+    /// Starts the agent if needed, connects and says hello.
+    async fn link(&mut self) -> Result<(), SyncError> {
         self.shared.set_phase("connecting");
         self.provider.ensure_agent().await?;
         let channel = self.provider.connect().await?;
@@ -424,6 +497,12 @@ impl Engine {
         });
         self.conn = Some(Conn { client });
         self.shared.agent.send_replace(Some(link));
+        Ok(())
+    }
+
+    /// Connects and learns the agent's tree.
+    async fn connect(&mut self) -> Result<(), SyncError> {
+        self.link().await?;
         self.learn_remote().await
     }
 
@@ -432,14 +511,25 @@ impl Engine {
     /// so the manifest, one entry per file, need not cross the link; a
     /// daemon restart over an unchanged repository sends a few bytes.
     async fn learn_remote(&mut self) -> Result<(), SyncError> {
-        let local_root = self.local().tree.root();
-        if self.verify().await? {
+        let root = verified_root(self.client()?, self.repo.mirror.clone()).await?;
+        self.learn_remote_from(root).await
+    }
+
+    /// [`Self::learn_remote`] with the agent's verified root in hand.
+    async fn learn_remote_from(&mut self, root: Hash) -> Result<(), SyncError> {
+        if self.note_verified(root) {
             self.remote = self.local().tree.clone();
-            self.remote_root = Some(local_root);
             self.full_diff = false;
             return Ok(());
         }
         self.fetch_manifest().await
+    }
+
+    /// Records the agent's verified root; true when it is the local root.
+    fn note_verified(&mut self, root: Hash) -> bool {
+        self.remote_root = Some(root);
+        self.verified = Some((root, Instant::now()));
+        root == self.local().tree.root()
     }
 
     /// The connected client (a cheap clone sharing the channel).
@@ -533,18 +623,8 @@ impl Engine {
     /// Asks the agent for its verified root and compares.
     async fn verify(&mut self) -> Result<bool, SyncError> {
         self.shared.set_phase("verifying");
-        let mut client = self.client()?;
-        let r = client
-            .root(v1::RootRequest {
-                mirror: self.repo.mirror.clone(),
-            })
-            .await
-            .map_err(rpc)?
-            .into_inner();
-        let root = bridge_proto::chunking::hash_from_bytes(&r.root)
-            .ok_or_else(|| SyncError::Protocol("Root without a root".into()))?;
-        self.remote_root = Some(root);
-        Ok(root == self.local().tree.root())
+        let root = verified_root(self.client()?, self.repo.mirror.clone()).await?;
+        Ok(self.note_verified(root))
     }
 
     /// The engine loop; returns when `shutdown` fires.
@@ -553,8 +633,8 @@ impl Engine {
         mut cmds: mpsc::Receiver<Command>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        self.shared.set_phase("scanning");
-        let mut busy = self.rescan([Dirty::Tree(None)].into()).await;
+        let (mut busy, connected) = self.start().await;
+        let mut first_connect = Some(connected);
         self.refresh_status(0);
 
         let mut pending: BTreeSet<Dirty> = BTreeSet::new();
@@ -574,7 +654,11 @@ impl Engine {
         loop {
             // Connect when needed (not while a burst is being collected).
             if self.conn.is_none() && Instant::now() >= next_retry_connect {
-                match self.connect().await {
+                let connected = match first_connect.take() {
+                    Some(c) => c,
+                    None => self.connect().await,
+                };
+                match connected {
                     // The backoff resets only after a successful round: a
                     // connection that works but cannot converge must not
                     // turn into a hot loop.
@@ -650,7 +734,18 @@ impl Engine {
                 }
                 Some(c) = cmds.recv() => {
                     match c {
-                        Command::Sync { verify, reply } => waiters.push(Waiter::Sync(verify, reply)),
+                        Command::Sync { verify, issued, reply } => {
+                            let covered = issued
+                                .zip(self.full_scan_began)
+                                .is_some_and(|(i, s)| i <= s);
+                            waiters.push(Waiter::Sync { verify, covered, reply });
+                            if covered {
+                                // Answered after the next round (at once
+                                // when connected and nothing is pending).
+                                need_round = true;
+                                continue;
+                            }
+                        }
                         Command::Submit { spec, outputs, reply } => {
                             self.set_outputs(outputs).await;
                             waiters.push(Waiter::Submit(spec, reply));
@@ -796,7 +891,11 @@ impl Engine {
     /// Answers `sync` waiters. A retryable failure (the connection dropped)
     /// keeps them waiting for the reconnect; anything else answers them.
     async fn answer_waiters(&mut self, waiters: &mut Vec<Waiter>) {
-        let result = if waiters.iter().any(|w| w.verify()) {
+        let root = self.local().tree.root();
+        let fresh = self
+            .verified
+            .is_some_and(|(r, at)| r == root && at.elapsed() < VERIFY_FRESH);
+        let result = if waiters.iter().any(|w| w.needs_verify(fresh)) {
             self.verified().await
         } else {
             Ok(())
@@ -815,7 +914,7 @@ impl Engine {
         };
         for w in waiters.drain(..) {
             match w {
-                Waiter::Sync(_, w) => {
+                Waiter::Sync { reply: w, .. } => {
                     let _ = w.send(result.clone().map(|_| synced.clone()));
                 }
                 Waiter::Submit(spec, w) => {
@@ -885,4 +984,15 @@ impl Engine {
             self.full_diff = true;
         }
     }
+}
+
+/// The agent's verified root of `mirror` (it re-stats the mirror first).
+async fn verified_root(mut client: Client, mirror: String) -> Result<Hash, SyncError> {
+    let r = client
+        .root(v1::RootRequest { mirror })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    bridge_proto::chunking::hash_from_bytes(&r.root)
+        .ok_or_else(|| SyncError::Protocol("Root without a root".into()))
 }

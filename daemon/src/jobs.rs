@@ -187,6 +187,7 @@ impl Relay {
         let (reply, _) = oneshot::channel();
         let _ = self.cmds.try_send(Command::Sync {
             verify: false,
+            issued: None,
             reply,
         });
     }
@@ -451,6 +452,7 @@ impl Relay {
             .cmds
             .send(Command::Sync {
                 verify: true,
+                issued: None,
                 reply,
             })
             .await;
@@ -480,6 +482,7 @@ impl Relay {
                             .cmds
                             .send(Command::Sync {
                                 verify: true,
+                                issued: None,
                                 reply,
                             })
                             .await;

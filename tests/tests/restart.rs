@@ -135,3 +135,29 @@ fn an_agent_killed_mid_sync_converges_after_restart() {
         "temporary files left behind"
     );
 }
+
+/// `bridge up` on a fresh daemon is answered from its first scan and the
+/// agent's verification made while it ran: a mirror file changed behind
+/// bridge's back while no daemon ran is still repaired before `up` returns,
+/// and a local edit made just before `up` is in the mirror when it returns.
+#[test]
+fn up_after_a_restart_repairs_the_mirror_and_sees_the_last_edit() {
+    let r = Repo::new();
+    for i in 0..50 {
+        r.write(&format!("src/m{i}.py"), format!("value = {i:04}\n"));
+    }
+    r.up();
+    stop_daemon(&r);
+    std::fs::write(r.mirror().join("src/m3.py"), "tampered\n").unwrap();
+    r.write("src/m4.py", "edited just before up\n");
+    r.up();
+    assert_eq!(
+        std::fs::read(r.mirror().join("src/m3.py")).unwrap(),
+        b"value = 0003\n"
+    );
+    assert_eq!(
+        std::fs::read(r.mirror().join("src/m4.py")).unwrap(),
+        b"edited just before up\n"
+    );
+    r.assert_mirror_exact();
+}

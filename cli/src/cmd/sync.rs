@@ -15,7 +15,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let layout = client::repo(cwd)?;
     let mut c = client::require_daemon(&layout).await?;
     let mut stream = c
-        .sync(bridge_proto::v1::SyncRequest { wait: args.wait })
+        .sync(bridge_proto::v1::SyncRequest {
+            wait: args.wait,
+            issued_unix_ms: crate::started_unix_ms(),
+        })
         .await?
         .into_inner();
     if !args.wait {

@@ -220,7 +220,10 @@ async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Res
     });
 
     let mut stream = c
-        .sync(bridge_proto::v1::SyncRequest { wait: true })
+        .sync(bridge_proto::v1::SyncRequest {
+            wait: true,
+            issued_unix_ms: crate::started_unix_ms(),
+        })
         .await?
         .into_inner();
     match follow(&mut stream, std::io::stderr().is_terminal()).await {
