@@ -147,8 +147,9 @@ fn up_after_a_restart_repairs_the_mirror_and_sees_the_last_edit() {
         r.write(&format!("src/m{i}.py"), format!("value = {i:04}\n"));
     }
     r.up();
+    let mirror = r.mirror();
     stop_daemon(&r);
-    std::fs::write(r.mirror().join("src/m3.py"), "tampered\n").unwrap();
+    std::fs::write(mirror.join("src/m3.py"), "tampered\n").unwrap();
     r.write("src/m4.py", "edited just before up\n");
     r.up();
     assert_eq!(

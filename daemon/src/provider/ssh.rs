@@ -594,6 +594,36 @@ impl Inner {
         }
     }
 
+    /// Takes the remote directory and platform from the setup script's
+    /// answer, and refuses a platform the agent is not built for.
+    fn note_info(&self, out: &[u8]) -> Result<RemoteInfo, ProviderError> {
+        let out = String::from_utf8_lossy(out);
+        let (Some(home), Some(platform), Some(dir)) = (
+            remote::field(&out, "home"),
+            remote::field(&out, "uname"),
+            remote::field(&out, "dir"),
+        ) else {
+            return Err(ProviderError::fatal(format!(
+                "unexpected answer from the agent setup on {}: {}",
+                self.label,
+                out.trim()
+            )));
+        };
+        let info = RemoteInfo {
+            dir: dir.to_string(),
+            home: home.to_string(),
+            platform: platform.to_string(),
+        };
+        if info.platform != SUPPORTED_PLATFORM {
+            return Err(ProviderError::fatal(format!(
+                "unsupported remote platform: {} on {}; bridge-agent is built for {SUPPORTED_PLATFORM}",
+                info.platform, self.label
+            )));
+        }
+        let _ = self.info.set(info.clone());
+        Ok(info)
+    }
+
     /// The remote directory (absolute) and platform, asked once.
     async fn info(&self) -> Result<RemoteInfo, ProviderError> {
         self.info
@@ -675,21 +705,24 @@ impl Inner {
     }
 
     async fn ensure_agent(&self) -> Result<(), ProviderError> {
-        let info = self.info().await?;
-        if info.platform != SUPPORTED_PLATFORM {
-            return Err(ProviderError::fatal(format!(
-                "unsupported remote platform: {} on {}; bridge-agent is built for {SUPPORTED_PLATFORM}",
-                info.platform, self.label
-            )));
-        }
         let bin = &self.config.agent_bin;
         let hash = self.agent_file_hash()?;
         let version = agent_version(&hash, &self.config.agent_args);
-        let mut args = vec![info.dir.as_str(), hash.as_str(), version.as_str()];
+        // The script resolves the directory and reports the platform itself:
+        // one command per connection.
+        let mut args = vec![self.remote_dir(), hash.as_str(), version.as_str()];
         args.extend(self.config.agent_args.iter().map(String::as_str));
         let ensure = remote::command(&remote::ensure_script(), &args);
         for attempt in 0..2 {
             let (code, out, err) = self.exec(&ensure, None).await?;
+            let info = match self.note_info(&out) {
+                Ok(info) => info,
+                Err(e) => {
+                    // A script that failed says why better than its output.
+                    self.script_result("set up the agent", code, &err)?;
+                    return Err(e);
+                }
+            };
             if code == remote::EXIT_NOT_STARTED {
                 return Err(ProviderError::fatal(format!(
                     "the agent on {} did not start: {}",
@@ -724,7 +757,8 @@ impl Inner {
         }
         Err(ProviderError::fatal(format!(
             "the agent binary uploaded to {}:{}/bin is still missing",
-            self.label, info.dir
+            self.label,
+            self.remote_dir()
         )))
     }
 

@@ -81,16 +81,27 @@ lock() {
 }
 "#;
 
-/// `D HASH VERSION [SERVE_ARG…]`: creates the layout (private), then either
-/// reports that the binary is missing (`need=upload`) or makes sure an agent
-/// running that binary with those extra `serve` arguments (`VERSION` names
-/// the pair) serves `run/agent.sock` (`state=reused|started|upgraded`) and
-/// prints the token (`token=…`).
+/// `DIR HASH VERSION [SERVE_ARG…]`: resolves `DIR` against `$HOME` as
+/// `resolve_remote_dir` does and prints what [`INFO`] prints plus `dir=`, so a
+/// connection needs one command, not two. Then it creates the layout
+/// (private), and either reports that the binary is missing (`need=upload`)
+/// or makes sure an agent running that binary with those extra `serve`
+/// arguments (`VERSION` names the pair) serves `run/agent.sock`
+/// (`state=reused|started|upgraded`) and prints the token (`token=…`).
 pub fn ensure_script() -> String {
     format!(
         "{}{PRELUDE}{}",
-        r#"D=$1 H=$2 V=$3
+        r#"R=$1 H=$2 V=$3
 shift 3
+home=${HOME%/}
+while :; do case $R in */) R=${R%/} ;; *) break ;; esac; done
+case $R in
+  ''|'~') D=$home ;;
+  '~/'*) D=$home/${R#??} ;;
+  /*) D=$R ;;
+  *) D=$home/$R ;;
+esac
+printf 'home=%s\nuname=%s\ndir=%s\n' "$HOME" "$(uname -sm)" "$D"
 umask 077
 mkdir -p "$D" || { echo "cannot create the remote directory $D" >&2; exit 10; }
 [ -d "$D" ] && [ -w "$D" ] && [ -x "$D" ] || { echo "the remote directory $D is not writable by $(id -un)" >&2; exit 10; }
