@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,8 +32,11 @@ pub enum PathError {
 pub const MAX_PATH_BYTES: usize = 4096;
 
 /// A validated relative path.
+///
+/// Shared, not copied, when cloned: the daemon's tree, its belief about the
+/// agent's tree and its stat cache hold the same path, once per file.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(String);
+pub struct RelPath(Arc<str>);
 
 impl RelPath {
     /// Validates `s` as a relative wire path.
@@ -58,7 +62,7 @@ impl RelPath {
                 return Err(PathError::DotComponent(s));
             }
         }
-        Ok(RelPath(s))
+        Ok(RelPath(s.into()))
     }
 
     /// The path of `path` relative to `root`, if it lies under it.
@@ -76,7 +80,7 @@ impl RelPath {
 
     /// The parent directory, `None` at the top level.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].into()))
     }
 
     /// The last component.
@@ -92,19 +96,20 @@ impl RelPath {
     /// True when `self` is `other` or lies below it.
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
-            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+            || (self.0.starts_with(&*other.0)
+                && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
     /// The path under `root` on this machine.
     pub fn to_fs(&self, root: &Path) -> PathBuf {
-        root.join(&self.0)
+        root.join(&*self.0)
     }
 
     /// Every proper ancestor, outermost first.
     pub fn ancestors(&self) -> impl Iterator<Item = RelPath> + '_ {
         self.0
             .match_indices('/')
-            .map(|(i, _)| RelPath(self.0[..i].to_string()))
+            .map(|(i, _)| RelPath(self.0[..i].into()))
     }
 }
 
