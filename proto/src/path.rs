@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(p.parent().unwrap().as_str(), "a/b");
         assert_eq!(p.name(), "c");
         assert_eq!(p.depth(), 3);
-        let anc: Vec<_> = p.ancestors().map(|a| a.0).collect();
+        let anc: Vec<_> = p.ancestors().map(|a| a.to_string()).collect();
         assert_eq!(anc, ["a", "a/b"]);
         assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
         assert!(
