@@ -20,7 +20,7 @@ pub mod service;
 pub mod snapshot;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -777,13 +777,22 @@ impl Jobs {
         self.get(id)
     }
 
-    /// The job's output manifest (see [`outputs`]).
-    pub fn outputs(&self, id: &str) -> Result<v1::OutputManifest, Status> {
+    /// The job's output manifest (see [`outputs`]); `defer`: files not
+    /// hashed yet are listed unhashed, for [`Jobs::read_whole`].
+    pub fn outputs(&self, id: &str, defer: bool) -> Result<v1::OutputManifest, Status> {
         let n = parse_id(id)?;
         let (info, cwd, declared) = self.output_scope(n)?;
         let complete = is_terminal(info.state());
         let mut cache = self.lock()?.outputs.remove(&n).unwrap_or_default();
-        let entries = cache.manifest(&cwd, &declared, complete);
+        let t0 = std::time::Instant::now();
+        let entries = cache.manifest(&cwd, &declared, complete, defer);
+        tracing::debug!(
+            job = n,
+            complete,
+            entries = entries.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "output manifest"
+        );
         self.lock()?.outputs.insert(n, cache);
         Ok(v1::OutputManifest {
             entries,
@@ -803,6 +812,44 @@ impl Jobs {
         cache
             .read_chunks(&cwd, &req.path, &req.hash, &req.indexes)
             .map_err(|e| Status::aborted(e.to_string()))
+    }
+
+    /// Streams an output file the last manifest listed unhashed, read once
+    /// (see [`outputs::read_whole`]), and caches its chunk list. `send`
+    /// returns false when the reader went away.
+    pub fn read_whole(
+        &self,
+        req: &v1::ReadChunksRequest,
+        send: impl FnMut(v1::ChunkBody) -> bool,
+    ) -> Result<(), Status> {
+        let n = parse_id(&req.id)?;
+        let (_, cwd, _) = self.output_scope(n)?;
+        let listed = self
+            .lock()?
+            .outputs
+            .get(&n)
+            .is_some_and(|o| o.deferred(&req.path));
+        if !listed {
+            return Err(Status::aborted(format!(
+                "{} was not listed unhashed; ask for the output manifest again",
+                req.path
+            )));
+        }
+        let have: HashSet<blake3::Hash> = req
+            .have
+            .iter()
+            .filter_map(|b| bridge_proto::chunking::hash_from_bytes(b))
+            .collect();
+        let t0 = std::time::Instant::now();
+        let read = outputs::read_whole(&cwd, &req.path, &have, send)
+            .map_err(|e| Status::aborted(format!("{}: {e}", req.path)))?;
+        if let Some(c) = read {
+            tracing::debug!(job = n, path = %req.path, bytes = c.size, ms = t0.elapsed().as_millis() as u64, "output file read whole");
+            if let Some(o) = self.lock()?.outputs.get_mut(&n) {
+                o.remember(&req.path, c);
+            }
+        }
+        Ok(())
     }
 
     fn output_scope(&self, n: u64) -> Result<(JobInfo, PathBuf, Vec<String>), Status> {

@@ -379,7 +379,7 @@ impl Relay {
         let mut puller = Puller::new(&self.repo, &info);
         let manifest = link
             .jobs()
-            .outputs(v1::JobRef { id: id.to_string() })
+            .outputs(outputs_request(id, Duration::ZERO))
             .await?
             .into_inner();
         let got = puller.apply(&link, &manifest).await?;
@@ -417,19 +417,37 @@ impl Relay {
         loop {
             let step = async {
                 let link = self.link().await?;
-                let manifest = link.jobs().outputs(job.clone()).await?.into_inner();
+                let t0 = std::time::Instant::now();
+                let manifest = link
+                    .jobs()
+                    .outputs(outputs_request(&job.id, PULL_INTERVAL))
+                    .await?
+                    .into_inner();
+                let listed = t0.elapsed();
                 let got = puller.apply(&link, &manifest).await?;
                 if got.files > 0 {
-                    tracing::debug!(job = %job.id, files = got.files, bytes = got.bytes, "outputs pulled");
+                    tracing::debug!(job = %job.id, files = got.files, bytes = got.bytes,
+                        complete = manifest.complete, manifest_ms = listed.as_millis() as u64,
+                        pull_ms = (t0.elapsed() - listed).as_millis() as u64, "outputs pulled");
                 }
                 if manifest.complete {
                     link.jobs().mark_pulled(job.clone()).await?;
                 }
-                Ok::<bool, Status>(manifest.complete)
+                Ok::<(bool, Duration), Status>((manifest.complete, t0.elapsed()))
             };
             match step.await {
-                Ok(true) => break,
-                Ok(false) => {}
+                Ok((true, _)) => break,
+                // The agent long-polls; one that answered early (an older
+                // one, or partial outputs) is asked again a tick later.
+                Ok((false, took)) => {
+                    tokio::time::sleep(PULL_INTERVAL.saturating_sub(took)).await;
+                    continue;
+                }
+                Err(s) if s.code() == Code::Aborted => {
+                    // A file changed between the manifest and its read (a
+                    // job still writing it): the next manifest has it.
+                    tracing::debug!(job = %job.id, error = %s.message(), "output changed while pulled; again");
+                }
                 Err(s) if s.code() == Code::NotFound => {
                     tracing::warn!(job = %job.id, error = %s.message(), "cannot pull outputs");
                     return;
@@ -494,6 +512,15 @@ impl Relay {
                 _ = tokio::time::sleep(SCAN_INTERVAL) => {}
             }
         }
+    }
+}
+
+/// An `Outputs` call: long-polling up to `wait`, unhashed files streamed.
+fn outputs_request(id: &str, wait: Duration) -> v1::OutputsRequest {
+    v1::OutputsRequest {
+        id: id.to_string(),
+        wait_ms: wait.as_millis() as u32,
+        defer_hashing: true,
     }
 }
 
@@ -590,6 +617,11 @@ impl Puller {
                     std::os::unix::fs::symlink(&e.target, &dest)
                         .map_err(|err| io_status(&dest, err))?;
                 }
+                v1::Kind::File if e.unhashed => {
+                    let bytes = self.pull_whole(link, &job, e, &dest).await?;
+                    got.files += 1;
+                    got.bytes += bytes;
+                }
                 v1::Kind::File => {
                     if self.done.get(&e.path).is_some_and(|h| h[..] == e.hash[..]) {
                         continue;
@@ -678,6 +710,7 @@ impl Puller {
                             path: e.path.clone(),
                             hash: e.hash.clone(),
                             indexes: need,
+                            ..Default::default()
                         })
                         .await?
                         .into_inner();
@@ -725,6 +758,126 @@ impl Puller {
         Ok(received)
     }
 
+    /// Pulls a file the agent has not hashed yet: one `ReadChunks{whole}`
+    /// call, which streams every chunk id in order (bodies only for chunks
+    /// the local file lacks) while the agent reads and hashes the file.
+    /// Bodies are verified and written on the blocking pool, one batch
+    /// while the next arrives. Returns bytes received.
+    async fn pull_whole(
+        &mut self,
+        link: &AgentLink,
+        job: &str,
+        e: &v1::OutputEntry,
+        dest: &Path,
+    ) -> Result<u64, Status> {
+        let local = self.local_chunks(&e.path, dest).await;
+        let have = local.as_ref().map(chunk_offsets).unwrap_or_default();
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
+        if Stat::lstat(dest).is_ok_and(|s| s.kind == FileKind::Dir) {
+            return Err(Status::failed_precondition(format!(
+                "cannot write output {}: a directory is in the way",
+                dest.display()
+            )));
+        }
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = parent.join(format!(".{name}.bridge-pull"));
+        let writer = TmpWriter {
+            file: File::create(&tmp).map_err(|err| io_status(&tmp, err))?,
+            old: local.as_ref().and_then(|_| File::open(dest).ok()),
+            path: tmp.clone(),
+            have: have.clone(),
+        };
+        let mut received = 0u64;
+        let mut chunks: Vec<ChunkRef> = Vec::new();
+        let result: Result<v1::ChunkBody, Status> = async {
+            let mut s = link
+                .jobs()
+                .read_chunks(v1::ReadChunksRequest {
+                    id: job.to_string(),
+                    path: e.path.clone(),
+                    whole: true,
+                    have: have
+                        .keys()
+                        .map(|id| id.as_bytes().to_vec().into())
+                        .collect(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut writing = tokio::task::spawn_blocking(move || Ok(writer));
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0usize;
+            let last = loop {
+                let Some(m) = s.message().await? else {
+                    return Err(Status::aborted("the agent ended the read before the file"));
+                };
+                if m.last {
+                    break m;
+                }
+                let c = ChunkRef {
+                    id: hash_from_bytes(&m.id)
+                        .ok_or_else(|| Status::internal("malformed chunk id in a whole read"))?,
+                    len: m.len,
+                };
+                if m.index as usize != chunks.len() {
+                    return Err(Status::internal("chunks of a whole read out of order"));
+                }
+                chunks.push(c);
+                batch_bytes += c.len as usize;
+                if m.data.is_empty() {
+                    if !have.contains_key(&c.id) {
+                        return Err(Status::internal("the agent left out a chunk we lack"));
+                    }
+                    batch.push(Piece::Local(c));
+                } else {
+                    received += m.data.len() as u64;
+                    batch.push(Piece::Body(c, m.data));
+                }
+                if batch_bytes >= WRITE_BATCH {
+                    writing = write_next(writing, std::mem::take(&mut batch)).await?;
+                    batch_bytes = 0;
+                }
+            };
+            let w = write_next(writing, batch)
+                .await?
+                .await
+                .map_err(|err| Status::internal(err.to_string()))??;
+            if bridge_proto::chunking::content_hash(&chunks).as_bytes()[..] != last.hash[..]
+                || chunks.iter().map(|c| c.len as u64).sum::<u64>() != last.size
+            {
+                return Err(Status::data_loss(
+                    "a whole output read did not match its content hash",
+                ));
+            }
+            let mode = if last.executable { 0o755 } else { 0o644 };
+            w.file
+                .set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|err| io_status(&tmp, err))?;
+            // No fsync: see `pull_file`.
+            fs::rename(&tmp, dest).map_err(|err| io_status(dest, err))?;
+            Ok(last)
+        }
+        .await;
+        let last = match result {
+            Ok(l) => l,
+            Err(s) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(s);
+            }
+        };
+        if let (Ok(st), Some(hash)) = (Stat::lstat(dest), hash_from_bytes(&last.hash)) {
+            let d = bridge_proto::chunking::Digest {
+                chunks,
+                hash,
+                size: last.size,
+            };
+            self.written.insert(e.path.clone(), Cached::new(&st, d));
+        }
+        self.done.insert(e.path.clone(), last.hash.to_vec());
+        Ok(received)
+    }
+
     /// The chunk list of the local file at `dest`, from what this puller
     /// wrote when its stat still matches, else by hashing it.
     async fn local_chunks(&self, rel: &str, dest: &Path) -> Option<Cached> {
@@ -748,6 +901,85 @@ impl Puller {
     }
 }
 
+/// Bytes of a whole read handed to the writer at once.
+const WRITE_BATCH: usize = 8 * 1024 * 1024;
+
+/// Where each chunk of a local file starts, by id (the first occurrence).
+fn chunk_offsets(c: &Cached) -> HashMap<blake3::Hash, (u64, u32)> {
+    let mut have = HashMap::new();
+    let mut off = 0u64;
+    for r in c.chunks.iter() {
+        have.entry(r.id).or_insert((off, r.len));
+        off += r.len as u64;
+    }
+    have
+}
+
+/// One chunk of a whole read, in file order.
+enum Piece {
+    /// Sent by the agent; not verified yet.
+    Body(ChunkRef, prost::bytes::Bytes),
+    /// Copied from the local file's previous version.
+    Local(ChunkRef),
+}
+
+/// The temporary file of a whole read; used on the blocking pool.
+struct TmpWriter {
+    file: File,
+    /// For error messages.
+    path: PathBuf,
+    /// The previous local version at the destination, if any.
+    old: Option<File>,
+    /// Its chunks, by id → (offset, length).
+    have: HashMap<blake3::Hash, (u64, u32)>,
+}
+
+impl TmpWriter {
+    /// Verifies and appends `batch`.
+    fn write(&mut self, batch: Vec<Piece>) -> Result<(), Status> {
+        for p in batch {
+            match p {
+                Piece::Body(c, data) => {
+                    if data.len() != c.len as usize || blake3::hash(&data) != c.id {
+                        return Err(Status::data_loss("an output chunk did not match its id"));
+                    }
+                    self.file
+                        .write_all(&data)
+                        .map_err(|err| io_status(&self.path, err))?;
+                }
+                Piece::Local(c) => {
+                    let mut b = vec![0u8; c.len as usize];
+                    let read = match (self.have.get(&c.id), self.old.as_ref()) {
+                        (Some(&(off, _)), Some(f)) => f.read_exact_at(&mut b, off).is_ok(),
+                        _ => false,
+                    };
+                    if !read || blake3::hash(&b) != c.id {
+                        // The local file changed since it was hashed.
+                        return Err(Status::aborted("the local output changed while pulled"));
+                    }
+                    self.file
+                        .write_all(&b)
+                        .map_err(|err| io_status(&self.path, err))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+type Writing = tokio::task::JoinHandle<Result<TmpWriter, Status>>;
+
+/// Waits for the writer's previous batch, then starts writing `batch`.
+async fn write_next(writing: Writing, batch: Vec<Piece>) -> Result<Writing, Status> {
+    let mut w = writing
+        .await
+        .map_err(|err| Status::internal(err.to_string()))??;
+    Ok(tokio::task::spawn_blocking(move || {
+        w.write(batch)?;
+        Ok(w)
+    }))
+}
+
 fn io_status(p: &Path, e: std::io::Error) -> Status {
     Status::internal(format!("{}: {e}", p.display()))
 }
@@ -767,4 +999,96 @@ fn no_symlink_between(base: &Path, dest: &Path) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::chunking::chunk_bytes;
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A writer for `tmp` over the previous version `old` (if any).
+    fn writer(tmp: &Path, old: Option<&Path>) -> TmpWriter {
+        let have = old
+            .map(|p| {
+                let b = fs::read(p).unwrap();
+                let d = chunk_bytes(&b);
+                chunk_offsets(&Cached::new(&Stat::lstat(p).unwrap(), d))
+            })
+            .unwrap_or_default();
+        TmpWriter {
+            file: File::create(tmp).unwrap(),
+            path: tmp.to_path_buf(),
+            old: old.map(|p| File::open(p).unwrap()),
+            have,
+        }
+    }
+
+    #[test]
+    fn whole_read_pieces_are_verified_and_local_chunks_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, tmp) = (d.path().join("old"), d.path().join("tmp"));
+        let v1 = data(700 * 1024, 7);
+        fs::write(&old, &v1).unwrap();
+        // The new version: the old one with a new tail.
+        let mut v2 = v1.clone();
+        v2.extend(data(300 * 1024, 9));
+        let new = chunk_bytes(&v2);
+        let mut w = writer(&tmp, Some(&old));
+        let mut off = 0usize;
+        let mut local = 0;
+        let pieces: Vec<Piece> = new
+            .chunks
+            .iter()
+            .map(|c| {
+                let body = &v2[off..off + c.len as usize];
+                off += c.len as usize;
+                if w.have.contains_key(&c.id) {
+                    local += 1;
+                    Piece::Local(*c)
+                } else {
+                    Piece::Body(*c, prost::bytes::Bytes::copy_from_slice(body))
+                }
+            })
+            .collect();
+        assert!(local > 0, "the unchanged prefix is copied locally");
+        w.write(pieces).unwrap();
+        drop(w);
+        assert_eq!(fs::read(&tmp).unwrap(), v2);
+    }
+
+    #[test]
+    fn whole_read_refuses_a_body_that_does_not_match_its_id() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join("tmp");
+        let b = data(1000, 3);
+        let c = chunk_bytes(&b).chunks[0];
+        let mut bad = b.clone();
+        bad[10] ^= 1;
+        let mut w = writer(&tmp, None);
+        let e = w.write(vec![Piece::Body(c, bad.into())]).unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss);
+        // A local chunk that is not there any more: pull again.
+        let e = w.write(vec![Piece::Local(c)]).unwrap_err();
+        assert_eq!(e.code(), Code::Aborted);
+    }
+
+    #[test]
+    fn outputs_requests_long_poll_and_defer_hashing() {
+        let r = outputs_request("7", PULL_INTERVAL);
+        assert_eq!(r.id, "7");
+        assert_eq!(r.wait_ms, PULL_INTERVAL.as_millis() as u32);
+        assert!(r.defer_hashing);
+    }
 }

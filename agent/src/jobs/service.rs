@@ -20,6 +20,13 @@ use crate::service::State;
 const FOLLOW_POLL: Duration = Duration::from_millis(10);
 /// Upper bound on one log chunk message.
 const LOG_CHUNK_BYTES: usize = 1024 * 1024;
+/// A long-polling `Outputs` looks for the job's end this often.
+const OUTPUTS_POLL: Duration = Duration::from_millis(10);
+/// Longest `Outputs` long poll, whatever the daemon asks.
+const OUTPUTS_MAX_WAIT: Duration = Duration::from_secs(5);
+/// Chunk messages of a whole-file read queued ahead of the connection
+/// (~64 KiB each): the file is read while earlier chunks are on the wire.
+const WHOLE_READ_AHEAD: usize = 64;
 
 #[derive(Clone)]
 pub struct JobsService {
@@ -146,10 +153,19 @@ impl JobsRpc for JobsService {
 
     async fn outputs(
         &self,
-        req: Request<v1::JobRef>,
+        req: Request<v1::OutputsRequest>,
     ) -> Result<Response<v1::OutputManifest>, Status> {
+        let req = req.into_inner();
+        let id = Jobs::parse_id(&req.id)?;
+        // Long poll: answer as soon as the job has ended (its final
+        // manifest), or with what has settled when the wait is over.
+        let wait = Duration::from_millis(req.wait_ms.into()).min(OUTPUTS_MAX_WAIT);
+        let until = tokio::time::Instant::now() + wait;
+        while !self.jobs.ended(id)? && tokio::time::Instant::now() < until {
+            tokio::time::sleep(OUTPUTS_POLL).await;
+        }
         let jobs = self.jobs.clone();
-        blocking(move || jobs.outputs(&req.into_inner().id))
+        blocking(move || jobs.outputs(&req.id, req.defer_hashing))
             .await
             .map(Response::new)
     }
@@ -162,6 +178,18 @@ impl JobsRpc for JobsService {
     ) -> Result<Response<Self::ReadChunksStream>, Status> {
         let jobs = self.jobs.clone();
         let req = req.into_inner();
+        if req.whole {
+            // Read on the blocking pool into a bounded channel: disk, hashing
+            // and the connection overlap, and memory stays bounded.
+            let (tx, rx) = mpsc::channel::<Result<v1::ChunkBody, Status>>(WHOLE_READ_AHEAD);
+            tokio::task::spawn_blocking(move || {
+                let sent = jobs.read_whole(&req, |b| tx.blocking_send(Ok(b)).is_ok());
+                if let Err(e) = sent {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let bodies = blocking(move || jobs.read_chunks(&req)).await?;
         let msgs: Vec<Result<v1::ChunkBody, Status>> = bodies
             .into_iter()
@@ -169,6 +197,7 @@ impl JobsRpc for JobsService {
                 Ok(v1::ChunkBody {
                     index,
                     data: data.into(),
+                    ..Default::default()
                 })
             })
             .collect();
