@@ -252,7 +252,11 @@ impl Relay {
     /// Streams the job's log into `tx` from `req.offset`, resuming over
     /// agent reconnects from the last offset sent.
     pub async fn logs(&self, req: v1::LogsRequest, tx: mpsc::Sender<Result<v1::LogChunk, Status>>) {
-        let mut req = req;
+        // Compressed on the link to the agent, inflated here: the CLI is local.
+        let mut req = v1::LogsRequest {
+            accept_zstd: true,
+            ..req
+        };
         let mut failures = 0;
         loop {
             let link = match self.link().await {
@@ -272,7 +276,9 @@ impl Relay {
                                 failures = 0;
                                 req.offset = c.next_offset;
                                 req.tail_lines = 0;
-                                if tx.send(Ok(c)).await.is_err() {
+                                let c = inflate(c);
+                                let failed = c.is_err();
+                                if tx.send(c).await.is_err() || failed {
                                     return;
                                 }
                             }
@@ -499,6 +505,29 @@ fn retryable(s: &Status) -> bool {
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
     )
+}
+
+/// A log chunk as the CLI takes it: raw data. The agent compresses only for
+/// a reader that sent `accept_zstd`, and says how long the data was.
+fn inflate(c: v1::LogChunk) -> Result<v1::LogChunk, Status> {
+    if !c.zstd {
+        return Ok(c);
+    }
+    let data = zstd::bulk::decompress(&c.data, c.raw_len as usize)
+        .ok()
+        .filter(|d| d.len() == c.raw_len as usize)
+        .ok_or_else(|| {
+            Status::data_loss(format!(
+                "a compressed log chunk ending at offset {} does not inflate to {} bytes",
+                c.next_offset, c.raw_len
+            ))
+        })?;
+    Ok(v1::LogChunk {
+        data: data.into(),
+        zstd: false,
+        raw_len: 0,
+        ..c
+    })
 }
 
 /// One job's pull state: what is already local, by path.
@@ -764,4 +793,46 @@ fn no_symlink_between(base: &Path, dest: &Path) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &[u8], zstd: bool, raw_len: u32) -> v1::LogChunk {
+        v1::LogChunk {
+            stream: 1,
+            timestamp_ns: 5,
+            data: data.to_vec().into(),
+            next_offset: 42,
+            zstd,
+            raw_len,
+        }
+    }
+
+    #[test]
+    fn compressed_log_chunks_are_inflated_and_raw_ones_pass() {
+        let text = b"epoch 1 loss 0.25\n".repeat(500);
+        let z = zstd::bulk::compress(&text, 1).unwrap();
+        let c = inflate(chunk(&z, true, text.len() as u32)).unwrap();
+        assert_eq!(c.data.as_ref(), &text[..]);
+        assert!(!c.zstd);
+        assert_eq!((c.stream, c.timestamp_ns, c.next_offset), (1, 5, 42));
+
+        let raw = inflate(chunk(b"as is\n", false, 0)).unwrap();
+        assert_eq!(raw.data.as_ref(), b"as is\n");
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_inflate_to_its_length_is_an_error() {
+        let text = b"x\n".repeat(100);
+        let z = zstd::bulk::compress(&text, 1).unwrap();
+        for c in [
+            chunk(&z, true, text.len() as u32 + 1),
+            chunk(&z, true, 10),
+            chunk(b"not zstd", true, 8),
+        ] {
+            assert_eq!(inflate(c).unwrap_err().code(), Code::DataLoss);
+        }
+    }
 }
