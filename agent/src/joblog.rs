@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The job's standard output.
@@ -39,6 +39,9 @@ pub const TAIL_MAX_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub struct LogWriter {
     file: Mutex<WriterState>,
+    /// Set by [`LogWriter::sync_behind`]: after this many bytes the writer
+    /// wakes the thread that writes the log back to disk.
+    behind: Option<(u64, mpsc::SyncSender<()>)>,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,8 @@ struct WriterState {
     /// Set by [`LogWriter::finish`]: the shim's exit record promises that
     /// nothing is appended after it, even by a straggling pipe reader.
     finished: bool,
+    /// Bytes appended since the background sync was last woken.
+    unsynced: u64,
 }
 
 impl LogWriter {
@@ -57,8 +62,35 @@ impl LogWriter {
             file: Mutex::new(WriterState {
                 file,
                 finished: false,
+                unsynced: 0,
             }),
+            behind: None,
         })
+    }
+
+    /// Makes a thread write the log back (`fdatasync`) each time `every`
+    /// bytes were appended, so [`LogWriter::finish`] waits for the last
+    /// stretch only: a job that prints 100 MB in a burst would otherwise
+    /// hold its `exit.json`, and so its end and the follower's, for the
+    /// seconds the disk takes. Writers never wait for that thread.
+    pub fn sync_behind(mut self, every: u64) -> io::Result<LogWriter> {
+        let file = self
+            .file
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .file
+            .try_clone()?;
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("log-sync".into())
+            .spawn(move || {
+                // Ends when the writer, the only sender, is dropped.
+                for () in rx {
+                    let _ = file.sync_data();
+                }
+            })?;
+        self.behind = Some((every.max(1), tx));
+        Ok(self)
     }
 
     /// Appends `data` as one record per `MAX_RECORD` bytes, stamped now.
@@ -77,6 +109,14 @@ impl LogWriter {
             buf.extend_from_slice(&(part.len() as u32).to_le_bytes());
             buf.extend_from_slice(part);
             st.file.write_all(&buf)?;
+        }
+        if let Some((every, wake)) = &self.behind {
+            st.unsynced += data.len() as u64;
+            if st.unsynced >= *every {
+                st.unsynced = 0;
+                // Full: a sync is pending already and will cover this too.
+                let _ = wake.try_send(());
+            }
         }
         Ok(())
     }
@@ -413,6 +453,25 @@ mod tests {
         let len = std::fs::metadata(&p).unwrap().len();
         assert_eq!(c.last().unwrap().next_offset, len);
         assert!(read_chunks(&p, len, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn syncing_behind_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let w = LogWriter::open(&p).unwrap().sync_behind(1000).unwrap();
+        let mut want = Vec::new();
+        for i in 0..2000 {
+            let line = format!("line {i}\n");
+            w.write(STDOUT, line.as_bytes()).unwrap();
+            want.extend_from_slice(line.as_bytes());
+        }
+        w.finish().unwrap();
+        assert!(w.write(STDOUT, b"late\n").is_err());
+        drop(w); // ends the sync thread
+        let c = read_chunks(&p, 0, 1 << 20).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].data, want);
     }
 
     #[test]

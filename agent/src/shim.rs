@@ -50,6 +50,9 @@ pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "log";
 /// Created (empty) by the agent to cancel the job.
 pub const CANCEL_FILE: &str = "cancel";
+/// The log is written back to disk in the background every this many bytes,
+/// so the sync before `exit.json` has little left to do.
+const SYNC_BEHIND: u64 = 4 * 1024 * 1024;
 
 /// What to run, written by the agent as `spec.json`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -159,7 +162,8 @@ pub fn run(job_dir: &Path) -> i32 {
         // runs, its direct descendants are still cleaned up.
         tracing::warn!("cannot become a child subreaper: {e}");
     }
-    let exit = match LogWriter::open(&job_dir.join(LOG_FILE)) {
+    let log = LogWriter::open(&job_dir.join(LOG_FILE)).and_then(|w| w.sync_behind(SYNC_BEHIND));
+    let exit = match log {
         Ok(log) => {
             let log = Arc::new(log);
             let exit = run_job(job_dir, log.clone(), current_pgid);

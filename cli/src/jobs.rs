@@ -93,6 +93,8 @@ pub async fn follow_log(
             offset,
             follow,
             tail_lines: tail,
+            // The daemon inflates what the agent compressed.
+            accept_zstd: false,
         };
         let mut stream = match c.logs(req).await {
             Ok(s) => s.into_inner(),

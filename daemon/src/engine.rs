@@ -190,6 +190,9 @@ pub struct Shared {
 pub struct AgentLink {
     pub channel: Channel,
     pub auth: Auth,
+    /// The link is as fast as a local socket: compressing costs more than
+    /// it saves (`Provider::link_is_fast`).
+    pub fast: bool,
 }
 
 impl AgentLink {
@@ -468,6 +471,7 @@ impl Engine {
         let link = AgentLink {
             channel: channel.clone(),
             auth: auth.clone(),
+            fast: self.provider.link_is_fast(),
         };
         let mut client = AgentClient::with_interceptor(channel, auth)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

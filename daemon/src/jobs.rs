@@ -263,6 +263,9 @@ impl Relay {
                     return;
                 }
             };
+            // Compressed on a network link to the agent, inflated here (the
+            // CLI is local); a local socket is faster than zstd.
+            req.accept_zstd = !link.fast;
             // Stream until the end, or until the error that broke the call.
             let err = match link.jobs().logs(req.clone()).await {
                 Ok(s) => {
@@ -273,7 +276,9 @@ impl Relay {
                                 failures = 0;
                                 req.offset = c.next_offset;
                                 req.tail_lines = 0;
-                                if tx.send(Ok(c)).await.is_err() {
+                                let c = inflate(c);
+                                let failed = c.is_err();
+                                if tx.send(c).await.is_err() || failed {
                                     return;
                                 }
                             }
@@ -529,6 +534,29 @@ fn retryable(s: &Status) -> bool {
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
     )
+}
+
+/// A log chunk as the CLI takes it: raw data. The agent compresses only for
+/// a reader that sent `accept_zstd`, and says how long the data was.
+fn inflate(c: v1::LogChunk) -> Result<v1::LogChunk, Status> {
+    if !c.zstd {
+        return Ok(c);
+    }
+    let data = zstd::bulk::decompress(&c.data, c.raw_len as usize)
+        .ok()
+        .filter(|d| d.len() == c.raw_len as usize)
+        .ok_or_else(|| {
+            Status::data_loss(format!(
+                "a compressed log chunk ending at offset {} does not inflate to {} bytes",
+                c.next_offset, c.raw_len
+            ))
+        })?;
+    Ok(v1::LogChunk {
+        data: data.into(),
+        zstd: false,
+        raw_len: 0,
+        ..c
+    })
 }
 
 /// One job's pull state: what is already local, by path.
@@ -1035,6 +1063,17 @@ mod tests {
         }
     }
 
+    fn chunk(data: &[u8], zstd: bool, raw_len: u32) -> v1::LogChunk {
+        v1::LogChunk {
+            stream: 1,
+            timestamp_ns: 5,
+            data: data.to_vec().into(),
+            next_offset: 42,
+            zstd,
+            raw_len,
+        }
+    }
+
     #[test]
     fn whole_read_pieces_are_verified_and_local_chunks_copied() {
         let d = tempfile::tempdir().unwrap();
@@ -1090,5 +1129,31 @@ mod tests {
         assert_eq!(r.id, "7");
         assert_eq!(r.wait_ms, PULL_INTERVAL.as_millis() as u32);
         assert!(r.defer_hashing);
+    }
+
+    #[test]
+    fn compressed_log_chunks_are_inflated_and_raw_ones_pass() {
+        let text = b"epoch 1 loss 0.25\n".repeat(500);
+        let z = zstd::bulk::compress(&text, 1).unwrap();
+        let c = inflate(chunk(&z, true, text.len() as u32)).unwrap();
+        assert_eq!(c.data.as_ref(), &text[..]);
+        assert!(!c.zstd);
+        assert_eq!((c.stream, c.timestamp_ns, c.next_offset), (1, 5, 42));
+
+        let raw = inflate(chunk(b"as is\n", false, 0)).unwrap();
+        assert_eq!(raw.data.as_ref(), b"as is\n");
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_inflate_to_its_length_is_an_error() {
+        let text = b"x\n".repeat(100);
+        let z = zstd::bulk::compress(&text, 1).unwrap();
+        for c in [
+            chunk(&z, true, text.len() as u32 + 1),
+            chunk(&z, true, 10),
+            chunk(b"not zstd", true, 8),
+        ] {
+            assert_eq!(inflate(c).unwrap_err().code(), Code::DataLoss);
+        }
     }
 }

@@ -14,6 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -27,6 +28,9 @@ use crate::joblog::{LogWriter, MAX_RECORD, STDERR, STDOUT, SYSTEM};
 /// its tree that was handed the pipe) keeps them open; the log is sealed
 /// before exit.json, so such a straggler cannot write after it.
 const PIPE_DRAIN: Duration = Duration::from_secs(2);
+/// Capacity asked for each step's stdout and stderr pipe (Linux's default
+/// `pipe-max-size`).
+const PIPE_BYTES: i32 = 1024 * 1024;
 
 /// Runs a job's steps one at a time.
 pub struct Steps {
@@ -78,9 +82,11 @@ impl Steps {
         let (done_tx, done_rx) = mpsc::channel();
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
+            widen(&out);
             pumps.push(pump(out, STDOUT, self.log.clone(), done_tx.clone()));
         }
         if let Some(err) = child.stderr.take() {
+            widen(&err);
             pumps.push(pump(err, STDERR, self.log.clone(), done_tx.clone()));
         }
         drop(done_tx);
@@ -147,6 +153,13 @@ fn wait_for(pid: i32) -> io::Result<Outcome> {
 
 pub fn cancel_requested(job_dir: &Path) -> bool {
     job_dir.join(CANCEL_FILE).exists()
+}
+
+/// Grows a step's output pipe to [`PIPE_BYTES`] (best effort: an unprivileged
+/// user over `pipe-user-pages-soft` keeps the default 64 KiB), so a job that
+/// prints in bursts does not stall whenever the pump thread waits for a CPU.
+fn widen(pipe: &impl std::os::fd::AsFd) {
+    let _ = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
 }
 
 /// Copies one pipe into the log, a record per read, as soon as it arrives:
