@@ -302,7 +302,9 @@ fn orphans_are_reaped_while_the_command_runs() {
     let job = Job::new();
     // The shim's children while the command still runs: the orphaned `true`
     // (reparented to the shim) must not linger as a zombie.
-    let cmd = "(true &); sleep 0.3; awk -v pp=$PPID '$4 == pp { print $2, $3 }' /proc/[0-9]*/stat 2>/dev/null";
+    // `cat` skips processes that exit between the glob and the read (awk
+    // would fail on them).
+    let cmd = "(true &); sleep 0.3; cat /proc/[0-9]*/stat 2>/dev/null | awk -v pp=$PPID '$4 == pp { print $2, $3 }'";
     let (code, _) = job.run(&job.spec(cmd));
     assert_eq!(code, 0);
     let out = job.stream_text(STDOUT);
