@@ -683,7 +683,10 @@ impl Jobs {
         released
     }
 
-    /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs.
+    /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs. An old
+    /// tree is renamed aside here and deleted on a thread of its own: deleting
+    /// a snapshot of a 20,000-file repository took seconds on a slow disk,
+    /// and this runs under the job table's lock, which `bridge run` waits on.
     fn prune_trees(&self, inner: &mut Inner) {
         let finished: Vec<u64> = inner
             .records
@@ -694,13 +697,16 @@ impl Jobs {
         if finished.len() <= KEEP_TREES {
             return;
         }
+        let mut doomed = Vec::new();
         for id in &finished[..finished.len() - KEEP_TREES] {
             let tree = self.job_dir(*id).join("tree");
-            if tree.exists() {
-                let _ = fs::remove_dir_all(&tree);
+            let aside = self.job_dir(*id).join(store::DELETING);
+            if tree.exists() && fs::rename(&tree, &aside).is_ok() {
+                doomed.push(aside);
             }
             inner.outputs.remove(id);
         }
+        store::delete_in_background(doomed);
     }
 
     pub fn get(&self, id: &str) -> Result<JobInfo, Status> {

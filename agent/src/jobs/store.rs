@@ -37,6 +37,11 @@ impl Store {
             let Some(id) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
                 continue;
             };
+            // A tree whose deletion an earlier agent did not finish.
+            let aside = e.path().join(DELETING);
+            if aside.exists() {
+                delete_in_background(vec![aside]);
+            }
             match fs::read(e.path().join("record.pb"))
                 .ok()
                 .and_then(|b| JobRecord::decode(b.as_slice()).ok())
@@ -55,5 +60,61 @@ impl Store {
 
     pub fn save(&self, id: u64, rec: &JobRecord) -> io::Result<()> {
         write_atomic(&self.job_dir(id).join("record.pb"), &rec.encode_to_vec())
+    }
+}
+
+/// A job's tree renamed aside for deletion (`jobs/<id>/tree.deleting`).
+pub const DELETING: &str = "tree.deleting";
+
+/// Deletes `dirs` on a thread of their own (no lock held, nobody waits).
+pub fn delete_in_background(dirs: Vec<PathBuf>) {
+    if dirs.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("tree-delete".into())
+        .spawn(move || {
+            for d in dirs {
+                if let Err(e) = fs::remove_dir_all(&d) {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot delete an old job tree");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to delete old job trees");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trees_set_aside_are_deleted_in_the_background_and_after_a_crash() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let record = JobRecord::default().encode_to_vec();
+        for id in [1, 2] {
+            let aside = store.job_dir(id).join(DELETING);
+            fs::create_dir_all(aside.join("src/deep")).unwrap();
+            fs::write(aside.join("src/deep/f.py"), "x").unwrap();
+            fs::write(store.job_dir(id).join("record.pb"), &record).unwrap();
+        }
+        let gone = |id: u64| {
+            let p = store.job_dir(id).join(DELETING);
+            (0..500).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                !p.exists()
+            })
+        };
+        // Set aside by a running agent.
+        delete_in_background(vec![store.job_dir(1).join(DELETING)]);
+        assert!(gone(1));
+        // Left behind by an agent that stopped mid-deletion: removed at load,
+        // and the job itself is kept.
+        let jobs = store.load_all().unwrap();
+        assert!(jobs.contains_key(&2));
+        assert!(gone(2));
+        assert!(store.job_dir(2).join("record.pb").exists());
     }
 }
