@@ -700,16 +700,7 @@ impl Puller {
                 off += r.len as u64;
             }
         }
-        let parent = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
-        if Stat::lstat(dest).is_ok_and(|s| s.kind == FileKind::Dir) {
-            return Err(Status::failed_precondition(format!(
-                "cannot write output {}: a directory is in the way",
-                dest.display()
-            )));
-        }
-        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let tmp = parent.join(format!(".{name}.bridge-pull"));
+        let tmp = tmp_beside(dest)?;
         let mut out = File::create(&tmp).map_err(|err| io_status(&tmp, err))?;
         let old = local.as_ref().and_then(|_| File::open(dest).ok());
         let mut received = 0u64;
@@ -800,16 +791,7 @@ impl Puller {
     ) -> Result<u64, Status> {
         let local = self.local_chunks(&e.path, dest).await;
         let have = local.as_ref().map(chunk_offsets).unwrap_or_default();
-        let parent = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
-        if Stat::lstat(dest).is_ok_and(|s| s.kind == FileKind::Dir) {
-            return Err(Status::failed_precondition(format!(
-                "cannot write output {}: a directory is in the way",
-                dest.display()
-            )));
-        }
-        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let tmp = parent.join(format!(".{name}.bridge-pull"));
+        let tmp = tmp_beside(dest)?;
         let writer = TmpWriter {
             file: File::create(&tmp).map_err(|err| io_status(&tmp, err))?,
             old: local.as_ref().and_then(|_| File::open(dest).ok()),
@@ -1006,6 +988,21 @@ async fn write_next(writing: Writing, batch: Vec<Piece>) -> Result<Writing, Stat
         w.write(batch)?;
         Ok(w)
     }))
+}
+
+/// The temporary file an output is written to before its rename: beside
+/// `dest`, whose directory is created. A directory at `dest` is refused.
+fn tmp_beside(dest: &Path) -> Result<PathBuf, Status> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|err| io_status(parent, err))?;
+    if Stat::lstat(dest).is_ok_and(|s| s.kind == FileKind::Dir) {
+        return Err(Status::failed_precondition(format!(
+            "cannot write output {}: a directory is in the way",
+            dest.display()
+        )));
+    }
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    Ok(parent.join(format!(".{name}.bridge-pull")))
 }
 
 fn io_status(p: &Path, e: std::io::Error) -> Status {
