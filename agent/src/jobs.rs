@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,7 @@ use tonic::Status;
 
 use crate::gpu::{GpuInfo, GpuInventory};
 use crate::joblog::LogWriter;
+use crate::mirror::RelinkQueue;
 use crate::service::State;
 use crate::shim::{Phase, PythonKind, PythonSpec, SetupSpec, ShimExit, ShimSpec, ShimState};
 
@@ -63,7 +64,37 @@ pub struct Jobs {
     gpu_note: String,
     inventory: Box<dyn GpuInventory + Send + Sync>,
     inner: Mutex<Inner>,
+    /// The agent's mirrors (`<root>/mirrors`).
+    mirrors_dir: PathBuf,
+    /// Spare snapshots by mirror name (see [`snapshot::Spare`]).
+    spares: Arc<Mutex<HashMap<String, SpareSlot>>>,
+    /// Mirrors jobs were submitted against, with their relink queues.
+    submitted_to: Mutex<HashMap<String, RelinkQueue>>,
+    spare_seq: AtomicU64,
 }
+
+/// The spare snapshot of one mirror.
+enum SpareSlot {
+    /// Being built by a thread (its number).
+    Building(u64),
+    Ready(snapshot::Spare),
+    /// Taken by a submit at this time.
+    Used(Instant),
+    /// The last build failed; not tried again before then.
+    Failed(Instant),
+}
+
+/// While a job is setting up or running, no spare is built within this long
+/// of the last submit: the `link()`s would compete with the job's first
+/// seconds (a `bridge run`'s first lines). With no job active, one is built
+/// once the submit is done.
+const SPARE_QUIET: Duration = Duration::from_secs(5);
+/// A submit is done well within this.
+const SPARE_SUBMITTED: Duration = Duration::from_millis(300);
+/// After a failed spare build, submits take snapshots the slow way this long.
+const SPARE_RETRY: Duration = Duration::from_secs(60);
+/// Spare trees live in the job store as `.spare-<mirror>-<n>`.
+const SPARE_PREFIX: &str = ".spare-";
 
 /// A file of a queued snapshot to restore, and the content it should have.
 type Restore = (RelPath, bridge_proto::index::Cached);
@@ -164,6 +195,13 @@ impl Jobs {
             }
         }
         inner.records = records;
+        // Spares of an earlier agent: their mirror may have changed since.
+        let old_spares: Vec<PathBuf> = fs::read_dir(root.join("jobs"))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(SPARE_PREFIX))
+            .map(|e| e.path())
+            .collect();
+        store::delete_in_background(old_spares);
         Ok(Jobs {
             store,
             cache_dir,
@@ -172,6 +210,10 @@ impl Jobs {
             gpu_note,
             inventory,
             inner: Mutex::new(inner),
+            mirrors_dir: root.join("mirrors"),
+            spares: Default::default(),
+            submitted_to: Default::default(),
+            spare_seq: AtomicU64::new(0),
         })
     }
 
@@ -274,9 +316,27 @@ impl Jobs {
             id
         };
         let dir = self.job_dir(id);
+        self.submitted_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(req.mirror.clone())
+            .or_insert_with(|| mirror.relinks.clone());
+        let spare = self.ready_spare(&req.mirror);
         let snap = (|| {
             fs::create_dir_all(&dir)?;
-            snapshot::take(mirror, &dir.join("tree"), &dir.join("snapshot.index"))
+            let (tree, manifest) = (dir.join("tree"), dir.join("snapshot.index"));
+            if let Some(spare) = spare {
+                let at = spare.dir().to_path_buf();
+                match snapshot::take_spare(mirror, spare, &tree, &manifest) {
+                    Ok(t) => return Ok(t),
+                    Err(e) => {
+                        tracing::warn!(job = id, error = %e, "cannot use the spare snapshot");
+                        let _ = fs::remove_dir_all(&at);
+                        let _ = fs::remove_dir_all(&tree);
+                    }
+                }
+            }
+            snapshot::take(mirror, &tree, &manifest)
         })();
         drop(st);
         let taken = snap.map_err(|e| {
@@ -287,6 +347,7 @@ impl Jobs {
             job = id,
             files = taken.files,
             copied = taken.copied,
+            from_spare = taken.from_spare,
             "job snapshot taken"
         );
         let info = JobInfo {
@@ -307,13 +368,108 @@ impl Jobs {
             info: Some(info.clone()),
             ..Default::default()
         };
+        let t = std::time::Instant::now();
         self.save(id, &rec);
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "job record saved");
         {
             let mut inner = self.lock()?;
             inner.records.insert(id, rec);
         }
         self.schedule();
         self.get(&info.id)
+    }
+
+    /// The mirror's spare snapshot, when one is ready.
+    fn ready_spare(&self, mirror: &str) -> Option<snapshot::Spare> {
+        let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+        match spares.insert(mirror.to_string(), SpareSlot::Used(Instant::now())) {
+            Some(SpareSlot::Ready(s)) => Some(s),
+            Some(b @ SpareSlot::Building(_)) => {
+                spares.insert(mirror.to_string(), b);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts building a spare snapshot for each mirror jobs were submitted
+    /// against that has none, unless a job started moments ago. The tree is
+    /// copied under the state lock; the links are made on a thread without
+    /// any lock.
+    fn build_spares(&self, state: &Mutex<State>) {
+        let running = self.inner.lock().map_or(true, |i| {
+            i.records
+                .values()
+                .any(|r| matches!(state_of(r), JobState::Setup | JobState::Running))
+        });
+        let wanted: Vec<(String, RelinkQueue)> = {
+            let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            self.submitted_to
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(m, _)| match spares.get(*m) {
+                    None => true,
+                    Some(SpareSlot::Failed(at)) => at.elapsed() > SPARE_RETRY,
+                    Some(SpareSlot::Used(at)) => {
+                        at.elapsed() > SPARE_SUBMITTED && (!running || at.elapsed() > SPARE_QUIET)
+                    }
+                    Some(_) => false,
+                })
+                .map(|(m, q)| (m.clone(), q.clone()))
+                .collect()
+        };
+        for (name, relinks) in wanted {
+            let plan = {
+                let Ok(st) = state.lock() else { return };
+                match st.mirrors.get(&name) {
+                    Some(m) => snapshot::plan(m),
+                    None => continue,
+                }
+            };
+            let seq = self.spare_seq.fetch_add(1, Ordering::Relaxed);
+            let dir = self.store.dir().join(format!("{SPARE_PREFIX}{name}-{seq}"));
+            let root = self.mirrors_dir.join(&name);
+            let spares = self.spares.clone();
+            let slot = name.clone();
+            spares
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), SpareSlot::Building(seq));
+            let spawned = std::thread::Builder::new()
+                .name("spare-snapshot".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let built = snapshot::build(plan, &root, &dir, &relinks);
+                    let mut spares = spares.lock().unwrap_or_else(|e| e.into_inner());
+                    let wanted = matches!(spares.get(&name), Some(SpareSlot::Building(s)) if *s == seq);
+                    match built {
+                        Ok(spare) if wanted => {
+                            tracing::debug!(
+                                mirror = %name,
+                                ms = t.elapsed().as_secs_f64() * 1e3,
+                                "spare snapshot built"
+                            );
+                            spares.insert(name, SpareSlot::Ready(spare));
+                        }
+                        Ok(_) => store::delete_in_background(vec![dir]),
+                        Err(e) => {
+                            tracing::warn!(mirror = %name, error = %e, "cannot build a spare snapshot");
+                            if wanted {
+                                spares.insert(name, SpareSlot::Failed(Instant::now()));
+                            }
+                            store::delete_in_background(vec![dir]);
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to build a spare snapshot");
+                self.spares
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(slot, SpareSlot::Failed(Instant::now()));
+            }
+        }
     }
 
     /// Starts every queued job that can run: CPU-only jobs at once, GPU jobs
@@ -625,6 +781,7 @@ impl Jobs {
         if ended_any || restored {
             self.schedule();
         }
+        self.build_spares(state);
     }
 
     /// Rewrites queued snapshots' copies of files another job wrote in
@@ -698,15 +855,34 @@ impl Jobs {
             return;
         }
         let mut doomed = Vec::new();
+        // The unlinks move the ctime of the mirror inodes the trees shared.
+        let mut relink = Vec::new();
+        let queues = self.submitted_to.lock().unwrap_or_else(|e| e.into_inner());
         for id in &finished[..finished.len() - KEEP_TREES] {
             let tree = self.job_dir(*id).join("tree");
             let aside = self.job_dir(*id).join(store::DELETING);
             if tree.exists() && fs::rename(&tree, &aside).is_ok() {
                 doomed.push(aside);
+                let mirror = inner.records[id]
+                    .info
+                    .as_ref()
+                    .map(|i| i.mirror.clone())
+                    .unwrap_or_default();
+                if let Some(q) = queues.get(&mirror) {
+                    relink.push((
+                        self.job_dir(*id).join("snapshot.index"),
+                        self.mirrors_dir.join(&mirror),
+                        q.clone(),
+                    ));
+                }
             }
             inner.outputs.remove(id);
         }
-        store::delete_in_background(doomed);
+        store::delete_then(doomed, move || {
+            for (manifest, root, q) in relink {
+                snapshot::relink_after_delete(&manifest, &root, &q);
+            }
+        });
     }
 
     pub fn get(&self, id: &str) -> Result<JobInfo, Status> {

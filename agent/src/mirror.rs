@@ -42,7 +42,14 @@ pub struct Mirror {
     /// disk, left out of the synced view while nothing synced is inside.
     retained: BTreeSet<RelPath>,
     retained_path: PathBuf,
+    /// Stats of mirror files whose ctime a job snapshot's link or unlink
+    /// moved, from threads without the state lock; applied before the next
+    /// refresh compares stats (see [`Mirror::relinked`]).
+    pub relinks: RelinkQueue,
 }
+
+/// See [`Mirror::relinks`].
+pub type RelinkQueue = Arc<std::sync::Mutex<Vec<(RelPath, Stat)>>>;
 
 /// Mirror names are one path component of safe characters.
 pub fn valid_name(name: &str) -> bool {
@@ -79,6 +86,7 @@ impl Mirror {
             files_hashed: 0,
             retained,
             retained_path,
+            relinks: Default::default(),
         };
         m.refresh(store)?;
         Ok(m)
@@ -97,6 +105,9 @@ impl Mirror {
 
     /// Rebuilds the tree from disk, rehashing only changed files.
     pub fn refresh(&mut self, store: &mut Store) -> io::Result<()> {
+        let t0 = Instant::now();
+        let hashed_before = self.files_hashed;
+        self.apply_relinks();
         let (found, unreadable) = scan::walk(&self.root, None, None, Side::Agent);
         for u in unreadable {
             tracing::warn!(path = %u.path, reason = %u.reason, "unreadable path in mirror");
@@ -172,6 +183,11 @@ impl Mirror {
         self.index = index;
         self.tree = tree;
         self.maybe_save(false);
+        tracing::debug!(
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            rehashed = self.files_hashed - hashed_before,
+            "mirror refreshed"
+        );
         Ok(())
     }
 
@@ -202,6 +218,14 @@ impl Mirror {
             self.index_dirty = true;
         }
         Some(c.clone())
+    }
+
+    /// Applies the queued [`Mirror::relinks`].
+    fn apply_relinks(&mut self) {
+        let queued = std::mem::take(&mut *self.relinks.lock().unwrap_or_else(|e| e.into_inner()));
+        for (p, st) in queued {
+            self.relinked(&p, &st);
+        }
     }
 
     /// Stops trusting the stat cache for `paths` (a job wrote into a file it

@@ -97,6 +97,62 @@ fn bridge_run_starts_the_local_provider_when_nothing_runs() {
     assert!(r.status()["in_sync"].as_bool().unwrap());
 }
 
+/// The agent prepares the next job's snapshot while it is idle (a spare);
+/// the job after an edit, a deletion, a removed directory, a new directory
+/// and a file turned into a directory sees exactly the submitted tree.
+#[test]
+fn a_snapshot_prepared_ahead_is_exactly_the_submitted_tree() {
+    let r = Repo::new();
+    for (p, text) in [
+        ("keep.txt", "keep\n"),
+        ("edit.txt", "v1\n"),
+        ("gone.txt", "gone\n"),
+        ("dir/a.txt", "a\n"),
+        ("dir/sub/b.txt", "b\n"),
+        ("becomes/dir", "file\n"),
+    ] {
+        r.write(p, text);
+    }
+    r.write(
+        "list.toml",
+        "run = \"find . | LC_ALL=C sort; cat edit.txt\"\n",
+    );
+    let agent_log = || fs::read_to_string(r.path(".bridge/agent.log")).unwrap_or_default();
+    let spare_ready = || {
+        fs::read_dir(r.path(".bridge/agent/jobs")).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".spare-"))
+        })
+    };
+    r.ok(&["run", "list.toml"]);
+    assert!(
+        eventually(Duration::from_secs(20), spare_ready),
+        "no spare snapshot was prepared after the job"
+    );
+
+    r.write("edit.txt", "v2\n");
+    r.remove("gone.txt");
+    r.remove("dir/sub/b.txt");
+    fs::remove_dir(r.path("dir/sub")).unwrap();
+    r.write("new/c.txt", "c\n");
+    r.remove("becomes/dir");
+    r.write("becomes/dir/inside.txt", "inside\n");
+    let listed = r.ok(&["run", "list.toml"]);
+    assert_eq!(
+        listed,
+        ".\n./becomes\n./becomes/dir\n./becomes/dir/inside.txt\n./dir\n./dir/a.txt\n\
+         ./edit.txt\n./keep.txt\n./list.toml\n./new\n./new/c.txt\nv2\n"
+    );
+    let log = agent_log();
+    let second = log
+        .lines()
+        .filter(|l| l.contains("job snapshot taken"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second snapshot in the agent's log:\n{log}"));
+    assert!(second.contains("from_spare"), "{second}");
+    r.assert_mirror_exact();
+}
+
 const COUNT: &str = r#"import sys, time
 for i in range(1, 200001):
     sys.stdout.write(f"{i}\n")
