@@ -854,35 +854,47 @@ impl Jobs {
         if finished.len() <= KEEP_TREES {
             return;
         }
-        let mut doomed = Vec::new();
-        // The unlinks move the ctime of the mirror inodes the trees shared.
-        let mut relink = Vec::new();
         let queues = self.submitted_to.lock().unwrap_or_else(|e| e.into_inner());
+        let mut doomed = Vec::new();
         for id in &finished[..finished.len() - KEEP_TREES] {
             let tree = self.job_dir(*id).join("tree");
             let aside = self.job_dir(*id).join(store::DELETING);
             if tree.exists() && fs::rename(&tree, &aside).is_ok() {
-                doomed.push(aside);
                 let mirror = inner.records[id]
                     .info
                     .as_ref()
                     .map(|i| i.mirror.clone())
                     .unwrap_or_default();
-                if let Some(q) = queues.get(&mirror) {
-                    relink.push((
-                        self.job_dir(*id).join("snapshot.index"),
-                        self.mirrors_dir.join(&mirror),
-                        q.clone(),
-                    ));
-                }
+                // The unlinks move the ctime of the mirror inodes the tree
+                // shared: say so to the mirror as they happen.
+                doomed.push((
+                    aside,
+                    self.job_dir(*id).join("snapshot.index"),
+                    self.mirrors_dir.join(&mirror),
+                    queues.get(&mirror).cloned(),
+                ));
             }
             inner.outputs.remove(id);
         }
-        store::delete_then(doomed, move || {
-            for (manifest, root, q) in relink {
-                snapshot::relink_after_delete(&manifest, &root, &q);
-            }
-        });
+        if doomed.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("tree-delete".into())
+            .spawn(move || {
+                for (tree, manifest, root, relinks) in doomed {
+                    let done = match &relinks {
+                        Some(q) => snapshot::delete_relinking(&tree, &manifest, &root, q),
+                        None => fs::remove_dir_all(&tree),
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(dir = %tree.display(), error = %e, "cannot delete an old job tree");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to delete old job trees");
+        }
     }
 
     pub fn get(&self, id: &str) -> Result<JobInfo, Status> {

@@ -5,7 +5,7 @@
 //! files whose `lstat` changed since the stat cache ([`Index`]) saw them. Paths
 //! the agent writes itself are recorded as written, without a rehash.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,7 @@ impl Mirror {
         let t0 = Instant::now();
         let hashed_before = self.files_hashed;
         self.apply_relinks();
+        let mut late = HashMap::new();
         let (found, unreadable) = scan::walk(&self.root, None, None, Side::Agent);
         for u in unreadable {
             tracing::warn!(path = %u.path, reason = %u.reason, "unreadable path in mirror");
@@ -128,7 +129,21 @@ impl Mirror {
                 FileKind::File => {
                     let cached = match self.index.entries.remove(&f.path) {
                         Some(c) if c.matches(&f.stat) => Some(c),
-                        _ => {
+                        Some(mut c) if self.relinked_meanwhile(&mut late, &f.path, &c, &f.stat) => {
+                            c.ctime_ns = f.stat.ctime_ns;
+                            Some(c)
+                        }
+                        other => {
+                            tracing::trace!(
+                                path = %f.path,
+                                why = match &other {
+                                    None => "new",
+                                    Some(c) if c.racy => "racy",
+                                    Some(c) if c.ctime_ns != f.stat.ctime_ns => "ctime",
+                                    Some(_) => "changed",
+                                },
+                                "rehash"
+                            );
                             let p = f.path.to_fs(&self.root);
                             match hash_file(&p, 3, |_, _| {}) {
                                 Ok(HashOutcome::Hashed(st, d)) => {
@@ -182,6 +197,11 @@ impl Mirror {
         }
         self.index = index;
         self.tree = tree;
+        // Links made after the walk passed their file.
+        for (p, st) in late {
+            self.relinked(&p, &st);
+        }
+        self.apply_relinks();
         self.maybe_save(false);
         tracing::debug!(
             ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -218,6 +238,32 @@ impl Mirror {
             self.index_dirty = true;
         }
         Some(c.clone())
+    }
+
+    /// During a refresh: `stat` differs from the cached `c` only in a ctime
+    /// that a job snapshot's link or unlink, queued since the refresh began,
+    /// explains.
+    fn relinked_meanwhile(
+        &self,
+        late: &mut HashMap<RelPath, Stat>,
+        path: &RelPath,
+        c: &Cached,
+        stat: &Stat,
+    ) -> bool {
+        late.extend(
+            self.relinks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..),
+        );
+        late.remove(path).is_some_and(|st| {
+            !c.racy
+                && st == *stat
+                && c.ino == st.ino
+                && c.size == st.size
+                && c.mtime_ns == st.mtime_ns
+                && c.exec == st.exec
+        })
     }
 
     /// Applies the queued [`Mirror::relinks`].

@@ -158,7 +158,7 @@ pub fn plan(mirror: &Mirror) -> Vec<Planned> {
 /// files under `mirror_root`, without any lock: a path the mirror replaced or
 /// removed meanwhile is held as found, or not at all, and [`take_spare`]
 /// corrects it. The stat of each linked mirror inode after its link goes to
-/// `relinks`, in batches, for [`Mirror::relinked`].
+/// `relinks`, for [`Mirror::relinked`].
 pub fn build(
     plan: Vec<Planned>,
     mirror_root: &Path,
@@ -167,11 +167,7 @@ pub fn build(
 ) -> io::Result<Spare> {
     fs::create_dir(dir)?;
     let mut held = BTreeMap::new();
-    let mut stats = Vec::new();
     for (p, n) in plan {
-        if stats.len() >= 256 {
-            queue_relinks(relinks, &mut stats);
-        }
         let to = p.to_fs(dir);
         if p.parent().is_some_and(|d| held.get(&d) != Some(&Held::Dir)) {
             continue; // under a directory that could not be made
@@ -193,7 +189,7 @@ pub fn build(
                     Ok(()) => {
                         let st = Stat::lstat(&to)?;
                         held.insert(p.clone(), Held::File { ino: st.ino });
-                        stats.push((p, st));
+                        queue_relink(relinks, p, st);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(_) => {
@@ -210,35 +206,39 @@ pub fn build(
             }
         }
     }
-    queue_relinks(relinks, &mut stats);
     Ok(Spare {
         dir: dir.to_path_buf(),
         held,
     })
 }
 
-fn queue_relinks(relinks: &RelinkQueue, stats: &mut Vec<(RelPath, Stat)>) {
+/// Queued at once, so that a refresh that sees the new ctime finds why.
+fn queue_relink(relinks: &RelinkQueue, p: RelPath, st: Stat) {
     relinks
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .append(stats);
+        .push((p, st));
 }
 
-/// After a job tree that shared `mirror_root`'s inodes was deleted (each
-/// unlink moved an inode's ctime): queues the stats of the mirror files that
-/// were linked, per the tree's `manifest`, so the next refresh does not
-/// rehash the whole mirror.
-pub fn relink_after_delete(manifest: &Path, mirror_root: &Path, relinks: &RelinkQueue) {
-    let linked = Index::load(manifest);
-    let mut stats: Vec<(RelPath, Stat)> = linked
-        .entries
-        .into_iter()
-        .filter_map(|(p, c)| {
-            let st = Stat::lstat(&p.to_fs(mirror_root)).ok()?;
-            (st.ino == c.ino).then_some((p, st))
-        })
-        .collect();
-    queue_relinks(relinks, &mut stats);
+/// Deletes a job tree that shared `mirror_root`'s inodes, per its
+/// `manifest`: each unlink moves a mirror inode's ctime, so the mirror file's
+/// stat is queued right after (see [`Mirror::relinks`]) and the next refresh
+/// does not rehash the whole mirror.
+pub fn delete_relinking(
+    tree: &Path,
+    manifest: &Path,
+    mirror_root: &Path,
+    relinks: &RelinkQueue,
+) -> io::Result<()> {
+    for (p, c) in Index::load(manifest).entries {
+        if fs::remove_file(p.to_fs(tree)).is_ok()
+            && let Ok(st) = Stat::lstat(&p.to_fs(mirror_root))
+            && st.ino == c.ino
+        {
+            queue_relink(relinks, p, st);
+        }
+    }
+    fs::remove_dir_all(tree)
 }
 
 /// Like [`take`], from a spare: removes what the spare holds that the mirror
@@ -518,8 +518,8 @@ mod tests {
         take_spare(&mut mirror, spare, &tree, &manifest).unwrap();
         // ctime has a coarse clock on some file systems: let it tick.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::remove_dir_all(&tree).unwrap();
-        relink_after_delete(&manifest, &m, &mirror.relinks);
+        delete_relinking(&tree, &manifest, &m, &mirror.relinks).unwrap();
+        assert!(!tree.exists());
         mirror.refresh(&mut store).unwrap();
         assert_eq!(mirror.files_hashed, hashed, "no file was rehashed");
 

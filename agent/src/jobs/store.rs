@@ -73,11 +73,6 @@ pub const DELETING: &str = "tree.deleting";
 
 /// Deletes `dirs` on a thread of their own (no lock held, nobody waits).
 pub fn delete_in_background(dirs: Vec<PathBuf>) {
-    delete_then(dirs, || {});
-}
-
-/// [`delete_in_background`], then runs `after` on the same thread.
-pub fn delete_then(dirs: Vec<PathBuf>, after: impl FnOnce() + Send + 'static) {
     if dirs.is_empty() {
         return;
     }
@@ -89,7 +84,6 @@ pub fn delete_then(dirs: Vec<PathBuf>, after: impl FnOnce() + Send + 'static) {
                     tracing::warn!(dir = %d.display(), error = %e, "cannot delete an old job tree");
                 }
             }
-            after();
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start a thread to delete old job trees");
