@@ -638,13 +638,12 @@ impl Engine {
     /// agent is asked again.
     async fn verify(&mut self) -> Result<bool, SyncError> {
         self.shared.set_phase("verifying");
-        if let Some((generation, early)) = self.early_verify.take() {
-            if generation == self.generation
-                && let Ok(Ok(root)) = early.await
-                && root == self.local().tree.root()
-            {
-                return Ok(self.note_verified(root));
-            }
+        if let Some((generation, early)) = self.early_verify.take()
+            && generation == self.generation
+            && let Ok(Ok(root)) = early.await
+            && root == self.local().tree.root()
+        {
+            return Ok(self.note_verified(root));
         }
         let root = verified_root(self.client()?, self.repo.mirror.clone()).await?;
         Ok(self.note_verified(root))
