@@ -588,9 +588,12 @@ impl Jobs {
             cache_dir: self.cache_dir.clone(),
             grace_ms: GRACE.as_millis() as u64,
         };
-        bridge_proto::index::write_atomic(
+        // Not fsynced: the shim reads it at once, and a machine crash ends
+        // the job anyway (see `store::Store::save`).
+        crate::envcache::write_atomic(
             &dir.join("spec.json"),
             &serde_json::to_vec_pretty(&shim).map_err(io::Error::other)?,
+            false,
         )?;
         let log = fs::File::create(dir.join("shim.log"))?;
         let mut child = Command::new(&self.shim_exe)

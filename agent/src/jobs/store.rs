@@ -1,6 +1,6 @@
 //! The job store: one protobuf record per job, `jobs/<id>/record.pb`, replaced
-//! atomically (write, fsync, rename) on every state change, so an agent
-//! restart finds every job where it was. Plain files keep the store
+//! atomically (write, rename; fsync once the job ended) on every state
+//! change, so an agent restart finds every job where it was. Plain files keep the store
 //! inspectable and need no database; the agent is its only writer (it holds
 //! `agent.lock`).
 
@@ -9,7 +9,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bridge_proto::index::write_atomic;
 use bridge_proto::v1::JobRecord;
 use prost::Message;
 
@@ -63,8 +62,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Replaces the job's record. Only an ended job's record is fsynced: an
+    /// agent restart finds every record in the page cache anyway, a machine
+    /// that crashes takes its queued and running jobs with it, and an fsync
+    /// on `bridge run`'s path waits for every metadata change the journal
+    /// holds (a spare snapshot's 20,000 links: seconds on a slow disk).
     pub fn save(&self, id: u64, rec: &JobRecord) -> io::Result<()> {
-        write_atomic(&self.job_dir(id).join("record.pb"), &rec.encode_to_vec())
+        let path = self.job_dir(id).join("record.pb");
+        let ended = rec
+            .info
+            .as_ref()
+            .is_some_and(|i| bridge_proto::jobs::is_terminal(i.state()));
+        crate::envcache::write_atomic(&path, &rec.encode_to_vec(), ended)
     }
 }
 
