@@ -5,7 +5,8 @@
 //! the agent never modifies a mirror file in place (a sync writes a new file
 //! and renames it over the old one), so a link keeps the old content for the
 //! job while the mirror moves on, and taking a snapshot costs one `link()` per
-//! file instead of a copy.
+//! file instead of a copy. Those links are mostly made ahead, off the lock, in a
+//! [`Spare`] that a submit brings up to date and renames.
 //!
 //! The one way a link can leak is a job writing *in place* into a file of its
 //! own tree (opening it for writing instead of replacing it): that changes the
