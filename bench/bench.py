@@ -219,6 +219,10 @@ def run_steps(ctx: Context, selected: set[int], results: dict) -> None:
         out["n"] = n
         out["duration_s"] = round(time.perf_counter() - t0, 1)
         results["scenarios"][key] = out
+        # Untimed: the big files of what this scenario left (rsync's mirror
+        # of the ml-repo serves scenario 3 too).
+        keep = (ctx.rsync_mirror,) if ctx.rsync_mirror else ()
+        ctx.lab.trash.free_big_files(ctx.lab.trash.dir, keep)
 
 
 # --------------------------------------------------------------------------

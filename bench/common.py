@@ -164,7 +164,9 @@ class Trash:
     allocator), so a timed sync right after a cleanup would be measured
     against the cleanup. So what is discarded is moved here and deleted at
     the end, except its big files (BIG_FILE bytes and more), deleted at
-    once: they hold the disk space and free few inodes.
+    once: they hold the disk space and free few inodes. Directories made here
+    for a scenario's own use (a peer's mirror) lose their big files when the
+    scenario ends (`bench.py`); a full run filled 46 GB before.
     """
 
     BIG_FILE = 16 * MIB
@@ -184,8 +186,11 @@ class Trash:
         self.n += 1
         os.rename(path, self.dir / f"{self.n:04d}-{path.name}")
 
-    def free_big_files(self, path: Path) -> None:
-        for dirpath, _, filenames in os.walk(path):
+    def free_big_files(self, path: Path, keep: tuple[Path, ...] = ()) -> None:
+        """Deletes the big files under `path`, except under `keep`."""
+        kept = {os.path.realpath(k) for k in keep}
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in kept]
             for fn in filenames:
                 p = os.path.join(dirpath, fn)
                 st = os.lstat(p)
@@ -267,16 +272,23 @@ def add_bridge_info(info: dict, bridge: Path, record_path: bool = True,
             bridge.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
     except (BenchError, OSError) as e:
         info["bridge_version"] = f"unknown ({e})"
-    # A binary older than the sources measures some other code: say so.
+    # A binary older than the sources it is built from measures some other
+    # code: say so. `bridge` does not contain the agent, which sits next to it.
+    built_from = {bridge: ("proto", "daemon", "cli"),
+                  bridge.with_name("bridge-agent"): ("proto", "agent")}
+    info["bridge_binary_stale"] = False
     try:
-        newest = max((q.stat().st_mtime, str(q.relative_to(ROOT)))
-                     for d in ("proto", "agent", "daemon", "cli")
-                     for q in (ROOT / d).rglob("*")
-                     if q.is_file() and q.suffix in (".rs", ".proto", ".toml"))
-        info["bridge_binary_stale"] = newest[0] > bridge.stat().st_mtime
-        if info["bridge_binary_stale"]:
-            info["newest_source"] = newest[1]
-            log(f"warning: {bridge} is older than {newest[1]}; {rebuild} to measure the current code")
+        for binary, dirs in built_from.items():
+            if not binary.exists():
+                continue
+            newest = max((q.stat().st_mtime, str(q.relative_to(ROOT)))
+                         for d in dirs
+                         for q in (ROOT / d).rglob("*")
+                         if q.is_file() and q.suffix in (".rs", ".proto", ".toml"))
+            if newest[0] > binary.stat().st_mtime:
+                info["bridge_binary_stale"] = True
+                info["newest_source"] = f"{newest[1]} (for {binary.name})"
+                log(f"warning: {binary} is older than {newest[1]}; {rebuild} to measure the current code")
     except (OSError, ValueError):
         pass
 
