@@ -30,6 +30,10 @@ use bridge_proto::{splice, v1};
 use crate::mirror::Mirror;
 use crate::store::{FileCache, Store};
 
+/// Locally available chunks copied per batch in [`Round::fill_active`]
+/// (~4 MiB at the average chunk size).
+const COPY_BATCH: usize = 64;
+
 /// Why a round ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum RoundError {
@@ -312,38 +316,75 @@ impl<'a> Round<'a> {
 
     /// Copies locally available chunks into the active file. False while it
     /// waits for a body from the peer.
+    ///
+    /// Chunks go in batches of up to [`COPY_BATCH`]: read in order, their ids
+    /// checked on two threads (BLAKE3 took 30% of a big file's rebuild), then
+    /// written in order. A chunk that no longer matches its id fails the op,
+    /// and the store forgets its location.
     fn fill_active(&mut self) -> bool {
         let a = self.active.as_mut().expect("active");
         while a.cursor < a.chunks.len() {
-            if a.need.front() == Some(&(a.cursor as u32)) {
+            let next_needed = a.need.front().map(|&n| n as usize);
+            if next_needed == Some(a.cursor) {
                 return false;
             }
-            let c = a.chunks[a.cursor];
-            a.cursor += 1;
+            let end = next_needed
+                .unwrap_or(a.chunks.len())
+                .min(a.cursor + COPY_BATCH);
+            let batch = a.chunks[a.cursor..end].to_vec();
+            a.cursor = end;
             let Some(f) = a.file.as_mut() else { continue };
-            let bytes = match a.written.get(&c.id) {
-                Some(&off) => {
-                    let mut b = vec![0u8; c.len as usize];
-                    f.read_exact_at(&mut b, off).ok().map(|_| b)
+            // Chunks already written to this file are read back as written;
+            // the store's are checked.
+            let mut bodies: Vec<(Option<Vec<u8>>, bool)> = batch
+                .iter()
+                .map(|c| match a.written.get(&c.id) {
+                    Some(&off) => {
+                        let mut b = vec![0u8; c.len as usize];
+                        (f.read_exact_at(&mut b, off).ok().map(|_| b), false)
+                    }
+                    None => (self.store.read_unverified(&c.id, &mut self.files), true),
+                })
+                .collect();
+            let check = |part: &mut [(Option<Vec<u8>>, bool)], refs: &[ChunkRef]| {
+                for ((body, verify), c) in part.iter_mut().zip(refs) {
+                    if *verify && body.as_deref().is_some_and(|b| chunk_id(b) != c.id) {
+                        *body = None;
+                    }
                 }
-                None => self.store.read(&c.id, &mut self.files),
             };
-            let res = match bytes {
-                Some(b) => f.write_all(&b).map_err(|e| e.to_string()),
-                None => Err(format!(
-                    "chunk {} is no longer available on the agent",
-                    c.id.to_hex()
-                )),
-            };
-            match res {
-                Ok(()) => {
-                    a.written.entry(c.id).or_insert(a.offset);
-                    a.offset += c.len as u64;
-                }
-                Err(m) => {
+            let mid = bodies.len() / 2;
+            let (left, right) = bodies.split_at_mut(mid);
+            let (left_refs, right_refs) = batch.split_at(mid);
+            if mid >= 4 {
+                std::thread::scope(|s| {
+                    s.spawn(|| check(left, left_refs));
+                    check(right, right_refs);
+                });
+            } else {
+                check(left, left_refs);
+                check(right, right_refs);
+            }
+            for ((body, verify), c) in bodies.into_iter().zip(&batch) {
+                let res = match body {
+                    Some(b) => f.write_all(&b).map_err(|e| e.to_string()),
+                    None => {
+                        if verify {
+                            self.store.forget(&c.id);
+                        }
+                        Err(format!(
+                            "chunk {} is no longer available on the agent",
+                            c.id.to_hex()
+                        ))
+                    }
+                };
+                if let Err(m) = res {
                     a.failed = Some(m);
                     a.file = None;
+                    break;
                 }
+                a.written.entry(c.id).or_insert(a.offset);
+                a.offset += c.len as u64;
             }
         }
         true
@@ -668,5 +709,90 @@ fn validate(op: v1::Op, index: &Index) -> Result<Op, RoundError> {
         }
         Some(W::Remove(r)) => Ok(Op::Remove(rel(r.path)?)),
         None => Err(RoundError::Protocol("empty op".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn put(path: &str, chunks: &[ChunkRef]) -> v1::Plan {
+        v1::Plan {
+            ops: vec![v1::Op {
+                op: Some(v1::op::Op::Put(v1::Put {
+                    path: path.into(),
+                    chunks: chunks
+                        .iter()
+                        .map(|c| v1::ChunkRef {
+                            id: c.id.as_bytes().to_vec().into(),
+                            len: c.len,
+                        })
+                        .collect(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A file built from chunks the agent holds is checked chunk by chunk:
+    /// a location whose bytes changed behind the store's back fails the op
+    /// (the daemon retries it with the bodies) and writes nothing.
+    #[test]
+    fn local_chunks_are_verified_before_they_are_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
+        let m = d.path().join("mirrors/m");
+        fs::create_dir_all(&m).unwrap();
+        let data = pseudo_random(2 << 20, 9);
+        fs::write(m.join("old.bin"), &data).unwrap();
+        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let chunks = mirror.index.entries[&RelPath::new("old.bin").unwrap()]
+            .chunks
+            .to_vec();
+        assert!(chunks.len() >= 16, "several batches' worth of chunks");
+        let tmp = d.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+
+        let mut round = Round::new(&tmp, &mut mirror, &mut store);
+        let need = round.on_plan(put("copy.bin", &chunks)).unwrap();
+        assert!(
+            need.ops.iter().all(|o| o.chunks.is_empty()),
+            "every chunk is local"
+        );
+        let done = round.on_commit(1).unwrap();
+        assert!(done.failures.is_empty(), "{:?}", done.failures);
+        assert_eq!(fs::read(m.join("copy.bin")).unwrap(), data);
+
+        // The store now reads these chunks from the newest file holding
+        // them. The same length, other bytes, in its middle:
+        let mut bad = data.clone();
+        bad[1 << 20..(1 << 20) + 10].copy_from_slice(b"0123456789");
+        fs::write(m.join("copy.bin"), &bad).unwrap();
+        let mut round = Round::new(&tmp, &mut mirror, &mut store);
+        round.on_plan(put("again.bin", &chunks)).unwrap();
+        let done = round.on_commit(2).unwrap();
+        assert_eq!(done.failures.len(), 1);
+        assert!(
+            done.failures[0].message.contains("no longer available"),
+            "{:?}",
+            done.failures
+        );
+        assert!(!m.join("again.bin").exists(), "nothing half-written");
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "no temporary left");
+        let changed = chunks.iter().filter(|c| !store.has(&c.id)).count();
+        assert_eq!(changed, 1, "the store forgot the changed chunk only");
     }
 }

@@ -146,10 +146,10 @@ impl Mirror {
                             );
                             let p = f.path.to_fs(&self.root);
                             match hash_file(&p, 3, |_, _| {}) {
-                                Ok(HashOutcome::Hashed(st, d)) => {
+                                Ok(HashOutcome::Hashed(st, d, started)) => {
                                     self.files_hashed += 1;
                                     self.index_dirty = true;
-                                    Some(Cached::new(&st, d))
+                                    Some(Cached::hashed_since(&st, d, started))
                                 }
                                 Ok(HashOutcome::Vanished) => None,
                                 Err(e) => {

@@ -178,6 +178,24 @@ impl Store {
 
     /// Reads and verifies chunk `id`. `None` when it is unknown or its location
     /// no longer holds it (the location is then forgotten).
+    /// The bytes at the chunk's recorded location, not checked against its
+    /// id: the caller verifies them (see [`Store::read`]) and calls
+    /// [`Store::forget`] on a mismatch.
+    pub fn read_unverified(&mut self, id: &Hash, files: &mut FileCache) -> Option<Vec<u8>> {
+        let loc = self.locs.get(id)?.clone();
+        let mut buf = vec![0u8; loc.len as usize];
+        match files
+            .get(&loc.file)
+            .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+        {
+            Ok(()) => Some(buf),
+            Err(_) => {
+                self.locs.remove(id);
+                None
+            }
+        }
+    }
+
     pub fn read(&mut self, id: &Hash, files: &mut FileCache) -> Option<Vec<u8>> {
         let loc = self.locs.get(id)?.clone();
         let mut buf = vec![0u8; loc.len as usize];

@@ -902,7 +902,7 @@ impl Puller {
         }
         let p = dest.to_path_buf();
         tokio::task::spawn_blocking(move || match hash_file(&p, 3, |_, _| {}) {
-            Ok(HashOutcome::Hashed(st, d)) => Some(Cached::new(&st, d)),
+            Ok(HashOutcome::Hashed(st, d, t)) => Some(Cached::hashed_since(&st, d, t)),
             _ => None,
         })
         .await

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bridge_proto::chunking::{ChunkRef, Digest, Hash};
-use bridge_proto::index::{Cached, HashOutcome, Index, RACY_WINDOW_NS, Saver, hash_file, now_ns};
+use bridge_proto::index::{Cached, HashOutcome, Index, Saver, hash_file, now_ns, racy_window};
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
 use bridge_proto::splice;
@@ -156,10 +156,9 @@ impl Local {
             .racy
             .iter()
             .filter(|p| {
-                self.index
-                    .entries
-                    .get(*p)
-                    .is_none_or(|c| now - c.mtime_ns.max(c.ctime_ns) >= RACY_WINDOW_NS)
+                self.index.entries.get(*p).is_none_or(|c| {
+                    now - c.mtime_ns.max(c.ctime_ns) >= racy_window(c.mtime_ns, c.ctime_ns)
+                })
             })
             .cloned()
             .collect();
@@ -343,9 +342,9 @@ impl Local {
         let results = parallel_hash(&root, files);
         for (path, res) in results {
             match res {
-                Ok(HashOutcome::Hashed(st, d)) => {
+                Ok(HashOutcome::Hashed(st, d, started)) => {
                     self.files_hashed += 1;
-                    self.record(path, st, d, ch);
+                    self.record(path, st, d, started, ch);
                 }
                 Ok(HashOutcome::Vanished) => self.remove(&path, ch),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ch.busy.push(path),
@@ -358,8 +357,8 @@ impl Local {
         }
     }
 
-    fn record(&mut self, path: RelPath, st: Stat, d: Digest, ch: &mut Changes) {
-        let c = Cached::new(&st, d);
+    fn record(&mut self, path: RelPath, st: Stat, d: Digest, started: i64, ch: &mut Changes) {
+        let c = Cached::hashed_since(&st, d, started);
         if c.racy {
             self.racy.insert(path.clone());
         } else {

@@ -74,10 +74,7 @@ pub fn chunk_reader<R: Read>(
         size = data.len() as u64;
     } else {
         for c in fastcdc::v2020::StreamCDC::new(r, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-            let c = c.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(e) => e,
-                other => io::Error::other(other.to_string()),
-            })?;
+            let c = c.map_err(stream_error)?;
             let cr = ChunkRef {
                 id: chunk_id(&c.data),
                 len: c.length as u32,
@@ -92,6 +89,61 @@ pub fn chunk_reader<R: Read>(
         chunks,
         size,
     })
+}
+
+/// [`chunk_reader`] for a reader that can move to another thread: above
+/// [`WHOLE_READ_LIMIT`] the chunks are cut on a second thread while this one
+/// hashes them (in a profile of a 512 MiB file, the gear hash took 39% of
+/// the time and BLAKE3 23%). At most [`CUT_AHEAD`] chunks wait in between.
+pub fn chunk_reader_send<R: Read + Send>(
+    r: R,
+    size_hint: u64,
+    mut each: impl FnMut(ChunkRef, &[u8]),
+) -> io::Result<Digest> {
+    if size_hint <= WHOLE_READ_LIMIT {
+        return chunk_reader(r, size_hint, each);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(CUT_AHEAD);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for c in fastcdc::v2020::StreamCDC::new(r, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let c = c.map(|c| c.data).map_err(stream_error);
+                let failed = c.is_err();
+                // A closed channel: the hashing side stopped on an error.
+                if tx.send(c).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        for data in rx {
+            let data = data?;
+            let cr = ChunkRef {
+                id: chunk_id(&data),
+                len: data.len() as u32,
+            };
+            each(cr, &data);
+            chunks.push(cr);
+            size += data.len() as u64;
+        }
+        Ok(Digest {
+            hash: content_hash(&chunks),
+            chunks,
+            size,
+        })
+    })
+}
+
+/// Chunks cut ahead of the hashing in [`chunk_reader_send`] (at most
+/// `MAX_CHUNK` bytes each: 8 MiB in all).
+const CUT_AHEAD: usize = 32;
+
+fn stream_error(e: fastcdc::v2020::Error) -> io::Error {
+    match e {
+        fastcdc::v2020::Error::IoError(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
 }
 
 /// Chunks a byte slice.
@@ -140,6 +192,24 @@ mod tests {
     }
 
     #[test]
+    fn a_read_error_on_the_cutting_thread_is_returned() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk gone"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let e = chunk_reader_send(Failing(20 << 20), 64 << 20, |_, _| {}).unwrap_err();
+        assert_eq!(e.to_string(), "disk gone");
+    }
+
+    #[test]
     fn streamed_and_whole_reads_agree() {
         let data = pseudo_random(WHOLE_READ_LIMIT as usize + 123_457, 3);
         let whole = {
@@ -154,6 +224,17 @@ mod tests {
         };
         let streamed = chunk_bytes(&data);
         assert_eq!(streamed.chunks, whole);
+        let mut seen = 0u64;
+        let threaded = chunk_reader_send(&data[..], data.len() as u64, |c, body| {
+            assert_eq!(chunk_id(body), c.id);
+            seen += body.len() as u64;
+        })
+        .unwrap();
+        assert_eq!(
+            threaded, streamed,
+            "cut on a second thread, the same chunks"
+        );
+        assert_eq!(seen, data.len() as u64);
         assert_eq!(streamed.size, data.len() as u64);
         let total: u64 = streamed.chunks.iter().map(|c| c.len as u64).sum();
         assert_eq!(total, data.len() as u64);

@@ -3,10 +3,11 @@
 //! For every regular file it remembers the `lstat` fields bridge compares
 //! (size, mtime and ctime in nanoseconds, inode, exec bit) next to the content
 //! hash and chunk list computed from them. A rescan rehashes a file only when
-//! one of those fields changed — or when the entry is *racy*: its mtime was
-//! within [`RACY_WINDOW_NS`] of the moment it was hashed, so an in-place edit
-//! keeping size in the same timestamp tick would be invisible to `lstat` (git's
-//! "racy clean" problem). Racy entries are rehashed on their next check.
+//! one of those fields changed — or when the entry is *racy*: its mtime or
+//! ctime was within [`racy_window`] (100 ms with sub-second timestamps, 2 s
+//! without) of the moment its hashing began, so an in-place edit keeping size
+//! in the same timestamp tick would be invisible to `lstat` (git's "racy
+//! clean" problem). Racy entries are rehashed on their next check.
 //!
 //! The file format is a versioned little-endian record list; an unreadable or
 //! foreign-version index is discarded (the cost is one rehash, never a wrong
@@ -24,9 +25,24 @@ use crate::scan::Stat;
 
 const MAGIC: &[u8; 8] = b"BRIDGIX1";
 
-/// An mtime this close to the hashing time cannot be trusted to change on the
-/// next write (coarse filesystem clocks).
+/// An mtime this close to the start of the hashing cannot be trusted to
+/// change on the next write, on a file system with whole-second (or coarser)
+/// timestamps.
 pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+/// The same with sub-second timestamps (ext4, xfs, btrfs: they tick at most a
+/// jiffy, 10 ms, apart): a 1 GiB file hashed within 2 s of its last write was
+/// hashed twice for every edit.
+pub const FINE_RACY_WINDOW_NS: i64 = 100_000_000;
+
+/// The racy window for a file with these timestamps: the fine one when either
+/// has sub-second digits (a whole second by chance only costs a rehash).
+pub fn racy_window(mtime_ns: i64, ctime_ns: i64) -> i64 {
+    if mtime_ns % 1_000_000_000 != 0 || ctime_ns % 1_000_000_000 != 0 {
+        FINE_RACY_WINDOW_NS
+    } else {
+        RACY_WINDOW_NS
+    }
+}
 
 /// What the index knows about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,14 +62,21 @@ impl Cached {
     /// Builds an entry for a file hashed now from content `d` read between
     /// two identical `lstat`s `st`.
     pub fn new(st: &Stat, d: Digest) -> Cached {
-        let now = now_ns();
+        Cached::hashed_since(st, d, now_ns())
+    }
+
+    /// [`Cached::new`] for a hash that began at `started_ns`: racy when the
+    /// file changed less than its racy window before that (a write after it
+    /// began lands in a later timestamp tick, so `lstat` shows it).
+    pub fn hashed_since(st: &Stat, d: Digest, started_ns: i64) -> Cached {
+        let window = racy_window(st.mtime_ns, st.ctime_ns);
         Cached {
             size: st.size,
             mtime_ns: st.mtime_ns,
             ctime_ns: st.ctime_ns,
             ino: st.ino,
             exec: st.exec,
-            racy: now - st.mtime_ns < RACY_WINDOW_NS || now - st.ctime_ns < RACY_WINDOW_NS,
+            racy: started_ns - st.mtime_ns < window || started_ns - st.ctime_ns < window,
             hash: d.hash,
             chunks: d.chunks.into_boxed_slice(),
         }
@@ -264,7 +287,8 @@ fn read_hash(r: &mut impl Read) -> io::Result<Hash> {
 
 /// Result of hashing a file that may be written to while it is read.
 pub enum HashOutcome {
-    Hashed(Stat, Digest),
+    /// The stat, the content, and when the hashing began (ns since the epoch).
+    Hashed(Stat, Digest, i64),
     /// The path is gone or is no longer a regular file.
     Vanished,
 }
@@ -279,6 +303,7 @@ pub fn hash_file(
     mut each: impl FnMut(ChunkRef, &[u8]),
 ) -> io::Result<HashOutcome> {
     for _ in 0..attempts {
+        let started = now_ns();
         let before = match Stat::lstat(path) {
             Ok(s) if s.kind == crate::scan::FileKind::File => s,
             Ok(_) => return Ok(HashOutcome::Vanished),
@@ -290,14 +315,14 @@ pub fn hash_file(
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
             Err(e) => return Err(e),
         };
-        let d = crate::chunking::chunk_reader(f, before.size, &mut each)?;
+        let d = crate::chunking::chunk_reader_send(f, before.size, &mut each)?;
         let after = match Stat::lstat(path) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
             Err(e) => return Err(e),
         };
         if before == after && d.size == after.size {
-            return Ok(HashOutcome::Hashed(after, d));
+            return Ok(HashOutcome::Hashed(after, d, started));
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -361,6 +386,32 @@ mod tests {
     }
 
     #[test]
+    fn the_racy_window_follows_the_timestamps_and_the_hash_start() {
+        let d = chunk_bytes(b"hello");
+        let ms = 1_000_000;
+        let mut st = Stat {
+            kind: crate::scan::FileKind::File,
+            size: 5,
+            mtime_ns: 1_700_000_000_123_456_789,
+            ctime_ns: 1_700_000_000_123_456_789,
+            ino: 7,
+            exec: false,
+        };
+        // Sub-second timestamps: trusted once the hash began 100 ms after
+        // the last change, however long it took.
+        assert!(!Cached::hashed_since(&st, d.clone(), st.mtime_ns + 150 * ms).racy);
+        assert!(Cached::hashed_since(&st, d.clone(), st.mtime_ns + 50 * ms).racy);
+        // A ctime change counts the same.
+        st.ctime_ns += 100 * ms;
+        assert!(Cached::hashed_since(&st, d.clone(), st.mtime_ns + 150 * ms).racy);
+        // Whole-second timestamps (FAT, some network file systems): 2 s.
+        st.mtime_ns = 1_700_000_000_000_000_000;
+        st.ctime_ns = st.mtime_ns;
+        assert!(Cached::hashed_since(&st, d.clone(), st.mtime_ns + 1500 * ms).racy);
+        assert!(!Cached::hashed_since(&st, d, st.mtime_ns + 2100 * ms).racy);
+    }
+
+    #[test]
     fn garbage_index_is_discarded() {
         let d = tempfile::tempdir().unwrap();
         let ip = d.path().join("index");
@@ -381,7 +432,7 @@ mod tests {
         })
         .unwrap()
         {
-            HashOutcome::Hashed(st, dg) => {
+            HashOutcome::Hashed(st, dg, _) => {
                 assert_eq!(st.size, 100_000);
                 assert_eq!(dg, chunk_bytes(&vec![7u8; 100_000]));
             }

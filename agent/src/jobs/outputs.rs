@@ -96,7 +96,7 @@ impl Outputs {
                             continue;
                         }
                         _ => match hash_file(&p, 3, |_, _| {}) {
-                            Ok(HashOutcome::Hashed(st, d)) => Cached::new(&st, d),
+                            Ok(HashOutcome::Hashed(st, d, t)) => Cached::hashed_since(&st, d, t),
                             _ => continue,
                         },
                     };
