@@ -743,7 +743,6 @@ mod tests {
                     ..Default::default()
                 })),
             }],
-            ..Default::default()
         }
     }
 
