@@ -715,18 +715,7 @@ fn validate(op: v1::Op, index: &Index) -> Result<Op, RoundError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use bridge_proto::chunking::pseudo_random;
 
     fn put(path: &str, chunks: &[ChunkRef]) -> v1::Plan {
         v1::Plan {

@@ -1032,15 +1032,7 @@ mod tests {
     use bridge_proto::chunking::chunk_bytes;
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        bridge_proto::chunking::pseudo_random(n, seed)
     }
 
     /// A writer for `tmp` over the previous version `old` (if any).

@@ -151,6 +151,21 @@ pub fn chunk_bytes(data: &[u8]) -> Digest {
     chunk_reader(data, data.len() as u64, |_, _| {}).expect("reading a slice cannot fail")
 }
 
+/// Deterministic bytes that do not compress, for tests and benchmarks of
+/// chunking (xorshift64 from `seed`).
+#[doc(hidden)]
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Parses a 32-byte id off the wire.
 pub fn hash_from_bytes(b: &[u8]) -> Option<Hash> {
     <[u8; 32]>::try_from(b).ok().map(Hash::from_bytes)
@@ -159,18 +174,6 @@ pub fn hash_from_bytes(b: &[u8]) -> Option<Hash> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     #[test]
     fn boundaries_stable_under_insertion() {

@@ -293,15 +293,7 @@ mod tests {
 
     /// Bytes FastCDC cuts into several chunks.
     fn data(n: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        bridge_proto::chunking::pseudo_random(n, 1)
     }
 
     fn whole(
