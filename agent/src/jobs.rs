@@ -397,10 +397,13 @@ impl Jobs {
     /// copied under the state lock; the links are made on a thread without
     /// any lock.
     fn build_spares(&self, state: &Mutex<State>) {
-        let running = self.inner.lock().map_or(true, |i| {
-            i.records
-                .values()
-                .any(|r| matches!(state_of(r), JobState::Setup | JobState::Running))
+        // Looked at only for a spare just used (this runs every poll).
+        let running = std::cell::LazyCell::new(|| {
+            self.inner.lock().map_or(true, |i| {
+                i.records
+                    .values()
+                    .any(|r| matches!(state_of(r), JobState::Setup | JobState::Running))
+            })
         });
         let wanted: Vec<(String, RelinkQueue)> = {
             let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
@@ -412,7 +415,7 @@ impl Jobs {
                     None => true,
                     Some(SpareSlot::Failed(at)) => at.elapsed() > SPARE_RETRY,
                     Some(SpareSlot::Used(at)) => {
-                        at.elapsed() > SPARE_SUBMITTED && (!running || at.elapsed() > SPARE_QUIET)
+                        at.elapsed() > SPARE_SUBMITTED && (!*running || at.elapsed() > SPARE_QUIET)
                     }
                     Some(_) => false,
                 })
