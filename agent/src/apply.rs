@@ -722,13 +722,7 @@ mod tests {
             ops: vec![v1::Op {
                 op: Some(v1::op::Op::Put(v1::Put {
                     path: path.into(),
-                    chunks: chunks
-                        .iter()
-                        .map(|c| v1::ChunkRef {
-                            id: c.id.as_bytes().to_vec().into(),
-                            len: c.len,
-                        })
-                        .collect(),
+                    chunks: chunks.iter().map(v1::ChunkRef::from).collect(),
                     ..Default::default()
                 })),
             }],

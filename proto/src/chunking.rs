@@ -26,6 +26,15 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
+impl From<&ChunkRef> for crate::v1::ChunkRef {
+    fn from(c: &ChunkRef) -> Self {
+        crate::v1::ChunkRef {
+            id: c.id.as_bytes().to_vec().into(),
+            len: c.len,
+        }
+    }
+}
+
 /// A file's chunk list and its content hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {

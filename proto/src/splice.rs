@@ -61,10 +61,7 @@ pub fn encode(base: &[ChunkRef], new: &[ChunkRef]) -> Option<Vec<v1::Splice>> {
                 b = q + 1;
             }
             _ => {
-                let r = v1::ChunkRef {
-                    id: c.id.as_bytes().to_vec().into(),
-                    len: c.len,
-                };
+                let r = v1::ChunkRef::from(c);
                 match steps.last_mut() {
                     Some(s) if s.copy == 0 => s.insert.push(r),
                     _ => steps.push(v1::Splice {

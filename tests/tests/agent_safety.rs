@@ -406,13 +406,7 @@ async fn spliced_puts_apply_against_the_held_version_only() {
     let whole = |bodies: &[Vec<u8>]| v1::Op {
         op: Some(v1::op::Op::Put(v1::Put {
             path: "big.bin".into(),
-            chunks: refs(bodies)
-                .iter()
-                .map(|c| v1::ChunkRef {
-                    id: c.id.as_bytes().to_vec().into(),
-                    len: c.len,
-                })
-                .collect(),
+            chunks: refs(bodies).iter().map(v1::ChunkRef::from).collect(),
             ..Default::default()
         })),
     };

@@ -59,13 +59,7 @@ impl PlannedOp {
                     None => (
                         Vec::new(),
                         Vec::new(),
-                        chunks
-                            .iter()
-                            .map(|c| v1::ChunkRef {
-                                id: c.id.as_bytes().to_vec().into(),
-                                len: c.len,
-                            })
-                            .collect(),
+                        chunks.iter().map(v1::ChunkRef::from).collect(),
                     ),
                 };
                 W::Put(v1::Put {
