@@ -43,10 +43,16 @@ pub struct Digest {
     pub size: u64,
 }
 
-/// The content hash of a chunk list.
+/// The content hash of a chunk list. A file of one chunk is named by that
+/// chunk's id, so neither side has to keep a list for the many small files
+/// (the daemon keeps no list for them in memory). Other lists hash in
+/// BLAKE3's key-derivation mode, a domain apart from plain hashes, so no
+/// file's bytes can pose as another file's chunk list.
 pub fn content_hash(chunks: &[ChunkRef]) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(b"bridge-file-v1\0");
+    if let [one] = chunks {
+        return one.id;
+    }
+    let mut h = blake3::Hasher::new_derive_key("bridge 2026-11 file chunk list");
     for c in chunks {
         h.update(c.id.as_bytes());
         h.update(&c.len.to_le_bytes());
@@ -201,6 +207,25 @@ mod tests {
             after.chunks.len()
         );
         assert_ne!(before.hash, after.hash);
+    }
+
+    #[test]
+    fn a_one_chunk_file_is_named_by_its_chunk_and_lists_hash_apart() {
+        let small = chunk_bytes(b"print('hello')\n");
+        assert_eq!(small.chunks.len(), 1);
+        assert_eq!(small.hash, chunk_id(b"print('hello')\n"));
+        let big = chunk_bytes(&pseudo_random(4 * 1024 * 1024, 3));
+        assert!(big.chunks.len() > 1);
+        // A file whose bytes spell out another file's chunk list (as the
+        // hash of a list reads it) does not share that file's hash.
+        let mut spelled = Vec::new();
+        for c in &big.chunks {
+            spelled.extend_from_slice(c.id.as_bytes());
+            spelled.extend_from_slice(&c.len.to_le_bytes());
+        }
+        assert_ne!(chunk_bytes(&spelled).hash, big.hash);
+        assert_ne!(chunk_id(&spelled), big.hash);
+        assert_ne!(chunk_bytes(b"").hash, chunk_id(b""));
     }
 
     #[test]

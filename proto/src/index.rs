@@ -23,7 +23,7 @@ use crate::chunking::{ChunkRef, Digest, Hash};
 use crate::path::RelPath;
 use crate::scan::Stat;
 
-const MAGIC: &[u8; 8] = b"BRIDGIX1";
+const MAGIC: &[u8; 8] = b"BRIDGIX2";
 
 /// An mtime this close to the start of the hashing cannot be trusted to
 /// change on the next write, on a file system with whole-second (or coarser)

@@ -32,7 +32,7 @@ pub mod v1 {
 }
 
 /// Version of the daemon ↔ agent protocol; both sides refuse a peer with another.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Metadata key carrying the agent token (`Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";
