@@ -442,7 +442,7 @@ impl<'a> Round<'a> {
             let fsp = a.to_fs(&self.mirror.root);
             match Stat::lstat(&fsp) {
                 Ok(s) if s.kind == FileKind::Dir => {
-                    if !matches!(self.mirror.tree.get(&a), Some(Node::Dir)) {
+                    if !self.mirror.tree.is_dir(&a) {
                         // A retained directory in use again.
                         self.mirror.unretain_dir(&a);
                         self.mirror.tree.insert(a.clone(), Node::Dir);
@@ -509,7 +509,7 @@ impl<'a> Round<'a> {
             .tree
             .descendants(Some(p))
             .filter(|(_, n)| matches!(n, Node::File { .. }))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k)
             .collect();
         for f in files {
             let fp = f.to_fs(&self.mirror.root);
@@ -600,7 +600,7 @@ impl<'a> Round<'a> {
             .mirror
             .tree
             .descendants(Some(p))
-            .map(|(k, n)| (k.clone(), n.clone()))
+            .map(|(k, n)| (k, n.clone()))
             .collect();
         entries.insert(0, (p.clone(), Node::Dir));
         self.files.clear();

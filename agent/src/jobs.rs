@@ -292,7 +292,7 @@ impl Jobs {
             )));
         }
         if let Some(w) = &workdir
-            && !matches!(mirror.tree.get(w), Some(bridge_proto::tree::Node::Dir))
+            && !mirror.tree.is_dir(w)
         {
             return Err(Status::invalid_argument(format!(
                 "workdir {w:?} is not a directory in the synced tree"

@@ -134,7 +134,7 @@ impl Agent for AgentService {
                 let mut out = Vec::new();
                 let mut batch = v1::ManifestBatch::default();
                 for (p, n) in m.tree.iter() {
-                    batch.entries.push(n.to_wire(p));
+                    batch.entries.push(n.to_wire(&p));
                     if batch.entries.len() == 2000 {
                         out.push(Ok(std::mem::take(&mut batch)));
                     }

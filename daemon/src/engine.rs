@@ -529,6 +529,9 @@ impl Engine {
         if self.note_verified(root) {
             self.remote = self.local().tree.clone();
             self.full_diff = false;
+            // The belief is exact: nothing is left to compare (after a
+            // restart this held every path of the repository).
+            self.touched.clear();
             return Ok(());
         }
         self.fetch_manifest().await
@@ -569,6 +572,7 @@ impl Engine {
         self.remote_root = Some(t.root());
         self.remote = t;
         self.full_diff = true;
+        self.touched.clear();
         Ok(())
     }
 

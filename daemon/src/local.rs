@@ -1,17 +1,21 @@
 //! The local side: the synced tree as the daemon sees it on disk.
 //!
-//! [`Local`] owns the repository's [`Tree`], the stat cache ([`Index`]) that
-//! makes rescans cheap, and the list of paths that exist but cannot be synced
-//! (escaping symlinks, unreadable files) with the reason. Rescans are scoped:
-//! one file, one directory level, or a subtree; each rehashes only files whose
-//! `lstat` changed.
+//! [`Local`] owns the repository's [`Tree`], which holds the stat cache that
+//! makes rescans cheap next to each file's entry (saved as the [`Index`]
+//! file), and the list of paths that exist but cannot be synced (escaping
+//! symlinks, unreadable files) with the reason. Rescans are scoped: one file,
+//! one directory level, or a subtree; each rehashes only files whose `lstat`
+//! changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Digest, Hash};
-use bridge_proto::index::{Cached, HashOutcome, Index, Saver, hash_file, now_ns, racy_window};
+use bridge_proto::index::{
+    Cached, HashOutcome, Index, Saver, encode_tree, hash_file, now_ns, racy_window,
+};
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
 use bridge_proto::splice;
@@ -62,7 +66,9 @@ pub struct Local {
     pub root: PathBuf,
     saver: Saver,
     pub tree: Tree,
-    pub index: Index,
+    /// The stat cache saved by the last run, until the first full scan has
+    /// taken what still matches into the tree.
+    prior: Option<Tree>,
     /// Paths present but not synced, with why.
     pub skipped: BTreeMap<String, String>,
     /// Files hashed so recently after a write that the stat cache cannot vouch
@@ -94,7 +100,7 @@ const PREVIOUS_MAX_REFS: usize = 1 << 18;
 impl Local {
     pub fn new(root: PathBuf, index_path: PathBuf) -> Local {
         Local {
-            index: Index::load(&index_path),
+            prior: Some(Index::load_tree(&index_path)),
             root,
             saver: Saver::new(index_path),
             tree: Tree::new(),
@@ -112,7 +118,7 @@ impl Local {
     /// its fsync to a thread.
     pub fn save_index(&mut self, background: bool) {
         if self.index_dirty {
-            self.saver.save(&self.index, background);
+            self.saver.save_encoded(encode_tree(&self.tree), background);
             self.index_dirty = false;
         }
     }
@@ -145,6 +151,14 @@ impl Local {
                 _ => {}
             }
         }
+        if covered(None) {
+            if let Some(prior) = self.prior.take() {
+                // What is left of it is gone from disk; the saved index
+                // still lists it.
+                self.index_dirty |= !prior.is_empty();
+            }
+            self.tree.shrink_to_fit();
+        }
         ch
     }
 
@@ -156,8 +170,9 @@ impl Local {
             .racy
             .iter()
             .filter(|p| {
-                self.index.entries.get(*p).is_none_or(|c| {
-                    now - c.mtime_ns.max(c.ctime_ns) >= racy_window(c.mtime_ns, c.ctime_ns)
+                self.tree.hashed(p).is_none_or(|c| {
+                    let (m, c) = (c.seen.mtime_ns, c.seen.ctime_ns);
+                    now - m.max(c) >= racy_window(m, c)
                 })
             })
             .cloned()
@@ -188,7 +203,7 @@ impl Local {
             // Only directories the tree holds are walked: a directory that is
             // gone or newly ignored is handled by its parent.
             let is_dir = Stat::lstat(&d.to_fs(&self.root)).is_ok_and(|s| s.kind == FileKind::Dir);
-            if !is_dir || !matches!(self.tree.get(d), Some(Node::Dir)) {
+            if !is_dir || !self.tree.is_dir(d) {
                 return self.rescan(d.parent().as_ref(), false, ch);
             }
         }
@@ -237,7 +252,7 @@ impl Local {
         for f in found {
             match f.stat.kind {
                 FileKind::Dir => {
-                    if !matches!(self.tree.get(&f.path), Some(Node::Dir)) {
+                    if !self.tree.is_dir(&f.path) {
                         self.remove(&f.path, ch);
                         self.tree.insert(f.path.clone(), Node::Dir);
                         ch.touched(&f.path);
@@ -252,18 +267,27 @@ impl Local {
                     if let Some(Node::Dir) = self.tree.get(&f.path) {
                         self.remove(&f.path, ch);
                     }
-                    match self.index.entries.get(&f.path) {
-                        Some(c) if c.matches(&f.stat) && self.tree.get(&f.path).is_some() => {}
-                        Some(c) if c.matches(&f.stat) => {
-                            let node = Node::File {
-                                hash: c.hash,
-                                size: c.size,
-                                exec: c.exec,
-                            };
+                    if self
+                        .tree
+                        .hashed(&f.path)
+                        .is_some_and(|c| c.matches(&f.stat))
+                    {
+                        continue;
+                    }
+                    // A version the last run saw that changed since stays
+                    // in `prior` for `record` (the agent likely has it).
+                    let prior = self.prior.as_mut().and_then(|t| {
+                        let c = t.hashed(&f.path).filter(|c| c.matches(&f.stat))?;
+                        let c = c.to_cached();
+                        t.remove_subtree(&f.path);
+                        Some(c)
+                    });
+                    match prior {
+                        Some(c) => {
                             ch.touched(&f.path);
-                            self.tree.insert(f.path, node);
+                            self.tree.insert_hashed(f.path, c);
                         }
-                        _ => to_hash.push(f),
+                        None => to_hash.push(f),
                     }
                 }
                 FileKind::Other => {}
@@ -298,12 +322,13 @@ impl Local {
         let node = Node::Symlink {
             target: t.to_string(),
         };
-        if self.tree.get(p) != Some(&node) {
-            if matches!(self.tree.get(p), Some(Node::Dir)) {
+        if self.tree.get(p).as_ref() != Some(&node) {
+            if self.tree.is_dir(p) {
                 self.remove(p, ch);
             }
-            self.tree.insert(p.clone(), node);
-            self.index.entries.remove(p);
+            if matches!(self.tree.insert(p.clone(), node), Some(Node::File { .. })) {
+                self.index_dirty = true;
+            }
             ch.touched(p);
         }
     }
@@ -314,7 +339,6 @@ impl Local {
             match n {
                 Node::Dir => ch.gone_dirs.push(k),
                 Node::File { .. } => {
-                    self.index.entries.remove(&k);
                     self.racy.remove(&k);
                     self.forget_previous(&k);
                     self.index_dirty = true;
@@ -325,9 +349,7 @@ impl Local {
     }
 
     fn update_file(&mut self, p: RelPath, st: Stat, ch: &mut Changes) {
-        if let Some(c) = self.index.entries.get(&p)
-            && c.matches(&st)
-        {
+        if self.tree.hashed(&p).is_some_and(|c| c.matches(&st)) {
             return;
         }
         self.hash_many(vec![Found { path: p, stat: st }], ch);
@@ -370,26 +392,28 @@ impl Local {
             exec: c.exec,
         };
         self.skipped.remove(path.as_str());
-        if self.tree.get(&path) != Some(&node) {
-            self.tree.insert(path.clone(), node);
-            ch.touched(&path);
-        }
-        let new_hash = c.hash;
-        if let Some(old) = self.index.entries.insert(path.clone(), c)
-            && old.hash != new_hash
-            && old.chunks.len() >= splice::MIN_CHUNKS
-            && self.previous_refs + old.chunks.len() <= PREVIOUS_MAX_REFS
+        let old = self.tree.hashed(&path);
+        if let Some(old) = old.or_else(|| self.prior.as_ref()?.hashed(&path))
+            && old.hash != c.hash
             && !self.previous.contains_key(&path)
         {
             // The first version seen is the one the agent has, if any.
-            self.previous_refs += old.chunks.len();
-            self.previous.insert(
-                path,
-                Previous {
-                    hash: old.hash,
-                    chunks: old.chunks,
-                },
-            );
+            let chunks = old.chunks();
+            if chunks.len() >= splice::MIN_CHUNKS
+                && self.previous_refs + chunks.len() <= PREVIOUS_MAX_REFS
+            {
+                self.previous_refs += chunks.len();
+                self.previous.insert(
+                    path.clone(),
+                    Previous {
+                        hash: old.hash,
+                        chunks: chunks.into_owned().into_boxed_slice(),
+                    },
+                );
+            }
+        }
+        if self.tree.insert_hashed(path.clone(), c).as_ref() != Some(&node) {
+            ch.touched(&path);
         }
         self.index_dirty = true;
     }
@@ -402,8 +426,8 @@ impl Local {
     }
 
     /// Chunk list of a synced file, as last hashed.
-    pub fn chunks(&self, p: &RelPath) -> Option<&Cached> {
-        self.index.entries.get(p)
+    pub fn chunks(&self, p: &RelPath) -> Option<Arc<[ChunkRef]>> {
+        self.tree.hashed(p).map(|c| c.chunks().into())
     }
 }
 
@@ -469,8 +493,9 @@ mod tests {
         assert_eq!(l.tree.files(), 20);
         assert_eq!(l.files_hashed, 20);
         // Make the entries non-racy as if time had passed.
-        for c in l.index.entries.values_mut() {
-            c.racy = false;
+        let files: Vec<RelPath> = l.tree.hashed_files().map(|(p, _)| p).collect();
+        for p in &files {
+            l.tree.settle(p);
         }
         l.racy.clear();
         let ch = full(&mut l);
@@ -480,6 +505,49 @@ mod tests {
         let ch = l.apply([Dirty::File(RelPath::new("src/f3").unwrap())].into());
         assert_eq!(ch.touched.len(), 1);
         assert_eq!(l.files_hashed, 21);
+    }
+
+    #[test]
+    fn a_restart_reuses_the_saved_stat_cache_and_remembers_changed_versions() {
+        let (d, mut l) = setup();
+        let big = bridge_proto::chunking::pseudo_random(8 << 20, 11);
+        fs::write(d.path().join("big.bin"), &big).unwrap();
+        fs::write(d.path().join("small.txt"), "small").unwrap();
+        full(&mut l);
+        let before = l
+            .tree
+            .hashed(&RelPath::new("big.bin").unwrap())
+            .unwrap()
+            .hash;
+        // As if the racy window had passed before the daemon stopped.
+        let files: Vec<RelPath> = l.tree.hashed_files().map(|(p, _)| p).collect();
+        for p in &files {
+            l.tree.settle(p);
+        }
+        l.index_dirty = true;
+        l.save_index(false);
+        let root = l.tree.root();
+
+        // The next run: nothing changed, nothing is read again.
+        let mut l = Local::new(d.path().to_path_buf(), d.path().join(".bridge/index"));
+        full(&mut l);
+        assert_eq!(l.files_hashed, 0);
+        assert_eq!(l.tree.root(), root);
+        assert!(
+            l.prior.is_none(),
+            "the loaded cache is dropped after the scan"
+        );
+
+        // And after a change while it was down, the version the agent most
+        // likely holds is kept for a splice.
+        let mut edited = big.clone();
+        edited[4 << 20] ^= 1;
+        fs::write(d.path().join("big.bin"), &edited).unwrap();
+        let mut l = Local::new(d.path().to_path_buf(), d.path().join(".bridge/index"));
+        full(&mut l);
+        assert_eq!(l.files_hashed, 1);
+        let prev = &l.previous[&RelPath::new("big.bin").unwrap()];
+        assert_eq!(prev.hash, before);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::chunking::{ChunkRef, Digest, Hash};
 use crate::path::RelPath;
 use crate::scan::Stat;
+use crate::tree::Tree;
 
 const MAGIC: &[u8; 8] = b"BRIDGIX2";
 
@@ -85,12 +86,26 @@ impl Cached {
     /// True when `st` shows the file unchanged since it was hashed.
     pub fn matches(&self, st: &Stat) -> bool {
         !self.racy
-            && self.size == st.size
-            && self.mtime_ns == st.mtime_ns
-            && self.ctime_ns == st.ctime_ns
-            && self.ino == st.ino
-            && self.exec == st.exec
+            && stat_unchanged(
+                (self.size, self.mtime_ns, self.ctime_ns),
+                (self.ino, self.exec),
+                st,
+            )
     }
+}
+
+/// True when `st` has the size and times, inode and exec bit a file was
+/// hashed with.
+pub(crate) fn stat_unchanged(
+    (size, mtime_ns, ctime_ns): (u64, i64, i64),
+    (ino, exec): (u64, bool),
+    st: &Stat,
+) -> bool {
+    size == st.size
+        && mtime_ns == st.mtime_ns
+        && ctime_ns == st.ctime_ns
+        && ino == st.ino
+        && exec == st.exec
 }
 
 /// Nanoseconds since the epoch.
@@ -110,18 +125,39 @@ pub struct Index {
 impl Index {
     /// Loads `path`; a missing, corrupt or old-format file yields an empty index.
     pub fn load(path: &Path) -> Index {
-        match File::open(path).and_then(|f| Self::read(BufReader::new(f))) {
-            Ok(ix) => ix,
-            Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "discarding unreadable index");
-                }
-                Index::default()
-            }
+        let mut entries = HashMap::new();
+        match read_file(path, |p, c| _ = entries.insert(p, c)) {
+            Ok(()) => Index { entries },
+            Err(()) => Index::default(),
         }
     }
 
-    fn read(mut r: impl Read) -> io::Result<Index> {
+    /// [`Index::load`] into the stat cache of a [`Tree`] (compact: no
+    /// allocation per entry but a chunk list of two chunks or more).
+    pub fn load_tree(path: &Path) -> Tree {
+        let mut t = Tree::new();
+        match read_file(path, |p, c| _ = t.insert_hashed(p, c)) {
+            Ok(()) => t,
+            Err(()) => Tree::new(),
+        }
+    }
+}
+
+/// Reads an index file, passing each entry to `each`; a missing file reads
+/// as empty, a corrupt one is an error (logged).
+fn read_file(path: &Path, each: impl FnMut(RelPath, Cached)) -> Result<(), ()> {
+    match File::open(path).and_then(|f| read_entries(BufReader::new(f), each)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "discarding unreadable index");
+            Err(())
+        }
+    }
+}
+
+fn read_entries(mut r: impl Read, mut each: impl FnMut(RelPath, Cached)) -> io::Result<()> {
+    {
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic)?;
         if &magic != MAGIC {
@@ -131,7 +167,6 @@ impl Index {
             ));
         }
         let n = read_u64(&mut r)?;
-        let mut entries = HashMap::with_capacity(n.min(1 << 24) as usize);
         for _ in 0..n {
             let plen = read_u32(&mut r)? as usize;
             let mut p = vec![0u8; plen];
@@ -156,7 +191,7 @@ impl Index {
                     len: read_u32(&mut r)?,
                 });
             }
-            entries.insert(
+            each(
                 path,
                 Cached {
                     size,
@@ -170,9 +205,11 @@ impl Index {
                 },
             );
         }
-        Ok(Index { entries })
+        Ok(())
     }
+}
 
+impl Index {
     /// Writes the index atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> io::Result<()> {
         write_atomic(path, &self.encode())
@@ -182,24 +219,46 @@ impl Index {
     /// path encode under their lock and leave [`write_atomic`], with its
     /// fsync, to a background thread.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(16 + self.entries.len() * 128);
-        w.extend_from_slice(MAGIC);
-        w.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        let mut w = header(self.entries.len());
         for (p, c) in &self.entries {
-            w.extend_from_slice(&(p.as_str().len() as u32).to_le_bytes());
-            w.extend_from_slice(p.as_str().as_bytes());
-            for v in [c.size, c.mtime_ns as u64, c.ctime_ns as u64, c.ino] {
-                w.extend_from_slice(&v.to_le_bytes());
-            }
-            w.push(c.exec as u8 | (c.racy as u8) << 1);
-            w.extend_from_slice(c.hash.as_bytes());
-            w.extend_from_slice(&(c.chunks.len() as u32).to_le_bytes());
-            for ch in c.chunks.iter() {
-                w.extend_from_slice(ch.id.as_bytes());
-                w.extend_from_slice(&ch.len.to_le_bytes());
-            }
+            encode_entry(&mut w, p, c, &c.chunks);
         }
         w
+    }
+}
+
+/// The on-disk form of the stat cache a tree holds (see [`Tree::hashed`]).
+pub fn encode_tree(t: &Tree) -> Vec<u8> {
+    let mut w = header(0);
+    let mut n = 0u64;
+    for (p, h) in t.hashed_files() {
+        encode_entry(&mut w, &p, &h.to_cached_without_chunks(), &h.chunks());
+        n += 1;
+    }
+    w[MAGIC.len()..MAGIC.len() + 8].copy_from_slice(&n.to_le_bytes());
+    w
+}
+
+fn header(n: usize) -> Vec<u8> {
+    let mut w = Vec::with_capacity(16 + n * 128);
+    w.extend_from_slice(MAGIC);
+    w.extend_from_slice(&(n as u64).to_le_bytes());
+    w
+}
+
+/// One entry; `chunks` stands for `c.chunks`.
+fn encode_entry(w: &mut Vec<u8>, p: &RelPath, c: &Cached, chunks: &[ChunkRef]) {
+    w.extend_from_slice(&(p.as_str().len() as u32).to_le_bytes());
+    w.extend_from_slice(p.as_str().as_bytes());
+    for v in [c.size, c.mtime_ns as u64, c.ctime_ns as u64, c.ino] {
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+    w.push(c.exec as u8 | (c.racy as u8) << 1);
+    w.extend_from_slice(c.hash.as_bytes());
+    w.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for ch in chunks {
+        w.extend_from_slice(ch.id.as_bytes());
+        w.extend_from_slice(&ch.len.to_le_bytes());
     }
 }
 
@@ -240,13 +299,13 @@ impl Saver {
 
     /// Encodes `index` now; writes it now or, with `background`, on a thread.
     pub fn save(&mut self, index: &Index, background: bool) {
+        self.save_encoded(index.encode(), background)
+    }
+
+    /// [`Saver::save`] for an index already encoded.
+    pub fn save_encoded(&mut self, bytes: Vec<u8>, background: bool) {
         self.next += 1;
-        let (seq, bytes, path, written) = (
-            self.next,
-            index.encode(),
-            self.path.clone(),
-            self.written.clone(),
-        );
+        let (seq, path, written) = (self.next, self.path.clone(), self.written.clone());
         let write = move || {
             let mut last = written.lock().unwrap_or_else(|e| e.into_inner());
             if *last > seq {

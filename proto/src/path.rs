@@ -65,6 +65,13 @@ impl RelPath {
         Ok(RelPath(s.into()))
     }
 
+    /// A path built from parts of valid paths (a directory and one of its
+    /// entries' names): no validation.
+    pub(crate) fn trusted(s: &str) -> Self {
+        debug_assert!(RelPath::new(s).is_ok(), "{s:?}");
+        RelPath(s.into())
+    }
+
     /// The path of `path` relative to `root`, if it lies under it.
     pub fn from_fs(root: &Path, path: &Path) -> Result<Self, PathError> {
         let rel = path.strip_prefix(root).unwrap_or(path);

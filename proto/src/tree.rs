@@ -5,17 +5,30 @@
 //! children's names and hashes. Both sides compute it over their own view, so
 //! "in sync" means equal roots, not that the daemon believes so.
 //!
-//! [`Tree`] keeps entries in path order (all descendants of a directory are
-//! contiguous) and caches directory hashes; a change invalidates only its
-//! ancestors, so the root after a one-file edit in a 100k-file tree costs a few
-//! directory hashes, not a full pass.
+//! [`Tree`] keeps each directory's entries, by name, in a list of its own
+//! that clones share until one side changes it; it iterates in path order
+//! with every directory's descendants right after it ([`path_cmp`]), and
+//! caches directory hashes: a change invalidates only its ancestors, so the
+//! root after a one-file edit in a 100k-file tree costs a few directory
+//! hashes, not a full pass.
+//!
+//! Memory is the point of the layout (the daemon holds a tree entry per file
+//! of the repository, twice: its own and its belief about the agent's): an
+//! entry is a name stored inline, the node and the stat cache (104 bytes);
+//! only a file of two chunks or more has its chunk list, on the side; and the
+//! belief shares every directory the agent has in the state the daemon has.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
-use std::sync::Mutex;
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use crate::chunking::{Hash, hash_from_bytes};
+use compact_str::CompactString;
+
+use crate::chunking::{ChunkRef, Hash, hash_from_bytes};
+use crate::index::{Cached, stat_unchanged};
 use crate::path::RelPath;
+use crate::scan::Stat;
 use crate::v1;
 
 /// What a synced path is.
@@ -88,13 +101,199 @@ impl Node {
     }
 }
 
+/// What vouched for a file's hash when it was hashed: the stat cache lives
+/// in the tree, next to the entry it describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    /// Hashed too soon after its last write to trust the stat fields.
+    pub racy: bool,
+}
+
+/// One entry, packed (96 bytes: the daemon holds one per file): the node's
+/// fields and the stat cache side by side. A symlink's target is kept in
+/// [`Tree::links`].
+#[derive(Debug, Clone)]
+struct Entry {
+    name: CompactString,
+    /// A file's content hash.
+    hash: Hash,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+    kind: Kind,
+    /// [`EXEC`], [`SEEN`], [`RACY`].
+    flags: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+const EXEC: u8 = 1;
+/// The stat fields are set: this side hashed the file.
+const SEEN: u8 = 2;
+const RACY: u8 = 4;
+
+impl Entry {
+    fn new(name: &str, n: &Node, seen: Option<Seen>) -> Entry {
+        let (kind, hash, size, exec) = match n {
+            Node::File { hash, size, exec } => (Kind::File, *hash, *size, *exec),
+            Node::Dir => (Kind::Dir, Hash::from_bytes([0; 32]), 0, false),
+            Node::Symlink { .. } => (Kind::Symlink, Hash::from_bytes([0; 32]), 0, false),
+        };
+        let s = seen.unwrap_or(Seen {
+            mtime_ns: 0,
+            ctime_ns: 0,
+            ino: 0,
+            racy: false,
+        });
+        Entry {
+            name: name.into(),
+            hash,
+            size,
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+            ino: s.ino,
+            kind,
+            flags: if exec { EXEC } else { 0 }
+                | if seen.is_some() { SEEN } else { 0 }
+                | if s.racy { RACY } else { 0 },
+        }
+    }
+
+    fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+
+    /// The node, with `target` for a symlink.
+    fn node(&self, target: impl FnOnce() -> String) -> Node {
+        match self.kind {
+            Kind::File => Node::File {
+                hash: self.hash,
+                size: self.size,
+                exec: self.flags & EXEC != 0,
+            },
+            Kind::Dir => Node::Dir,
+            Kind::Symlink => Node::Symlink { target: target() },
+        }
+    }
+
+    fn seen(&self) -> Option<Seen> {
+        (self.kind == Kind::File && self.flags & SEEN != 0).then_some(Seen {
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
+            ino: self.ino,
+            racy: self.flags & RACY != 0,
+        })
+    }
+}
+
+/// A file as its side hashed it: the entry and the stat cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Hashed<'a> {
+    pub hash: Hash,
+    pub size: u64,
+    pub exec: bool,
+    pub seen: Seen,
+    many: &'a [ChunkRef],
+}
+
+impl<'a> Hashed<'a> {
+    /// The file's chunk list.
+    pub fn chunks(&self) -> Cow<'a, [ChunkRef]> {
+        if !self.many.is_empty() || self.size == 0 {
+            Cow::Borrowed(self.many)
+        } else {
+            Cow::Owned(vec![ChunkRef {
+                id: self.hash,
+                len: self.size as u32,
+            }])
+        }
+    }
+
+    /// True when `st` shows the file unchanged since it was hashed.
+    pub fn matches(&self, st: &Stat) -> bool {
+        !self.seen.racy
+            && stat_unchanged(
+                (self.size, self.seen.mtime_ns, self.seen.ctime_ns),
+                (self.seen.ino, self.exec),
+                st,
+            )
+    }
+
+    /// The stat cache entry, with its chunk list.
+    pub fn to_cached(&self) -> Cached {
+        Cached {
+            chunks: self.chunks().into_owned().into_boxed_slice(),
+            ..self.to_cached_without_chunks()
+        }
+    }
+
+    /// [`Hashed::to_cached`] with an empty list (saves an allocation when
+    /// the list is read from [`Hashed::chunks`] anyway).
+    pub fn to_cached_without_chunks(&self) -> Cached {
+        Cached {
+            size: self.size,
+            mtime_ns: self.seen.mtime_ns,
+            ctime_ns: self.seen.ctime_ns,
+            ino: self.seen.ino,
+            exec: self.exec,
+            racy: self.seen.racy,
+            hash: self.hash,
+            chunks: Box::default(),
+        }
+    }
+}
+
+/// The order [`Tree`] iterates in: component by component, so that a
+/// directory's descendants follow it directly (`a`, `a/x`, `a.b`; plain
+/// byte order puts `a.b` between them).
+pub fn path_cmp(a: &RelPath, b: &RelPath) -> Ordering {
+    let key = |c: u8| if c == b'/' { 0 } else { c };
+    a.as_str().bytes().map(key).cmp(b.as_str().bytes().map(key))
+}
+
+fn split(p: &str) -> (&str, &str) {
+    match p.rfind('/') {
+        Some(i) => (&p[..i], &p[i + 1..]),
+        None => ("", p),
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn by_name(name: &str) -> impl Fn(&Entry) -> Ordering + '_ {
+    move |e| e.name.as_str().cmp(name)
+}
+
 /// A set of synced entries with a cached Merkle root.
 #[derive(Default)]
 pub struct Tree {
-    entries: BTreeMap<RelPath, Node>,
+    /// Each directory's entries by name ("" is the top level). Clones share
+    /// the lists; a change copies the one it touches if it is shared.
+    dirs: HashMap<Box<str>, Arc<Vec<Entry>>>,
     /// Hashes of directories (key "" is the root) still valid since the last
     /// change below them.
-    dir_cache: Mutex<HashMap<String, Hash>>,
+    dir_cache: Mutex<HashMap<Box<str>, Hash>>,
+    /// The chunk lists of hashed files of two chunks or more. A file of one
+    /// chunk is that chunk (its id is the file's hash); an empty one has none.
+    many: HashMap<RelPath, Arc<[ChunkRef]>>,
+    /// Symlink targets.
+    links: HashMap<RelPath, String>,
+    len: usize,
     files: u64,
     bytes: u64,
 }
@@ -105,11 +304,11 @@ impl Tree {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// Number of regular files.
@@ -122,12 +321,67 @@ impl Tree {
         self.bytes
     }
 
-    pub fn get(&self, p: &RelPath) -> Option<&Node> {
-        self.entries.get(p)
+    fn find(&self, p: &RelPath) -> Option<&Entry> {
+        let (dir, name) = split(p.as_str());
+        let list = self.dirs.get(dir)?;
+        list.binary_search_by(by_name(name)).ok().map(|i| &list[i])
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &Node)> {
-        self.entries.iter()
+    /// The entry at `p` (a copy: entries are stored packed).
+    pub fn get(&self, p: &RelPath) -> Option<Node> {
+        self.find(p).map(|e| self.node_at(p.as_str(), e))
+    }
+
+    fn node_at(&self, p: &str, e: &Entry) -> Node {
+        e.node(|| self.links.get(p).cloned().unwrap_or_default())
+    }
+
+    /// True when `p` is a directory.
+    pub fn is_dir(&self, p: &RelPath) -> bool {
+        self.find(p).is_some_and(Entry::is_dir)
+    }
+
+    /// Gives back the room the lists grew into (after a full scan: a list
+    /// of 100 entries grown one by one would take 12 KiB instead of 10).
+    pub fn shrink_to_fit(&mut self) {
+        for l in self.dirs.values_mut() {
+            if let Some(l) = Arc::get_mut(l) {
+                l.shrink_to_fit();
+            }
+        }
+    }
+
+    /// The file at `p` with its stat cache, if this side hashed it.
+    pub fn hashed(&self, p: &RelPath) -> Option<Hashed<'_>> {
+        self.hashed_entry(p, self.find(p)?)
+    }
+
+    /// Every hashed file, in path order.
+    pub fn hashed_files(&self) -> impl Iterator<Item = (RelPath, Hashed<'_>)> {
+        self.walk(None)
+            .filter_map(|(p, e)| Some((p.clone(), self.hashed_entry(&p, e)?)))
+    }
+
+    fn hashed_entry(&self, p: &RelPath, e: &Entry) -> Option<Hashed<'_>> {
+        Some(Hashed {
+            seen: e.seen()?,
+            hash: e.hash,
+            size: e.size,
+            exec: e.flags & EXEC != 0,
+            many: self.many.get(p).map(|l| &l[..]).unwrap_or_default(),
+        })
+    }
+
+    /// Trusts the stat fields of the file at `p` from now on (its racy
+    /// window has passed and a rehash found it unchanged).
+    pub fn settle(&mut self, p: &RelPath) {
+        let (dir, name) = split(p.as_str());
+        let Some(slot) = self.dirs.get_mut(dir) else {
+            return;
+        };
+        if let Ok(i) = slot.binary_search_by(by_name(name)) {
+            Arc::make_mut(slot)[i].flags &= !RACY;
+        }
     }
 
     fn invalidate(&mut self, p: &RelPath) {
@@ -135,129 +389,218 @@ impl Tree {
         if cache.is_empty() {
             return;
         }
+        let p = p.as_str();
         cache.remove("");
-        cache.remove(p.as_str());
-        for a in p.ancestors() {
-            cache.remove(a.as_str());
+        cache.remove(p);
+        for (i, _) in p.match_indices('/') {
+            cache.remove(&p[..i]);
         }
     }
 
-    fn account(&mut self, n: &Node, sign: i64) {
-        if let Node::File { size, .. } = n {
+    fn account(&mut self, e: &Entry, sign: i64) {
+        if e.kind == Kind::File {
             self.files = self.files.wrapping_add_signed(sign);
-            self.bytes = self.bytes.wrapping_add_signed(sign * *size as i64);
+            self.bytes = self.bytes.wrapping_add_signed(sign * e.size as i64);
         }
     }
 
     /// Inserts or replaces one entry; returns the previous one.
     pub fn insert(&mut self, p: RelPath, n: Node) -> Option<Node> {
-        self.invalidate(&p);
-        self.account(&n, 1);
-        let old = self.entries.insert(p, n);
-        if let Some(o) = &old {
-            self.account(&o.clone(), -1);
+        self.set(&p, n, None, false)
+    }
+
+    /// Inserts or replaces the file at `p` as just hashed, with its stat
+    /// cache; returns the previous entry.
+    pub fn insert_hashed(&mut self, p: RelPath, c: Cached) -> Option<Node> {
+        let one_chunk = match &*c.chunks {
+            [] => c.size == 0,
+            [only] => only.id == c.hash && u64::from(only.len) == c.size,
+            _ => false,
+        };
+        if !one_chunk {
+            self.many.insert(p.clone(), c.chunks.into());
+        }
+        let node = Node::File {
+            hash: c.hash,
+            size: c.size,
+            exec: c.exec,
+        };
+        let seen = Seen {
+            mtime_ns: c.mtime_ns,
+            ctime_ns: c.ctime_ns,
+            ino: c.ino,
+            racy: c.racy,
+        };
+        self.set(&p, node, Some(seen), !one_chunk)
+    }
+
+    /// Puts `n` at `p`; `listed`: [`Tree::many`] holds its chunk list.
+    fn set(&mut self, p: &RelPath, n: Node, seen: Option<Seen>, listed: bool) -> Option<Node> {
+        let old = self.get(p);
+        if old.as_ref() != Some(&n) {
+            self.invalidate(p);
+        }
+        if !listed && !self.many.is_empty() {
+            self.many.remove(p);
+        }
+        match &n {
+            Node::Symlink { target } => {
+                self.links.insert(p.clone(), target.clone());
+            }
+            _ if matches!(old, Some(Node::Symlink { .. })) => {
+                self.links.remove(p);
+            }
+            _ => {}
+        }
+        let e = Entry::new(p.name(), &n, seen);
+        self.account(&e, 1);
+        let (dir, _) = split(p.as_str());
+        let list = match self.dirs.get_mut(dir) {
+            Some(l) => Arc::make_mut(l),
+            None => Arc::make_mut(self.dirs.entry(dir.into()).or_default()),
+        };
+        match list.binary_search_by(by_name(&e.name)) {
+            Ok(i) => {
+                let was = std::mem::replace(&mut list[i], e);
+                self.account(&was, -1);
+            }
+            Err(i) => {
+                // Grow by an eighth, not double: the lists are most of the
+                // daemon's memory.
+                if list.len() == list.capacity() {
+                    list.reserve_exact((list.len() / 8).max(4));
+                }
+                list.insert(i, e);
+                self.len += 1;
+            }
+        }
+        if !n.is_dir() {
+            // Only a directory has anything below it.
+            let mut gone = Vec::new();
+            self.take_below(p.as_str(), &mut gone);
         }
         old
     }
 
+    /// Forgets a removed entry's side data; returns its node.
+    fn removed(&mut self, p: &RelPath, e: &Entry) -> Node {
+        self.len -= 1;
+        self.account(e, -1);
+        if !self.many.is_empty() {
+            self.many.remove(p);
+        }
+        let mut target = None;
+        if e.kind == Kind::Symlink {
+            target = self.links.remove(p);
+        }
+        e.node(|| target.unwrap_or_default())
+    }
+
     /// Removes `p` and everything below it; returns what was removed, in path order.
     pub fn remove_subtree(&mut self, p: &RelPath) -> Vec<(RelPath, Node)> {
-        let keys: Vec<RelPath> = self.subtree_keys(p);
-        if keys.is_empty() {
-            return Vec::new();
-        }
-        self.invalidate(p);
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            if let Some(n) = self.entries.remove(&k) {
-                self.account(&n, -1);
-                out.push((k, n));
+        let mut out = Vec::new();
+        let (dir, name) = split(p.as_str());
+        if let Some(slot) = self.dirs.get_mut(dir)
+            && let Ok(i) = slot.binary_search_by(by_name(name))
+        {
+            let list = Arc::make_mut(slot);
+            let e = list.remove(i);
+            if list.is_empty() {
+                self.dirs.remove(dir);
             }
+            let n = self.removed(p, &e);
+            out.push((p.clone(), n));
+        }
+        self.take_below(p.as_str(), &mut out);
+        if !out.is_empty() {
+            self.invalidate(p);
         }
         out
+    }
+
+    /// Removes everything below the directory `d`, in path order.
+    fn take_below(&mut self, d: &str, out: &mut Vec<(RelPath, Node)>) {
+        let Some(list) = self.dirs.remove(d) else {
+            return;
+        };
+        for e in Arc::unwrap_or_clone(list) {
+            let path = RelPath::trusted(&join(d, &e.name));
+            let n = self.removed(&path, &e);
+            out.push((path.clone(), n));
+            self.take_below(path.as_str(), out);
+        }
     }
 
     /// `p` (if present) and every path below it, in order.
     pub fn subtree_keys(&self, p: &RelPath) -> Vec<RelPath> {
         let mut keys = Vec::new();
-        if self.entries.contains_key(p) {
+        if self.find(p).is_some() {
             keys.push(p.clone());
         }
-        keys.extend(self.descendants(Some(p)).map(|(k, _)| k.clone()));
+        keys.extend(self.walk(Some(p)).map(|(k, _)| k));
         keys
     }
 
-    /// Every entry strictly below `dir` (`None`: the whole tree).
-    pub fn descendants<'a>(
-        &'a self,
-        dir: Option<&RelPath>,
-    ) -> Box<dyn Iterator<Item = (&'a RelPath, &'a Node)> + 'a> {
-        match dir {
-            None => Box::new(self.entries.iter()),
-            Some(d) => {
-                let lo = format!("{}/", d.as_str());
-                let hi = format!("{}0", d.as_str()); // '0' is the byte after '/'
-                Box::new(
-                    self.entries.range::<str, _>((
-                        Bound::Included(lo.as_str()),
-                        Bound::Excluded(hi.as_str()),
-                    )),
-                )
-            }
+    fn walk(&self, dir: Option<&RelPath>) -> Walk<'_> {
+        let d = dir.map(RelPath::as_str).unwrap_or("");
+        Walk {
+            dirs: &self.dirs,
+            stack: self
+                .dirs
+                .get(d)
+                .map(|l| vec![(d.to_owned(), l.iter())])
+                .unwrap_or_default(),
         }
     }
 
+    /// Every entry strictly below `dir` (`None`: the whole tree), in path
+    /// order ([`path_cmp`]).
+    pub fn descendants(&self, dir: Option<&RelPath>) -> impl Iterator<Item = (RelPath, Node)> {
+        self.walk(dir).map(|(p, e)| {
+            let n = self.node_at(p.as_str(), e);
+            (p, n)
+        })
+    }
+
+    /// Every entry, in path order ([`path_cmp`]).
+    pub fn iter(&self) -> impl Iterator<Item = (RelPath, Node)> {
+        self.descendants(None)
+    }
+
     /// Direct children of `dir` (`None`: the top level), in name order.
-    pub fn children<'a>(&'a self, dir: Option<&RelPath>) -> Vec<(&'a RelPath, &'a Node)> {
-        let prefix_len = dir.map(|d| d.as_str().len() + 1).unwrap_or(0);
-        let hi = match dir {
-            Some(d) => format!("{}0", d.as_str()), // '0' is the byte after '/'
-            None => String::from("\u{10FFFF}"),
-        };
-        let mut lo = match dir {
-            Some(d) => Bound::Included(format!("{}/", d.as_str())),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        // Descendants of a child are not contiguous with the child itself
-        // ("a", "a.b", "a/x": '.' sorts before '/'), so grandchildren are
-        // skipped by seeking past their subtree when one is met.
-        'seek: loop {
-            let range = self.entries.range::<str, _>((
-                lo.as_ref().map(String::as_str),
-                Bound::Excluded(hi.as_str()),
-            ));
-            for (k, v) in range {
-                if let Some(i) = k.as_str()[prefix_len..].find('/') {
-                    let child = &k.as_str()[..prefix_len + i];
-                    lo = Bound::Included(format!("{child}0"));
-                    continue 'seek;
-                }
-                out.push((k, v));
-            }
-            break;
-        }
-        out
+    pub fn children(&self, dir: Option<&RelPath>) -> Vec<(RelPath, Node)> {
+        let d = dir.map(RelPath::as_str).unwrap_or("");
+        self.dirs
+            .get(d)
+            .map(|l| {
+                l.iter()
+                    .map(|e| {
+                        let p = join(d, &e.name);
+                        let n = self.node_at(&p, e);
+                        (RelPath::trusted(&p), n)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The Merkle root of the whole tree.
     pub fn root(&self) -> Hash {
-        self.dir_hash(None)
+        self.dir_hash("")
     }
 
-    fn dir_hash(&self, dir: Option<&RelPath>) -> Hash {
-        let key = dir.map(|d| d.as_str()).unwrap_or("");
-        if let Some(h) = self.dir_cache.lock().expect("dir cache poisoned").get(key) {
+    fn dir_hash(&self, dir: &str) -> Hash {
+        if let Some(h) = self.dir_cache.lock().expect("dir cache poisoned").get(dir) {
             return *h;
         }
         let mut h = blake3::Hasher::new();
         h.update(b"d");
-        for (k, v) in self.children(dir) {
-            let child = match v {
-                Node::Dir => self.dir_hash(Some(k)),
-                leaf => leaf.leaf_hash(),
+        for e in self.dirs.get(dir).map(|l| l.as_slice()).unwrap_or_default() {
+            let child = match e.kind {
+                Kind::Dir => self.dir_hash(&join(dir, &e.name)),
+                _ => self.node_at(&join(dir, &e.name), e).leaf_hash(),
             };
-            let name = k.name().as_bytes();
+            let name = e.name.as_bytes();
             h.update(&(name.len() as u32).to_le_bytes());
             h.update(name);
             h.update(child.as_bytes());
@@ -266,16 +609,47 @@ impl Tree {
         self.dir_cache
             .lock()
             .expect("dir cache poisoned")
-            .insert(key.to_string(), out);
+            .insert(dir.into(), out);
         out
+    }
+}
+
+/// Depth-first walk in path order: a directory's subtree right after it.
+struct Walk<'a> {
+    dirs: &'a HashMap<Box<str>, Arc<Vec<Entry>>>,
+    stack: Vec<(String, std::slice::Iter<'a, Entry>)>,
+}
+
+impl<'a> Iterator for Walk<'a> {
+    type Item = (RelPath, &'a Entry);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (dir, entries) = self.stack.last_mut()?;
+            let Some(e) = entries.next() else {
+                self.stack.pop();
+                continue;
+            };
+            let path = join(dir, &e.name);
+            let out = RelPath::trusted(&path);
+            if e.is_dir()
+                && let Some(l) = self.dirs.get(path.as_str())
+            {
+                self.stack.push((path, l.iter()));
+            }
+            return Some((out, e));
+        }
     }
 }
 
 impl Clone for Tree {
     fn clone(&self) -> Self {
         Tree {
-            entries: self.entries.clone(),
+            dirs: self.dirs.clone(),
             dir_cache: Mutex::new(self.dir_cache.lock().expect("dir cache poisoned").clone()),
+            many: self.many.clone(),
+            links: self.links.clone(),
+            len: self.len,
             files: self.files,
             bytes: self.bytes,
         }
@@ -396,6 +770,119 @@ mod tests {
         let fresh: Tree = t.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         assert_eq!(cached, fresh.root());
         assert_eq!(t.files(), 3);
+    }
+
+    #[test]
+    fn iteration_puts_a_directory_subtree_right_after_it() {
+        let t = sample();
+        let all: Vec<RelPath> = t.iter().map(|(k, _)| k).collect();
+        let names: Vec<&str> = all.iter().map(RelPath::as_str).collect();
+        assert_eq!(
+            names,
+            ["a", "a/x", "a/y.txt", "a.b", "b", "b/c", "b/c/d", "l"]
+        );
+        assert!(
+            all.windows(2)
+                .all(|w| path_cmp(&w[0], &w[1]) == Ordering::Less)
+        );
+        let below_b: Vec<String> = t
+            .descendants(Some(&p("b")))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(below_b, ["b/c", "b/c/d"]);
+        let keys: Vec<String> = t
+            .subtree_keys(&p("a"))
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(keys, ["a", "a/x", "a/y.txt"]);
+    }
+
+    #[test]
+    fn removal_and_replacement_keep_the_counts() {
+        let mut t = sample();
+        let gone: Vec<String> = t
+            .remove_subtree(&p("b"))
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(gone, ["b", "b/c", "b/c/d"]);
+        assert_eq!((t.len(), t.files()), (5, 3));
+        // A file replacing a directory takes what was below it.
+        t.insert(p("a"), file(b"now a file", false));
+        assert_eq!((t.len(), t.files()), (3, 2));
+        assert!(t.get(&p("a/x")).is_none());
+        let fresh: Tree = t.iter().map(|(k, v)| (k, v.clone())).collect();
+        assert_eq!(fresh.root(), t.root());
+    }
+
+    #[test]
+    fn a_clone_shares_the_lists_until_one_side_changes_one() {
+        let mut t: Tree = (0..50)
+            .flat_map(|d| {
+                let dir = (p(&format!("d{d}")), Node::Dir);
+                let files = (0..20).map(move |f| (p(&format!("d{d}/f{f}")), file(b"x", false)));
+                std::iter::once(dir).chain(files)
+            })
+            .collect();
+        let belief = t.clone();
+        let shared = |a: &Tree, b: &Tree| {
+            a.dirs
+                .iter()
+                .filter(|(k, l)| b.dirs.get(*k).is_some_and(|m| Arc::ptr_eq(l, m)))
+                .count()
+        };
+        assert_eq!(shared(&t, &belief), 51);
+        t.insert(p("d7/f3"), file(b"edited", false));
+        assert_eq!(shared(&t, &belief), 50, "only d7 was copied");
+        assert_eq!(belief.get(&p("d7/f3")), Some(file(b"x", false)));
+        assert_ne!(t.root(), belief.root());
+    }
+
+    #[test]
+    fn a_hashed_file_keeps_its_stat_and_a_list_only_when_it_has_several_chunks() {
+        use crate::chunking::{chunk_bytes, pseudo_random};
+        let st = |size| Stat {
+            kind: crate::scan::FileKind::File,
+            size,
+            mtime_ns: 1_500_000_000,
+            ctime_ns: 1_500_000_000,
+            ino: 7,
+            exec: false,
+        };
+        let mut t = Tree::new();
+        for (name, data) in [
+            ("empty", Vec::new()),
+            ("small", b"small file".to_vec()),
+            ("big", pseudo_random(1 << 20, 5)),
+        ] {
+            let d = chunk_bytes(&data);
+            let c = Cached::hashed_since(&st(d.size), d.clone(), 10_000_000_000);
+            t.insert_hashed(p(name), c);
+            let h = t.hashed(&p(name)).unwrap();
+            assert_eq!(&*h.chunks(), &d.chunks[..], "{name}");
+            assert_eq!(h.hash, d.hash);
+            assert!(h.matches(&st(d.size)));
+            assert!(!h.matches(&Stat {
+                ino: 8,
+                ..st(d.size)
+            }));
+            assert_eq!(h.many.is_empty(), d.chunks.len() < 2, "{name}");
+            assert_eq!(t.many.len(), usize::from(name == "big"));
+        }
+        assert_eq!(t.hashed_files().count(), 3);
+        t.insert(p("small"), Node::Dir);
+        assert!(
+            t.hashed(&p("small")).is_none(),
+            "the stat cache goes with the file"
+        );
+        t.remove_subtree(&p("big"));
+        assert!(t.many.is_empty(), "the list goes with the file");
+        assert!(
+            std::mem::size_of::<Entry>() <= 96,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
     }
 
     #[test]

@@ -253,7 +253,7 @@ pub fn take_spare(
     let Spare { dir, mut held } = spare;
     let current = |p: &RelPath, h: &Held| match (h, mirror.tree.get(p)) {
         (Held::Dir, Some(Node::Dir)) => true,
-        (Held::Symlink(t), Some(Node::Symlink { target })) => t == target,
+        (Held::Symlink(t), Some(Node::Symlink { target })) => *t == target,
         (Held::File { ino }, Some(Node::File { .. })) => {
             mirror.index.entries.get(p).is_some_and(|c| c.ino == *ino)
         }
@@ -281,8 +281,8 @@ pub fn take_spare(
     let missing: Vec<Planned> = mirror
         .tree
         .iter()
-        .filter(|(p, _)| !held.contains_key(*p))
-        .map(|(p, n)| (p.clone(), n.clone()))
+        .filter(|(p, _)| !held.contains_key(p))
+        .map(|(p, n)| (p, n.clone()))
         .collect();
     for (p, h) in &held {
         if let Held::File { ino } = h {

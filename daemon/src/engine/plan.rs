@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Hash};
 use bridge_proto::path::RelPath;
-use bridge_proto::tree::{Node, Tree};
+use bridge_proto::tree::{Node, Tree, path_cmp};
 use bridge_proto::{splice, v1};
 
 use crate::local::Local;
@@ -81,7 +81,7 @@ impl PlannedOp {
                 t.remove_subtree(p);
             }
             PlannedOp::Mkdir(p) => {
-                if !matches!(t.get(p), Some(Node::Dir)) {
+                if !t.is_dir(p) {
                     t.remove_subtree(p);
                 }
                 add_parents(t, p);
@@ -108,7 +108,7 @@ impl PlannedOp {
 
 fn add_parents(t: &mut Tree, p: &RelPath) {
     for a in p.ancestors() {
-        if !matches!(t.get(&a), Some(Node::Dir)) {
+        if !t.is_dir(&a) {
             t.remove_subtree(&a);
             t.insert(a, Node::Dir);
         }
@@ -123,17 +123,17 @@ fn create(local: &Local, p: &RelPath, n: &Node, remote: Option<&Node>) -> Option
         Node::Dir => PlannedOp::Mkdir(p.clone()),
         Node::Symlink { target } => PlannedOp::Symlink(p.clone(), target.clone()),
         Node::File { .. } => {
-            let chunks = &local.chunks(p)?.chunks;
+            let chunks = local.chunks(p)?;
             let splice = match (remote, local.previous.get(p)) {
                 (Some(Node::File { hash, .. }), Some(prev)) if prev.hash == *hash => {
-                    splice::encode(&prev.chunks, chunks).map(|steps| (*hash, steps))
+                    splice::encode(&prev.chunks, &chunks).map(|steps| (*hash, steps))
                 }
                 _ => None,
             };
             PlannedOp::Put {
                 path: p.clone(),
                 node: n.clone(),
-                chunks: chunks.clone().into(),
+                chunks,
                 splice,
             }
         }
@@ -179,7 +179,7 @@ pub(super) fn diff(local: &Local, remote: &Tree) -> Vec<PlannedOp> {
                 li.next();
                 ri.next();
             }
-            (Some((lp, ln)), Some((rp, _))) if lp < rp => {
+            (Some((lp, ln)), Some((rp, _))) if path_cmp(lp, rp).is_lt() => {
                 ops.creates.extend(create(local, lp, ln, None));
                 li.next();
             }
@@ -209,7 +209,7 @@ pub(super) fn diff_paths(
     for p in touched {
         match (local.tree.get(p), remote.get(p)) {
             (Some(l), Some(r)) if l == r => {}
-            (Some(l), r) => ops.creates.extend(create(local, p, l, r)),
+            (Some(l), r) => ops.creates.extend(create(local, p, &l, r.as_ref())),
             (None, Some(_)) => ops.remove(p),
             (None, None) => {}
         }

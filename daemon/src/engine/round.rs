@@ -167,6 +167,11 @@ impl Engine {
         let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
             .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
         self.remote_root = Some(agent_root);
+        if failed.is_empty() && agent_root == self.local().tree.root() {
+            // The agent holds exactly the local tree: share its lists
+            // instead of keeping a copy (the belief is half the memory).
+            self.remote = self.local().tree.clone();
+        }
         self.shared.progress.send_modify(|p| {
             p.files_done = files_total;
             p.bytes_done = bytes_total;
