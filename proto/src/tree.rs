@@ -814,6 +814,10 @@ mod tests {
         assert!(t.get(&p("a/x")).is_none());
         let fresh: Tree = t.iter().map(|(k, v)| (k, v.clone())).collect();
         assert_eq!(fresh.root(), t.root());
+        // A symlink's target goes with it.
+        let link = t.remove_subtree(&p("l"));
+        assert!(matches!(&link[..], [(_, Node::Symlink { target })] if target == "a/x"));
+        assert!(t.links.is_empty());
     }
 
     #[test]
