@@ -86,26 +86,12 @@ impl Cached {
     /// True when `st` shows the file unchanged since it was hashed.
     pub fn matches(&self, st: &Stat) -> bool {
         !self.racy
-            && stat_unchanged(
-                (self.size, self.mtime_ns, self.ctime_ns),
-                (self.ino, self.exec),
-                st,
-            )
+            && self.size == st.size
+            && self.mtime_ns == st.mtime_ns
+            && self.ctime_ns == st.ctime_ns
+            && self.ino == st.ino
+            && self.exec == st.exec
     }
-}
-
-/// True when `st` has the size and times, inode and exec bit a file was
-/// hashed with.
-pub(crate) fn stat_unchanged(
-    (size, mtime_ns, ctime_ns): (u64, i64, i64),
-    (ino, exec): (u64, bool),
-    st: &Stat,
-) -> bool {
-    size == st.size
-        && mtime_ns == st.mtime_ns
-        && ctime_ns == st.ctime_ns
-        && ino == st.ino
-        && exec == st.exec
 }
 
 /// Nanoseconds since the epoch.
@@ -157,56 +143,52 @@ fn read_file(path: &Path, each: impl FnMut(RelPath, Cached)) -> Result<(), ()> {
 }
 
 fn read_entries(mut r: impl Read, mut each: impl FnMut(RelPath, Cached)) -> io::Result<()> {
-    {
-        let mut magic = [0u8; 8];
-        r.read_exact(&mut magic)?;
-        if &magic != MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a bridge index",
-            ));
-        }
-        let n = read_u64(&mut r)?;
-        for _ in 0..n {
-            let plen = read_u32(&mut r)? as usize;
-            let mut p = vec![0u8; plen];
-            r.read_exact(&mut p)?;
-            let p =
-                String::from_utf8(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let path =
-                RelPath::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let size = read_u64(&mut r)?;
-            let mtime_ns = read_u64(&mut r)? as i64;
-            let ctime_ns = read_u64(&mut r)? as i64;
-            let ino = read_u64(&mut r)?;
-            let mut flags = [0u8; 1];
-            r.read_exact(&mut flags)?;
-            let hash = read_hash(&mut r)?;
-            let nchunks = read_u32(&mut r)? as usize;
-            let mut chunks = Vec::with_capacity(nchunks.min(1 << 20));
-            for _ in 0..nchunks {
-                let id = read_hash(&mut r)?;
-                chunks.push(ChunkRef {
-                    id,
-                    len: read_u32(&mut r)?,
-                });
-            }
-            each(
-                path,
-                Cached {
-                    size,
-                    mtime_ns,
-                    ctime_ns,
-                    ino,
-                    exec: flags[0] & 1 != 0,
-                    racy: flags[0] & 2 != 0,
-                    hash,
-                    chunks: chunks.into_boxed_slice(),
-                },
-            );
-        }
-        Ok(())
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a bridge index",
+        ));
     }
+    let n = read_u64(&mut r)?;
+    for _ in 0..n {
+        let plen = read_u32(&mut r)? as usize;
+        let mut p = vec![0u8; plen];
+        r.read_exact(&mut p)?;
+        let p = String::from_utf8(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let path = RelPath::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let size = read_u64(&mut r)?;
+        let mtime_ns = read_u64(&mut r)? as i64;
+        let ctime_ns = read_u64(&mut r)? as i64;
+        let ino = read_u64(&mut r)?;
+        let mut flags = [0u8; 1];
+        r.read_exact(&mut flags)?;
+        let hash = read_hash(&mut r)?;
+        let nchunks = read_u32(&mut r)? as usize;
+        let mut chunks = Vec::with_capacity(nchunks.min(1 << 20));
+        for _ in 0..nchunks {
+            let id = read_hash(&mut r)?;
+            chunks.push(ChunkRef {
+                id,
+                len: read_u32(&mut r)?,
+            });
+        }
+        each(
+            path,
+            Cached {
+                size,
+                mtime_ns,
+                ctime_ns,
+                ino,
+                exec: flags[0] & 1 != 0,
+                racy: flags[0] & 2 != 0,
+                hash,
+                chunks: chunks.into_boxed_slice(),
+            },
+        );
+    }
+    Ok(())
 }
 
 impl Index {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use compact_str::CompactString;
 
 use crate::chunking::{ChunkRef, Hash, hash_from_bytes};
-use crate::index::{Cached, stat_unchanged};
+use crate::index::Cached;
 use crate::path::RelPath;
 use crate::scan::Stat;
 use crate::v1;
@@ -220,12 +220,7 @@ impl<'a> Hashed<'a> {
 
     /// True when `st` shows the file unchanged since it was hashed.
     pub fn matches(&self, st: &Stat) -> bool {
-        !self.seen.racy
-            && stat_unchanged(
-                (self.size, self.seen.mtime_ns, self.seen.ctime_ns),
-                (self.seen.ino, self.exec),
-                st,
-            )
+        self.to_cached_without_chunks().matches(st)
     }
 
     /// The stat cache entry, with its chunk list.

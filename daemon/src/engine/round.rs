@@ -149,10 +149,18 @@ impl Engine {
         for f in &done.failures {
             tracing::warn!(path = %f.path, error = %f.message, "agent could not apply");
         }
+        let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
+            .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
+        // When the agent holds exactly the local tree, the belief becomes a
+        // clone sharing its lists (below) instead of a copy with the ops
+        // applied: the belief is half the daemon's memory otherwise.
+        let share = failed.is_empty() && agent_root == self.local().tree.root();
         let mut sent = Vec::new();
         for op in &applied {
             if !failed.contains(op.path().as_str()) {
-                op.apply_to(&mut self.remote);
+                if !share {
+                    op.apply_to(&mut self.remote);
+                }
                 if let PlannedOp::Put { path, .. } = op {
                     sent.push(path.clone());
                 }
@@ -164,12 +172,8 @@ impl Engine {
                 local.forget_previous(p);
             }
         }
-        let agent_root = bridge_proto::chunking::hash_from_bytes(&done.root)
-            .ok_or_else(|| SyncError::Protocol("Done without a root".into()))?;
         self.remote_root = Some(agent_root);
-        if failed.is_empty() && agent_root == self.local().tree.root() {
-            // The agent holds exactly the local tree: share its lists
-            // instead of keeping a copy (the belief is half the memory).
+        if share {
             self.remote = self.local().tree.clone();
         }
         self.shared.progress.send_modify(|p| {
