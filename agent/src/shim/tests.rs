@@ -215,14 +215,20 @@ fn cancel_stops_the_job() {
         std::thread::sleep(Duration::from_millis(5));
     }
     eprintln!("first output after {:?}", t0.elapsed());
-    // What the agent does.
-    let state = job.state().unwrap();
+    // What the agent does, once the shim has recorded the job's pid (the
+    // job's first line can come before that record).
+    let child_pid = loop {
+        if let Some(pid) = job.state().and_then(|s| s.child_pid) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no child pid recorded"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
     fs::write(job.dir.join(CANCEL_FILE), b"").unwrap();
-    killpg(
-        Pid::from_raw(state.child_pid.unwrap() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
+    killpg(Pid::from_raw(child_pid as i32), Signal::SIGTERM).unwrap();
     let (code, exit) = job.finish(child);
     assert_eq!(exit.reason, "cancelled");
     assert_eq!(exit.phase, Phase::Running);
