@@ -349,24 +349,44 @@ impl Engine {
     async fn start(&mut self) -> (Vec<RelPath>, Result<(), SyncError>) {
         self.shared.set_phase("scanning");
         self.full_scan_began = Some(SystemTime::now());
+        let t0 = Instant::now();
         let mut local = self.local.take().expect("local tree is home");
         let scan = tokio::task::spawn_blocking(move || {
             let ch = local.apply([Dirty::Tree(None)].into());
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "start: local scan");
             (local, ch)
         });
         let verifying = match self.link().await {
             Ok(()) => {
+                tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "start: linked");
                 let client = self.client();
                 let mirror = self.repo.mirror.clone();
-                Ok(tokio::spawn(
-                    async move { verified_root(client?, mirror).await },
-                ))
+                Ok(tokio::spawn(async move {
+                    let root = verified_root(client?, mirror).await;
+                    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "start: agent's root");
+                    root
+                }))
             }
             Err(e) => Err(e),
         };
         let (local, ch) = scan.await.expect("local tree task panicked");
-        self.local = Some(local);
-        let busy = self.watch_rescanned(true, ch).await;
+        // Nothing is known of the agent's tree yet, so the first diff is a
+        // full one (or none, when the roots agree): the paths this scan
+        // touched (all of them, after a restart) need not be kept.
+        debug_assert!(self.full_diff);
+        self.rules_changed |= ch.rules_changed;
+        // The tree's Merkle root is hashed on a thread while every directory
+        // gets its watch here (each a round trip to the watcher's thread).
+        let dirs: Vec<RelPath> = local.tree.dirs().collect();
+        let rooting = tokio::task::spawn_blocking(move || {
+            local.tree.root();
+            local
+        });
+        self.watcher
+            .add(std::iter::once(None).chain(dirs.iter().map(Some)));
+        self.local = Some(rooting.await.expect("local tree task panicked"));
+        let busy = ch.busy;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "start: watching");
         let connected = match verifying {
             Ok(task) => match task.await {
                 Ok(Ok(root)) => self.learn_remote_from(root).await,
@@ -395,13 +415,7 @@ impl Engine {
             busy.append(&mut ch.busy);
             self.watcher.remove(ch.gone_dirs.iter());
             if full {
-                let dirs: Vec<RelPath> = self
-                    .local()
-                    .tree
-                    .iter()
-                    .filter(|(_, n)| n.is_dir())
-                    .map(|(p, _)| p.clone())
-                    .collect();
+                let dirs: Vec<RelPath> = self.local().tree.dirs().collect();
                 self.watcher
                     .add(std::iter::once(None).chain(dirs.iter().map(Some)));
                 break;

@@ -7,7 +7,7 @@
 //! one directory level, or a subtree; each rehashes only files whose `lstat`
 //! changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,6 +69,10 @@ pub struct Local {
     /// The stat cache saved by the last run, until the first full scan has
     /// taken what still matches into the tree.
     prior: Option<Tree>,
+    /// `prior` while a thread reads it (meanwhile the first scan walks).
+    prior_loading: Option<std::thread::JoinHandle<Tree>>,
+    /// Files of `prior` the first scan found unchanged.
+    prior_taken: u64,
     /// Paths present but not synced, with why.
     pub skipped: BTreeMap<String, String>,
     /// Files hashed so recently after a write that the stat cache cannot vouch
@@ -99,8 +103,17 @@ const PREVIOUS_MAX_REFS: usize = 1 << 18;
 
 impl Local {
     pub fn new(root: PathBuf, index_path: PathBuf) -> Local {
+        let path = index_path.clone();
+        let loading = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let prior = Index::load_tree(&path);
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "index loaded");
+            prior
+        });
         Local {
-            prior: Some(Index::load_tree(&index_path)),
+            prior: None,
+            prior_loading: Some(loading),
+            prior_taken: 0,
             root,
             saver: Saver::new(index_path),
             tree: Tree::new(),
@@ -111,6 +124,13 @@ impl Local {
             previous: HashMap::new(),
             previous_refs: 0,
             index_dirty: false,
+        }
+    }
+
+    /// Waits for the saved stat cache, if it is still being read.
+    fn join_prior(&mut self) {
+        if let Some(h) = self.prior_loading.take() {
+            self.prior = Some(h.join().unwrap_or_default());
         }
     }
 
@@ -153,9 +173,9 @@ impl Local {
         }
         if covered(None) {
             if let Some(prior) = self.prior.take() {
-                // What is left of it is gone from disk; the saved index
-                // still lists it.
-                self.index_dirty |= !prior.is_empty();
+                // A file it lists that the scan did not take is gone or
+                // changed: the saved index is out of date.
+                self.index_dirty |= self.prior_taken != prior.files();
             }
             self.tree.shrink_to_fit();
         }
@@ -187,6 +207,7 @@ impl Local {
     /// One known path: rehash if its stat changed; anything structural falls
     /// back to a rescan of its directory.
     fn recheck(&mut self, p: &RelPath, ch: &mut Changes) {
+        self.join_prior();
         let known = matches!(self.tree.get(p), Some(Node::File { .. }));
         let st = Stat::lstat(&p.to_fs(&self.root));
         match st {
@@ -213,6 +234,7 @@ impl Local {
             if recursive { None } else { Some(1) },
             Side::Daemon,
         );
+        self.join_prior();
         if !self.outputs.is_empty() {
             found.retain(|f| !self.outputs.iter().any(|o| f.path.starts_with(o)));
         }
@@ -229,8 +251,8 @@ impl Local {
                 .to_string();
             self.skipped.insert(p, b.reason);
         }
-        // Entries in scope that the walk did not find are gone.
-        let seen: BTreeSet<&RelPath> = found.iter().map(|f| &f.path).collect();
+        // Entries in scope that the walk did not find are gone (none are in
+        // scope at the start: the tree is empty until the first scan).
         let in_scope: Vec<RelPath> = if recursive {
             self.tree.descendants(dir).map(|(k, _)| k.clone()).collect()
         } else {
@@ -240,9 +262,12 @@ impl Local {
                 .map(|(k, _)| k.clone())
                 .collect()
         };
-        for k in in_scope {
-            if !seen.contains(&k) && self.tree.get(&k).is_some() {
-                self.remove(&k, ch);
+        if !in_scope.is_empty() {
+            let seen: HashSet<&RelPath> = found.iter().map(|f| &f.path).collect();
+            for k in in_scope {
+                if !seen.contains(&k) && self.tree.get(&k).is_some() {
+                    self.remove(&k, ch);
+                }
             }
         }
         // Found entries: update; new directories found by a one-level scan
@@ -275,13 +300,15 @@ impl Local {
                         continue;
                     }
                     // A version the last run saw that changed since stays
-                    // in `prior` for `record` (the agent likely has it).
-                    let prior = self.prior.as_mut().and_then(|t| {
+                    // in `prior` for `record` (the agent likely has it). One
+                    // that matches is left there too (removing entries one
+                    // by one from the front of each list would move the
+                    // rest every time), and counted.
+                    let prior = self.prior.as_ref().and_then(|t| {
                         let c = t.hashed(&f.path).filter(|c| c.matches(&f.stat))?;
-                        let c = c.to_cached();
-                        t.remove_subtree(&f.path);
-                        Some(c)
+                        Some(c.to_cached())
                     });
+                    self.prior_taken += prior.is_some() as u64;
                     match prior {
                         Some(c) => {
                             ch.touched(&f.path);
@@ -537,6 +564,7 @@ mod tests {
             l.prior.is_none(),
             "the loaded cache is dropped after the scan"
         );
+        assert!(!l.index_dirty, "an unchanged restart rewrites no index");
 
         // And after a change while it was down, the version the agent most
         // likely holds is kept for a splice.
@@ -548,6 +576,17 @@ mod tests {
         assert_eq!(l.files_hashed, 1);
         let prev = &l.previous[&RelPath::new("big.bin").unwrap()];
         assert_eq!(prev.hash, before);
+        l.tree.settle(&RelPath::new("big.bin").unwrap());
+        l.save_index(false);
+
+        // A file removed while it was down leaves the saved index.
+        let gone = files.iter().find(|p| p.as_str() != "big.bin").unwrap();
+        fs::remove_file(gone.to_fs(d.path())).unwrap();
+        let mut l = Local::new(d.path().to_path_buf(), d.path().join(".bridge/index"));
+        full(&mut l);
+        assert_eq!(l.files_hashed, 0);
+        assert!(l.tree.get(gone).is_none());
+        assert!(l.index_dirty, "the saved index still lists {gone}");
     }
 
     #[test]

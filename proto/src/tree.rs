@@ -460,10 +460,11 @@ impl Tree {
                 self.account(&was, -1);
             }
             Err(i) => {
-                // Grow by an eighth, not double: the lists are most of the
-                // daemon's memory.
+                // Grow by half, not double: the lists are most of the
+                // daemon's memory (a full scan ends with `shrink_to_fit`).
+                // By less, a list built entry by entry is copied too often.
                 if list.len() == list.capacity() {
-                    list.reserve_exact((list.len() / 8).max(4));
+                    list.reserve_exact((list.len() / 2).max(4));
                 }
                 list.insert(i, e);
                 self.len += 1;
@@ -560,6 +561,16 @@ impl Tree {
     /// Every entry, in path order ([`path_cmp`]).
     pub fn iter(&self) -> impl Iterator<Item = (RelPath, Node)> {
         self.descendants(None)
+    }
+
+    /// Every directory below the top level, in no particular order (no
+    /// other entry is looked at: cheaper than filtering [`Tree::iter`]).
+    pub fn dirs(&self) -> impl Iterator<Item = RelPath> + '_ {
+        self.dirs.iter().flat_map(|(d, l)| {
+            l.iter()
+                .filter(|e| e.is_dir())
+                .map(move |e| RelPath::trusted(&join(d, &e.name)))
+        })
     }
 
     /// Direct children of `dir` (`None`: the top level), in name order.
@@ -791,6 +802,14 @@ mod tests {
             .map(|k| k.to_string())
             .collect();
         assert_eq!(keys, ["a", "a/x", "a/y.txt"]);
+        let mut dirs: Vec<String> = t.dirs().map(|d| d.to_string()).collect();
+        dirs.sort();
+        let expected: Vec<String> = all
+            .iter()
+            .filter(|k| t.is_dir(k))
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(dirs, expected);
     }
 
     #[test]
