@@ -141,6 +141,11 @@ impl Idle {
         }
     }
 
+    /// Jobs queued, in setup or running.
+    pub fn jobs_active(&self) -> u32 {
+        self.activity.jobs_active()
+    }
+
     pub fn policy(&self) -> Option<&Policy> {
         self.policy.as_ref()
     }

@@ -33,6 +33,7 @@ pub mod mirror;
 pub mod service;
 pub mod shim;
 pub mod store;
+pub mod watch;
 
 use std::fs;
 use std::future::Future;

@@ -4,8 +4,10 @@
 //! walks the mirror with the same ignore rules as the daemon and rehashes only
 //! files whose `lstat` changed since the stat cache ([`Index`]) saw them. Paths
 //! the agent writes itself are recorded as written, without a rehash.
+//! Between refreshes an inotify watch ([`MirrorWatch`]) lets a verification
+//! look only at the paths something touched ([`Mirror::verify`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use bridge_proto::scan::{self, FileKind, Side, Stat};
 use bridge_proto::tree::{Node, Tree};
 
 use crate::store::Store;
+use crate::watch::MirrorWatch;
 
 /// How long the agent may keep index updates only in memory. A crash loses at
 /// most this much of the cache (the cost is a rehash, never a wrong answer);
@@ -38,6 +41,8 @@ pub struct Mirror {
     last_save: Instant,
     /// Files hashed by refreshes since start (observability, tests).
     pub files_hashed: u64,
+    /// Full refreshes (walks of the whole mirror) since start.
+    pub refreshes: u64,
     /// Directories the daemon removed that still hold ignored paths: kept on
     /// disk, left out of the synced view while nothing synced is inside.
     retained: BTreeSet<RelPath>,
@@ -46,6 +51,10 @@ pub struct Mirror {
     /// moved, from threads without the state lock; applied before the next
     /// refresh compares stats (see [`Mirror::relinked`]).
     pub relinks: RelinkQueue,
+    /// Paths touched since the last refresh.
+    watch: MirrorWatch,
+    /// The watch covered the mirror since the last full refresh began.
+    vouched: bool,
 }
 
 /// See [`Mirror::relinks`].
@@ -77,6 +86,7 @@ impl Mirror {
             .collect();
         let mut m = Mirror {
             name: name.to_string(),
+            watch: MirrorWatch::new(&root),
             root,
             index: Index::load(&index_path),
             saver: Saver::new(index_path),
@@ -84,9 +94,11 @@ impl Mirror {
             index_dirty: false,
             last_save: Instant::now(),
             files_hashed: 0,
+            refreshes: 0,
             retained,
             retained_path,
             relinks: Default::default(),
+            vouched: false,
         };
         m.refresh(store)?;
         Ok(m)
@@ -103,10 +115,114 @@ impl Mirror {
         Ok(())
     }
 
+    /// Makes the tree the mirror's as it is on disk now. With `trust_watch`
+    /// (no job can write mirror files through its snapshot's hard links)
+    /// and a watch that saw everything since the last refresh, only the paths
+    /// it reported are looked at; otherwise, or when one of them is not what
+    /// the agent recorded, the whole mirror is walked ([`Mirror::refresh`]).
+    pub fn verify(&mut self, store: &mut Store, trust_watch: bool) -> io::Result<()> {
+        if trust_watch && self.vouched {
+            let t0 = Instant::now();
+            if let Some(looked) = self.catch_up() {
+                tracing::debug!(
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    looked,
+                    "mirror verified by its watch"
+                );
+                return Ok(());
+            }
+        }
+        self.refresh(store)
+    }
+
+    /// Looks at every path the watch reported (and, for a directory, at each
+    /// entry in it and in the tree). Returns how many paths it looked at when
+    /// all are as recorded; `None` when one is not, or events were lost.
+    fn catch_up(&mut self) -> Option<usize> {
+        if !self.watch.flush() {
+            return None;
+        }
+        let mut work: Vec<PathBuf> = self.watch.take()?.into_iter().collect();
+        self.apply_relinks();
+        let mut seen = HashSet::new();
+        while let Some(p) = work.pop() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            if !self.as_recorded(&p, &mut work) {
+                tracing::debug!(path = %p.display(), "mirror changed outside the agent's rounds");
+                return None;
+            }
+        }
+        Some(seen.len())
+    }
+
+    /// True when `abs` on disk is what the tree and stat cache say; for a
+    /// directory, (re)watches it and queues its entries on disk and in the
+    /// tree (a directory watched late may have changed unseen).
+    fn as_recorded(&mut self, abs: &Path, work: &mut Vec<PathBuf>) -> bool {
+        let rel = if abs == self.root {
+            None
+        } else {
+            match RelPath::from_fs(&self.root, abs) {
+                Ok(r) if r.as_str().split('/').any(scan::is_always_excluded) => return true,
+                // New rules change which paths are synced: only a walk
+                // applies them.
+                Ok(r) if scan::is_ignore_file(r.name()) => return false,
+                Ok(r) => Some(r),
+                Err(_) => return false,
+            }
+        };
+        let node = match &rel {
+            Some(r) => self.tree.get(r),
+            None => Some(Node::Dir),
+        };
+        let st = match Stat::lstat(abs) {
+            Ok(st) => st,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return node.is_none(),
+            Err(_) => return false,
+        };
+        match (st.kind, node) {
+            (FileKind::File, Some(Node::File { .. })) => rel
+                .and_then(|r| self.index.entries.get(&r))
+                .is_some_and(|c| c.matches(&st)),
+            (FileKind::Symlink, Some(Node::Symlink { target })) => {
+                fs::read_link(abs).is_ok_and(|t| t.to_string_lossy() == target)
+            }
+            (FileKind::Dir, Some(Node::Dir)) => {
+                if !self.watch.watch(abs) {
+                    return false;
+                }
+                let Ok(entries) = fs::read_dir(abs) else {
+                    return false;
+                };
+                for e in entries {
+                    match e {
+                        Ok(e) => work.push(e.path()),
+                        Err(_) => return false,
+                    }
+                }
+                work.extend(
+                    self.tree
+                        .children(rel.as_ref())
+                        .into_iter()
+                        .map(|(p, _)| p.to_fs(&self.root)),
+                );
+                true
+            }
+            // Sockets and fifos are never synced.
+            (FileKind::Other, None) => true,
+            _ => false,
+        }
+    }
+
     /// Rebuilds the tree from disk, rehashing only changed files.
     pub fn refresh(&mut self, store: &mut Store) -> io::Result<()> {
         let t0 = Instant::now();
         let hashed_before = self.files_hashed;
+        self.refreshes += 1;
+        // What the walk sees covers everything touched until now.
+        let _ = self.watch.take();
         self.apply_relinks();
         let mut late = HashMap::new();
         let (found, unreadable) = scan::walk(&self.root, None, None, Side::Agent);
@@ -197,6 +313,7 @@ impl Mirror {
         }
         self.index = index;
         self.tree = tree;
+        self.watch_tree();
         // Links made after the walk passed their file.
         for (p, st) in late {
             self.relinked(&p, &st);
@@ -209,6 +326,23 @@ impl Mirror {
             "mirror refreshed"
         );
         Ok(())
+    }
+
+    /// Watches every directory of the tree, and no other. A directory
+    /// watched only now was walked before its watch existed: the next
+    /// verification looks at it again.
+    fn watch_tree(&mut self) {
+        let dirs: HashSet<PathBuf> = std::iter::once(self.root.clone())
+            .chain(self.tree.dirs().map(|d| d.to_fs(&self.root)))
+            .collect();
+        let late = self.watch.watch_exactly(dirs);
+        self.watch.touch(late);
+        self.vouched = self.watch.usable();
+    }
+
+    /// Directories watched for [`Mirror::verify`].
+    pub fn watches(&self) -> usize {
+        self.watch.watches()
     }
 
     /// Records a file the agent has just renamed into place.
@@ -323,5 +457,155 @@ impl Mirror {
             self.index_dirty = false;
             self.last_save = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::index::{Cached, HashOutcome, hash_file};
+
+    fn open(d: &Path) -> (Mirror, Store) {
+        let mut store = Store::open(&d.join("store"), 1 << 20).unwrap();
+        let m = d.join("mirrors/m");
+        fs::create_dir_all(m.join("pkg/sub")).unwrap();
+        fs::write(m.join("top.py"), "top").unwrap();
+        fs::write(m.join("pkg/a.py"), "a").unwrap();
+        fs::write(m.join("pkg/sub/b.py"), "b").unwrap();
+        // As `Hello` leaves it: a `.git` holding the daemon's excludes.
+        scan::install_excludes(&m, &[]).unwrap();
+        let mut mirror = Mirror::open(d, "m", &mut store).unwrap();
+        // As if written long enough ago for their stats to be trusted.
+        for c in mirror.index.entries.values_mut() {
+            c.racy = false;
+        }
+        (mirror, store)
+    }
+
+    fn path(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    /// What the agent does after a round wrote `p`.
+    fn record(m: &mut Mirror, p: &str) {
+        let Ok(HashOutcome::Hashed(st, d, started)) =
+            hash_file(&path(p).to_fs(&m.root), 3, |_, _| {})
+        else {
+            panic!("cannot hash {p}");
+        };
+        let mut c = Cached::hashed_since(&st, d, started);
+        c.racy = false;
+        m.record_file(path(p), c);
+    }
+
+    #[test]
+    fn the_watch_vouches_for_the_agents_own_writes_and_not_for_others() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut m, mut store) = open(d.path());
+        assert_eq!(m.refreshes, 1);
+        assert!(m.watches() >= 3, "the root, pkg and pkg/sub");
+
+        // Directories watched after their walk are looked at once, entry
+        // by entry, without a walk; then there is nothing to look at.
+        m.verify(&mut store, true).unwrap();
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 1);
+        let root = m.tree.root();
+
+        // A round's write, in a new directory too: recorded, explained.
+        fs::create_dir(m.root.join("pkg/new")).unwrap();
+        m.tree.insert(path("pkg/new"), Node::Dir);
+        fs::write(m.root.join("pkg/new/c.py"), "c").unwrap();
+        record(&mut m, "pkg/new/c.py");
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 1, "nothing but the agent's writes");
+        assert_ne!(m.tree.root(), root);
+
+        // The new directory got its watch: a change in it by someone else
+        // is seen.
+        fs::write(m.root.join("pkg/new/c.py"), "changed by hand").unwrap();
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 2);
+        let c = m.tree.get(&path("pkg/new/c.py"));
+        assert!(matches!(c, Some(Node::File { size: 15, .. })), "{c:?}");
+
+        // Each kind of change by someone else makes a full refresh.
+        type Change = fn(&Path);
+        let changes: [(&str, Change); 4] = [
+            ("an edit", |r| {
+                fs::write(r.join("pkg/sub/b.py"), "bb").unwrap()
+            }),
+            ("a removal", |r| fs::remove_file(r.join("top.py")).unwrap()),
+            ("a new file", |r| {
+                fs::write(r.join("pkg/sub/n.py"), "n").unwrap()
+            }),
+            ("an exec bit", |r| {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(r.join("pkg/a.py"), fs::Permissions::from_mode(0o755)).unwrap()
+            }),
+        ];
+        for (what, change) in changes {
+            let before = m.refreshes;
+            change(&m.root);
+            m.verify(&mut store, true).unwrap();
+            assert_eq!(m.refreshes, before + 1, "{what}");
+            m.verify(&mut store, true).unwrap();
+            assert_eq!(m.refreshes, before + 1, "{what}: then trusted again");
+        }
+        assert!(m.tree.get(&path("top.py")).is_none());
+        assert!(m.tree.get(&path("pkg/sub/n.py")).is_some());
+
+        // An ignore file the agent writes itself changes which paths are
+        // synced: the walk applies it.
+        fs::write(m.root.join("pkg/.gitignore"), "a.py\n").unwrap();
+        record(&mut m, "pkg/.gitignore");
+        let before = m.refreshes;
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, before + 1);
+        assert!(m.tree.get(&path("pkg/a.py")).is_none(), "now ignored");
+        fs::remove_file(m.root.join("pkg/.gitignore")).unwrap();
+        m.forget(&path("pkg/.gitignore"));
+        m.verify(&mut store, true).unwrap();
+        assert!(m.tree.get(&path("pkg/a.py")).is_some());
+        assert!(matches!(
+            m.tree.get(&path("pkg/a.py")),
+            Some(Node::File { exec: true, .. })
+        ));
+
+        // While a job runs (its snapshot shares inodes), the watch is not
+        // trusted.
+        let before = m.refreshes;
+        m.verify(&mut store, false).unwrap();
+        assert_eq!(m.refreshes, before + 1);
+    }
+
+    #[test]
+    fn a_directory_made_and_filled_by_someone_else_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut m, mut store) = open(d.path());
+        m.verify(&mut store, true).unwrap();
+        fs::create_dir_all(m.root.join("pkg/made/deeper")).unwrap();
+        fs::write(m.root.join("pkg/made/deeper/x.py"), "x").unwrap();
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 2);
+        assert!(m.tree.get(&path("pkg/made/deeper/x.py")).is_some());
+        // And what it then holds is watched.
+        fs::write(m.root.join("pkg/made/deeper/x.py"), "xx").unwrap();
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 3);
+        assert!(matches!(
+            m.tree.get(&path("pkg/made/deeper/x.py")),
+            Some(Node::File { size: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn without_a_git_directory_there_is_no_flush_and_every_verification_walks() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut m, mut store) = open(d.path());
+        fs::remove_dir_all(m.root.join(".git")).unwrap();
+        m.verify(&mut store, true).unwrap();
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 3);
     }
 }
