@@ -53,8 +53,6 @@ pub struct Mirror {
     pub relinks: RelinkQueue,
     /// Paths touched since the last refresh.
     watch: MirrorWatch,
-    /// The watch covered the mirror since the last full refresh began.
-    vouched: bool,
 }
 
 /// See [`Mirror::relinks`].
@@ -98,7 +96,6 @@ impl Mirror {
             retained,
             retained_path,
             relinks: Default::default(),
-            vouched: false,
         };
         m.refresh(store)?;
         Ok(m)
@@ -121,7 +118,7 @@ impl Mirror {
     /// it reported are looked at; otherwise, or when one of them is not what
     /// the agent recorded, the whole mirror is walked ([`Mirror::refresh`]).
     pub fn verify(&mut self, store: &mut Store, trust_watch: bool) -> io::Result<()> {
-        if trust_watch && self.vouched {
+        if trust_watch && self.watch.usable() {
             let t0 = Instant::now();
             if let Some(looked) = self.catch_up() {
                 tracing::debug!(
@@ -337,7 +334,6 @@ impl Mirror {
             .collect();
         let late = self.watch.watch_exactly(dirs);
         self.watch.touch(late);
-        self.vouched = self.watch.usable();
     }
 
     /// Directories watched for [`Mirror::verify`].
