@@ -40,6 +40,19 @@ struct Pending {
     marks: u64,
 }
 
+impl Pending {
+    fn add(&mut self, paths: impl IntoIterator<Item = PathBuf>) {
+        if self.overflow {
+            return;
+        }
+        self.paths.extend(paths);
+        if self.paths.len() > PENDING_MAX {
+            self.paths = HashSet::new();
+            self.overflow = true;
+        }
+    }
+}
+
 type Shared = Arc<(Mutex<Pending>, Condvar)>;
 
 pub struct MirrorWatch {
@@ -49,8 +62,9 @@ pub struct MirrorWatch {
     /// so touching it makes an event that marks a point in the queue.
     marker: PathBuf,
     watched: HashSet<PathBuf>,
-    /// Why the watch cannot vouch for the mirror; `None` while it can.
-    broken: Option<String>,
+    /// The watch cannot vouch for the mirror (no inotify, or out of
+    /// watches; logged once).
+    broken: bool,
 }
 
 impl MirrorWatch {
@@ -71,23 +85,18 @@ impl MirrorWatch {
                     p.marks += 1;
                     seen.notify_all();
                 }
-                Ok(ev) => {
-                    if p.overflow {
-                        return;
-                    }
-                    p.paths.extend(ev.paths);
-                    if p.paths.len() > PENDING_MAX {
-                        p.paths = HashSet::new();
-                        p.overflow = true;
-                    }
-                }
+                Ok(ev) => p.add(ev.paths),
                 Err(_) => p.overflow = true,
             }
         };
-        let (inner, broken) = match notify::recommended_watcher(handler) {
-            Ok(w) => (Some(w), None),
-            Err(e) => (None, Some(format!("cannot start inotify: {e}"))),
+        let inner = match notify::recommended_watcher(handler) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start inotify: every verification of this mirror walks it whole");
+                None
+            }
         };
+        let broken = inner.is_none();
         MirrorWatch {
             inner,
             pending,
@@ -132,7 +141,7 @@ impl MirrorWatch {
 
     /// True while the watch has seen everything since it was set up.
     pub fn usable(&self) -> bool {
-        self.broken.is_none()
+        !self.broken
     }
 
     /// Takes the paths touched since the last call; `None` when events were
@@ -146,21 +155,16 @@ impl MirrorWatch {
 
     /// Adds `paths` to the touched set, as if events had named them.
     pub fn touch(&self, paths: impl IntoIterator<Item = PathBuf>) {
-        let mut p = self.lock();
-        p.paths.extend(paths);
-        if p.paths.len() > PENDING_MAX {
-            p.paths = HashSet::new();
-            p.overflow = true;
-        }
+        self.lock().add(paths);
     }
 
     /// Watches `dir` (again: after a removal and a new directory of the same
-    /// name, the old watch is gone). False once the watch is broken.
+    /// name, the old watch is gone). False when it is not watched.
     pub fn watch(&mut self, dir: &Path) -> bool {
         let Some(w) = self.inner.as_mut() else {
             return false;
         };
-        if self.broken.is_some() {
+        if self.broken {
             return false;
         }
         match w.watch(dir, RecursiveMode::NonRecursive) {
@@ -169,27 +173,28 @@ impl MirrorWatch {
                 true
             }
             Err(e) if is_limit(&e) => {
-                let msg = format!(
+                tracing::warn!(
                     "inotify watch limit reached after {} directories (fs.inotify.max_user_watches): \
                      every verification of this mirror walks it whole",
                     self.watched.len()
                 );
-                tracing::warn!("{msg}");
-                self.broken = Some(msg);
+                self.broken = true;
                 false
             }
-            // Gone since it was found: its parent's events name it.
+            // Gone since it was found, or not readable: a verification that
+            // meets it walks the mirror.
             Err(e) => {
                 tracing::debug!(path = %dir.display(), error = %e, "cannot watch");
                 self.watched.remove(dir);
-                true
+                false
             }
         }
     }
 
     /// Makes the watched set exactly `dirs` (absolute). Returns the
     /// directories that were not watched before: their walk happened before
-    /// their watch, so what changed in between is unknown.
+    /// their watch (or they could not be watched), so what changed in them
+    /// is unknown.
     pub fn watch_exactly(&mut self, dirs: HashSet<PathBuf>) -> Vec<PathBuf> {
         let gone: Vec<PathBuf> = self.watched.difference(&dirs).cloned().collect();
         for d in gone {
@@ -203,9 +208,10 @@ impl MirrorWatch {
             if self.watched.contains(&d) {
                 continue;
             }
-            if !self.watch(&d) {
+            if self.broken {
                 break;
             }
+            self.watch(&d);
             new.push(d);
         }
         new
