@@ -12,7 +12,7 @@
 //! - [`round`]: one round on the wire — plans in batches, chunk bodies, the
 //!   commit; the next plan is on the wire while the agent answers the last.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -351,6 +351,19 @@ impl Engine {
         self.full_scan_began = Some(SystemTime::now());
         let t0 = Instant::now();
         let mut local = self.local.take().expect("local tree is home");
+        // The directories the saved index knows are watched while the scan
+        // runs (most before the walk lists them), on a thread of their own:
+        // each watch is a round trip to the watcher's thread.
+        let prior_dirs = local.take_prior_dirs();
+        let stand_in = self.watcher.stand_in();
+        let mut watcher = std::mem::replace(&mut self.watcher, stand_in);
+        let early_watch = tokio::task::spawn_blocking(move || {
+            watcher.add([None]);
+            if let Some(dirs) = prior_dirs.and_then(|rx| rx.recv().ok()) {
+                watcher.add(dirs.iter().map(Some));
+            }
+            watcher
+        });
         let scan = tokio::task::spawn_blocking(move || {
             let ch = local.apply([Dirty::Tree(None)].into());
             tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "start: local scan");
@@ -376,12 +389,15 @@ impl Engine {
         debug_assert!(self.full_diff);
         self.rules_changed |= ch.rules_changed;
         // The tree's Merkle root is hashed on a thread while every directory
-        // gets its watch here (each a round trip to the watcher's thread).
-        let dirs: Vec<RelPath> = local.tree.dirs().collect();
+        // the early watches missed gets its watch here, and those of
+        // directories gone (or ignored) since the index was saved are dropped.
+        let dirs: HashSet<RelPath> = local.tree.dirs().collect();
         let rooting = tokio::task::spawn_blocking(move || {
             local.tree.root();
             local
         });
+        self.watcher = early_watch.await.expect("watch task panicked");
+        self.watcher.retain(|d| d.is_none_or(|d| dirs.contains(d)));
         self.watcher
             .add(std::iter::once(None).chain(dirs.iter().map(Some)));
         self.local = Some(rooting.await.expect("local tree task panicked"));

@@ -71,6 +71,8 @@ pub struct Local {
     prior: Option<Tree>,
     /// `prior` while a thread reads it (meanwhile the first scan walks).
     prior_loading: Option<std::thread::JoinHandle<Tree>>,
+    /// The directories of `prior`, sent as soon as it is read.
+    prior_dirs: Option<std::sync::mpsc::Receiver<Vec<RelPath>>>,
     /// Files of `prior` the first scan found unchanged.
     prior_taken: u64,
     /// Paths present but not synced, with why.
@@ -104,15 +106,18 @@ const PREVIOUS_MAX_REFS: usize = 1 << 18;
 impl Local {
     pub fn new(root: PathBuf, index_path: PathBuf) -> Local {
         let path = index_path.clone();
+        let (dirs_tx, dirs_rx) = std::sync::mpsc::sync_channel(1);
         let loading = std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
             let prior = Index::load_tree(&path);
             tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "index loaded");
+            let _ = dirs_tx.send(prior.dirs_above_entries());
             prior
         });
         Local {
             prior: None,
             prior_loading: Some(loading),
+            prior_dirs: Some(dirs_rx),
             prior_taken: 0,
             root,
             saver: Saver::new(index_path),
@@ -125,6 +130,12 @@ impl Local {
             previous_refs: 0,
             index_dirty: false,
         }
+    }
+
+    /// The directories the saved stat cache knows, once it is read (to
+    /// watch while the first scan runs); only the first call has them.
+    pub fn take_prior_dirs(&mut self) -> Option<std::sync::mpsc::Receiver<Vec<RelPath>>> {
+        self.prior_dirs.take()
     }
 
     /// Waits for the saved stat cache, if it is still being read.
@@ -220,6 +231,9 @@ impl Local {
 
     /// Rescans one directory level (or the subtree with `recursive`).
     fn rescan(&mut self, dir: Option<&RelPath>, recursive: bool, ch: &mut Changes) {
+        if dir.is_none() && recursive && self.tree.is_empty() {
+            return self.first_scan(ch);
+        }
         if let Some(d) = dir {
             // Only directories the tree holds are walked: a directory that is
             // gone or newly ignored is handled by its parent.
@@ -324,6 +338,61 @@ impl Local {
         for d in new_subdirs {
             self.rescan(Some(&d), true, ch);
         }
+    }
+
+    /// The first full scan, into an empty tree: each directory's listing
+    /// is merged with the saved index's list for it, so that a file whose
+    /// stat matches is taken as it was (no per-file lookup or insert); the
+    /// rest is hashed. Its touched paths are every path (the engine has no
+    /// use for them: its first diff is a full one) and are not listed.
+    fn first_scan(&mut self, ch: &mut Changes) {
+        let (listings, bad) = scan::walk_listings(&self.root, None, None, Side::Daemon);
+        self.join_prior();
+        self.skipped.clear();
+        for b in bad {
+            let p = b
+                .path
+                .strip_prefix(&format!("{}/", self.root.display()))
+                .unwrap_or(&b.path)
+                .to_string();
+            self.skipped.insert(p, b.reason);
+        }
+        let prior = self.prior.take();
+        let outputs = std::mem::take(&mut self.outputs);
+        let mut to_hash = Vec::new();
+        let mut links = Vec::new();
+        for mut l in listings {
+            if !outputs.is_empty() {
+                if outputs.iter().any(|o| is_at_or_below(&l.dir, o.as_str())) {
+                    continue;
+                }
+                l.entries.retain(|(name, _)| {
+                    !outputs
+                        .iter()
+                        .any(|o| o.name() == name && parent_str(o) == l.dir)
+                });
+            }
+            ch.rules_changed |= l.entries.iter().any(|(n, _)| scan::is_ignore_file(n));
+            let dir = l.dir.clone();
+            for (name, stat) in self.tree.add_listing(l, prior.as_ref()) {
+                let path = scan::Listing::path_in(&dir, &name);
+                match stat.kind {
+                    FileKind::File => to_hash.push(Found { path, stat }),
+                    FileKind::Symlink => links.push(path),
+                    FileKind::Dir | FileKind::Other => {}
+                }
+            }
+        }
+        if let Some(p) = &prior {
+            self.tree.adopt_chunk_lists(p);
+            self.prior_taken = self.tree.files();
+        }
+        self.prior = prior;
+        self.outputs = outputs;
+        for p in links {
+            self.update_symlink(&p, ch);
+        }
+        self.hash_many(to_hash, ch);
     }
 
     fn update_symlink(&mut self, p: &RelPath, ch: &mut Changes) {
@@ -458,6 +527,17 @@ impl Local {
     }
 }
 
+/// True when the directory `dir` ("" for the top) is `o` or below it.
+fn is_at_or_below(dir: &str, o: &str) -> bool {
+    dir.strip_prefix(o)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The parent of `p` as a string ("" for the top level).
+fn parent_str(p: &RelPath) -> &str {
+    p.as_str().rfind('/').map_or("", |i| &p.as_str()[..i])
+}
+
 /// Hashes `files` on up to as many threads as there are cores.
 fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<HashOutcome>)> {
     let threads = std::thread::available_parallelism()
@@ -587,6 +667,33 @@ mod tests {
         assert_eq!(l.files_hashed, 0);
         assert!(l.tree.get(gone).is_none());
         assert!(l.index_dirty, "the saved index still lists {gone}");
+    }
+
+    #[test]
+    fn a_first_scan_leaves_out_job_outputs_and_reads_links() {
+        let (d, mut l) = setup();
+        fs::create_dir_all(d.path().join("runs/r1/deep")).unwrap();
+        fs::write(d.path().join("runs/r1/deep/ckpt"), "w").unwrap();
+        fs::write(d.path().join("runs/keep"), "k").unwrap();
+        fs::write(d.path().join("metrics.json"), "m").unwrap();
+        fs::write(d.path().join("train.py"), "t").unwrap();
+        std::os::unix::fs::symlink("train.py", d.path().join("link")).unwrap();
+        l.outputs = vec![
+            RelPath::new("runs/r1").unwrap(),
+            RelPath::new("metrics.json").unwrap(),
+        ];
+        full(&mut l);
+        let paths: Vec<String> = l.tree.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(paths, ["link", "runs", "runs/keep", "train.py"]);
+        assert_eq!(
+            l.tree.get(&RelPath::new("link").unwrap()),
+            Some(Node::Symlink {
+                target: "train.py".into()
+            })
+        );
+        // The general rescan finds the same tree.
+        let ch = full(&mut l);
+        assert!(ch.touched.is_empty(), "{:?}", ch.touched);
     }
 
     #[test]

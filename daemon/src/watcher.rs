@@ -98,6 +98,38 @@ impl Watcher {
         }
     }
 
+    /// A watcher that watches nothing, standing in while this one is lent
+    /// to a thread.
+    pub fn stand_in(&self) -> Watcher {
+        Watcher {
+            root: self.root.clone(),
+            inner: None,
+            watched: HashSet::new(),
+            mode: self.mode.clone(),
+        }
+    }
+
+    /// Stops watching every directory `keep` rejects (`None` is the root).
+    pub fn retain(&mut self, keep: impl Fn(Option<&RelPath>) -> bool) {
+        let Some(w) = self.inner.as_mut() else { return };
+        let root = &self.root;
+        self.watched.retain(|p| {
+            let rel = if p == root {
+                None
+            } else {
+                match RelPath::from_fs(root, p) {
+                    Ok(r) => Some(r),
+                    Err(_) => return true,
+                }
+            };
+            if keep(rel.as_ref()) {
+                return true;
+            }
+            let _ = w.unwatch(p);
+            false
+        });
+    }
+
     /// Number of directories watched.
     pub fn watches(&self) -> usize {
         self.watched.len()

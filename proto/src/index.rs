@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -112,7 +112,7 @@ impl Index {
     /// Loads `path`; a missing, corrupt or old-format file yields an empty index.
     pub fn load(path: &Path) -> Index {
         let mut entries = HashMap::new();
-        match read_file(path, |p, c| _ = entries.insert(p, c)) {
+        match read_file(path, |p, c| _ = entries.insert(RelPath::trusted(p), c)) {
             Ok(()) => Index { entries },
             Err(()) => Index::default(),
         }
@@ -122,17 +122,18 @@ impl Index {
     /// allocation per entry but a chunk list of two chunks or more).
     pub fn load_tree(path: &Path) -> Tree {
         let mut t = Tree::new();
-        match read_file(path, |p, c| _ = t.insert_hashed(p, c)) {
+        match read_file(path, |p, c| t.push_hashed(p, c)) {
             Ok(()) => t,
             Err(()) => Tree::new(),
         }
     }
 }
 
-/// Reads an index file, passing each entry to `each`; a missing file reads
-/// as empty, a corrupt one is an error (logged).
-fn read_file(path: &Path, each: impl FnMut(RelPath, Cached)) -> Result<(), ()> {
-    match File::open(path).and_then(|f| read_entries(BufReader::new(f), each)) {
+/// Reads an index file, passing each entry (its path checked) to `each`; a
+/// missing file reads as empty, a corrupt one is an error (logged).
+fn read_file(path: &Path, each: impl FnMut(&str, Cached)) -> Result<(), ()> {
+    // Read whole: a slice reads each field with a copy, no call.
+    match std::fs::read(path).and_then(|b| read_entries(&b[..], each)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => {
@@ -142,7 +143,8 @@ fn read_file(path: &Path, each: impl FnMut(RelPath, Cached)) -> Result<(), ()> {
     }
 }
 
-fn read_entries(mut r: impl Read, mut each: impl FnMut(RelPath, Cached)) -> io::Result<()> {
+fn read_entries(mut r: &[u8], mut each: impl FnMut(&str, Cached)) -> io::Result<()> {
+    let r = &mut r;
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != MAGIC {
@@ -151,31 +153,36 @@ fn read_entries(mut r: impl Read, mut each: impl FnMut(RelPath, Cached)) -> io::
             "not a bridge index",
         ));
     }
-    let n = read_u64(&mut r)?;
+    let n = read_u64(r)?;
     for _ in 0..n {
-        let plen = read_u32(&mut r)? as usize;
-        let mut p = vec![0u8; plen];
-        r.read_exact(&mut p)?;
-        let p = String::from_utf8(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let path = RelPath::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let size = read_u64(&mut r)?;
-        let mtime_ns = read_u64(&mut r)? as i64;
-        let ctime_ns = read_u64(&mut r)? as i64;
-        let ino = read_u64(&mut r)?;
+        let plen = read_u32(r)? as usize;
+        if r.len() < plen {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let cur: &[u8] = r;
+        let (p, rest) = cur.split_at(plen);
+        *r = rest;
+        let p =
+            std::str::from_utf8(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        RelPath::check(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let size = read_u64(r)?;
+        let mtime_ns = read_u64(r)? as i64;
+        let ctime_ns = read_u64(r)? as i64;
+        let ino = read_u64(r)?;
         let mut flags = [0u8; 1];
         r.read_exact(&mut flags)?;
-        let hash = read_hash(&mut r)?;
-        let nchunks = read_u32(&mut r)? as usize;
+        let hash = read_hash(r)?;
+        let nchunks = read_u32(r)? as usize;
         let mut chunks = Vec::with_capacity(nchunks.min(1 << 20));
         for _ in 0..nchunks {
-            let id = read_hash(&mut r)?;
+            let id = read_hash(r)?;
             chunks.push(ChunkRef {
                 id,
-                len: read_u32(&mut r)?,
+                len: read_u32(r)?,
             });
         }
         each(
-            path,
+            p,
             Cached {
                 size,
                 mtime_ns,
@@ -377,6 +384,7 @@ pub fn hash_file(
 mod tests {
     use super::*;
     use crate::chunking::chunk_bytes;
+    use crate::tree::Node;
     use std::fs;
 
     fn stat_of(p: &Path) -> Stat {
@@ -411,6 +419,79 @@ mod tests {
         // chmod is a change too: it cannot be told apart from an in-place
         // edit that restored mtime (both move only ctime), so it rehashes.
         assert!(!c.matches(&chmod), "exec bit");
+    }
+
+    fn cached(content: &[u8], mtime_ns: i64, max_chunk: Option<usize>) -> Cached {
+        let mut d = chunk_bytes(content);
+        if let Some(n) = max_chunk {
+            // Split by hand: a list of two chunks or more.
+            d.chunks = content
+                .chunks(n)
+                .map(|c| ChunkRef {
+                    id: blake3::hash(c),
+                    len: c.len() as u32,
+                })
+                .collect();
+        }
+        Cached {
+            size: content.len() as u64,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            ino: mtime_ns as u64,
+            exec: false,
+            racy: false,
+            hash: d.hash,
+            chunks: d.chunks.into_boxed_slice(),
+        }
+    }
+
+    #[test]
+    fn a_cache_saved_in_any_order_loads_into_the_same_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = Index::default();
+        for i in 0..60 {
+            let p = format!("d{}/e{}/f{i}", i % 3, i % 2);
+            let body = format!("file {i}");
+            let split = (i % 10 == 0).then_some(3);
+            ix.entries
+                .insert(RelPath::new(p).unwrap(), cached(body.as_bytes(), i, split));
+        }
+        ix.entries
+            .insert(RelPath::new("top").unwrap(), cached(b"top", 1, None));
+        // A tree of files alone, as a saved cache loads (no directory entries).
+        let mut want = Tree::new();
+        for (p, c) in &ix.entries {
+            want.insert_hashed(p.clone(), c.clone());
+        }
+        let mut full = Tree::new();
+        for d in ["d0", "d1", "d2"] {
+            full.insert(RelPath::new(d).unwrap(), Node::Dir);
+            for e in ["e0", "e1"] {
+                full.insert(RelPath::new(format!("{d}/{e}")).unwrap(), Node::Dir);
+            }
+        }
+        for (p, c) in &ix.entries {
+            full.insert_hashed(p.clone(), c.clone());
+        }
+        // A hash map's order, then the path order a tree saves in.
+        let unordered = d.path().join("unordered");
+        ix.save(&unordered).unwrap();
+        let ordered = d.path().join("ordered");
+        write_atomic(&ordered, &encode_tree(&full)).unwrap();
+        for path in [unordered, ordered] {
+            let got = Index::load_tree(&path);
+            assert_eq!(
+                (got.len(), got.files(), got.bytes()),
+                (want.len(), want.files(), want.bytes())
+            );
+            for (p, c) in &ix.entries {
+                let h = got
+                    .hashed(p)
+                    .unwrap_or_else(|| panic!("{p} in {}", path.display()));
+                assert_eq!(&h.to_cached(), c, "{p} in {}", path.display());
+            }
+            assert_eq!(got.dirs_above_entries().len(), 9, "d0..d2 and d0/e0..d2/e1");
+        }
     }
 
     #[test]

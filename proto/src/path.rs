@@ -42,27 +42,33 @@ impl RelPath {
     /// Validates `s` as a relative wire path.
     pub fn new(s: impl Into<String>) -> Result<Self, PathError> {
         let s = s.into();
+        RelPath::check(&s)?;
+        Ok(RelPath(s.into()))
+    }
+
+    /// What [`RelPath::new`] checks, without making the path.
+    pub fn check(s: &str) -> Result<(), PathError> {
         if s.is_empty() {
             return Err(PathError::Empty);
         }
         if s.len() > MAX_PATH_BYTES {
-            return Err(PathError::TooLong(s));
+            return Err(PathError::TooLong(s.to_owned()));
         }
         if s.contains('\0') {
-            return Err(PathError::Nul(s));
+            return Err(PathError::Nul(s.to_owned()));
         }
         if s.starts_with('/') {
-            return Err(PathError::Absolute(s));
+            return Err(PathError::Absolute(s.to_owned()));
         }
         for c in s.split('/') {
             if c.is_empty() {
-                return Err(PathError::EmptyComponent(s));
+                return Err(PathError::EmptyComponent(s.to_owned()));
             }
             if c == "." || c == ".." {
-                return Err(PathError::DotComponent(s));
+                return Err(PathError::DotComponent(s.to_owned()));
             }
         }
-        Ok(RelPath(s.into()))
+        Ok(())
     }
 
     /// A path built from parts of valid paths (a directory and one of its

@@ -137,15 +137,66 @@ pub struct Unreadable {
     pub reason: String,
 }
 
+/// One directory's synced entries as a walk found them, names in byte order.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The directory, relative to the root ("" for the root itself).
+    pub dir: String,
+    /// Each entry's name (a valid path component) and `lstat`.
+    pub entries: Vec<(String, Stat)>,
+}
+
+impl Listing {
+    /// The path of the entry named `name`.
+    pub fn path(&self, name: &str) -> RelPath {
+        Listing::path_in(&self.dir, name)
+    }
+
+    /// The path of the entry `name` of a listed directory `dir`.
+    pub fn path_in(dir: &str, name: &str) -> RelPath {
+        if dir.is_empty() {
+            RelPath::trusted(name)
+        } else {
+            let mut p = String::with_capacity(dir.len() + 1 + name.len());
+            p.push_str(dir);
+            p.push('/');
+            p.push_str(name);
+            RelPath::trusted(&p)
+        }
+    }
+}
+
 /// Walks `root/start` (the whole tree when `start` is `None`), down to
-/// `max_depth` levels below `start`, returning every synced path. Ignore files
-/// in `start`'s parents inside the tree apply as they would in a full walk.
+/// `max_depth` levels below `start`, returning every synced path in path
+/// order. Ignore files in `start`'s parents inside the tree apply as they
+/// would in a full walk.
 pub fn walk(
     root: &Path,
     start: Option<&RelPath>,
     max_depth: Option<usize>,
     side: Side,
 ) -> (Vec<Found>, Vec<Unreadable>) {
+    let (listings, bad) = walk_listings(root, start, max_depth, side);
+    let total = listings.iter().map(|l| l.entries.len()).sum();
+    let mut found = Vec::with_capacity(total);
+    for l in &listings {
+        found.extend(l.entries.iter().map(|(name, stat)| Found {
+            path: l.path(name),
+            stat: *stat,
+        }));
+    }
+    found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    (found, bad)
+}
+
+/// [`walk`], by directory (in no particular order): what a caller that
+/// builds a tree of per-directory lists needs, without a path per entry.
+pub fn walk_listings(
+    root: &Path,
+    start: Option<&RelPath>,
+    max_depth: Option<usize>,
+    side: Side,
+) -> (Vec<Listing>, Vec<Unreadable>) {
     let base = start
         .map(|s| s.to_fs(root))
         .unwrap_or_else(|| root.to_path_buf());
@@ -176,12 +227,11 @@ pub fn walk(
             Ok(e) => {
                 let p = e.path();
                 if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
-                    names
-                        .lock()
-                        .expect("walk poisoned")
-                        .entry(dir.to_path_buf())
-                        .or_default()
-                        .push(name.to_owned());
+                    let mut names = names.lock().expect("walk poisoned");
+                    match names.get_mut(dir) {
+                        Some(l) => l.push(name.to_owned()),
+                        None => _ = names.insert(dir.to_path_buf(), vec![name.to_owned()]),
+                    }
                 }
             }
             Err(err) => {
@@ -215,7 +265,7 @@ pub fn walk(
         .into_iter()
         .collect();
     let total: usize = dirs.iter().map(|(_, n)| n.len()).sum();
-    let mut found = Vec::with_capacity(total);
+    let mut listings = Vec::with_capacity(dirs.len());
     let mut bad = bad.into_inner().expect("walk poisoned");
     let per_thread = total.div_ceil(threads).max(1);
     let mut parts: Vec<&[(PathBuf, Vec<OsString>)]> = Vec::new();
@@ -235,25 +285,24 @@ pub fn walk(
         for part in &parts[1..] {
             handles.push(s.spawn(|| stat_all(root, part)));
         }
-        let (f, u) = stat_all(root, parts[0]);
-        found.extend(f);
+        let (l, u) = stat_all(root, parts[0]);
+        listings.extend(l);
         bad.extend(u);
         for h in handles {
-            let (f, u) = h.join().expect("stat thread panicked");
-            found.extend(f);
+            let (l, u) = h.join().expect("stat thread panicked");
+            listings.extend(l);
             bad.extend(u);
         }
     });
-    found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    (found, bad)
+    (listings, bad)
 }
 
 /// Threads of a whole-tree walk.
 const WALK_THREADS: usize = 2;
 
 /// `lstat`s every name in its directory.
-fn stat_all(root: &Path, dirs: &[(PathBuf, Vec<OsString>)]) -> (Vec<Found>, Vec<Unreadable>) {
-    let mut found = Vec::new();
+fn stat_all(root: &Path, dirs: &[(PathBuf, Vec<OsString>)]) -> (Vec<Listing>, Vec<Unreadable>) {
+    let mut listings = Vec::with_capacity(dirs.len());
     let mut bad = Vec::new();
     let mut unreadable = |p: &Path, e: &dyn std::fmt::Display| {
         bad.push(Unreadable {
@@ -274,14 +323,17 @@ fn stat_all(root: &Path, dirs: &[(PathBuf, Vec<OsString>)]) -> (Vec<Found>, Vec<
                 continue;
             }
         };
-        let prefix = match RelPath::from_fs(root, dir) {
-            Ok(d) => format!("{d}/"),
+        let rel = match RelPath::from_fs(root, dir) {
+            Ok(d) => d.to_string(),
             Err(_) if dir == root => String::new(),
             Err(e) => {
                 unreadable(dir, &e);
                 continue;
             }
         };
+        // The room a name has: the path's length limit, less "dir/".
+        let room = MAX_PATH_BYTES.saturating_sub(if rel.is_empty() { 0 } else { rel.len() + 1 });
+        let mut entries = Vec::with_capacity(names.len());
         for name in names {
             let st = match fstatat(&fd, Path::new(name), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => Stat::from_raw(&st),
@@ -296,25 +348,20 @@ fn stat_all(root: &Path, dirs: &[(PathBuf, Vec<OsString>)]) -> (Vec<Found>, Vec<
             }
             // A listed name has no '/' or NUL and is not "." or "..": only
             // its encoding and the length are left to check.
-            let path = match name.to_str() {
-                Some(n) if prefix.len() + n.len() <= MAX_PATH_BYTES => {
-                    let mut p = String::with_capacity(prefix.len() + n.len());
-                    p.push_str(&prefix);
-                    p.push_str(n);
-                    RelPath::trusted(&p)
-                }
-                _ => match RelPath::from_fs(root, &dir.join(name)) {
-                    Ok(p) => p,
-                    Err(e) => {
+            match name.to_str() {
+                Some(n) if n.len() <= room => entries.push((n.to_owned(), st)),
+                _ => {
+                    // RelPath says why.
+                    if let Err(e) = RelPath::from_fs(root, &dir.join(name)) {
                         unreadable(&dir.join(name), &e);
-                        continue;
                     }
-                },
-            };
-            found.push(Found { path, stat: st });
+                }
+            }
         }
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        listings.push(Listing { dir: rel, entries });
     }
-    (found, bad)
+    (listings, bad)
 }
 
 fn is_not_found(e: &ignore::Error) -> bool {

@@ -28,7 +28,7 @@ use compact_str::CompactString;
 use crate::chunking::{ChunkRef, Hash, hash_from_bytes};
 use crate::index::Cached;
 use crate::path::RelPath;
-use crate::scan::Stat;
+use crate::scan::{FileKind, Listing, Stat};
 use crate::v1;
 
 /// What a synced path is.
@@ -39,16 +39,22 @@ pub enum Node {
     Symlink { target: String },
 }
 
+/// The hash a file contributes to its directory: BLAKE3 of "f", the exec
+/// bit and the content hash (one call: the input is one block).
+fn file_leaf_hash(exec: bool, hash: &Hash) -> Hash {
+    let mut b = [0u8; 34];
+    b[0] = b'f';
+    b[1] = exec as u8;
+    b[2..].copy_from_slice(hash.as_bytes());
+    blake3::hash(&b)
+}
+
 impl Node {
     /// The hash a leaf contributes to its directory (directories: see [`Tree`]).
     fn leaf_hash(&self) -> Hash {
         let mut h = blake3::Hasher::new();
         match self {
-            Node::File { hash, exec, .. } => {
-                h.update(b"f");
-                h.update(&[*exec as u8]);
-                h.update(hash.as_bytes());
-            }
+            Node::File { hash, exec, .. } => return file_leaf_hash(*exec, hash),
             Node::Symlink { target } => {
                 h.update(b"l");
                 h.update(target.as_bytes());
@@ -170,6 +176,17 @@ impl Entry {
 
     fn is_dir(&self) -> bool {
         self.kind == Kind::Dir
+    }
+
+    /// True when `st` shows this hashed file unchanged ([`Cached::matches`]).
+    fn matches(&self, st: &Stat) -> bool {
+        self.kind == Kind::File
+            && self.flags & (SEEN | RACY) == SEEN
+            && self.size == st.size
+            && self.mtime_ns == st.mtime_ns
+            && self.ctime_ns == st.ctime_ns
+            && self.ino == st.ino
+            && (self.flags & EXEC != 0) == st.exec
     }
 
     /// The node, with `target` for a symlink.
@@ -380,11 +397,14 @@ impl Tree {
     }
 
     fn invalidate(&mut self, p: &RelPath) {
+        self.invalidate_str(p.as_str());
+    }
+
+    fn invalidate_str(&mut self, p: &str) {
         let cache = self.dir_cache.get_mut().expect("dir cache poisoned");
         if cache.is_empty() {
             return;
         }
-        let p = p.as_str();
         cache.remove("");
         cache.remove(p);
         for (i, _) in p.match_indices('/') {
@@ -427,6 +447,45 @@ impl Tree {
             racy: c.racy,
         };
         self.set(&p, node, Some(seen), !one_chunk)
+    }
+
+    /// [`Tree::insert_hashed`] for building a tree from a saved stat cache:
+    /// a file of one chunk that sorts after the last entry of its directory
+    /// (as a cache saved in path order has them) is appended, without the
+    /// lookups an insert makes.
+    pub fn push_hashed(&mut self, p: &str, c: Cached) {
+        let (dir, name) = split(p);
+        let one_chunk = match &*c.chunks {
+            [] => c.size == 0,
+            [only] => only.id == c.hash && u64::from(only.len) == c.size,
+            _ => false,
+        };
+        if one_chunk
+            && let Some(list) = self.dirs.get_mut(dir).and_then(Arc::get_mut)
+            && list.last().is_some_and(|e| e.name.as_str() < name)
+        {
+            let node = Node::File {
+                hash: c.hash,
+                size: c.size,
+                exec: c.exec,
+            };
+            let seen = Seen {
+                mtime_ns: c.mtime_ns,
+                ctime_ns: c.ctime_ns,
+                ino: c.ino,
+                racy: c.racy,
+            };
+            if list.len() == list.capacity() {
+                list.reserve_exact((list.len() / 2).max(4));
+            }
+            list.push(Entry::new(name, &node, Some(seen)));
+            self.files += 1;
+            self.bytes += c.size;
+            self.len += 1;
+            self.invalidate_str(p);
+            return;
+        }
+        self.insert_hashed(RelPath::trusted(p), c);
     }
 
     /// Puts `n` at `p`; `listed`: [`Tree::many`] holds its chunk list.
@@ -490,6 +549,72 @@ impl Tree {
             target = self.links.remove(p);
         }
         e.node(|| target.unwrap_or_default())
+    }
+
+    /// Adds a directory's listing from a full scan to a tree being built,
+    /// which holds nothing in that directory yet (the directory's own entry
+    /// comes with its parent's listing). Its subdirectories become entries,
+    /// and so does each file whose stat matches `prior`'s cache for it (with
+    /// `prior`'s hash; [`Tree::adopt_chunk_lists`] brings the chunk lists).
+    /// What is left, files to hash and symlinks to read, is returned.
+    ///
+    /// A restart's scan: one merge of two sorted lists per directory
+    /// instead of a lookup and an insert per file.
+    pub fn add_listing(&mut self, l: Listing, prior: Option<&Tree>) -> Vec<(String, Stat)> {
+        let old: &[Entry] = prior
+            .and_then(|t| t.dirs.get(l.dir.as_str()))
+            .map_or(&[], |l| l.as_slice());
+        let mut list = Vec::with_capacity(l.entries.len());
+        let mut rest = Vec::new();
+        let mut j = 0;
+        for (name, st) in l.entries {
+            let e = match st.kind {
+                FileKind::Dir => Entry::new(&name, &Node::Dir, None),
+                FileKind::File => {
+                    while j < old.len() && old[j].name.as_str() < name.as_str() {
+                        j += 1;
+                    }
+                    match old.get(j).filter(|e| e.name == name && e.matches(&st)) {
+                        Some(e) => e.clone(),
+                        None => {
+                            rest.push((name, st));
+                            continue;
+                        }
+                    }
+                }
+                FileKind::Symlink | FileKind::Other => {
+                    rest.push((name, st));
+                    continue;
+                }
+            };
+            self.account(&e, 1);
+            list.push(e);
+        }
+        if !list.is_empty() {
+            debug_assert!(
+                !self.dirs.contains_key(l.dir.as_str()),
+                "{} listed twice",
+                l.dir
+            );
+            self.len += list.len();
+            self.invalidate_str(&l.dir);
+            self.dirs.insert(l.dir.into(), Arc::new(list));
+        }
+        rest
+    }
+
+    /// Takes `prior`'s chunk list of each file [`Tree::add_listing`] took
+    /// from it (still the same content).
+    pub fn adopt_chunk_lists(&mut self, prior: &Tree) {
+        for (p, l) in &prior.many {
+            let same = match (self.find(p), prior.find(p)) {
+                (Some(a), Some(b)) => a.seen().is_some() && a.hash == b.hash && a.size == b.size,
+                _ => false,
+            };
+            if same && !self.many.contains_key(p) {
+                self.many.insert(p.clone(), l.clone());
+            }
+        }
     }
 
     /// Removes `p` and everything below it; returns what was removed, in path order.
@@ -573,6 +698,20 @@ impl Tree {
         })
     }
 
+    /// Every directory below the top level that holds an entry or is above
+    /// one that does, in no particular order: what a tree of files alone
+    /// (a saved stat cache) knows of the directories.
+    pub fn dirs_above_entries(&self) -> Vec<RelPath> {
+        let mut out: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for d in self.dirs.keys() {
+            let mut d: &str = d;
+            while !d.is_empty() && out.insert(d) {
+                d = split(d).0;
+            }
+        }
+        out.into_iter().map(RelPath::trusted).collect()
+    }
+
     /// Direct children of `dir` (`None`: the top level), in name order.
     pub fn children(&self, dir: Option<&RelPath>) -> Vec<(RelPath, Node)> {
         let d = dir.map(RelPath::as_str).unwrap_or("");
@@ -599,19 +738,23 @@ impl Tree {
         if let Some(h) = self.dir_cache.lock().expect("dir cache poisoned").get(dir) {
             return *h;
         }
-        let mut h = blake3::Hasher::new();
-        h.update(b"d");
-        for e in self.dirs.get(dir).map(|l| l.as_slice()).unwrap_or_default() {
+        // The whole input in one buffer, hashed in one call (the same hash
+        // as feeding it piece by piece, at a fraction of the calls).
+        let list = self.dirs.get(dir).map(|l| l.as_slice()).unwrap_or_default();
+        let mut b = Vec::with_capacity(1 + list.len() * 64);
+        b.push(b'd');
+        for e in list {
             let child = match e.kind {
                 Kind::Dir => self.dir_hash(&join(dir, &e.name)),
-                _ => self.node_at(&join(dir, &e.name), e).leaf_hash(),
+                Kind::File => file_leaf_hash(e.flags & EXEC != 0, &e.hash),
+                Kind::Symlink => self.node_at(&join(dir, &e.name), e).leaf_hash(),
             };
             let name = e.name.as_bytes();
-            h.update(&(name.len() as u32).to_le_bytes());
-            h.update(name);
-            h.update(child.as_bytes());
+            b.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            b.extend_from_slice(name);
+            b.extend_from_slice(child.as_bytes());
         }
-        let out = h.finalize();
+        let out = blake3::hash(&b);
         self.dir_cache
             .lock()
             .expect("dir cache poisoned")
@@ -711,6 +854,100 @@ mod tests {
         ]
         .into_iter()
         .collect()
+    }
+
+    fn stat(kind: FileKind, size: u64, mtime_ns: i64) -> Stat {
+        Stat {
+            kind,
+            size,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            ino: 9,
+            exec: false,
+        }
+    }
+
+    fn cached(b: &[u8], st: &Stat, chunks: Vec<ChunkRef>) -> Cached {
+        Cached {
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+            ino: st.ino,
+            exec: st.exec,
+            racy: false,
+            hash: blake3::hash(b),
+            chunks: chunks.into_boxed_slice(),
+        }
+    }
+
+    #[test]
+    fn a_listing_takes_unchanged_files_from_the_prior_tree_and_returns_the_rest() {
+        let one = |b: &[u8]| {
+            vec![ChunkRef {
+                id: blake3::hash(b),
+                len: b.len() as u32,
+            }]
+        };
+        let two = vec![
+            ChunkRef {
+                id: blake3::hash(b"bi"),
+                len: 2,
+            },
+            ChunkRef {
+                id: blake3::hash(b"g"),
+                len: 1,
+            },
+        ];
+        let f = |size| stat(FileKind::File, size, 10);
+        let mut prior = Tree::new();
+        prior.insert_hashed(p("a/big"), cached(b"big", &f(3), two.clone()));
+        prior.insert_hashed(p("a/x"), cached(b"x", &f(1), one(b"x")));
+        prior.insert_hashed(p("a/y"), cached(b"y", &f(1), one(b"y")));
+        let mut racy = cached(b"r", &f(1), one(b"r"));
+        racy.racy = true;
+        prior.insert_hashed(p("a/racy"), racy);
+
+        let mut t = Tree::new();
+        let listing = |dir: &str, entries: Vec<(&str, Stat)>| Listing {
+            dir: dir.into(),
+            entries: entries
+                .into_iter()
+                .map(|(n, s)| (n.to_owned(), s))
+                .collect(),
+        };
+        let link = stat(FileKind::Symlink, 3, 10);
+        let top = listing("", vec![("a", stat(FileKind::Dir, 0, 1)), ("l", link)]);
+        let rest = t.add_listing(top, Some(&prior));
+        assert_eq!(rest, [("l".to_owned(), link)]);
+        let a = listing(
+            "a",
+            vec![
+                ("big", f(3)),
+                ("new", f(5)),
+                ("racy", f(1)),
+                ("x", f(1)),
+                ("y", stat(FileKind::File, 1, 11)),
+            ],
+        );
+        let rest: Vec<String> = t
+            .add_listing(a, Some(&prior))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(rest, ["new", "racy", "y"], "new, never trusted, changed");
+        t.adopt_chunk_lists(&prior);
+        assert_eq!(t.hashed(&p("a/big")).unwrap().chunks(), two);
+        assert_eq!((t.len(), t.files(), t.bytes()), (3, 2, 4));
+
+        // The same tree as inserting each entry makes.
+        let mut u = Tree::new();
+        u.insert(p("a"), Node::Dir);
+        for f in ["a/big", "a/x"] {
+            u.insert_hashed(p(f), prior.hashed(&p(f)).unwrap().to_cached());
+        }
+        assert_eq!(t.root(), u.root());
+        assert_eq!(t.iter().collect::<Vec<_>>(), u.iter().collect::<Vec<_>>());
+        assert_eq!(t.dirs_above_entries(), [p("a")]);
     }
 
     #[test]
