@@ -560,8 +560,12 @@ impl Engine {
             self.remote = self.local().tree.clone();
             self.full_diff = false;
             // The belief is exact: nothing is left to compare (after a
-            // restart this held every path of the repository).
+            // restart this held every path of the repository), and the
+            // agent holds the ignore files the local tree was scanned
+            // with (a restart's scan counts every one as changed, which
+            // would cost a manifest).
             self.touched.clear();
+            self.rules_changed = false;
             return Ok(());
         }
         self.fetch_manifest().await

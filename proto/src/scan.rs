@@ -3,14 +3,14 @@
 //! The synced set is the tree minus git's ignore rules with git's semantics —
 //! nested `.gitignore`, `.git/info/exclude`, `core.excludesFile` (daemon side),
 //! negations — plus `.bridgeignore` files in the same syntax, minus `.git/`,
-//! `.bridge/` and editor temporaries. The `ignore` crate implements the rules;
-//! ignored directories are pruned before they are read, so a 200k-file `.venv`
-//! costs neither a stat nor a watch.
+//! `.bridge/` and editor temporaries. [`Rules`] applies them as the `ignore`
+//! crate does (with its matchers); ignored directories are pruned before they
+//! are read, so a 200k-file `.venv` costs neither a stat nor a watch.
 //!
 //! The agent walks its mirror with the same rules. It has no `core.excludesFile`;
 //! the daemon sends those lines and the agent writes them into the mirror's
 //! `.git/info/exclude` (see [`install_excludes`]), which also makes the mirror
-//! a "git repository" for the `ignore` crate exactly like the local tree.
+//! a "git repository" for the rules exactly like the local tree.
 
 use std::ffi::{CStr, OsStr};
 use std::fs::Metadata;
