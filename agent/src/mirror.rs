@@ -341,6 +341,19 @@ impl Mirror {
         self.watch.watches()
     }
 
+    /// True when `abs` is a mirror file whose stat is the one the agent
+    /// recorded (not racy): its chunks are where the store says, as far as
+    /// the stat cache can tell, which is what `Root` relies on too.
+    pub fn file_unchanged(&self, abs: &Path) -> bool {
+        let Ok(rel) = RelPath::from_fs(&self.root, abs) else {
+            return false;
+        };
+        Stat::lstat(abs).is_ok_and(|st| {
+            st.kind == FileKind::File
+                && self.index.entries.get(&rel).is_some_and(|c| c.matches(&st))
+        })
+    }
+
     /// Records a file the agent has just renamed into place.
     pub fn record_file(&mut self, path: RelPath, cached: Cached) {
         self.tree.insert(

@@ -225,7 +225,7 @@ pub struct FileCache {
 }
 
 impl FileCache {
-    fn get(&mut self, p: &Arc<Path>) -> io::Result<&File> {
+    pub(crate) fn get(&mut self, p: &Arc<Path>) -> io::Result<&File> {
         if !self.files.contains_key(p) {
             if self.files.len() >= 64 {
                 self.files.clear();

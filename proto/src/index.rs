@@ -341,6 +341,28 @@ pub enum HashOutcome {
     Vanished,
 }
 
+/// Files at least this big are hashed only once their racy window has
+/// passed (see [`wait_out_racy_window`]).
+pub const WAIT_RACY_BYTES: u64 = 64 << 20;
+
+/// Waits, if `path` is a file of [`WAIT_RACY_BYTES`] or more written less
+/// than [`FINE_RACY_WINDOW_NS`] ago, until that window has passed: hashed
+/// sooner it would be racy and hashed again in whole ([`Cached::matches`]
+/// never trusts a racy entry). A 1 GiB file edited and synced at once was
+/// read twice (1.4 s each here) for a wait of under 0.1 s. Coarser
+/// timestamps (a 2 s window) are not waited for.
+fn wait_out_racy_window(path: &Path) {
+    let Ok(st) = Stat::lstat(path) else { return };
+    if st.kind != crate::scan::FileKind::File || st.size < WAIT_RACY_BYTES {
+        return;
+    }
+    let window = racy_window(st.mtime_ns, st.ctime_ns);
+    let left = st.mtime_ns.max(st.ctime_ns) + window - now_ns();
+    if window == FINE_RACY_WINDOW_NS && (1..=window).contains(&left) {
+        std::thread::sleep(std::time::Duration::from_nanos(left as u64 + 1_000_000));
+    }
+}
+
 /// Reads and chunks `path`, making sure the content is not torn: `lstat`
 /// before and after must agree, else it retries (a writer is active). After
 /// `attempts` torn reads it returns `Err(WouldBlock)` so the caller can come
@@ -350,6 +372,7 @@ pub fn hash_file(
     attempts: usize,
     mut each: impl FnMut(ChunkRef, &[u8]),
 ) -> io::Result<HashOutcome> {
+    wait_out_racy_window(path);
     for _ in 0..attempts {
         let started = now_ns();
         let before = match Stat::lstat(path) {
@@ -491,6 +514,20 @@ mod tests {
                 assert_eq!(&h.to_cached(), c, "{p} in {}", path.display());
             }
             assert_eq!(got.dirs_above_entries().len(), 9, "d0..d2 and d0/e0..d2/e1");
+        }
+    }
+
+    #[test]
+    fn a_big_file_is_hashed_once_its_racy_window_has_passed() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("big");
+        fs::write(&f, vec![7u8; WAIT_RACY_BYTES as usize]).unwrap();
+        let Ok(HashOutcome::Hashed(st, dg, started)) = hash_file(&f, 3, |_, _| {}) else {
+            panic!("cannot hash");
+        };
+        // Sub-second timestamps: hashed after the window, so trusted.
+        if racy_window(st.mtime_ns, st.ctime_ns) == FINE_RACY_WINDOW_NS {
+            assert!(!Cached::hashed_since(&st, dg, started).racy);
         }
     }
 
