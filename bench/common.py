@@ -36,6 +36,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def flush_disk() -> float:
+    """Writes every dirty page back (`sync`) before a timed run, so that no
+    tool pays for the writeback of what an earlier step wrote (another
+    tool's copy, the test trees); returns the seconds it took."""
+    t0 = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - t0
+
+
 def percentile(sorted_vals: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_vals:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from common import BenchError, compare_trees, human_bytes, log, proc_cpu_s, proc_mem_kib, summarize
+from common import BenchError, compare_trees, flush_disk, human_bytes, log, proc_cpu_s, proc_mem_kib, summarize
 from peers import rsync_push
 from scenarios import Context, dur, ratio, row
 
@@ -30,8 +30,12 @@ def noop_resync(ctx: Context) -> dict:
     out["rsync_initial_s"] = rsync_push(lab, "rsync", ctx.mono, dst)["time_s"]
     log(f"5 monorepo initial sync: bridge {out['bridge_initial_s']:.1f} s, rsync {out['rsync_initial_s']:.1f} s")
     samples: dict[str, list[dict]] = {"bridge": [], "rsync": []}
+    out["flush_s"] = []
     for r in range(ctx.cfg["reps"]):
         b.stop_daemon()
+        # The three 200k-file trees just written (source, mirror, rsync's
+        # copy) are still being written back for a minute or more.
+        out["flush_s"].append(round(flush_disk(), 3))
         b0 = b.proxy.total_bytes()
         t = b.up()
         time.sleep(0.05)
@@ -40,6 +44,7 @@ def noop_resync(ctx: Context) -> dict:
             raise BenchError(f"5: `bridge up` after a restart returned out of sync: {st}")
         samples["bridge"].append({"time_s": round(t, 4), "wire_bytes": b.proxy.total_bytes() - b0,
                                   "files_hashed": st.get("files_hashed"), "bytes_sent": st.get("bytes_sent")})
+        out["flush_s"].append(round(flush_disk(), 3))
         rs = rsync_push(lab, "rsync", ctx.mono, dst)
         samples["rsync"].append({"time_s": rs["time_s"], "wire_bytes": rs["wire_bytes"]})
         log(f"5 no-op resync rep {r + 1}: bridge {t:.2f} s {human_bytes(samples['bridge'][-1]['wire_bytes'])}, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 
-from common import KIB, BenchError, compare_trees, human_bytes, log, same_content, summarize
+from common import KIB, BenchError, compare_trees, flush_disk, human_bytes, log, same_content, summarize
 from peers import rsync_file, rsync_push, unison_sync
 from repos import BRANCH, checkout, reset_hard
 from scenarios import Context, dur, ratio, row
@@ -103,8 +103,12 @@ def big_delta(ctx: Context) -> dict:
     change = ctx.cfg["change_kib"] * KIB
     rng = random.Random(ctx.seed + 3)
     samples = []
+    flushes: list[float] = []
     for r in range(ctx.cfg["reps"]):
         b.wait_ready()
+        # Each tool writes a new 1 GiB copy: the next one must not pay for
+        # its writeback.
+        flushes.append(round(flush_disk(), 3))
         st0, b0 = b.status(), b.proxy.total_bytes()
         t0 = time.perf_counter()
         with open(path, "r+b") as f:
@@ -116,6 +120,7 @@ def big_delta(ctx: Context) -> dict:
         st1 = b.status()
         if not same_content(path, b.mirror / rel):
             raise BenchError(f"3: the mirror's {rel} differs from the source after sync --wait")
+        flushes.append(round(flush_disk(), 3))
         rs = rsync_file(ctx.lab, "rsync", path, ctx.rsync_mirror / rel)
         if not same_content(path, ctx.rsync_mirror / rel):
             raise BenchError(f"3: rsync's copy of {rel} differs from the source")
@@ -128,7 +133,7 @@ def big_delta(ctx: Context) -> dict:
             raise BenchError(f"3: bridge sent {s['bridge']['bytes_sent']} bytes for a {change}-byte change "
                              f"in a {size}-byte file")
         samples.append(s)
-    out: dict = {"file": rel, "file_bytes": size, "change_bytes": change, "samples": samples}
+    out: dict = {"file": rel, "file_bytes": size, "change_bytes": change, "samples": samples, "flush_s": flushes}
     for tool in ("bridge", "rsync"):
         out[tool] = {k: summarize([s[tool][k] for s in samples], 4 if k == "time_s" else 0)
                      for k in ("time_s", "wire_bytes")}
