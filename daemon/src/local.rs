@@ -231,7 +231,8 @@ impl Local {
 
     /// Rescans one directory level (or the subtree with `recursive`).
     fn rescan(&mut self, dir: Option<&RelPath>, recursive: bool, ch: &mut Changes) {
-        if dir.is_none() && recursive && self.tree.is_empty() {
+        let first = self.prior_loading.is_some() || self.prior.is_some();
+        if dir.is_none() && recursive && first && self.tree.is_empty() {
             return self.first_scan(ch);
         }
         if let Some(d) = dir {
@@ -340,7 +341,7 @@ impl Local {
         }
     }
 
-    /// The first full scan, into an empty tree: each directory's listing
+    /// The first full scan of a run, into an empty tree: each directory's listing
     /// is merged with the saved index's list for it, so that a file whose
     /// stat matches is taken as it was (no per-file lookup or insert); the
     /// rest is hashed. Its touched paths are every path (the engine has no
