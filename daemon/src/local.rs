@@ -258,14 +258,7 @@ impl Local {
             None => !recursive && k.contains('/'),
             Some(pf) => !k.starts_with(pf.as_str()) || (!recursive && k[pf.len()..].contains('/')),
         });
-        for b in bad {
-            let p = b
-                .path
-                .strip_prefix(&format!("{}/", self.root.display()))
-                .unwrap_or(&b.path)
-                .to_string();
-            self.skipped.insert(p, b.reason);
-        }
+        self.note_unreadable(bad);
         // Entries in scope that the walk did not find are gone (none are in
         // scope at the start: the tree is empty until the first scan).
         let in_scope: Vec<RelPath> = if recursive {
@@ -341,6 +334,18 @@ impl Local {
         }
     }
 
+    /// Lists what a walk could not use, by path relative to the root.
+    fn note_unreadable(&mut self, bad: Vec<scan::Unreadable>) {
+        for b in bad {
+            let p = b
+                .path
+                .strip_prefix(&format!("{}/", self.root.display()))
+                .unwrap_or(&b.path)
+                .to_string();
+            self.skipped.insert(p, b.reason);
+        }
+    }
+
     /// The first full scan of a run, into an empty tree: each directory's listing
     /// is merged with the saved index's list for it, so that a file whose
     /// stat matches is taken as it was (no per-file lookup or insert); the
@@ -350,14 +355,7 @@ impl Local {
         let (listings, bad) = scan::walk_listings(&self.root, None, None, Side::Daemon);
         self.join_prior();
         self.skipped.clear();
-        for b in bad {
-            let p = b
-                .path
-                .strip_prefix(&format!("{}/", self.root.display()))
-                .unwrap_or(&b.path)
-                .to_string();
-            self.skipped.insert(p, b.reason);
-        }
+        self.note_unreadable(bad);
         let prior = self.prior.take();
         let outputs = std::mem::take(&mut self.outputs);
         let mut to_hash = Vec::new();

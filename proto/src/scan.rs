@@ -217,8 +217,9 @@ pub fn walk_listings(
         return (Vec::new(), bad);
     };
     let global = if side == Side::Daemon {
-        let (g, err) = GitignoreBuilder::new(root).build_global();
-        note_rule_error(&mut bad, root, err);
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+        let (g, err) = GitignoreBuilder::new(&root).build_global();
+        note_rule_error(&mut bad, &root, err);
         g
     } else {
         Gitignore::empty()

@@ -272,6 +272,28 @@ pub fn path_cmp(a: &RelPath, b: &RelPath) -> Ordering {
     a.as_str().bytes().map(key).cmp(b.as_str().bytes().map(key))
 }
 
+/// A hashed file's node and stat cache, and whether it is one chunk (its
+/// chunk list then needs no room of its own).
+fn hashed_parts(c: &Cached) -> (bool, Node, Seen) {
+    let one_chunk = match &*c.chunks {
+        [] => c.size == 0,
+        [only] => only.id == c.hash && u64::from(only.len) == c.size,
+        _ => false,
+    };
+    let node = Node::File {
+        hash: c.hash,
+        size: c.size,
+        exec: c.exec,
+    };
+    let seen = Seen {
+        mtime_ns: c.mtime_ns,
+        ctime_ns: c.ctime_ns,
+        ino: c.ino,
+        racy: c.racy,
+    };
+    (one_chunk, node, seen)
+}
+
 fn split(p: &str) -> (&str, &str) {
     match p.rfind('/') {
         Some(i) => (&p[..i], &p[i + 1..]),
@@ -427,25 +449,10 @@ impl Tree {
     /// Inserts or replaces the file at `p` as just hashed, with its stat
     /// cache; returns the previous entry.
     pub fn insert_hashed(&mut self, p: RelPath, c: Cached) -> Option<Node> {
-        let one_chunk = match &*c.chunks {
-            [] => c.size == 0,
-            [only] => only.id == c.hash && u64::from(only.len) == c.size,
-            _ => false,
-        };
+        let (one_chunk, node, seen) = hashed_parts(&c);
         if !one_chunk {
             self.many.insert(p.clone(), c.chunks.into());
         }
-        let node = Node::File {
-            hash: c.hash,
-            size: c.size,
-            exec: c.exec,
-        };
-        let seen = Seen {
-            mtime_ns: c.mtime_ns,
-            ctime_ns: c.ctime_ns,
-            ino: c.ino,
-            racy: c.racy,
-        };
         self.set(&p, node, Some(seen), !one_chunk)
     }
 
@@ -455,26 +462,11 @@ impl Tree {
     /// lookups an insert makes.
     pub fn push_hashed(&mut self, p: &str, c: Cached) {
         let (dir, name) = split(p);
-        let one_chunk = match &*c.chunks {
-            [] => c.size == 0,
-            [only] => only.id == c.hash && u64::from(only.len) == c.size,
-            _ => false,
-        };
+        let (one_chunk, node, seen) = hashed_parts(&c);
         if one_chunk
             && let Some(list) = self.dirs.get_mut(dir).and_then(Arc::get_mut)
             && list.last().is_some_and(|e| e.name.as_str() < name)
         {
-            let node = Node::File {
-                hash: c.hash,
-                size: c.size,
-                exec: c.exec,
-            };
-            let seen = Seen {
-                mtime_ns: c.mtime_ns,
-                ctime_ns: c.ctime_ns,
-                ino: c.ino,
-                racy: c.racy,
-            };
             if list.len() == list.capacity() {
                 list.reserve_exact((list.len() / 2).max(4));
             }
