@@ -329,8 +329,9 @@ impl<'a> Round<'a> {
     /// copied by the kernel (`copy_file_range`), unread: a 1 MiB edit of a
     /// 1 GiB file copies two such runs. Other chunks go in batches of up to
     /// [`COPY_BATCH`]: read in order, their ids checked on two threads
-    /// (BLAKE3 took 30% of a big file's rebuild), then written in order. A chunk that no longer matches its id fails the op,
-    /// and the store forgets its location.
+    /// (BLAKE3 took 30% of a big file's rebuild), then written in order. A
+    /// chunk that no longer matches its id fails the op, and the store
+    /// forgets its location.
     fn fill_active(&mut self) -> bool {
         let a = self.active.as_mut().expect("active");
         while a.cursor < a.chunks.len() {
@@ -698,6 +699,11 @@ struct Run {
 fn trusted_run(chunks: &[ChunkRef], store: &Store, mirror: &Mirror) -> Option<Run> {
     let first = chunks.first()?;
     let loc = store.loc(&first.id).filter(|l| l.len == first.len)?;
+    // One `lstat` before looking further: an untrusted file's chunks go in
+    // batches, and each batch would otherwise scan the rest of the run.
+    if !mirror.file_unchanged(&loc.file) {
+        return None;
+    }
     let mut run = Run {
         file: loc.file.clone(),
         offset: loc.offset,
@@ -715,7 +721,7 @@ fn trusted_run(chunks: &[ChunkRef], store: &Store, mirror: &Mirror) -> Option<Ru
             _ => break,
         }
     }
-    (run.count >= MIN_TRUSTED_RUN && mirror.file_unchanged(&run.file)).then_some(run)
+    (run.count >= MIN_TRUSTED_RUN).then_some(run)
 }
 
 /// Appends `run` to `out` with `copy_file_range` (at `out`'s position).

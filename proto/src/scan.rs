@@ -379,20 +379,16 @@ impl Walk {
             let name = OsStr::from_bytes(bytes);
             let c_name =
                 CStr::from_bytes_with_nul(&names[f.0..=f.0 + f.1]).expect("one NUL, at the end");
+            // The listing's type spares an `lstat` of what the rules leave out.
             let mut st = None;
             let is_dir = match f.2 {
                 Some(t) => t == Type::Directory,
-                None => match fstatat(&dir, c_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                    Ok(s) => {
-                        let s = Stat::from_raw(&s);
+                None => match lstat_at(&dir, c_name, &job.abs, bad) {
+                    Some(s) => {
                         st = Some(s);
                         s.kind == FileKind::Dir
                     }
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => {
-                        unreadable(bad, &job.abs.join(name), &e);
-                        continue;
-                    }
+                    None => continue,
                 },
             };
             if matching {
@@ -403,16 +399,8 @@ impl Walk {
                     continue;
                 }
             }
-            let st = match st {
-                Some(s) => s,
-                None => match fstatat(&dir, c_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                    Ok(s) => Stat::from_raw(&s),
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => {
-                        unreadable(bad, &job.abs.join(name), &e);
-                        continue;
-                    }
-                },
+            let Some(st) = st.or_else(|| lstat_at(&dir, c_name, &job.abs, bad)) else {
+                continue;
             };
             if st.kind == FileKind::Other {
                 continue;
@@ -454,6 +442,19 @@ impl Walk {
             entries,
         };
         (Some(listing), subdirs)
+    }
+}
+
+/// `lstat` of the entry `name` of the open directory `dir` (at `abs`):
+/// `None` when it is gone, or unreadable (noted in `bad`).
+fn lstat_at(dir: &Dir, name: &CStr, abs: &Path, bad: &mut Vec<Unreadable>) -> Option<Stat> {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(s) => Some(Stat::from_raw(&s)),
+        Err(Errno::ENOENT) => None,
+        Err(e) => {
+            unreadable(bad, &abs.join(OsStr::from_bytes(name.to_bytes())), &e);
+            None
+        }
     }
 }
 
