@@ -107,6 +107,8 @@ pub struct Round<'a> {
     dirs_ok: HashSet<RelPath>,
     /// `copy_file_range` failed once this round: chunks are read instead.
     no_kernel_copy: bool,
+    /// One decompression context for the round's chunks.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 impl<'a> Round<'a> {
@@ -123,6 +125,7 @@ impl<'a> Round<'a> {
             tmp_seq: 0,
             dirs_ok: HashSet::new(),
             no_kernel_copy: false,
+            zstd: None,
         }
     }
 
@@ -170,11 +173,24 @@ impl<'a> Round<'a> {
             )));
         }
         let data = match v1::Compression::try_from(c.compression) {
-            Ok(v1::Compression::None) => c.data.to_vec(),
-            Ok(v1::Compression::Zstd) => zstd::bulk::decompress(&c.data, expect.len as usize)
-                .map_err(|e| {
-                    RoundError::Refused(format!("chunk for {} does not decompress: {e}", a.path))
-                })?,
+            Ok(v1::Compression::None) => c.data,
+            Ok(v1::Compression::Zstd) => {
+                let z = match self.zstd.as_mut() {
+                    Some(z) => z,
+                    None => self.zstd.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| RoundError::Refused(format!("cannot start zstd: {e}")))?,
+                    ),
+                };
+                z.decompress(&c.data, expect.len as usize)
+                    .map_err(|e| {
+                        RoundError::Refused(format!(
+                            "chunk for {} does not decompress: {e}",
+                            a.path
+                        ))
+                    })?
+                    .into()
+            }
             Err(_) => return Err(RoundError::Protocol("unknown compression".into())),
         };
         if data.len() != expect.len as usize || chunk_id(&data) != expect.id {

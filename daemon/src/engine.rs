@@ -36,6 +36,7 @@ use crate::provider::Provider;
 use crate::status::{Connection, Skipped, Status};
 use crate::watcher::{self, Mode, WatchMsg, Watcher};
 
+mod compress;
 mod plan;
 mod round;
 
@@ -269,6 +270,8 @@ pub struct Engine {
     /// A verification asked for when a barrier arrived, while the local
     /// rescan runs (see [`Engine::verify`]), with the generation then.
     early_verify: Option<(u64, tokio::task::JoinHandle<Result<Hash, SyncError>>)>,
+    /// Whether rounds compress chunk bodies (`None`: a local link, never).
+    compression: Option<Arc<Mutex<compress::Adaptive>>>,
 }
 
 /// How recent a verification must be to answer a covered `sync --wait`.
@@ -284,6 +287,8 @@ impl Engine {
         let (tx, watch_rx) = mpsc::unbounded_channel();
         let watcher = Watcher::new(&repo.root, tx);
         let mut local = Local::new(repo.root.clone(), index_path);
+        let compression =
+            (!provider.link_is_fast()).then(|| Arc::new(Mutex::new(compress::Adaptive::new())));
         local.outputs = std::fs::read_to_string(&repo.outputs_file)
             .unwrap_or_default()
             .lines()
@@ -307,6 +312,7 @@ impl Engine {
             full_scan_began: None,
             verified: None,
             early_verify: None,
+            compression,
         }
     }
 

@@ -124,8 +124,19 @@ fn the_whole_flow_over_ssh_and_the_agent_is_reused() {
         "run = \"python3 train.py\"\n[outputs]\npaths = [\"outputs/\"]\n",
     );
     r.write("data/big.bin", random_bytes(3_000_000, 7));
+    let notes: String = (0..60_000)
+        .map(|i| format!("step {i}: loss ok\n"))
+        .collect();
+    r.write("notes.txt", &notes);
     s.up(sshd.port());
     let st = r.status();
+    // Text is compressed on a link that is not local; random bytes are not.
+    let sent = st["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 3_000_000 + notes.len() as u64 / 3,
+        "{sent} bytes sent for 3 MB of random bytes and {} of text",
+        notes.len()
+    );
     assert_eq!(st["provider"], "ssh");
     assert_eq!(st["connection"], "connected");
     assert!(

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bridge_proto::chunking::chunk_id;
 use bridge_proto::path::RelPath;
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status as GrpcStatus;
 
+use super::compress::Adaptive;
 use super::plan::PlannedOp;
 use super::{Engine, Progress, SyncError, rpc};
 
@@ -104,7 +106,10 @@ impl Engine {
             .await
             .map_err(rpc)?
             .into_inner();
-        let compress = !self.provider.link_is_fast();
+        let compression = self.compression.clone();
+        if let Some(c) = &compression {
+            c.lock().expect("compression state poisoned").new_round();
+        }
         let mut skipped_all = Vec::new();
         let mut applied: Vec<PlannedOp> = Vec::new();
         for k in 0..batches.len() {
@@ -124,12 +129,16 @@ impl Engine {
             let root = self.repo.root.clone();
             let s = send.clone();
             let progress = self.shared.progress.clone();
-            let skipped = tokio::task::spawn_blocking(move || {
-                send_bodies(&root, &batch, &need, &s, compress, &progress).map(|sk| (batch, sk))
+            let compression = compression.clone();
+            let (batch, sk) = tokio::task::spawn_blocking(move || {
+                let mut c = compression
+                    .as_ref()
+                    .map(|c| c.lock().expect("compression state poisoned"));
+                send_bodies(&root, &batch, &need, &s, c.as_deref_mut(), &progress)
+                    .map(|sk| (batch, sk))
             })
             .await
             .map_err(|e| SyncError::Protocol(e.to_string()))??;
-            let (batch, sk) = skipped;
             for op in batch {
                 if !sk.contains(op.path()) {
                     applied.push(op);
@@ -225,7 +234,7 @@ fn send_bodies(
     batch: &[PlannedOp],
     need: &v1::Need,
     tx: &Sender,
-    compress: bool,
+    mut compression: Option<&mut Adaptive>,
     progress: &watch::Sender<Progress>,
 ) -> Result<Vec<RelPath>, SyncError> {
     let mut skipped = Vec::new();
@@ -244,48 +253,47 @@ fn send_bodies(
                 offsets.push(off);
                 off += c.len as u64;
             }
-            let file = File::open(path.to_fs(root));
-            let mut try_compress = compress;
+            let mut file = File::open(path.to_fs(root)).map(|f| (f, 0u64));
+            // A file stops trying after two chunks that do not compress.
             let mut incompressible = 0;
-            let mut ok = file.is_ok();
             for &i in &n.chunks {
                 let Some(c) = chunks.get(i as usize) else {
                     return Err(SyncError::Protocol(format!(
                         "agent asked for chunk {i} of {path}"
                     )));
                 };
-                let mut buf = vec![0u8; c.len as usize];
-                ok = ok
-                    && file
-                        .as_ref()
-                        .is_ok_and(|f| f.read_exact_at(&mut buf, offsets[i as usize]).is_ok())
-                    && chunk_id(&buf) == c.id;
-                if !ok {
+                let buf = match file.as_mut() {
+                    Ok((f, pos)) => read_at(f, pos, offsets[i as usize], c.len)
+                        .ok()
+                        .filter(|b| chunk_id(b) == c.id),
+                    Err(_) => None,
+                };
+                let Some(buf) = buf else {
                     tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
                     skipped.push(path.clone());
                     break;
-                }
-                let (compression, data) = if try_compress {
-                    match zstd::bulk::compress(&buf, 1) {
-                        Ok(z) if z.len() < buf.len() * 9 / 10 => {
-                            incompressible = 0;
-                            (v1::Compression::Zstd, z)
-                        }
-                        _ => {
-                            incompressible += 1;
-                            // Stop trying on data that does not compress.
-                            try_compress = incompressible < 2;
-                            (v1::Compression::None, buf)
-                        }
+                };
+                let raw = buf.len() as u64;
+                let packed = match compression.as_deref_mut() {
+                    Some(a) if incompressible < 2 && a.on() => {
+                        let z = a.compress(&buf).filter(|z| z.len() < buf.len() * 9 / 10);
+                        incompressible = if z.is_some() { 0 } else { incompressible + 1 };
+                        z
                     }
-                } else {
-                    (v1::Compression::None, buf)
+                    _ => None,
+                };
+                let (how, data) = match packed {
+                    Some(z) => (v1::Compression::Zstd, z),
+                    None => (v1::Compression::None, buf),
                 };
                 tx.blocking_send(sync_up::Msg::Chunk(v1::ChunkData {
                     id: c.id.as_bytes().to_vec().into(),
-                    compression: compression as i32,
+                    compression: how as i32,
                     data: data.into(),
                 }))?;
+                if let Some(a) = compression.as_deref_mut() {
+                    a.sent(raw, Instant::now());
+                }
                 tx.counters.chunks.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -299,4 +307,20 @@ fn send_bodies(
         });
     }
     Ok(skipped)
+}
+
+/// Reads `len` bytes at `off` of `f`, whose position is `pos` (chunks are
+/// mostly read in order: no seek then, and no zeroed buffer to fill).
+fn read_at(f: &mut File, pos: &mut u64, off: u64, len: u32) -> io::Result<Vec<u8>> {
+    if *pos != off {
+        f.seek(SeekFrom::Start(off))?;
+        *pos = off;
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    let n = f.by_ref().take(len as u64).read_to_end(&mut buf)?;
+    *pos += n as u64;
+    if n != len as usize {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
