@@ -67,7 +67,9 @@ def initial_sync(ctx: Context) -> dict:
     for r in range(-1, reps):
         order = INITIAL_TOOLS[r % 3:] + INITIAL_TOOLS[:r % 3]
         for tool in order:
+            flush_s = round(flush_disk(), 3)
             res = runs[tool](ctx)
+            res["flush_s"] = flush_s
             log(f"1 initial sync {'warm-up' if r < 0 else f'rep {r + 1}/{reps}'}: {tool} "
                 f"{res['time_s']:.2f} s, {human_bytes(res['wire_bytes'])} on the wire")
             if r >= 0:

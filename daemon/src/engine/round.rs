@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -253,7 +253,7 @@ fn send_bodies(
                 offsets.push(off);
                 off += c.len as u64;
             }
-            let mut file = File::open(path.to_fs(root)).map(|f| (f, 0u64));
+            let file = File::open(path.to_fs(root));
             // A file stops trying after two chunks that do not compress.
             let mut incompressible = 0;
             for &i in &n.chunks {
@@ -262,17 +262,15 @@ fn send_bodies(
                         "agent asked for chunk {i} of {path}"
                     )));
                 };
-                let buf = match file.as_mut() {
-                    Ok((f, pos)) => read_at(f, pos, offsets[i as usize], c.len)
-                        .ok()
-                        .filter(|b| chunk_id(b) == c.id),
-                    Err(_) => None,
-                };
-                let Some(buf) = buf else {
+                let mut buf = vec![0u8; c.len as usize];
+                let read = file.as_ref().is_ok_and(|f| {
+                    f.read_exact_at(&mut buf, offsets[i as usize]).is_ok() && chunk_id(&buf) == c.id
+                });
+                if !read {
                     tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
                     skipped.push(path.clone());
                     break;
-                };
+                }
                 let raw = buf.len() as u64;
                 let packed = match compression.as_deref_mut() {
                     Some(a) if incompressible < 2 && a.on() => {
@@ -307,20 +305,4 @@ fn send_bodies(
         });
     }
     Ok(skipped)
-}
-
-/// Reads `len` bytes at `off` of `f`, whose position is `pos` (chunks are
-/// mostly read in order: no seek then, and no zeroed buffer to fill).
-fn read_at(f: &mut File, pos: &mut u64, off: u64, len: u32) -> io::Result<Vec<u8>> {
-    if *pos != off {
-        f.seek(SeekFrom::Start(off))?;
-        *pos = off;
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    let n = f.by_ref().take(len as u64).read_to_end(&mut buf)?;
-    *pos += n as u64;
-    if n != len as usize {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(buf)
 }
