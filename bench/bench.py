@@ -103,6 +103,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-charts", action="store_true", help="no PNG charts (full mode draws them)")
     ap.add_argument("--workdir", default="/tmp", help="parent of the temporary work directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs of every tool)")
+    ap.add_argument("--log", help="BRIDGE_LOG for bridge's daemons (diagnostics, e.g. bridge=debug; "
+                                  "read .bridge/daemon.log with --keep)")
     return ap.parse_args()
 
 
@@ -260,7 +262,7 @@ def main() -> int:
         return 1
     results["machine"] = machine_info(bridge_exe, os.path.realpath(args.workdir))
     work = Path(tempfile.mkdtemp(prefix="bridge-bench-", dir=args.workdir))
-    lab = Lab(work, bridge_exe, args.delay_ms)
+    lab = Lab(work, bridge_exe, args.delay_ms, args.log)
     started = time.perf_counter()
     log(f"{mode} run, scenarios {sorted(selected)}; work directory {work}")
     try:

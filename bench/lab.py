@@ -24,7 +24,7 @@ from sshd import Sshd  # bench/sshd.py
 
 
 class Lab:
-    def __init__(self, work: Path, bridge_exe: Path, delay_ms: float):
+    def __init__(self, work: Path, bridge_exe: Path, delay_ms: float, bridge_log: str | None = None):
         self.work = work
         self.trash = Trash(work)
         self.bridge_exe = bridge_exe
@@ -34,6 +34,7 @@ class Lab:
         self.proxies: dict[str, DelayProxy] = {}
         self.bridges: list[Bridge] = []
         self.bridge_env: dict = {}
+        self.bridge_log = bridge_log
 
     def start(self) -> None:
         self.sshd.start()
@@ -44,6 +45,8 @@ class Lab:
         self.bridge_env = dict(os.environ, BRIDGE_SSH_DIR=str(ssh_dir),
                                BRIDGE_KNOWN_HOSTS=str(self.work / "bridge_known_hosts"), SSH_AUTH_SOCK="")
         self.bridge_env.pop("BRIDGE_LOG", None)
+        if self.bridge_log:  # diagnostics only: the daemon's log level
+            self.bridge_env["BRIDGE_LOG"] = self.bridge_log
 
     # ---------------------------------------------------------------- links
 

@@ -5,7 +5,8 @@
 //! version hardlinked into `store/retired/` when a mirror file was replaced or
 //! deleted. Retiring costs a link, not a copy, and makes a branch switch back to
 //! known content (or a rename) cost no transfer. Retired files are bounded by
-//! `cache_bytes`, oldest evicted first.
+//! `cache_bytes`, oldest evicted first; an evicted big file is unlinked in the
+//! background from `store/gone/` (emptied at open, see [`crate::oldfiles`]).
 //!
 //! Locations are hints: every chunk read is checked against its BLAKE3 id, so a
 //! file changed behind the agent's back can never put wrong bytes in a mirror.
@@ -39,6 +40,7 @@ struct Retired {
 #[derive(Debug)]
 pub struct Store {
     retired_dir: PathBuf,
+    gone_dir: PathBuf,
     locs: HashMap<Hash, Loc>,
     /// Oldest first; evicted from the front past `cache_bytes`.
     retired: VecDeque<Retired>,
@@ -51,8 +53,14 @@ impl Store {
     pub fn open(dir: &Path, cache_bytes: u64) -> io::Result<Store> {
         let retired_dir = dir.join("retired");
         fs::create_dir_all(&retired_dir)?;
+        let gone_dir = dir.join("gone");
+        fs::create_dir_all(&gone_dir)?;
+        for e in fs::read_dir(&gone_dir)?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
         let mut s = Store {
             retired_dir,
+            gone_dir,
             locs: HashMap::new(),
             retired: VecDeque::new(),
             retired_bytes: 0,
@@ -171,7 +179,7 @@ impl Store {
             self.retired_bytes -= r.size;
             self.locs
                 .retain(|_, l| !Arc::ptr_eq(&l.file, &r.path) && l.file != r.path);
-            let _ = fs::remove_file(&r.path);
+            let _ = crate::oldfiles::remove(&r.path, r.size, &self.gone_dir);
             let _ = fs::remove_file(self.retired_dir.join(format!("{}.chunks", r.hash.to_hex())));
         }
     }
