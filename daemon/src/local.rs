@@ -19,7 +19,7 @@ use bridge_proto::index::{
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
 use bridge_proto::splice;
-use bridge_proto::tree::{Node, Tree};
+use bridge_proto::tree::{Node, Seen, Tree};
 
 /// How often a file that keeps changing while it is read is retried in one
 /// pass before it is left for the next pass.
@@ -523,6 +523,12 @@ impl Local {
     /// Chunk list of a synced file, as last hashed.
     pub fn chunks(&self, p: &RelPath) -> Option<Arc<[ChunkRef]>> {
         self.tree.hashed(p).map(|c| c.chunks().into())
+    }
+
+    /// The stat `p` was hashed under, unless it is racy (then only its
+    /// content can tell whether it changed).
+    pub fn trusted_seen(&self, p: &RelPath) -> Option<Seen> {
+        self.tree.hashed(p).map(|c| c.seen).filter(|s| !s.racy)
     }
 }
 

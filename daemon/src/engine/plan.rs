@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Hash};
 use bridge_proto::path::RelPath;
-use bridge_proto::tree::{Node, Tree, path_cmp};
+use bridge_proto::tree::{Node, Seen, Tree, path_cmp};
 use bridge_proto::{splice, v1};
 
 use crate::local::Local;
@@ -24,6 +24,10 @@ pub(super) enum PlannedOp {
         /// The agent's version (content hash) and the steps that turn its
         /// chunk list into `chunks`, when that is much smaller than `chunks`.
         splice: Option<(Hash, Vec<v1::Splice>)>,
+        /// The stat `chunks` was hashed under, when the index trusts it (not
+        /// racy): bodies read while the file still has it are the hashed
+        /// bytes, so sending checks it instead of rehashing them.
+        seen: Option<Seen>,
     },
 }
 
@@ -53,6 +57,7 @@ impl PlannedOp {
                 node,
                 chunks,
                 splice,
+                ..
             } => {
                 let (base, steps, chunks) = match splice {
                     Some((base, steps)) => (base.as_bytes().to_vec(), steps.clone(), Vec::new()),
@@ -135,6 +140,7 @@ fn create(local: &Local, p: &RelPath, n: &Node, remote: Option<&Node>) -> Option
                 node: n.clone(),
                 chunks,
                 splice,
+                seen: local.trusted_seen(p),
             }
         }
     })

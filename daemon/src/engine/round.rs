@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use bridge_proto::chunking::chunk_id;
 use bridge_proto::path::RelPath;
-use bridge_proto::tree::Node;
+use bridge_proto::scan::Stat;
+use bridge_proto::tree::{Node, Seen};
 use bridge_proto::v1::{self, sync_down, sync_up};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -228,7 +229,11 @@ impl Sender {
 
 /// Sends the chunk bodies one batch needs, reading them from the files again.
 /// A file whose bytes no longer match its chunk list (it changed after it was
-/// hashed) gets a `SkipOp` and is returned for a rescan.
+/// hashed) gets a `SkipOp` and is returned for a rescan. A body read while the
+/// file still has the trusted stat it was hashed under (`fstat` after the
+/// read) is the hashed one; others are checked against their ids. Rehashing
+/// every body cost the daemon ~8% of an initial sync's CPU (perf, scenario
+/// 1), and the agent checks every id anyway.
 fn send_bodies(
     root: &Path,
     batch: &[PlannedOp],
@@ -240,7 +245,11 @@ fn send_bodies(
     let mut skipped = Vec::new();
     for (op, n) in batch.iter().zip(&need.ops) {
         let PlannedOp::Put {
-            path, chunks, node, ..
+            path,
+            chunks,
+            node,
+            seen,
+            ..
         } = op
         else {
             progress.send_modify(|p| p.files_done += 1);
@@ -264,7 +273,11 @@ fn send_bodies(
                 };
                 let mut buf = vec![0u8; c.len as usize];
                 let read = file.as_ref().is_ok_and(|f| {
-                    f.read_exact_at(&mut buf, offsets[i as usize]).is_ok() && chunk_id(&buf) == c.id
+                    f.read_exact_at(&mut buf, offsets[i as usize]).is_ok()
+                        && match seen {
+                            Some(s) => still_seen(f, s, node),
+                            None => chunk_id(&buf) == c.id,
+                        }
                 });
                 if !read {
                     tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
@@ -305,4 +318,76 @@ fn send_bodies(
         });
     }
     Ok(skipped)
+}
+
+/// True when the open `f` still has the stat its chunk list was hashed under.
+fn still_seen(f: &File, s: &Seen, node: &Node) -> bool {
+    let Node::File { size, .. } = node else {
+        return false;
+    };
+    f.metadata().is_ok_and(|m| {
+        let st = Stat::from_metadata(&m);
+        st.size == *size
+            && st.mtime_ns == s.mtime_ns
+            && st.ctime_ns == s.ctime_ns
+            && st.ino == s.ino
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn a_file_is_still_seen_until_its_stat_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"hello").unwrap();
+        let st = Stat::lstat(&p).unwrap();
+        let seen = Seen {
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+            ino: st.ino,
+            racy: false,
+        };
+        let node = |size| Node::File {
+            hash: chunk_id(b"hello"),
+            size,
+            exec: false,
+        };
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        assert!(still_seen(&f, &seen, &node(5)));
+        assert!(!still_seen(&f, &seen, &node(6)), "another size");
+        assert!(!still_seen(&f, &seen, &Node::Dir));
+        // The same length, other bytes, and the old mtime put back: the
+        // ctime a clock tick later still tells.
+        std::thread::sleep(Duration::from_millis(30));
+        f.write_all_at(b"HELLO", 0).unwrap();
+        f.flush().unwrap();
+        f.set_modified(UNIX_EPOCH + Duration::from_nanos(st.mtime_ns as u64))
+            .unwrap();
+        assert_eq!(Stat::lstat(&p).unwrap().mtime_ns, st.mtime_ns);
+        assert!(!still_seen(&f, &seen, &node(5)));
+        // Another file at the path: another inode.
+        let q = d.path().join("g");
+        std::fs::write(&q, b"hello").unwrap();
+        let g = File::open(&q).unwrap();
+        g.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(st.mtime_ns as u64))
+            .unwrap();
+        let gs = Stat::lstat(&q).unwrap();
+        let as_if = Seen {
+            ino: st.ino,
+            ..seen
+        };
+        assert!(!still_seen(
+            &g,
+            &Seen {
+                ctime_ns: gs.ctime_ns,
+                ..as_if
+            },
+            &node(5)
+        ));
+    }
 }
