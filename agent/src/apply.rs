@@ -22,13 +22,13 @@ use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Hash, chunk_id, content_hash, hash_from_bytes};
 use bridge_proto::index::{Cached, Index};
+use bridge_proto::oldfiles;
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::tree::Node;
 use bridge_proto::{splice, v1};
 
 use crate::mirror::Mirror;
-use crate::oldfiles;
 use crate::store::{FileCache, Store};
 
 /// Locally available chunks copied per batch in [`Round::fill_active`]

@@ -14,15 +14,14 @@
 //! - [`joblog`]: the job log's record format, its writer and its readers.
 //! - [`envcache`]: cached Python environments and setup commands.
 //! - [`gpu`]: GPU discovery (`nvidia-smi`) behind the `GpuInventory` trait.
-//! - [`oldfiles`]: replacing a mirror file by swapping names, and unlinking big
-//!   files on a background thread.
 //! - [`idle`]: idle autostop — which daemons are attached (the `Attach`
 //!   stream's pings), the idle clock, and the command run when it expires.
 //!
 //! Directory layout under `--root`:
 //! `mirrors/<name>/` (the mirrors), `state/` (their stat caches),
 //! `store/retired/` (old versions kept for dedup; `store/gone/` holds evicted
-//! ones until a background thread unlinks them), `tmp/` (files being written;
+//! ones until a background thread unlinks them, see
+//! [`bridge_proto::oldfiles`]), `tmp/` (files being written;
 //! emptied at start), `jobs/<id>/` (one per job), `cache/` (Python
 //! environments and setup markers), `agent.lock` (one agent per root).
 
@@ -33,7 +32,6 @@ pub mod idle;
 pub mod joblog;
 pub mod jobs;
 pub mod mirror;
-pub mod oldfiles;
 pub mod service;
 pub mod shim;
 pub mod store;

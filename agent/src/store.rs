@@ -6,7 +6,7 @@
 //! deleted. Retiring costs a link, not a copy, and makes a branch switch back to
 //! known content (or a rename) cost no transfer. Retired files are bounded by
 //! `cache_bytes`, oldest evicted first; an evicted big file is unlinked in the
-//! background from `store/gone/` (emptied at open, see [`crate::oldfiles`]).
+//! background from `store/gone/` (emptied at open, see [`bridge_proto::oldfiles`]).
 //!
 //! Locations are hints: every chunk read is checked against its BLAKE3 id, so a
 //! file changed behind the agent's back can never put wrong bytes in a mirror.
@@ -179,7 +179,7 @@ impl Store {
             self.retired_bytes -= r.size;
             self.locs
                 .retain(|_, l| !Arc::ptr_eq(&l.file, &r.path) && l.file != r.path);
-            let _ = crate::oldfiles::remove(&r.path, r.size, &self.gone_dir);
+            let _ = bridge_proto::oldfiles::remove(&r.path, r.size, &self.gone_dir);
             let _ = fs::remove_file(self.retired_dir.join(format!("{}.chunks", r.hash.to_hex())));
         }
     }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bridge_proto::chunking::{ChunkRef, hash_from_bytes};
 use bridge_proto::index::{Cached, HashOutcome, hash_file};
 use bridge_proto::jobs::is_terminal;
+use bridge_proto::oldfiles;
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::v1::{self, JobInfo};
@@ -758,10 +759,13 @@ impl Puller {
             // here): the rename still makes the file appear whole to every
             // reader, and after a crash `bridge pull` rehashes whatever is
             // on disk and fetches what is missing.
-            fs::rename(&tmp, dest).map_err(|err| io_status(dest, err))?;
             Ok(())
         }
         .await;
+        // The old version is closed before it is swapped out, so that its
+        // last close does not free it here.
+        drop(old);
+        let result = result.and_then(|()| install_pulled(&tmp, dest));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -864,8 +868,9 @@ impl Puller {
             w.file
                 .set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|err| io_status(&tmp, err))?;
-            // No fsync: see `pull_file`.
-            fs::rename(&tmp, dest).map_err(|err| io_status(dest, err))?;
+            // No fsync: see `pull_file`. Closed before the swap (see there).
+            drop(w);
+            install_pulled(&tmp, dest)?;
             Ok(last)
         }
         .await;
@@ -1005,6 +1010,25 @@ fn tmp_beside(dest: &Path) -> Result<PathBuf, Status> {
     Ok(parent.join(format!(".{name}.bridge-pull")))
 }
 
+/// Puts a pulled output (`tmp`, beside it) at `dest`. An older version there
+/// is swapped out rather than renamed over, and unlinked, in the background
+/// when big: a rename over a 1 GiB file cost 0.2–0.4 s on ext4 (it starts the
+/// new file's writeback) and freeing the old one 0.18 s
+/// ([`bridge_proto::oldfiles`]).
+fn install_pulled(tmp: &Path, dest: &Path) -> Result<(), Status> {
+    let old = Stat::lstat(dest)
+        .ok()
+        .filter(|s| s.kind == FileKind::File)
+        .map(|s| s.size);
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    if oldfiles::replace(tmp, dest, old.is_some()).map_err(|err| io_status(dest, err))?
+        && let Err(e) = oldfiles::remove(tmp, old.unwrap_or(0), dir)
+    {
+        tracing::debug!(path = %dest.display(), error = %e, "cannot remove the old version");
+    }
+    Ok(())
+}
+
 fn io_status(p: &Path, e: std::io::Error) -> Status {
     Status::internal(format!("{}: {e}", p.display()))
 }
@@ -1033,6 +1057,38 @@ mod tests {
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
         bridge_proto::chunking::pseudo_random(n, seed)
+    }
+
+    /// A pulled output replaces the older version whole, and nothing of
+    /// either is left beside it once the background removal ran.
+    #[test]
+    fn a_pulled_output_replaces_the_old_version_and_leaves_nothing_beside_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out/ckpt.bin");
+        let tmp = tmp_beside(&dest).unwrap();
+        fs::write(&tmp, b"first").unwrap();
+        install_pulled(&tmp, &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"first");
+        let big = oldfiles::BACKGROUND_BYTES as usize;
+        for (k, n) in [(1, big), (2, 10), (3, big + 1)] {
+            let tmp = tmp_beside(&dest).unwrap();
+            let new = data(n, k);
+            fs::write(&tmp, &new).unwrap();
+            install_pulled(&tmp, &dest).unwrap();
+            assert_eq!(fs::read(&dest).unwrap(), new);
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            let names: Vec<_> = fs::read_dir(dest.parent().unwrap())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            if names == ["ckpt.bin"] {
+                break;
+            }
+            assert!(t0.elapsed().as_secs() < 10, "left beside it: {names:?}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// A writer for `tmp` over the previous version `old` (if any).

@@ -13,6 +13,8 @@
 //! - [`jobs`]: job state names and which states are final.
 //! - [`index`]: the persistent stat cache that keeps rescans from rehashing
 //!   unchanged files.
+//! - [`oldfiles`]: replacing a file by swapping names, and unlinking big old
+//!   versions on a background thread (the agent's mirror, the daemon's pulls).
 //!
 //! Anything here that changes a hash or a chunk boundary changes what the two
 //! sides agree on, so it bumps [`PROTOCOL_VERSION`].
@@ -20,6 +22,7 @@
 pub mod chunking;
 pub mod index;
 pub mod jobs;
+pub mod oldfiles;
 pub mod path;
 pub mod scan;
 pub mod splice;

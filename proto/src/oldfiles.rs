@@ -1,4 +1,5 @@
-//! Replacing a mirror file, and removing big files, off a round's path.
+//! Replacing a file, and removing big files, off the caller's path: the
+//! agent's mirror files, the daemon's pulled outputs.
 //!
 //! Two kernel costs showed up in a traced 1 MiB edit of a 1 GiB file
 //! (scenario 3 of `bench/`, ext4):
@@ -11,8 +12,8 @@
 //!   usual schedule; the old version then sits at the temporary name.
 //! - Unlinking the last link of a big file frees its blocks and drops its
 //!   cached pages in the caller: ~0.2 s for 1 GiB. [`remove`] renames such a
-//!   file to a fresh name in the agent's `tmp/` (emptied at start, so a
-//!   crash leaks nothing) and unlinks it on a background thread.
+//!   file to a fresh hidden name in a directory the caller cleans at start
+//!   (so a crash leaks nothing) and unlinks it on a background thread.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -52,13 +53,14 @@ fn exchange(_src: &Path, _dst: &Path) -> io::Result<bool> {
 }
 
 /// Removes the file at `path`, `size` bytes: at once when small, else
-/// renamed into `tmp_dir` now and unlinked on the background thread. The
-/// name `path` is free when this returns.
+/// renamed into `tmp_dir` now (as `.bridge-gone-PID-N`, see [`is_gone`])
+/// and unlinked on the background thread. The name `path` is free when
+/// this returns.
 pub fn remove(path: &Path, size: u64, tmp_dir: &Path) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     if size >= BACKGROUND_BYTES {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let gone = tmp_dir.join(format!("reap-{}-{n}", std::process::id()));
+        let gone = tmp_dir.join(format!(".bridge-gone-{}-{n}", std::process::id()));
         if std::fs::rename(path, &gone).is_ok() {
             if let Err(mpsc::SendError(p)) = sender().lock().expect("reaper").send(gone) {
                 std::fs::remove_file(p)?;
@@ -67,6 +69,12 @@ pub fn remove(path: &Path, size: u64, tmp_dir: &Path) -> io::Result<()> {
         }
     }
     std::fs::remove_file(path)
+}
+
+/// True for the name [`remove`] gives a file it has yet to unlink (left
+/// behind by a process that stopped first).
+pub fn is_gone(name: &str) -> bool {
+    name.starts_with(".bridge-gone-")
 }
 
 /// The background thread's queue, started on first use.
