@@ -571,6 +571,8 @@ struct Puller {
     /// Stat and chunks of files this puller wrote (so reusing their chunks
     /// needs no rehash while nobody touched them).
     written: HashMap<String, Cached>,
+    /// Where replaced big versions wait for their unlink (`.bridge/gone/`).
+    gone: PathBuf,
 }
 
 impl Puller {
@@ -590,6 +592,7 @@ impl Puller {
                 .collect(),
             done: HashMap::new(),
             written: HashMap::new(),
+            gone: crate::repo::Layout::new(repo).gone,
         }
     }
 
@@ -765,7 +768,7 @@ impl Puller {
         // The old version is closed before it is swapped out, so that its
         // last close does not free it here.
         drop(old);
-        let result = result.and_then(|()| install_pulled(&tmp, dest));
+        let result = result.and_then(|()| install_pulled(&tmp, dest, &self.gone));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -870,7 +873,7 @@ impl Puller {
                 .map_err(|err| io_status(&tmp, err))?;
             // No fsync: see `pull_file`. Closed before the swap (see there).
             drop(w);
-            install_pulled(&tmp, dest)?;
+            install_pulled(&tmp, dest, &self.gone)?;
             Ok(last)
         }
         .await;
@@ -1012,19 +1015,20 @@ fn tmp_beside(dest: &Path) -> Result<PathBuf, Status> {
 
 /// Puts a pulled output (`tmp`, beside it) at `dest`. An older version there
 /// is swapped out rather than renamed over, and unlinked, in the background
-/// when big: a rename over a 1 GiB file cost 0.2–0.4 s on ext4 (it starts the
-/// new file's writeback) and freeing the old one 0.18 s
+/// from `gone` when big: a rename over a 1 GiB file cost 0.2–0.4 s on ext4
+/// (it starts the new file's writeback) and freeing the old one 0.18 s
 /// ([`bridge_proto::oldfiles`]).
-fn install_pulled(tmp: &Path, dest: &Path) -> Result<(), Status> {
+fn install_pulled(tmp: &Path, dest: &Path, gone: &Path) -> Result<(), Status> {
     let old = Stat::lstat(dest)
         .ok()
         .filter(|s| s.kind == FileKind::File)
         .map(|s| s.size);
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    if oldfiles::replace(tmp, dest, old.is_some()).map_err(|err| io_status(dest, err))?
-        && let Err(e) = oldfiles::remove(tmp, old.unwrap_or(0), dir)
-    {
-        tracing::debug!(path = %dest.display(), error = %e, "cannot remove the old version");
+    if oldfiles::replace(tmp, dest, old.is_some()).map_err(|err| io_status(dest, err))? {
+        // Without the directory (or across file systems) it is removed here.
+        let _ = fs::create_dir_all(gone);
+        if let Err(e) = oldfiles::remove(tmp, old.unwrap_or(0), gone) {
+            tracing::debug!(path = %dest.display(), error = %e, "cannot remove the old version");
+        }
     }
     Ok(())
 }
@@ -1060,21 +1064,22 @@ mod tests {
     }
 
     /// A pulled output replaces the older version whole, and nothing of
-    /// either is left beside it once the background removal ran.
+    /// either is left beside it or in `gone/` once the background removal ran.
     #[test]
     fn a_pulled_output_replaces_the_old_version_and_leaves_nothing_beside_it() {
         let d = tempfile::tempdir().unwrap();
         let dest = d.path().join("out/ckpt.bin");
+        let gone = d.path().join(".bridge/gone");
         let tmp = tmp_beside(&dest).unwrap();
         fs::write(&tmp, b"first").unwrap();
-        install_pulled(&tmp, &dest).unwrap();
+        install_pulled(&tmp, &dest, &gone).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"first");
         let big = oldfiles::BACKGROUND_BYTES as usize;
         for (k, n) in [(1, big), (2, 10), (3, big + 1)] {
             let tmp = tmp_beside(&dest).unwrap();
             let new = data(n, k);
             fs::write(&tmp, &new).unwrap();
-            install_pulled(&tmp, &dest).unwrap();
+            install_pulled(&tmp, &dest, &gone).unwrap();
             assert_eq!(fs::read(&dest).unwrap(), new);
         }
         let t0 = std::time::Instant::now();
@@ -1083,7 +1088,7 @@ mod tests {
                 .unwrap()
                 .map(|e| e.unwrap().file_name())
                 .collect();
-            if names == ["ckpt.bin"] {
+            if names == ["ckpt.bin"] && fs::read_dir(&gone).unwrap().next().is_none() {
                 break;
             }
             assert!(t0.elapsed().as_secs() < 10, "left beside it: {names:?}");

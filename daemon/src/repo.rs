@@ -21,6 +21,9 @@ pub struct Layout {
     pub outputs: PathBuf,
     /// The provider `bridge up` chose (`ProviderSpec`, TOML).
     pub provider: PathBuf,
+    /// Old versions of pulled outputs waiting for their background unlink
+    /// (`bridge_proto::oldfiles::remove`); emptied when a daemon starts.
+    pub gone: PathBuf,
 }
 
 impl Layout {
@@ -35,6 +38,7 @@ impl Layout {
             daemon_pid: state.join("daemon.pid"),
             outputs: state.join("outputs"),
             provider: state.join("provider.toml"),
+            gone: state.join("gone"),
             state,
         }
     }
@@ -48,6 +52,16 @@ impl Layout {
         let gi = self.state.join(".gitignore");
         if !gi.exists() {
             std::fs::write(gi, "*\n")?;
+        }
+        Ok(())
+    }
+
+    /// Removes what a stopped daemon left in `gone/` (it died before its
+    /// background unlinks ran) and makes sure the directory exists.
+    pub fn empty_gone(&self) -> io::Result<()> {
+        std::fs::create_dir_all(&self.gone)?;
+        for e in std::fs::read_dir(&self.gone)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
         }
         Ok(())
     }

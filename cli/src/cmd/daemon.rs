@@ -34,6 +34,9 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     if client::daemon(&layout).await.is_some() {
         bail!("a daemon is already running for {}", layout.repo.display());
     }
+    layout
+        .empty_gone()
+        .with_context(|| format!("cannot empty {}", layout.gone.display()))?;
     let _ = std::fs::remove_file(&layout.control);
     let listener = tokio::net::UnixListener::bind(&layout.control)
         .with_context(|| format!("cannot listen on {}", layout.control.display()))?;
