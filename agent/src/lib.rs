@@ -103,9 +103,7 @@ pub async fn run(
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| Error::Locked(config.root.clone()))?;
     let tmp = config.root.join("tmp");
-    for e in fs::read_dir(&tmp).map_err(root_err)?.flatten() {
-        let _ = fs::remove_file(e.path());
-    }
+    bridge_proto::oldfiles::empty_dir(&tmp).map_err(root_err)?;
     let store =
         store::Store::open(&config.root.join("store"), config.cache_bytes).map_err(root_err)?;
     let state = Arc::new(Mutex::new(State {

@@ -54,10 +54,7 @@ impl Store {
         let retired_dir = dir.join("retired");
         fs::create_dir_all(&retired_dir)?;
         let gone_dir = dir.join("gone");
-        fs::create_dir_all(&gone_dir)?;
-        for e in fs::read_dir(&gone_dir)?.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
+        bridge_proto::oldfiles::empty_dir(&gone_dir)?;
         let mut s = Store {
             retired_dir,
             gone_dir,

@@ -59,11 +59,7 @@ impl Layout {
     /// Removes what a stopped daemon left in `gone/` (it died before its
     /// background unlinks ran) and makes sure the directory exists.
     pub fn empty_gone(&self) -> io::Result<()> {
-        std::fs::create_dir_all(&self.gone)?;
-        for e in std::fs::read_dir(&self.gone)?.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
-        Ok(())
+        bridge_proto::oldfiles::empty_dir(&self.gone)
     }
 }
 

@@ -53,7 +53,7 @@ fn exchange(_src: &Path, _dst: &Path) -> io::Result<bool> {
 }
 
 /// Removes the file at `path`, `size` bytes: at once when small, else
-/// renamed into `tmp_dir` now (as `.bridge-gone-PID-N`, see [`is_gone`])
+/// renamed into `tmp_dir` now (as `.bridge-gone-PID-N`; see [`empty_dir`])
 /// and unlinked on the background thread. The name `path` is free when
 /// this returns.
 pub fn remove(path: &Path, size: u64, tmp_dir: &Path) -> io::Result<()> {
@@ -71,10 +71,14 @@ pub fn remove(path: &Path, size: u64, tmp_dir: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// True for the name [`remove`] gives a file it has yet to unlink (left
-/// behind by a process that stopped first).
-pub fn is_gone(name: &str) -> bool {
-    name.starts_with(".bridge-gone-")
+/// Creates `dir` if needed and removes the files in it: what [`remove`]
+/// left there for a process that stopped before unlinking it.
+pub fn empty_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    Ok(())
 }
 
 /// The background thread's queue, started on first use.
