@@ -114,6 +114,8 @@ pub enum EnvError {
     MissingInput(PathBuf),
     #[error("setup failed ({0})")]
     SetupFailed(Outcome),
+    #[error("installing debugpy failed ({0}): add debugpy to the job's environment")]
+    DebugpyFailed(Outcome),
     #[error("cancelled")]
     Cancelled,
 }
@@ -122,7 +124,9 @@ impl EnvError {
     /// The failed process's outcome, for the job's exit record.
     pub fn outcome(&self) -> Option<Outcome> {
         match self {
-            EnvError::BuildFailed(o) | EnvError::SetupFailed(o) => Some(*o),
+            EnvError::BuildFailed(o) | EnvError::SetupFailed(o) | EnvError::DebugpyFailed(o) => {
+                Some(*o)
+            }
             _ => None,
         }
     }
@@ -777,7 +781,11 @@ fn step(runner: &mut dyn StepRunner, cmd: Command) -> Result<Outcome, EnvError> 
 
 /// Takes the exclusive lock at `path`, polling so that a job waiting for
 /// another job's build can still be cancelled.
-fn lock(path: &Path, runner: &mut dyn StepRunner, what: &str) -> Result<Flock<File>, EnvError> {
+pub(crate) fn lock(
+    path: &Path,
+    runner: &mut dyn StepRunner,
+    what: &str,
+) -> Result<Flock<File>, EnvError> {
     let mut file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -71,6 +71,8 @@ pub struct Jobs {
     /// Mirrors jobs were submitted against, with their relink queues.
     submitted_to: Mutex<HashMap<String, RelinkQueue>>,
     spare_seq: AtomicU64,
+    /// This machine's name, for the tags of jobs' MLflow runs.
+    hostname: String,
 }
 
 /// The spare snapshot of one mirror.
@@ -214,6 +216,9 @@ impl Jobs {
             spares: Default::default(),
             submitted_to: Default::default(),
             spare_seq: AtomicU64::new(0),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         })
     }
 
@@ -266,6 +271,11 @@ impl Jobs {
         for i in &spec.setup_inputs {
             rel(i, "setup input")?;
         }
+        if spec.live && !spec.outputs.is_empty() {
+            return Err(Status::invalid_argument(
+                "a live job runs in the mirror and has no outputs: drop its [outputs] (or run it in a snapshot)",
+            ));
+        }
         for o in &spec.outputs {
             if rel(o, "output path")?.is_none() {
                 return Err(Status::invalid_argument(
@@ -316,12 +326,66 @@ impl Jobs {
             id
         };
         let dir = self.job_dir(id);
+        let tree_path = if spec.live {
+            // A live job runs in the mirror itself: no snapshot, no spare.
+            fs::create_dir_all(&dir).map_err(|e| {
+                Status::internal(format!("cannot create {}: {e}", dir.display()))
+            })?;
+            drop(st);
+            self.mirrors_dir.join(&req.mirror)
+        } else {
+            self.snapshot(id, &dir, &req.mirror, st)?
+        };
+        let info = JobInfo {
+            id: id.to_string(),
+            name: if spec.name.is_empty() {
+                format!("job-{id}")
+            } else {
+                spec.name.clone()
+            },
+            state: JobState::Queued as i32,
+            mirror: req.mirror,
+            generation: req.generation,
+            submitted_ms: now_ms(),
+            spec: Some(spec),
+            tree_path: tree_path.display().to_string(),
+            ..Default::default()
+        };
+        let rec = JobRecord {
+            info: Some(info.clone()),
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        self.save(id, &rec);
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "job record saved");
+        {
+            let mut inner = self.lock()?;
+            inner.records.insert(id, rec);
+        }
+        self.schedule();
+        self.get(&info.id)
+    }
+
+    /// Takes job `id`'s snapshot of `mirror` into `dir/tree` (from the
+    /// spare when one is ready), releasing the agent state `st` as soon as
+    /// the mirror is no longer read. Returns the tree's path.
+    fn snapshot(
+        &self,
+        id: u64,
+        dir: &Path,
+        mirror_name: &str,
+        mut st: std::sync::MutexGuard<'_, State>,
+    ) -> Result<PathBuf, Status> {
+        let State { store: _, mirrors } = &mut *st;
+        let mirror = mirrors
+            .get_mut(mirror_name)
+            .ok_or_else(|| Status::failed_precondition("the mirror closed"))?;
         self.submitted_to
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(req.mirror.clone())
+            .entry(mirror_name.to_string())
             .or_insert_with(|| mirror.relinks.clone());
-        let spare = self.ready_spare(&req.mirror);
+        let spare = self.ready_spare(mirror_name);
         let snap = (|| {
             fs::create_dir_all(&dir)?;
             let (tree, manifest) = (dir.join("tree"), dir.join("snapshot.index"));
@@ -340,7 +404,7 @@ impl Jobs {
         })();
         drop(st);
         let taken = snap.map_err(|e| {
-            let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_dir_all(dir);
             Status::internal(format!("cannot snapshot the mirror for job {id}: {e}"))
         })?;
         tracing::info!(
@@ -350,33 +414,7 @@ impl Jobs {
             from_spare = taken.from_spare,
             "job snapshot taken"
         );
-        let info = JobInfo {
-            id: id.to_string(),
-            name: if spec.name.is_empty() {
-                format!("job-{id}")
-            } else {
-                spec.name.clone()
-            },
-            state: JobState::Queued as i32,
-            mirror: req.mirror,
-            generation: req.generation,
-            submitted_ms: now_ms(),
-            spec: Some(spec),
-            ..Default::default()
-        };
-        let rec = JobRecord {
-            info: Some(info.clone()),
-            ..Default::default()
-        };
-        let t = std::time::Instant::now();
-        self.save(id, &rec);
-        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "job record saved");
-        {
-            let mut inner = self.lock()?;
-            inner.records.insert(id, rec);
-        }
-        self.schedule();
-        self.get(&info.id)
+        Ok(dir.join("tree"))
     }
 
     /// The mirror's spare snapshot, when one is ready.
@@ -530,10 +568,14 @@ impl Jobs {
 
     fn start(&self, inner: &mut Inner, id: u64, gpus: Vec<u32>) -> io::Result<()> {
         let dir = self.job_dir(id);
-        let tree = dir.join("tree");
         let rec = inner.records.get_mut(&id).expect("queued job");
         let info = rec.info.as_mut().expect("info");
         let spec = info.spec.clone().unwrap_or_default();
+        let tree = if spec.live {
+            self.mirrors_dir.join(&info.mirror)
+        } else {
+            dir.join("tree")
+        };
         let workdir = spec.workdir.trim_matches('/');
         let cwd = if workdir.is_empty() || workdir == "." {
             tree.clone()
@@ -559,6 +601,24 @@ impl Jobs {
         env.insert("BRIDGE_JOB_ID".into(), info.id.clone());
         env.insert("BRIDGE_JOB_NAME".into(), info.name.clone());
         env.insert("BRIDGE_GENERATION".into(), info.generation.clone());
+        if spec.live {
+            // Bytecode caches go beside the job, not into the mirror (where
+            // the next sync would delete them as strays).
+            env.insert(
+                "PYTHONPYCACHEPREFIX".into(),
+                dir.join("pycache").display().to_string(),
+            );
+        }
+        env.insert(
+            "MLFLOW_RUN_CONTEXT".into(),
+            run_context(env.get("MLFLOW_RUN_CONTEXT"), &info.id, &self.hostname),
+        );
+        let debugpy_port = spec
+            .debug
+            .as_ref()
+            .filter(|d| d.kind() == v1::debug_spec::Kind::Debugpy)
+            .and_then(|d| u16::try_from(d.port).ok())
+            .filter(|&p| p != 0);
         let python = spec.python.as_ref().and_then(|p| {
             let kind = match p.kind() {
                 v1::python_env::Kind::None => return None,
@@ -579,7 +639,7 @@ impl Jobs {
                 .map(|i| tree.join(i.trim_matches('/')))
                 .collect(),
         });
-        let has_setup = python.is_some() || setup.is_some();
+        let has_setup = python.is_some() || setup.is_some() || debugpy_port.is_some();
         let shim = ShimSpec {
             job_id: info.id.clone(),
             tree: tree.clone(),
@@ -590,6 +650,8 @@ impl Jobs {
             setup,
             cache_dir: self.cache_dir.clone(),
             grace_ms: GRACE.as_millis() as u64,
+            live: spec.live,
+            debugpy_port,
         };
         // Not fsynced: the shim reads it at once, and a machine crash ends
         // the job anyway (see `store::Store::save`).
@@ -685,8 +747,16 @@ impl Jobs {
                     } else {
                         JobState::Failed
                     };
-                    let changed =
-                        snapshot::modified_in_place(&dir.join("tree"), &dir.join("snapshot.index"));
+                    let live = rec
+                        .info
+                        .as_ref()
+                        .and_then(|i| i.spec.as_ref())
+                        .is_some_and(|s| s.live);
+                    let changed = if live {
+                        Vec::new()
+                    } else {
+                        snapshot::modified_in_place(&dir.join("tree"), &dir.join("snapshot.index"))
+                    };
                     if !changed.is_empty() {
                         let info = rec.info.as_mut().expect("info");
                         let names: Vec<String> =
@@ -745,8 +815,13 @@ impl Jobs {
                 let rec = inner.records.get_mut(&id).expect("active");
                 if let Some(s) = read_json::<ShimState>(&dir.join("state.json")) {
                     let info = rec.info.as_mut().expect("info");
-                    if s.phase == Phase::Running && info.state() == JobState::Setup {
-                        info.set_state(JobState::Running);
+                    if (s.phase == Phase::Running && info.state() == JobState::Setup)
+                        || s.restarts != info.restarts
+                    {
+                        if s.phase == Phase::Running {
+                            info.set_state(JobState::Running);
+                        }
+                        info.restarts = s.restarts;
                         let rec = rec.clone();
                         self.save(id, &rec);
                     }
@@ -1077,6 +1152,10 @@ impl Jobs {
 
     /// Jobs queued, in setup or running: what holds the machine against the
     /// idle autostop. One pass over the table, no disk access.
+    /// Jobs queued, in setup or running, live ones left out: a live
+    /// service neither holds the machine awake on its own (it serves the
+    /// laptop, whose attached daemon does) nor holds a snapshot whose hard
+    /// links could change mirror files unseen.
     pub fn active(&self) -> u32 {
         let Ok(inner) = self.inner.lock() else {
             // A poisoned table: count the machine as busy rather than stop it.
@@ -1089,7 +1168,11 @@ impl Jobs {
                 matches!(
                     state_of(r),
                     JobState::Queued | JobState::Setup | JobState::Running
-                )
+                ) && !r
+                    .info
+                    .as_ref()
+                    .and_then(|i| i.spec.as_ref())
+                    .is_some_and(|s| s.live)
             })
             .count() as u32
     }
@@ -1142,6 +1225,21 @@ impl crate::idle::Activity for Jobs {
     }
 }
 
+/// `MLFLOW_RUN_CONTEXT` for a job: the tags MLflow puts on every run the
+/// job starts (MLflow's own `SystemEnvironmentContext`): the job id and the
+/// agent's host, added to what the daemon put there (the git commit) or the
+/// user did (their keys win).
+pub fn run_context(given: Option<&String>, job: &str, host: &str) -> String {
+    let mut tags = given
+        .and_then(|g| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(g).ok())
+        .unwrap_or_default();
+    for (k, v) in [("bridge.job_id", job), ("bridge.agent_host", host)] {
+        tags.entry(k.to_string())
+            .or_insert_with(|| serde_json::Value::String(v.to_string()));
+    }
+    serde_json::Value::Object(tags).to_string()
+}
+
 /// A job wrote into files it shared with `mirror`: rehash them, so the
 /// mirror's root shows the damage and the daemon's next verification sends
 /// the content again.
@@ -1171,4 +1269,26 @@ pub fn spawn_poller(
             }
         })
         .expect("spawn job poller")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_context;
+
+    #[test]
+    fn run_context_adds_the_job_and_host_and_keeps_what_was_given() {
+        let tags: serde_json::Value = serde_json::from_str(&run_context(None, "7", "gpu1")).unwrap();
+        assert_eq!(tags["bridge.job_id"], "7");
+        assert_eq!(tags["bridge.agent_host"], "gpu1");
+        let given = r#"{"mlflow.source.git.commit":"abc","bridge.job_id":"mine"}"#.to_string();
+        let tags: serde_json::Value =
+            serde_json::from_str(&run_context(Some(&given), "7", "gpu1")).unwrap();
+        assert_eq!(tags["mlflow.source.git.commit"], "abc");
+        assert_eq!(tags["bridge.job_id"], "mine");
+        assert_eq!(tags["bridge.agent_host"], "gpu1");
+        // Not JSON: replaced by bridge's own tags rather than breaking MLflow.
+        let tags: serde_json::Value =
+            serde_json::from_str(&run_context(Some(&"{x".to_string()), "7", "h")).unwrap();
+        assert_eq!(tags["bridge.job_id"], "7");
+    }
 }

@@ -13,7 +13,11 @@
 //!   runs the steps, writes the log and records the exit, independent of the agent.
 //! - [`joblog`]: the job log's record format, its writer and its readers.
 //! - [`envcache`]: cached Python environments and setup commands.
+//! - [`debugger`]: debugpy for `bridge run --debug` (a `sitecustomize` hook,
+//!   debugpy installed once per Python when the env lacks it).
 //! - [`gpu`]: GPU discovery (`nvidia-smi`) behind the `GpuInventory` trait.
+//! - [`tunnels`]: the `bridge.v1.Tunnels` service — dials loopback ports for
+//!   the daemon's port forwards and keeps loopback listeners for reverse ones.
 //! - [`idle`]: idle autostop — which daemons are attached (the `Attach`
 //!   stream's pings), the idle clock, and the command run when it expires.
 //!
@@ -26,6 +30,7 @@
 //! environments and setup markers), `agent.lock` (one agent per root).
 
 pub mod apply;
+pub mod debugger;
 pub mod envcache;
 pub mod gpu;
 pub mod idle;
@@ -35,6 +40,7 @@ pub mod mirror;
 pub mod service;
 pub mod shim;
 pub mod store;
+pub mod tunnels;
 pub mod watch;
 
 use std::fs;
@@ -45,6 +51,7 @@ use std::sync::{Arc, Mutex};
 
 use bridge_proto::v1::agent_server::AgentServer;
 use bridge_proto::v1::jobs_server::JobsServer;
+use bridge_proto::v1::tunnels_server::TunnelsServer;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -138,8 +145,9 @@ pub async fn run(
         tmp,
         state: state.clone(),
         idle,
-        stopping: stopping_rx,
+        stopping: stopping_rx.clone(),
     };
+    let tunnels_svc = tunnels::TunnelsService::new(stopping_rx.clone());
     let jobs_svc = jobs::service::JobsService {
         jobs: jobs.clone(),
         state: state.clone(),
@@ -169,12 +177,17 @@ pub async fn run(
         JobsServer::new(jobs_svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth.clone(),
+    );
+    let tunnels_server = tonic::service::interceptor::InterceptedService::new(
+        TunnelsServer::new(tunnels_svc),
         auth,
     );
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(server)
-        .add_service(jobs_server);
+        .add_service(jobs_server)
+        .add_service(tunnels_server);
     tracing::info!(root = %config.root.display(), "agent serving");
     match listener {
         Listener::Unix(l) => {

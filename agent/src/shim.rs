@@ -73,7 +73,21 @@ pub struct ShimSpec {
     pub cache_dir: PathBuf,
     /// SIGTERM → SIGKILL grace for processes a step leaves behind.
     pub grace_ms: u64,
+    /// A live job: the command runs in the mirror and is started again,
+    /// with backoff, whenever it exits non-zero ([`LIVE_BACKOFF`]).
+    #[serde(default)]
+    pub live: bool,
+    /// Start the job's Python under debugpy on 127.0.0.1:port
+    /// ([`crate::debugger`]).
+    #[serde(default)]
+    pub debugpy_port: Option<u16>,
 }
+
+/// A live command that failed is started again after 1 s, then twice as
+/// long after each failure in a row, at most this long; a run that lasted
+/// [`LIVE_HEALTHY`] starts the count again.
+pub const LIVE_BACKOFF: Duration = Duration::from_secs(30);
+pub const LIVE_HEALTHY: Duration = Duration::from_secs(60);
 
 /// Which Python env the job runs in.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -118,6 +132,9 @@ pub struct ShimState {
     pub child_pid: Option<u32>,
     /// Unix ms when the main command started; 0 before.
     pub started_ms: u64,
+    /// Live jobs: restarts after a failure so far.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// `exit.json`: how the job ended. Written last.
@@ -218,6 +235,7 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
             phase: Phase::Setup,
             child_pid: None,
             started_ms: 0,
+            restarts: 0,
         },
         phase: Phase::Setup,
         grace: Duration::from_secs(10),
@@ -269,6 +287,14 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
     {
         return setup_failed(&steps, e);
     }
+    if let Some(port) = spec.debugpy_port
+        && let Err(e) = crate::debugger::prepare(&spec.cache_dir, &mut env, &spec.cwd, port, &mut steps)
+    {
+        if !matches!(e, EnvError::DebugpyFailed(_)) {
+            steps.system(&e.to_string());
+        }
+        return setup_failed(&steps, e);
+    }
     if steps.cancelled() {
         return cancelled(Phase::Setup, None);
     }
@@ -279,24 +305,54 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
         steps.system(&reason);
         return ShimExit::new(Phase::Running, None, reason);
     }
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&spec.command)
-        .current_dir(&spec.cwd)
-        .env_clear()
-        .envs(&env);
-    let outcome = match steps.run_step(cmd, true) {
-        Ok(o) => o,
-        Err(e) => {
-            let reason = format!("cannot start the command: {e}");
-            steps.system(&reason);
-            return ShimExit::new(Phase::Running, None, reason);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(&spec.command)
+            .current_dir(&spec.cwd)
+            .env_clear()
+            .envs(&env);
+        let began = std::time::Instant::now();
+        let outcome = match steps.run_step(cmd, true) {
+            Ok(o) => o,
+            Err(e) => {
+                let reason = format!("cannot start the command: {e}");
+                steps.system(&reason);
+                return ShimExit::new(Phase::Running, None, reason);
+            }
+        };
+        if steps.cancelled() {
+            return cancelled(Phase::Running, Some(outcome));
         }
-    };
-    if steps.cancelled() {
-        return cancelled(Phase::Running, Some(outcome));
+        if !spec.live || outcome.success() {
+            return ShimExit::new(Phase::Running, Some(outcome), describe(outcome));
+        }
+        // A live service that failed: start it again, waiting longer after
+        // each failure in a row (a broken save should not spin the CPU).
+        if began.elapsed() >= LIVE_HEALTHY {
+            backoff = Duration::from_secs(1);
+        }
+        steps.state.restarts += 1;
+        steps.write_state();
+        let how = match outcome {
+            Outcome::Exited(c) => format!("exited with code {c}"),
+            Outcome::Signaled(s) => format!("was killed by signal {s}"),
+        };
+        steps.system(&format!(
+            "the live command {how}; starting it again in {} s (restart {})",
+            backoff.as_secs(),
+            steps.state.restarts
+        ));
+        let until = std::time::Instant::now() + backoff;
+        while std::time::Instant::now() < until {
+            if steps.cancelled() {
+                return cancelled(Phase::Running, Some(outcome));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        backoff = (backoff * 2).min(LIVE_BACKOFF);
     }
-    ShimExit::new(Phase::Running, Some(outcome), describe(outcome))
 }
 
 /// The reason for the main command's outcome, as a shell user would say it.

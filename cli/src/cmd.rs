@@ -4,6 +4,7 @@ pub mod cancel;
 pub mod daemon;
 pub mod down;
 pub mod exec;
+pub mod forward;
 pub mod logs;
 pub mod ps;
 pub mod pull;

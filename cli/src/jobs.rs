@@ -201,6 +201,141 @@ pub fn summary(j: &JobInfo) -> String {
     s
 }
 
+/// `--debug[=pycharm:PORT]` and `--debug-port`, shared by `run` and `exec`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DebugArgs {
+    /// Start the job's Python under debugpy, waiting for VS Code (or any DAP
+    /// client) to attach through a forwarded port; `--debug=pycharm:PORT`
+    /// instead lets the job reach PyCharm's debug server on this machine's PORT.
+    #[arg(long, value_name = "pycharm:PORT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "debugpy", value_parser = parse_debug)]
+    debug: Option<bridge_proto::v1::DebugSpec>,
+    /// The local port for the debugger to attach to (default 5678 when free,
+    /// else any free one).
+    #[arg(long, value_name = "PORT", requires = "debug")]
+    debug_port: Option<u16>,
+}
+
+impl DebugArgs {
+    pub fn spec(&self) -> Option<bridge_proto::v1::DebugSpec> {
+        let mut d = self.debug.clone()?;
+        if d.kind() == bridge_proto::v1::debug_spec::Kind::Debugpy
+            && let Some(p) = self.debug_port
+        {
+            d.local_port = p as u32;
+        }
+        Some(d)
+    }
+}
+
+fn parse_debug(s: &str) -> Result<bridge_proto::v1::DebugSpec, String> {
+    use bridge_proto::v1::{DebugSpec, debug_spec::Kind};
+    let spec = |kind: Kind, local_port: u32| DebugSpec {
+        kind: kind as i32,
+        local_port,
+        ..Default::default()
+    };
+    match s.split_once(':') {
+        None if s == "debugpy" || s == "vscode" => Ok(spec(Kind::Debugpy, 0)),
+        Some(("pycharm", p)) => match p.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(spec(Kind::Pycharm, p as u32)),
+            _ => Err(format!("{p:?} is not a port: give the port PyCharm's debug server listens on, e.g. --debug=pycharm:12345")),
+        },
+        _ if s == "pycharm" => Err("give the port PyCharm's debug server listens on: --debug=pycharm:12345".into()),
+        _ => Err(format!("unknown debugger {s:?}: use --debug (debugpy, for VS Code) or --debug=pycharm:PORT")),
+    }
+}
+
+/// The MLflow server of the user's shell (`MLFLOW_TRACKING_URI`), for a job
+/// that names none itself ([mlflow] or its [env]): the job logs where the
+/// user's local runs do.
+fn tracking_from_shell(spec: &mut bridge_proto::v1::JobSpec) {
+    if !spec.mlflow_tracking_uri.is_empty()
+        || spec.env.contains_key(bridge_daemon::mlflow::TRACKING_VAR)
+    {
+        return;
+    }
+    if let Ok(uri) = std::env::var(bridge_daemon::mlflow::TRACKING_VAR)
+        && (uri.starts_with("http://") || uri.starts_with("https://"))
+    {
+        spec.mlflow_tracking_uri = uri;
+    }
+}
+
+/// One line for a job's forward: a URL to open, or where connections go.
+pub fn forward_line(f: &bridge_proto::v1::ForwardInfo) -> String {
+    use bridge_proto::v1::forward_spec::Direction;
+    let spec = f.spec.clone().unwrap_or_default();
+    let name = if spec.name.is_empty() {
+        "forward".to_string()
+    } else {
+        spec.name.clone()
+    };
+    match spec.direction() {
+        Direction::Local => format!(
+            "{name}: http://127.0.0.1:{} (agent port {})",
+            f.local_port, f.remote_port
+        ),
+        Direction::Reverse if name == "MLflow" => format!(
+            "MLflow: the job logs to http://127.0.0.1:{} on this machine (through agent port {})",
+            f.local_port, f.remote_port
+        ),
+        Direction::Reverse => format!(
+            "{name}: agent 127.0.0.1:{} → 127.0.0.1:{} here",
+            f.remote_port, f.local_port
+        ),
+    }
+}
+
+/// How to attach the debugger: VS Code's attach configuration, with the
+/// local repository mapped onto the job's tree on the agent, or PyCharm's
+/// settrace call.
+fn print_debug(
+    d: &bridge_proto::v1::DebugSpec,
+    forwards: &[bridge_proto::v1::ForwardInfo],
+    repo: &Path,
+    job: &JobInfo,
+) {
+    use bridge_proto::v1::debug_spec::Kind;
+    match d.kind() {
+        Kind::None => {}
+        Kind::Debugpy => {
+            let Some(f) = forwards
+                .iter()
+                .find(|f| f.spec.as_ref().is_some_and(|s| s.name == "debugpy"))
+            else {
+                return;
+            };
+            let config = serde_json::json!({
+                "name": format!("bridge: attach to job {}", job.id),
+                "type": "debugpy",
+                "request": "attach",
+                "connect": { "host": "127.0.0.1", "port": f.local_port },
+                "pathMappings": [{
+                    "localRoot": repo.display().to_string(),
+                    "remoteRoot": job.tree_path,
+                }],
+                "justMyCode": false,
+            });
+            eprintln!(
+                "bridge: the job waits for a debugger on 127.0.0.1:{} (debugpy). VS Code: add this to .vscode/launch.json \"configurations\" and start it:\n{}",
+                f.local_port,
+                serde_json::to_string_pretty(&config).unwrap_or_default()
+            );
+        }
+        Kind::Pycharm => {
+            eprintln!(
+                "bridge: PyCharm's debug server (127.0.0.1:{}) is reachable from the job at 127.0.0.1:{} (BRIDGE_DEBUG_PORT); \
+                 path mapping: {} = {}. In the job: pydevd_pycharm.settrace(\"127.0.0.1\", port=int(os.environ[\"BRIDGE_DEBUG_PORT\"]), stdoutToServer=True, stderrToServer=True)",
+                d.local_port,
+                d.port,
+                repo.display(),
+                job.tree_path
+            );
+        }
+    }
+}
+
 /// Submits, then (unless detached) streams the log and waits for the end.
 /// Ctrl-C detaches: the job goes on.
 pub async fn submit_and_follow(
@@ -209,12 +344,16 @@ pub async fn submit_and_follow(
     spec: bridge_proto::v1::JobSpec,
     detach: bool,
 ) -> anyhow::Result<u8> {
+    let mut spec = spec;
+    tracking_from_shell(&mut spec);
+    let debug = spec.debug.clone();
     let mut c = daemon_or_up(cwd, layout).await?;
-    let info = c
+    let reply = c
         .submit(bridge_proto::v1::ControlSubmitRequest { spec: Some(spec) })
         .await
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner();
+    let info = reply.job.unwrap_or_default();
     let gpus = if info.gpus.is_empty() {
         String::new()
     } else {
@@ -227,6 +366,21 @@ pub async fn submit_and_follow(
         info.generation.get(..12).unwrap_or(&info.generation),
         state_name(info.state())
     );
+    for n in &reply.notes {
+        eprintln!("bridge: warning: {n}");
+    }
+    for f in &reply.forwards {
+        eprintln!("bridge: {}", forward_line(f));
+    }
+    // As the daemon filled it in (the ports), else as asked.
+    let debug = info
+        .spec
+        .as_ref()
+        .and_then(|s| s.debug.clone())
+        .or(debug);
+    if let Some(d) = &debug {
+        print_debug(d, &reply.forwards, &layout.repo, &info);
+    }
     if detach {
         println!("{}", info.id);
         eprintln!("bridge: follow it with `bridge logs -f {}`", info.id);

@@ -54,6 +54,9 @@ enum Cmd {
     Cancel(cmd::cancel::Args),
     /// Fetch a job's outputs into the local tree again.
     Pull(cmd::pull::Args),
+    /// Forward ports between this machine and the agent (both loopback only):
+    /// `bridge forward 6006`, `--reverse 5000`, `--list`, `--stop PORT`.
+    Forward(cmd::forward::Args),
 }
 
 /// When this command started, in milliseconds since the Unix epoch.
@@ -110,6 +113,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Ps(a) => cmd::ps::run(&cwd, a).await,
             Cmd::Cancel(a) => cmd::cancel::run(&cwd, a).await,
             Cmd::Pull(a) => cmd::pull::run(&cwd, a).await,
+            Cmd::Forward(a) => cmd::forward::run(&cwd, a).await,
         }
     });
     match res {

@@ -15,6 +15,16 @@
 //! [outputs]
 //! paths = ["outputs/", "mlruns/"]       # relative to workdir, brought back while it runs
 //! local = "runs/{job}/"                 # optional other local destination
+//! mode = "live"                         # optional: run in the live mirror (dev servers)
+//! [[forward]]                           # port forwards for the job's lifetime
+//! port = 6006                           # laptop 127.0.0.1:6006 → agent 127.0.0.1:6006
+//! name = "TensorBoard"                  # printed as a URL by `bridge run`
+//! [[forward]]
+//! port = 5000                           # agent → laptop (the agent port may differ)
+//! reverse = true
+//! env = "LOCAL_API_PORT"                # the job gets the agent port here
+//! [mlflow]
+//! tracking_uri = "http://127.0.0.1:5000"  # the laptop's server (default: $MLFLOW_TRACKING_URI)
 //! ```
 //!
 //! Every error names the line and column (or the `--set` argument) it is

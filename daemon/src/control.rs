@@ -16,6 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Command, Shared};
+use crate::forwards::Forwards;
 use crate::jobs::Relay;
 use crate::provider::Provider;
 use crate::status::GpuStatus;
@@ -28,6 +29,10 @@ pub struct ControlService {
     /// Job calls go to the agent through it.
     pub relay: Arc<Relay>,
     pub provider: Arc<dyn Provider>,
+    /// Port forwards, the jobs' included.
+    pub forwards: Arc<Forwards>,
+    /// The repository (git state for MLflow's tags).
+    pub repo: std::path::PathBuf,
 }
 
 /// What a stop takes down besides the daemon. The default (a signal to the
@@ -42,6 +47,9 @@ pub struct Stop {
     pub stop_agent: bool,
     /// Then remove the agent's files.
     pub purge: bool,
+    /// `bridge down`: cancel this repository's live jobs (dev servers in the
+    /// mirror) and remove the forwards, also on an agent that keeps running.
+    pub down: bool,
 }
 
 /// How long `status` waits for the agent's GPU list.
@@ -78,6 +86,12 @@ impl Control for ControlService {
                 })
                 .collect();
         }
+        st.forwards = self
+            .forwards
+            .list()
+            .iter()
+            .map(crate::status::ForwardStatus::from)
+            .collect();
         let json = serde_json::to_string(&st).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::StatusReply { json }))
     }
@@ -165,6 +179,7 @@ impl Control for ControlService {
             all_mirrors: false,
             stop_agent,
             purge: req.purge,
+            down: true,
         };
         if stop_agent && !local {
             // A shared agent: its jobs may belong to other repositories too.
@@ -190,12 +205,79 @@ impl Control for ControlService {
     async fn submit(
         &self,
         req: Request<v1::ControlSubmitRequest>,
-    ) -> Result<Response<v1::JobInfo>, Status> {
-        let spec = req
+    ) -> Result<Response<v1::ControlSubmitReply>, Status> {
+        let mut spec = req
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
-        self.relay.submit(spec).await.map(Response::new)
+        // MLflow's run tags (the git state) are read while the barrier runs.
+        let given = spec.env.get(crate::mlflow::RUN_CONTEXT_VAR).cloned();
+        let repo = self.repo.clone();
+        let tags = tokio::spawn(async move {
+            crate::mlflow::run_context(&repo, given)
+                .await
+                .map(|v| (crate::mlflow::RUN_CONTEXT_VAR.to_string(), v))
+                .into_iter()
+                .collect()
+        });
+        let prepared = match self.forwards.prepare_job(&mut spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                tags.abort();
+                return Err(e);
+            }
+        };
+        match self.relay.submit(spec, Some(tags)).await {
+            Ok(job) => {
+                let forwards = self.forwards.adopt(&prepared, &job.id);
+                Ok(Response::new(v1::ControlSubmitReply {
+                    job: Some(job),
+                    forwards,
+                    notes: prepared.notes.clone(),
+                }))
+            }
+            Err(e) => {
+                self.forwards.abandon(prepared).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<v1::ForwardRequest>,
+    ) -> Result<Response<v1::ForwardInfo>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("forward without a spec"))?;
+        self.forwards.add(spec).await.map(Response::new)
+    }
+
+    async fn unforward(
+        &self,
+        req: Request<v1::UnforwardRequest>,
+    ) -> Result<Response<v1::ForwardList>, Status> {
+        let req = req.into_inner();
+        let port = u16::try_from(req.port)
+            .map_err(|_| Status::invalid_argument(format!("{} is not a port", req.port)))?;
+        let forwards = self.forwards.remove_port(port, req.reverse).await;
+        if forwards.is_empty() {
+            let what = if req.reverse { "reverse forward to" } else { "forward on" };
+            return Err(Status::not_found(format!(
+                "no {what} laptop port {port}; `bridge forward --list` shows them"
+            )));
+        }
+        Ok(Response::new(v1::ForwardList { forwards }))
+    }
+
+    async fn forwards(
+        &self,
+        _: Request<v1::ForwardsRequest>,
+    ) -> Result<Response<v1::ForwardList>, Status> {
+        Ok(Response::new(v1::ForwardList {
+            forwards: self.forwards.list(),
+        }))
     }
 
     async fn list(&self, req: Request<v1::ListRequest>) -> Result<Response<v1::JobList>, Status> {

@@ -24,6 +24,7 @@ use bridge_proto::tree::{Node, Tree, hex};
 use bridge_proto::v1;
 use bridge_proto::v1::agent_client::AgentClient;
 use bridge_proto::v1::jobs_client::JobsClient;
+use bridge_proto::v1::tunnels_client::TunnelsClient;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status as GrpcStatus;
@@ -116,6 +117,7 @@ pub enum Command {
     Submit {
         spec: Box<v1::JobSpec>,
         outputs: Vec<RelPath>,
+        env_later: Option<EnvLater>,
         reply: oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
     },
 }
@@ -132,6 +134,7 @@ enum Waiter {
     },
     Submit(
         Box<v1::JobSpec>,
+        Option<EnvLater>,
         oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
     ),
 }
@@ -152,7 +155,7 @@ impl Waiter {
             Waiter::Sync { reply, .. } => {
                 let _ = reply.send(Err(msg));
             }
-            Waiter::Submit(_, w) => {
+            Waiter::Submit(_, _, w) => {
                 let _ = w.send(Err(GrpcStatus::unavailable(msg)));
             }
         }
@@ -202,7 +205,19 @@ impl AgentLink {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+
+    pub fn tunnels(&self) -> TunnelsClient<InterceptedService<Channel, Auth>> {
+        TunnelsClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
 }
+
+/// Environment variables a job gets that are computed while the barrier
+/// runs (the git state for MLflow's tags), merged into its spec just before
+/// the submit.
+pub type EnvLater = tokio::task::JoinHandle<Vec<(String, String)>>;
+
+/// How long the submit waits for [`EnvLater`] after the barrier.
+const ENV_LATER_WAIT: Duration = Duration::from_secs(2);
 
 impl Shared {
     fn set_phase(&self, phase: &str) {
@@ -827,10 +842,10 @@ impl Engine {
                                 continue;
                             }
                         }
-                        Command::Submit { spec, outputs, reply } => {
+                        Command::Submit { spec, outputs, env_later, reply } => {
                             self.verify_early();
                             self.set_outputs(outputs).await;
-                            waiters.push(Waiter::Submit(spec, reply));
+                            waiters.push(Waiter::Submit(spec, env_later, reply));
                         }
                     }
                     pending.insert(Dirty::Tree(None));
@@ -1003,12 +1018,20 @@ impl Engine {
                 Waiter::Sync { reply: w, .. } => {
                     let _ = w.send(result.clone().map(|_| synced.clone()));
                 }
-                Waiter::Submit(spec, w) => {
+                Waiter::Submit(mut spec, env_later, w) => {
                     let out = match &result {
                         Err(e) => Err(GrpcStatus::unavailable(e.clone())),
                         // Still inside the engine loop: no round can run
                         // between the verification and the snapshot.
-                        Ok(()) => self.submit(*spec, &synced.root).await,
+                        Ok(()) => {
+                            if let Some(later) = env_later {
+                                match tokio::time::timeout(ENV_LATER_WAIT, later).await {
+                                    Ok(Ok(vars)) => spec.env.extend(vars),
+                                    _ => tracing::warn!("job environment extras not ready; submitting without them"),
+                                }
+                            }
+                            self.submit(*spec, &synced.root).await
+                        }
                     };
                     let _ = w.send(out);
                 }

@@ -126,6 +126,12 @@ impl Relay {
         }
     }
 
+    /// The engine's current connection, if it ever connected (it may be
+    /// broken: calls on it fail, and tonic reconnects it).
+    pub fn current_link(&self) -> Option<AgentLink> {
+        self.shared.agent.borrow().clone()
+    }
+
     /// The engine's current connection, waiting up to [`LINK_WAIT`] for one.
     pub async fn link(&self) -> Result<AgentLink, Status> {
         let mut rx = self.shared.agent.subscribe();
@@ -149,13 +155,18 @@ impl Relay {
 
     /// Flushes the sync, submits against the verified generation, and starts
     /// pulling the job's outputs.
-    pub async fn submit(self: &Arc<Self>, spec: v1::JobSpec) -> Result<JobInfo, Status> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        spec: v1::JobSpec,
+        env_later: Option<crate::engine::EnvLater>,
+    ) -> Result<JobInfo, Status> {
         let outputs = excluded_paths(&spec)?;
         let (reply, rx) = oneshot::channel();
         self.cmds
             .send(Command::Submit {
                 spec: Box::new(spec),
                 outputs,
+                env_later,
                 reply,
             })
             .await
@@ -174,7 +185,7 @@ impl Relay {
     /// A poke costs a rescan, so it is sent only while the engine believes it
     /// is connected (otherwise it is already reconnecting) and at most once
     /// per [`POKE_INTERVAL`].
-    fn poke(&self) {
+    pub(crate) fn poke(&self) {
         let connected = self
             .shared
             .status
@@ -357,6 +368,28 @@ impl Relay {
         }
     }
 
+    /// Cancels this repository's live jobs (`bridge down` on an agent that
+    /// keeps running): a dev server serves the laptop that started it.
+    pub async fn cancel_live(&self) {
+        let Some(link) = self.current_link() else {
+            return;
+        };
+        let mut jobs = link.jobs();
+        let list = jobs.list(v1::ListRequest {
+            mirror: self.mirror.clone(),
+            all: false,
+        });
+        let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), list).await else {
+            return;
+        };
+        for j in list.into_inner().jobs {
+            if j.spec.as_ref().is_some_and(|s| s.live) {
+                let _ = link.jobs().cancel(v1::JobRef { id: j.id.clone() }).await;
+                tracing::info!(job = %j.id, "live job cancelled by down");
+            }
+        }
+    }
+
     /// Returns once the job has ended and its outputs are back.
     pub async fn wait(self: &Arc<Self>, id: &str) -> Result<JobInfo, Status> {
         loop {
@@ -530,7 +563,7 @@ fn outputs_request(id: &str, wait: Duration) -> v1::OutputsRequest {
     }
 }
 
-fn retryable(s: &Status) -> bool {
+pub(crate) fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
@@ -573,6 +606,10 @@ struct Puller {
     written: HashMap<String, Cached>,
     /// Where replaced big versions wait for their unlink (`.bridge/gone/`).
     gone: PathBuf,
+    /// The job's workdir on the agent's machine: MLflow file stores that
+    /// come home name it, and are made to name `base` instead
+    /// ([`crate::mlflow::relocate_meta`]).
+    agent_base: String,
 }
 
 impl Puller {
@@ -593,6 +630,23 @@ impl Puller {
             done: HashMap::new(),
             written: HashMap::new(),
             gone: crate::repo::Layout::new(repo).gone,
+            agent_base: if info.tree_path.is_empty() {
+                String::new()
+            } else {
+                let w = spec.workdir.trim_matches('/').trim_start_matches('.');
+                let t = info.tree_path.trim_end_matches('/');
+                if w.is_empty() { t.to_string() } else { format!("{t}/{w}") }
+            },
+        }
+    }
+
+    /// After a file came home: an MLflow `meta.yaml` names this machine's
+    /// paths instead of the agent's.
+    fn fixup(&self, dest: &Path) {
+        match crate::mlflow::relocate_meta(dest, &self.agent_base, &self.base) {
+            Ok(true) => tracing::debug!(path = %dest.display(), "MLflow meta.yaml relocated"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(path = %dest.display(), error = %e, "cannot relocate an MLflow meta.yaml"),
         }
     }
 
@@ -651,6 +705,7 @@ impl Puller {
                 }
                 v1::Kind::File if e.unhashed => {
                     let bytes = self.pull_whole(link, &job, e, &dest).await?;
+                    self.fixup(&dest);
                     got.files += 1;
                     got.bytes += bytes;
                 }
@@ -659,6 +714,7 @@ impl Puller {
                         continue;
                     }
                     let bytes = self.pull_file(link, &job, e, &dest).await?;
+                    self.fixup(&dest);
                     self.done.insert(e.path.clone(), e.hash.to_vec());
                     got.files += 1;
                     got.bytes += bytes;

@@ -13,6 +13,10 @@
 //!   (local process).
 //! - [`jobs`]: the job relay — submit, logs, cancel, GPUs — and the output
 //!   puller that brings job outputs back into the local tree.
+//! - [`forwards`]: port forwards both ways over the agent connection, and
+//!   the ones a job asks for (its `[[forward]]`s, MLflow, its debugger).
+//! - [`mlflow`]: the laptop's MLflow server for remote jobs — the tracking
+//!   URI through a reverse forward, run tags, pulled `mlruns/` relocated.
 //! - [`attach`]: presence for the agent's idle autostop — one pinged
 //!   `Attach` stream on the current link, its answers in the status.
 //! - [`control`]: the control server the CLI talks to.
@@ -24,8 +28,10 @@
 pub mod attach;
 pub mod control;
 pub mod engine;
+pub mod forwards;
 pub mod jobs;
 pub mod local;
+pub mod mlflow;
 pub mod provider;
 pub mod repo;
 pub mod status;
@@ -119,6 +125,18 @@ pub async fn run(
         cmd_tx.clone(),
     ));
     let pulls = tokio::spawn(relay.clone().pull_outputs(stop_tx.subscribe()));
+    let forwards = Arc::new(forwards::Forwards::new(
+        relay.clone(),
+        repo::mirror_name(&config.repo),
+        layout.forwards.clone(),
+        provider.name() == "local",
+    ));
+    // A previous daemon's forwards (this one may have been restarted while
+    // a job used them), once the engine has a link.
+    let restoring = tokio::spawn({
+        let forwards = forwards.clone();
+        async move { forwards.restore().await }
+    });
     let attach = tokio::spawn(attach::run(
         shared.clone(),
         repo::mirror_name(&config.repo),
@@ -130,6 +148,8 @@ pub async fn run(
         stop: stop_tx.clone(),
         relay: relay.clone(),
         provider: provider.clone(),
+        forwards: forwards.clone(),
+        repo: config.repo.clone(),
     };
     let mut server_stop = stop_tx.subscribe();
     let server = tokio::spawn(
@@ -146,8 +166,16 @@ pub async fn run(
         _ = stop_rx.wait_for(|s| s.is_some()) => {}
     }
     let stop = stop_rx.borrow().clone().unwrap_or_default();
+    restoring.abort();
     if stop.cancel_jobs {
         relay.cancel_all(stop.all_mirrors).await;
+    } else if stop.down {
+        // An agent that keeps running (shared, remote) keeps batch jobs,
+        // but not this repository's dev servers.
+        relay.cancel_live().await;
+    }
+    if stop.down {
+        forwards.remove_all().await;
     }
     // Detached before the engine goes: the agent's idle clock starts now.
     let _ = attach.await;

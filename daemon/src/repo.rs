@@ -21,6 +21,8 @@ pub struct Layout {
     pub outputs: PathBuf,
     /// The provider `bridge up` chose (`ProviderSpec`, TOML).
     pub provider: PathBuf,
+    /// Port forwards, set up again by a restarted daemon (JSON).
+    pub forwards: PathBuf,
     /// Old versions of pulled outputs waiting for their background unlink
     /// (`bridge_proto::oldfiles::remove`); emptied when a daemon starts.
     pub gone: PathBuf,
@@ -38,6 +40,7 @@ impl Layout {
             daemon_pid: state.join("daemon.pid"),
             outputs: state.join("outputs"),
             provider: state.join("provider.toml"),
+            forwards: state.join("forwards.json"),
             gone: state.join("gone"),
             state,
         }

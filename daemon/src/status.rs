@@ -65,6 +65,53 @@ pub struct Status {
     /// The agent's idle autostop, as it last answered this daemon's ping;
     /// `None` when the agent has none or nothing was heard on this link.
     pub autostop: Option<Autostop>,
+    /// Port forwards (filled in when status is asked for).
+    #[serde(default)]
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// One port forward, as `bridge status --json` and `bridge forward --list
+/// --json` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardStatus {
+    pub id: String,
+    /// "local" (laptop → agent) or "reverse" (agent → laptop).
+    pub direction: String,
+    /// The laptop's port: listening (local) or connected to (reverse).
+    pub local_port: u16,
+    /// The agent's port: connected to (local) or listening (reverse; 0
+    /// until the agent has answered).
+    pub remote_port: u16,
+    /// A label ("TensorBoard"), if any.
+    pub name: Option<String>,
+    /// The job it belongs to; none for `bridge forward`'s own.
+    pub job: Option<String>,
+    /// "listening", "waiting for the agent: …", "failed: …".
+    pub state: String,
+    /// Connections carried so far, and open now.
+    pub connections: u64,
+    pub open: u32,
+}
+
+impl From<&bridge_proto::v1::ForwardInfo> for ForwardStatus {
+    fn from(f: &bridge_proto::v1::ForwardInfo) -> ForwardStatus {
+        let spec = f.spec.clone().unwrap_or_default();
+        ForwardStatus {
+            id: f.id.clone(),
+            direction: match spec.direction() {
+                bridge_proto::v1::forward_spec::Direction::Local => "local",
+                bridge_proto::v1::forward_spec::Direction::Reverse => "reverse",
+            }
+            .into(),
+            local_port: f.local_port as u16,
+            remote_port: f.remote_port as u16,
+            name: (!spec.name.is_empty()).then_some(spec.name),
+            job: (!f.job.is_empty()).then(|| f.job.clone()),
+            state: f.state.clone(),
+            connections: f.connections,
+            open: f.open,
+        }
+    }
 }
 
 /// The agent stops its machine (runs `command`) after `timeout_s` with no
@@ -123,6 +170,7 @@ impl Status {
             gpus: Vec::new(),
             gpu_note: String::new(),
             autostop: None,
+            forwards: Vec::new(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! identically.
 //!
 //! # Layout
-//! - [`v1`]: code generated from `bridge/v1/*.proto` (agent and control services).
+//! - [`v1`]: code generated from `bridge/v1/*.proto` (agent, jobs, tunnels and
+//!   control services).
 //! - [`path`]: [`path::RelPath`], the only path type that crosses the wire, and
 //!   the validation table the agent enforces.
 //! - [`chunking`]: FastCDC parameters, chunk ids and content hashes.
@@ -13,6 +14,8 @@
 //! - [`jobs`]: job state names and which states are final.
 //! - [`index`]: the persistent stat cache that keeps rescans from rehashing
 //!   unchanged files.
+//! - [`tunnel`]: one TCP connection over one `Tunnels` stream, the splice both
+//!   ends of a port forward use.
 //! - [`oldfiles`]: replacing a file by swapping names, and unlinking big old
 //!   versions on a background thread (the agent's mirror, the daemon's pulls).
 //!
@@ -27,6 +30,7 @@ pub mod path;
 pub mod scan;
 pub mod splice;
 pub mod tree;
+pub mod tunnel;
 
 /// Generated protobuf and gRPC code for `bridge.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -60,6 +60,8 @@ impl Job {
             setup: None,
             cache_dir: self.cache.clone(),
             grace_ms: 300,
+            live: false,
+            debugpy_port: None,
         }
     }
 
@@ -316,4 +318,38 @@ fn orphans_are_reaped_while_the_command_runs() {
     let out = job.stream_text(STDOUT);
     assert!(out.contains("(sh) R") || out.contains("(sh) S"), "{out}");
     assert!(!out.contains(" Z"), "zombie children: {out}");
+}
+
+#[test]
+fn a_live_command_that_fails_is_started_again_until_it_succeeds() {
+    let job = Job::new();
+    // Fails twice (exit 4), then succeeds: counted in a file of the tree.
+    let mut spec = job.spec(
+        "n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; echo run $n; [ $n -ge 3 ] || exit 4",
+    );
+    spec.live = true;
+    let t0 = Instant::now();
+    let (code, exit) = job.run(&spec);
+    assert_eq!((code, exit.code), (0, Some(0)), "{exit:?}");
+    // Backoff: 1 s, then 2 s.
+    assert!(t0.elapsed() >= Duration::from_secs(3), "{:?}", t0.elapsed());
+    let out = job.stream_text(crate::joblog::STDOUT);
+    assert_eq!(out, "run 1\nrun 2\nrun 3\n");
+    let sys = job.stream_text(crate::joblog::SYSTEM);
+    assert!(sys.contains("the live command exited with code 4; starting it again in 1 s (restart 1)"), "{sys}");
+    assert!(sys.contains("in 2 s (restart 2)"), "{sys}");
+    assert_eq!(job.state().unwrap().restarts, 2);
+}
+
+#[test]
+fn a_cancelled_live_command_is_not_started_again() {
+    let job = Job::new();
+    let mut spec = job.spec("exit 1");
+    spec.live = true;
+    let child = job.spawn(&spec);
+    std::thread::sleep(Duration::from_millis(300));
+    fs::write(job.dir.join(CANCEL_FILE), b"").unwrap();
+    let (_, exit) = job.finish(child);
+    assert_eq!(exit.reason, "cancelled");
+    assert_eq!(job.state().unwrap().restarts, 1);
 }

@@ -1,4 +1,4 @@
-//! `bridge exec [--gpus N] -- CMD [ARG]...`: an ad-hoc job without a job file,
+//! `bridge exec [--gpus N] [--debug[=pycharm:PORT]] -- CMD [ARG]...`: an ad-hoc job without a job file,
 //! run in the agent's copy of the directory you are in.
 
 use std::path::Path;
@@ -16,6 +16,8 @@ pub struct Args {
     /// Submit and return at once, printing the job id.
     #[arg(long, short = 'd')]
     detach: bool,
+    #[command(flatten)]
+    debug: jobs::DebugArgs,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     command: Vec<String>,
@@ -57,6 +59,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             .join(" "),
         workdir,
         gpus: args.gpus,
+        debug: args.debug.spec(),
         ..Default::default()
     };
     jobs::submit_and_follow(cwd, &layout, spec, args.detach).await

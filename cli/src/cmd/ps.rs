@@ -79,6 +79,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                     "reason": j.reason,
                     "generation": j.generation,
                     "outputs_pulled": j.outputs_pulled,
+                    "live": j.spec.as_ref().is_some_and(|s| s.live),
+                    "restarts": j.restarts,
                 })
             })
             .collect();
@@ -101,6 +103,15 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         "{:<6} {:<20} {:<10} {:<8} {:<10} {:>9} {:>5}",
         "ID", "NAME", "STATE", "GPUS", "STARTED", "DURATION", "EXIT"
     );
+    // A live job's state says so (it runs in the mirror, restarts on failure).
+    let state = |j: &JobInfo| {
+        let s = jobs::state_name(j.state()).to_string();
+        match j.spec.as_ref().is_some_and(|s| s.live) {
+            true if j.restarts > 0 => format!("{s} (live, {}x restarted)", j.restarts),
+            true => format!("{s} (live)"),
+            false => s,
+        }
+    };
     for j in &list {
         let gpus = if j.gpus.is_empty() {
             "-".to_string()
@@ -115,7 +126,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             "{:<6} {:<20} {:<10} {:<8} {:<10} {:>9} {:>5}",
             j.id,
             j.name.chars().take(20).collect::<String>(),
-            jobs::state_name(j.state()),
+            state(j),
             gpus,
             clock(j.started_ms),
             duration(j).map_or("-".into(), |d| format!("{d:.1}s")),

@@ -1,4 +1,4 @@
-//! `bridge run FILE.toml [--set KEY=VALUE]... [--detach]`: run a job on the
+//! `bridge run FILE.toml [--set KEY=VALUE]... [--detach] [--debug[=pycharm:PORT]]`: run a job on the
 //! agent against exactly the tree saved now; exits with the job's exit code.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ pub struct Args {
     /// Submit and return at once, printing the job id.
     #[arg(long, short = 'd')]
     detach: bool,
+    #[command(flatten)]
+    debug: jobs::DebugArgs,
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
@@ -24,5 +26,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     if loaded.path != file {
         eprintln!("bridge: job file {}", loaded.path.display());
     }
-    jobs::submit_and_follow(cwd, &layout, loaded.spec, args.detach).await
+    let mut spec = loaded.spec;
+    spec.debug = args.debug.spec();
+    jobs::submit_and_follow(cwd, &layout, spec, args.detach).await
 }

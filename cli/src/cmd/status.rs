@@ -116,6 +116,12 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     if let Some(a) = &st.autostop {
         println!("autostop     {}", autostop(a));
     }
+    if !st.forwards.is_empty() {
+        println!("forwards     {}", st.forwards.len());
+        for f in &st.forwards {
+            println!("  {}", crate::cmd::forward::line(f));
+        }
+    }
     if !st.skipped.is_empty() {
         println!("skipped      {} path(s) not synced:", st.skipped.len());
         for s in &st.skipped {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use bridge_proto::v1::{JobSpec, PythonEnv, python_env};
+use bridge_proto::v1::{ForwardSpec, JobSpec, PythonEnv, forward_spec, python_env};
 use toml::Spanned;
 
 use super::error::{Origin, SpecError};
@@ -332,6 +332,47 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
         Some(l) => local_destination(ctx, l, raw.outputs.paths.is_empty())?,
     };
 
+    let live = match &raw.mode {
+        None => false,
+        Some(m) => match m.get_ref().trim() {
+            "" | "snapshot" => false,
+            "live" => true,
+            other => {
+                return Err(ctx.invalid(
+                    &["mode"],
+                    Some(m.span()),
+                    format!(
+                        "= {other:?}: use \"snapshot\" (the default: the job sees the tree as saved when it was submitted) or \"live\" (it runs in the live mirror and sees every save)"
+                    ),
+                ));
+            }
+        },
+    };
+    if live && let Some(first) = raw.outputs.paths.first() {
+        return Err(ctx.invalid(
+            &["outputs", "paths"],
+            Some(first.span()),
+            "is set but mode = \"live\": a live job runs in the mirror itself, so there is no snapshot to bring outputs home from; drop [outputs] or use mode = \"snapshot\"".into(),
+        ));
+    }
+    let forwards = forwards(ctx, &raw.forward)?;
+    let mlflow_tracking_uri = match &raw.mlflow.tracking_uri {
+        None => String::new(),
+        Some(u) => {
+            let v = u.get_ref().trim();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(ctx.invalid(
+                    &["mlflow", "tracking_uri"],
+                    Some(u.span()),
+                    format!(
+                        "= {v:?} is not the URL of a tracking server, e.g. \"http://127.0.0.1:5000\" (a file store on the agent needs no setting: add \"mlruns/\" to [outputs] paths)"
+                    ),
+                ));
+            }
+            v.to_string()
+        }
+    };
+
     Ok(JobSpec {
         name,
         run,
@@ -355,7 +396,99 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
             })
             .collect(),
         outputs_local,
+        forwards,
+        live,
+        debug: None,
+        mlflow_tracking_uri,
     })
+}
+
+/// `[[forward]]` tables: `port` names both ends unless `local` / `remote`
+/// say otherwise; `reverse = true` goes from the agent to the laptop.
+fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<ForwardSpec>, SpecError> {
+    let mut out: Vec<ForwardSpec> = Vec::new();
+    for f in raw {
+        let span = f.span();
+        let f = f.get_ref();
+        let key = ["forward"];
+        let port = |v: &Option<Spanned<i64>>, what: &str| -> Result<Option<u16>, SpecError> {
+            match v {
+                None => Ok(None),
+                Some(p) => u16::try_from(*p.get_ref()).map(Some).map_err(|_| {
+                    ctx.invalid(
+                        &["forward", what],
+                        Some(p.span()),
+                        format!("= {} is not a port (0 to 65535)", p.get_ref()),
+                    )
+                }),
+            }
+        };
+        let both = port(&f.port, "port")?;
+        let local = port(&f.local, "local")?.or(both);
+        let remote = port(&f.remote, "remote")?.or(both);
+        let name = f
+            .name
+            .as_ref()
+            .map(|n| n.get_ref().trim().to_string())
+            .unwrap_or_default();
+        let (direction, local, remote) = if f.reverse {
+            let local = local.filter(|&p| p != 0).ok_or_else(|| {
+                ctx.invalid(
+                    &key,
+                    Some(span.clone()),
+                    "with reverse = true needs the laptop's port: port = 5000 (or local = 5000, remote = 5001 for another agent port)".into(),
+                )
+            })?;
+            (forward_spec::Direction::Reverse, local, remote.unwrap_or(local))
+        } else {
+            let remote = remote.filter(|&p| p != 0).ok_or_else(|| {
+                ctx.invalid(
+                    &key,
+                    Some(span.clone()),
+                    "needs the agent's port: port = 6006 (or remote = 6006, local = 16006 for another laptop port)".into(),
+                )
+            })?;
+            (forward_spec::Direction::Local, local.unwrap_or(remote), remote)
+        };
+        let env = match &f.env {
+            None => String::new(),
+            Some(e) if !f.reverse => {
+                return Err(ctx.invalid(
+                    &["forward", "env"],
+                    Some(e.span()),
+                    "is only for reverse forwards (it names the variable that gets the agent's port)".into(),
+                ));
+            }
+            Some(e) if !valid_env_name(e.get_ref()) || e.get_ref().starts_with(RESERVED_ENV_PREFIX) => {
+                return Err(ctx.invalid(
+                    &["forward", "env"],
+                    Some(e.span()),
+                    format!("= {:?} is not a variable name the job can get (letters, digits, '_'; not BRIDGE_*)", e.get_ref()),
+                ));
+            }
+            Some(e) => e.get_ref().clone(),
+        };
+        if direction == forward_spec::Direction::Local
+            && local != 0
+            && out.iter().any(|o| {
+                o.direction() == forward_spec::Direction::Local && o.local_port == local as u32
+            })
+        {
+            return Err(ctx.invalid(
+                &key,
+                Some(span),
+                format!("uses laptop port {local} twice: give one of them local = <another port>"),
+            ));
+        }
+        out.push(ForwardSpec {
+            direction: direction as i32,
+            local_port: local as u32,
+            remote_port: remote as u32,
+            name,
+            env,
+        });
+    }
+    Ok(out)
 }
 
 /// Checks `outputs.local`: repository-relative, `{job}` as the only

@@ -28,6 +28,38 @@ pub struct RawSpec {
     pub resources: RawResources,
     #[serde(default)]
     pub outputs: RawOutputs,
+    /// "snapshot" (the default) or "live".
+    pub mode: Option<Spanned<String>>,
+    /// `[[forward]]` tables.
+    #[serde(default)]
+    pub forward: Vec<Spanned<RawForward>>,
+    #[serde(default)]
+    pub mlflow: RawMlflow,
+}
+
+/// `[[forward]]`: a port forward for the job's lifetime.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForward {
+    /// Both ports at once (the usual case).
+    pub port: Option<Spanned<i64>>,
+    /// The laptop's port.
+    pub local: Option<Spanned<i64>>,
+    /// The agent's port.
+    pub remote: Option<Spanned<i64>>,
+    /// Agent → laptop instead of laptop → agent.
+    #[serde(default)]
+    pub reverse: bool,
+    pub name: Option<Spanned<String>>,
+    /// Reverse only: a variable that gets the agent's port.
+    pub env: Option<Spanned<String>>,
+}
+
+/// `[mlflow]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMlflow {
+    pub tracking_uri: Option<Spanned<String>>,
 }
 
 /// `[python]`: exactly one of the three kinds.
@@ -94,6 +126,8 @@ pub const STRING_KEYS: &[&str] = &[
     "python.pyproject",
     "python.conda",
     "outputs.local",
+    "mode",
+    "mlflow.tracking_uri",
 ];
 
 /// Keys of the sub-tables, to suggest `resources.gpus` for a top-level `gpus`.
@@ -104,6 +138,7 @@ pub const NESTED_KEYS: &[&str] = &[
     "resources.gpus",
     "outputs.paths",
     "outputs.local",
+    "mlflow.tracking_uri",
 ];
 
 /// Rewrites serde's "invalid type: X, expected Y" for the value at `key` into

@@ -187,7 +187,7 @@ fn unknown_keys_suggest_the_known_one() {
     assert_eq!(
         error("run = \"x\"\ncolour = \"blue\"\n", &[]),
         "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, setup, \
-         setup_inputs, env, python, resources, outputs)\n 2 | colour = \"blue\"\n   | ^^^^^^"
+         setup_inputs, env, python, resources, outputs, mode, forward, mlflow)\n 2 | colour = \"blue\"\n   | ^^^^^^"
     );
 }
 
@@ -378,5 +378,81 @@ fn override_errors_name_the_override() {
     let file = format!("{QS}[python]\nrequirements = \"requirements.txt\"\n");
     for (sets, want) in cases {
         assert_eq!(error(&file, sets), *want, "for {sets:?}");
+    }
+}
+
+#[test]
+fn forwards_live_mode_and_mlflow() {
+    use bridge_proto::v1::forward_spec::Direction;
+    let spec = parse(
+        "run = \"x\"\nmode = \"live\"\n[[forward]]\nport = 6006\nname = \"TensorBoard\"\n\
+         [[forward]]\nremote = 8000\nlocal = 18000\n\
+         [[forward]]\nport = 5000\nreverse = true\nenv = \"API_PORT\"\n\
+         [mlflow]\ntracking_uri = \"http://127.0.0.1:5000\"\n",
+        &[],
+    )
+    .unwrap();
+    assert!(spec.live);
+    assert_eq!(spec.mlflow_tracking_uri, "http://127.0.0.1:5000");
+    let f: Vec<(Direction, u32, u32, &str, &str)> = spec
+        .forwards
+        .iter()
+        .map(|f| (f.direction(), f.local_port, f.remote_port, f.name.as_str(), f.env.as_str()))
+        .collect();
+    assert_eq!(
+        f,
+        [
+            (Direction::Local, 6006, 6006, "TensorBoard", ""),
+            (Direction::Local, 18000, 8000, "", ""),
+            (Direction::Reverse, 5000, 5000, "", "API_PORT"),
+        ]
+    );
+    assert!(!parse("run = \"x\"\n", &[]).unwrap().live);
+    assert!(!parse("run = \"x\"\nmode = \"snapshot\"\n", &[]).unwrap().live);
+}
+
+#[test]
+fn bad_forwards_and_modes_say_where() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "run = \"x\"\nmode = \"hot\"\n",
+            "train.toml:2:8: `mode` = \"hot\": use \"snapshot\"",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nname = \"tb\"\n",
+            "train.toml:2:1: `forward` needs the agent's port: port = 6006",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nport = 70000\n",
+            "train.toml:3:8: `forward.port` = 70000 is not a port (0 to 65535)",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nreverse = true\nremote = 5000\n",
+            "train.toml:2:1: `forward` with reverse = true needs the laptop's port",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nport = 6006\nenv = \"P\"\n",
+            "train.toml:4:7: `forward.env` is only for reverse forwards",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nport = 6006\n[[forward]]\nport = 6006\n",
+            "train.toml:4:1: `forward` uses laptop port 6006 twice",
+        ),
+        (
+            "run = \"x\"\n[[forward]]\nport = 6006\nhost = \"0.0.0.0\"\n",
+            "train.toml:4:1: unknown key `host` in [forward]",
+        ),
+        (
+            "run = \"x\"\n[mlflow]\ntracking_uri = \"./mlruns\"\n",
+            "train.toml:3:16: `mlflow.tracking_uri` = \"./mlruns\" is not the URL of a tracking server",
+        ),
+        (
+            "run = \"x\"\nworkdir = \"examples/quickstart\"\nmode = \"live\"\n[outputs]\npaths = [\"outputs/\"]\n",
+            "train.toml:5:10: `outputs.paths` is set but mode = \"live\"",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = error(text, &[]);
+        assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}…");
     }
 }
