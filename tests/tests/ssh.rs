@@ -3,102 +3,13 @@
 //! proxy the tests cut.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use bridge_tests::proxy::Proxy;
-use bridge_tests::sshd::{Sshd, require_sshd};
-use bridge_tests::{Repo, eventually, random_bytes};
-
-/// A repository whose agent is reached over SSH, with the client's `~/.ssh`,
-/// bridge's known-hosts file and the remote directory in its scratch space.
-struct SshRepo {
-    repo: Repo,
-    ssh_dir: PathBuf,
-    known_hosts: PathBuf,
-    remote: PathBuf,
-}
-
-impl SshRepo {
-    fn new(sshd: &Sshd, accept_host: bool) -> SshRepo {
-        let repo = Repo::new();
-        let ssh_dir = sshd.ssh_dir(accept_host);
-        let known_hosts = repo.scratch("bridge_known_hosts");
-        let remote = repo.scratch("remote");
-        SshRepo {
-            repo,
-            ssh_dir,
-            known_hosts,
-            remote,
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        vec![
-            ("BRIDGE_SSH_DIR".into(), self.ssh_dir.display().to_string()),
-            (
-                "BRIDGE_KNOWN_HOSTS".into(),
-                self.known_hosts.display().to_string(),
-            ),
-            ("SSH_AUTH_SOCK".into(), String::new()),
-        ]
-    }
-
-    fn up_args(&self, port: u16) -> Vec<String> {
-        vec![
-            "up".into(),
-            "--host".into(),
-            format!("root@127.0.0.1:{port}"),
-            "--remote-dir".into(),
-            self.remote.display().to_string(),
-        ]
-    }
-
-    /// `bridge up` over SSH with extra arguments and environment.
-    fn up_with(&self, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut args = self.up_args(port);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut e = self.env();
-        e.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.repo.bridge_env(&args, &e)
-    }
-
-    fn up(&self, port: u16) {
-        let o = self.up_with(port, &[], &[]);
-        assert!(
-            o.status.success(),
-            "bridge up over ssh failed: {}\n{}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout),
-            self.repo.daemon_log()
-        );
-    }
-
-    fn agent_pid(&self) -> Option<i32> {
-        fs::read_to_string(self.remote.join("run/agent.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for SshRepo {
-    fn drop(&mut self) {
-        let _ = self
-            .repo
-            .bridge(&["down", "--remote", "--force", "--purge"]);
-        if let Some(pid) = self.agent_pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
+use bridge_tests::sshd::{SshRepo, Sshd, require_sshd};
+use bridge_tests::{eventually, random_bytes};
 
 fn alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
