@@ -300,6 +300,9 @@ impl Forwards {
                         "a forward needs the agent's port, e.g. `bridge forward 6006`",
                     ));
                 }
+                if local != 0 {
+                    self.refuse_loop(local, remote)?;
+                }
                 let listener = self.bind_local(local, remote)?;
                 let bound = listener
                     .local_addr()

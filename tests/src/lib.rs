@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// A real `mlflow server` on 127.0.0.1, standing for the laptop's.
+pub mod mlflow;
 /// A private EC2 API emulator (moto) and a fault-injecting proxy.
 pub mod moto;
+/// An HTTP server and client on 127.0.0.1, and listening sockets from /proc.
+pub mod net;
 /// A TCP proxy the tests can cut, take down and slow down.
 pub mod proxy;
 /// A private OpenSSH server on 127.0.0.1 for the SSH provider's tests.

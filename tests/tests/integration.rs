@@ -13,6 +13,9 @@ mod editors;
 /// Idle autostop: attached clients, running jobs and a connected daemon
 /// hold the agent; the idle command runs a timeout after they are gone.
 mod idle;
+/// Port forwards both ways, a job's own, over SSH through a cut link; only
+/// loopback listens.
+mod forwards;
 /// Ignore rules (nested .gitignore, negations, .bridgeignore, info/exclude)
 /// and what is left alone on the agent.
 mod ignore;
