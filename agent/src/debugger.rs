@@ -125,7 +125,7 @@ fn install(
     let tmp = base.join(format!("{tag}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
     let mut cmd = Command::new(python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--target"])
+    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "--target"])
         .arg(&tmp)
         .arg("debugpy")
         .current_dir(cwd)

@@ -310,10 +310,12 @@ impl Control for ControlService {
     }
 
     async fn wait(&self, req: Request<v1::JobRef>) -> Result<Response<v1::JobInfo>, Status> {
-        self.relay
-            .wait(&req.into_inner().id)
-            .await
-            .map(Response::new)
+        let id = req.into_inner().id;
+        let job = self.relay.wait(&id).await?;
+        // Ended: its forwards go now, not at the next look (`bridge run`
+        // returns with them closed).
+        self.forwards.remove_job(&id).await;
+        Ok(Response::new(job))
     }
 
     async fn pull(&self, req: Request<v1::JobRef>) -> Result<Response<v1::PullReply>, Status> {

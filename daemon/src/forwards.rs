@@ -43,6 +43,9 @@ use crate::mlflow;
 
 /// How long a new connection waits for a working link before it is closed.
 pub const OPEN_WAIT: Duration = Duration::from_secs(5);
+/// How long a connection of a `wait_for_listener` forward waits for the
+/// agent's port to accept.
+const LISTENER_WAIT: Duration = Duration::from_secs(120);
 /// How often a broken reverse forward asks the agent again.
 const RELISTEN: Duration = Duration::from_millis(250);
 /// How long adding a reverse forward waits for the agent's port.
@@ -140,6 +143,7 @@ impl Forward {
             env: self.spec.env.clone(),
             job: self.job.clone(),
             key: self.key.clone(),
+            wait_for_listener: self.spec.wait_for_listener,
         }
     }
 }
@@ -161,6 +165,8 @@ struct Saved {
     job: String,
     #[serde(default)]
     key: String,
+    #[serde(default)]
+    wait_for_listener: bool,
 }
 
 /// A job's forwards while it is being submitted.
@@ -250,6 +256,7 @@ impl Forwards {
                 remote_port: s.remote_port as u32,
                 name: s.name.clone(),
                 env: s.env.clone(),
+                wait_for_listener: s.wait_for_listener,
             };
             let key = (!s.key.is_empty()).then_some(s.key.clone());
             match self.add_inner(spec, &s.job, key, false).await {
@@ -314,7 +321,10 @@ impl Forwards {
                 let task = tokio::spawn(accept_local(
                     self.relay.clone(),
                     listener,
-                    remote,
+                    Target {
+                        port: remote,
+                        wait_for_listener: spec.wait_for_listener,
+                    },
                     live.clone(),
                 ));
                 Forward {
@@ -574,7 +584,7 @@ impl Forwards {
                         local_port: server.port as u32,
                         remote_port: server.port as u32,
                         name: "MLflow".into(),
-                        env: String::new(),
+                        ..Default::default()
                     },
                     SUBMITTING,
                     None,
@@ -615,6 +625,7 @@ impl Forwards {
                                 remote_port: port,
                                 name: "debugpy".into(),
                                 env: String::new(),
+                                wait_for_listener: true,
                             },
                             SUBMITTING,
                             None,
@@ -639,7 +650,7 @@ impl Forwards {
                                 local_port: debug.local_port,
                                 remote_port: debug.local_port,
                                 name: "PyCharm debug server".into(),
-                                env: String::new(),
+                                ..Default::default()
                             },
                             SUBMITTING,
                             None,
@@ -716,12 +727,20 @@ fn suggest_port(taken: u16) -> u16 {
 }
 
 /// A local forward's accept loop: each connection is carried on a task.
-async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: u16, live: Arc<Live>) {
+/// Where a local forward's connections go on the agent.
+#[derive(Clone, Copy)]
+struct Target {
+    port: u16,
+    /// Wait for the port to accept rather than close the connection.
+    wait_for_listener: bool,
+}
+
+async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: Target, live: Arc<Live>) {
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
                 if live.open.load(Ordering::Relaxed) >= MAX_OPEN {
-                    tracing::warn!(remote, "{MAX_OPEN} connections open on one forward; closing a new one");
+                    tracing::warn!(remote = remote.port, "{MAX_OPEN} connections open on one forward; closing a new one");
                     continue;
                 }
                 let relay = relay.clone();
@@ -744,8 +763,10 @@ async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: u16, liv
 /// [`OPEN_WAIT`] for a link that works) and carries the connection on it.
 /// Dropping `tcp` is the answer to anything that fails: the client sees its
 /// connection closed.
-async fn carry_local(relay: &Relay, tcp: TcpStream, remote: u16, live: &Live) {
+async fn carry_local(relay: &Relay, tcp: TcpStream, target: Target, live: &Live) {
+    let remote = target.port;
     let deadline = tokio::time::Instant::now() + OPEN_WAIT;
+    let listener_deadline = tokio::time::Instant::now() + LISTENER_WAIT;
     let (tx, inbound) = loop {
         let (tx, rx) = mpsc::channel(QUEUE);
         let _ = tx
@@ -773,6 +794,14 @@ async fn carry_local(relay: &Relay, tcp: TcpStream, remote: u16, live: &Live) {
                 live.set_state(format!("waiting for the agent: {}", s.message()));
                 relay.poke();
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(s))
+                if target.wait_for_listener
+                    && s.code() == Code::FailedPrecondition
+                    && tokio::time::Instant::now() < listener_deadline =>
+            {
+                // Nothing listens yet (debugpy still starting): ask again.
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Ok(Err(s)) => {
                 // Nothing listens on the agent's port (or the link stayed

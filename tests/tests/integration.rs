@@ -8,6 +8,9 @@ mod agent_safety;
 mod aws;
 /// The command line's errors: outside a repository, `up` twice, `down`.
 mod cli;
+/// `bridge run --debug` / `exec --debug`: debugpy on the agent, a DAP
+/// client attaching through the forward with local breakpoints.
+mod debugger;
 /// Editors' save strategies: atomic rename, vim, JetBrains; torn writes.
 mod editors;
 /// Idle autostop: attached clients, running jobs and a connected daemon

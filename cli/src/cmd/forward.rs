@@ -112,7 +112,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             local_port: local as u32,
             remote_port: remote as u32,
             name: args.name.clone().unwrap_or_default(),
-            env: String::new(),
+            ..Default::default()
         };
         let f = c
             .forward(ForwardRequest { spec: Some(spec) })

@@ -486,6 +486,7 @@ fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<Fo
             remote_port: remote as u32,
             name,
             env,
+            ..Default::default()
         });
     }
     Ok(out)
