@@ -109,15 +109,15 @@ impl MlflowServer {
     /// Runs `code` in MLflow's Python with `MLFLOW_TRACKING_URI` set to this
     /// server; returns stdout, asserting success.
     pub fn python(&self, code: &str) -> String {
-        run_python(code, &[("MLFLOW_TRACKING_URI", &self.uri())], None)
+        run_python(code, &[("MLFLOW_TRACKING_URI", &self.uri())], None, &[])
     }
 }
 
-/// Runs `code` in MLflow's Python with `env`, in `cwd`; returns stdout,
-/// asserting success.
-pub fn run_python(code: &str, env: &[(&str, &str)], cwd: Option<&Path>) -> String {
+/// Runs `code` in MLflow's Python with `env`, in `cwd`, with `args` as
+/// `sys.argv[1:]`; returns stdout, asserting success.
+pub fn run_python(code: &str, env: &[(&str, &str)], cwd: Option<&Path>, args: &[&str]) -> String {
     let mut c = Command::new(python());
-    c.args(["-c", code]).envs(env.iter().copied());
+    c.args(["-c", code]).args(args).envs(env.iter().copied());
     if let Some(d) = cwd {
         c.current_dir(d);
     }

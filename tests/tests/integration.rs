@@ -13,12 +13,12 @@ mod cli;
 mod debugger;
 /// Editors' save strategies: atomic rename, vim, JetBrains; torn writes.
 mod editors;
-/// Idle autostop: attached clients, running jobs and a connected daemon
-/// hold the agent; the idle command runs a timeout after they are gone.
-mod idle;
 /// Port forwards both ways, a job's own, over SSH through a cut link; only
 /// loopback listens.
 mod forwards;
+/// Idle autostop: attached clients, running jobs and a connected daemon
+/// hold the agent; the idle command runs a timeout after they are gone.
+mod idle;
 /// Ignore rules (nested .gitignore, negations, .bridgeignore, info/exclude)
 /// and what is left alone on the agent.
 mod ignore;
@@ -27,6 +27,11 @@ mod ignore;
 mod jobs;
 /// Large files: bytes on the wire for a small change.
 mod large;
+/// Live mode: uvicorn --reload in the mirror, restarts with backoff, down.
+mod live;
+/// The laptop's MLflow server from a job over SSH: params, metrics,
+/// artifacts and bridge's tags land there; notes before a job.
+mod mlflow;
 /// Daemon restart without rehashing; agent killed mid-sync.
 mod restart;
 /// The SSH provider against a real sshd: the whole flow, agent reuse and

@@ -567,6 +567,35 @@ fn the_quickstart_example_runs_end_to_end() {
             .count();
         assert_eq!(runs, n, "MLflow runs of {n} jobs in the local mlruns/0");
     }
+    // The runs came home from the agent: a local MLflow shows their
+    // artifacts (each meta.yaml names this tree, not the agent's), and
+    // bridge's tags.
+    bridge_tests::mlflow::require_mlflow();
+    let mlruns = r.path("examples/quickstart/mlruns").canonicalize().unwrap();
+    let got: Value = serde_json::from_str(&bridge_tests::mlflow::run_python(
+        r#"import json, sys
+from mlflow.tracking import MlflowClient
+c = MlflowClient(tracking_uri=sys.argv[1])
+runs = c.search_runs(["0"])
+print(json.dumps([{"artifacts": [a.path for a in c.list_artifacts(run.info.run_id)],
+    "uri": run.info.artifact_uri, "job": run.data.tags.get("bridge.job_id")} for run in runs]))
+"#,
+        // MLflow 3.17 reads a file store only when asked to.
+        &[("MLFLOW_ALLOW_FILE_STORE", "true")],
+        None,
+        &[&format!("file://{}", mlruns.display())],
+    ))
+    .unwrap();
+    let runs = got.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{got}");
+    for run in runs {
+        assert_eq!(run["artifacts"], serde_json::json!(["model.pkl"]), "{got}");
+        assert!(
+            run["uri"].as_str().unwrap().starts_with(&format!("file://{}/0/", mlruns.display())),
+            "{got}"
+        );
+        assert!(run["job"].is_string(), "{got}");
+    }
 }
 
 #[test]
