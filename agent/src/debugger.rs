@@ -77,12 +77,16 @@ pub fn prepare(
         paths.push(install(cache_dir, &python, &tag, env, cwd, runner)?);
     }
     let site = cache_dir.join("debugpy").join("site");
-    envcache::write_atomic(&site.join("sitecustomize.py"), SITECUSTOMIZE.as_bytes(), false)
-        .map_err(|source| EnvError::Io {
-            what: "cannot write",
-            path: site.clone(),
-            source,
-        })?;
+    envcache::write_atomic(
+        &site.join("sitecustomize.py"),
+        SITECUSTOMIZE.as_bytes(),
+        false,
+    )
+    .map_err(|source| EnvError::Io {
+        what: "cannot write",
+        path: site.clone(),
+        source,
+    })?;
     paths.insert(0, site);
     if let Some(p) = env.get(&OsString::from("PYTHONPATH")) {
         paths.extend(std::env::split_paths(p).filter(|p| !p.as_os_str().is_empty()));
@@ -125,12 +129,20 @@ fn install(
     let tmp = base.join(format!("{tag}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
     let mut cmd = Command::new(python);
-    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "--target"])
-        .arg(&tmp)
-        .arg("debugpy")
-        .current_dir(cwd)
-        .env_clear()
-        .envs(env.iter());
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--target",
+    ])
+    .arg(&tmp)
+    .arg("debugpy")
+    .current_dir(cwd)
+    .env_clear()
+    .envs(env.iter());
     let outcome = runner.run(cmd).map_err(|source| EnvError::Io {
         what: "cannot run pip of",
         path: python.to_path_buf(),

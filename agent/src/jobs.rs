@@ -328,9 +328,8 @@ impl Jobs {
         let dir = self.job_dir(id);
         let tree_path = if spec.live {
             // A live job runs in the mirror itself: no snapshot, no spare.
-            fs::create_dir_all(&dir).map_err(|e| {
-                Status::internal(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            fs::create_dir_all(&dir)
+                .map_err(|e| Status::internal(format!("cannot create {}: {e}", dir.display())))?;
             drop(st);
             self.mirrors_dir.join(&req.mirror)
         } else {
@@ -387,7 +386,7 @@ impl Jobs {
             .or_insert_with(|| mirror.relinks.clone());
         let spare = self.ready_spare(mirror_name);
         let snap = (|| {
-            fs::create_dir_all(&dir)?;
+            fs::create_dir_all(dir)?;
             let (tree, manifest) = (dir.join("tree"), dir.join("snapshot.index"));
             if let Some(spare) = spare {
                 let at = spare.dir().to_path_buf();
@@ -1277,7 +1276,8 @@ mod tests {
 
     #[test]
     fn run_context_adds_the_job_and_host_and_keeps_what_was_given() {
-        let tags: serde_json::Value = serde_json::from_str(&run_context(None, "7", "gpu1")).unwrap();
+        let tags: serde_json::Value =
+            serde_json::from_str(&run_context(None, "7", "gpu1")).unwrap();
         assert_eq!(tags["bridge.job_id"], "7");
         assert_eq!(tags["bridge.agent_host"], "gpu1");
         let given = r#"{"mlflow.source.git.commit":"abc","bridge.job_id":"mine"}"#.to_string();

@@ -179,10 +179,8 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         auth.clone(),
     );
-    let tunnels_server = tonic::service::interceptor::InterceptedService::new(
-        TunnelsServer::new(tunnels_svc),
-        auth,
-    );
+    let tunnels_server =
+        tonic::service::interceptor::InterceptedService::new(TunnelsServer::new(tunnels_svc), auth);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(server)

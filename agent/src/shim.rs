@@ -288,7 +288,8 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
         return setup_failed(&steps, e);
     }
     if let Some(port) = spec.debugpy_port
-        && let Err(e) = crate::debugger::prepare(&spec.cache_dir, &mut env, &spec.cwd, port, &mut steps)
+        && let Err(e) =
+            crate::debugger::prepare(&spec.cache_dir, &mut env, &spec.cwd, port, &mut steps)
     {
         if !matches!(e, EnvError::DebugpyFailed(_)) {
             steps.system(&e.to_string());

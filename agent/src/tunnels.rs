@@ -111,7 +111,10 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut inner = self.lock();
         if inner.pending.len() >= MAX_PENDING {
-            tracing::warn!(key, "too many reverse-forward connections waiting; closing one");
+            tracing::warn!(
+                key,
+                "too many reverse-forward connections waiting; closing one"
+            );
             return;
         }
         inner.pending.insert(
@@ -240,8 +243,7 @@ async fn dial(port: u16) -> Result<TcpStream, Status> {
 fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 128
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
@@ -489,7 +491,11 @@ mod tests {
         drop(l);
         let e = dial(port).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.message().contains(&format!("127.0.0.1:{port}")), "{}", e.message());
+        assert!(
+            e.message().contains(&format!("127.0.0.1:{port}")),
+            "{}",
+            e.message()
+        );
     }
 
     #[tokio::test]

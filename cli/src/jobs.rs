@@ -218,7 +218,7 @@ pub struct DebugArgs {
 
 impl DebugArgs {
     pub fn spec(&self) -> Option<bridge_proto::v1::DebugSpec> {
-        let mut d = self.debug.clone()?;
+        let mut d = self.debug?;
         if d.kind() == bridge_proto::v1::debug_spec::Kind::Debugpy
             && let Some(p) = self.debug_port
         {
@@ -239,10 +239,16 @@ fn parse_debug(s: &str) -> Result<bridge_proto::v1::DebugSpec, String> {
         None if s == "debugpy" || s == "vscode" => Ok(spec(Kind::Debugpy, 0)),
         Some(("pycharm", p)) => match p.parse::<u16>() {
             Ok(p) if p != 0 => Ok(spec(Kind::Pycharm, p as u32)),
-            _ => Err(format!("{p:?} is not a port: give the port PyCharm's debug server listens on, e.g. --debug=pycharm:12345")),
+            _ => Err(format!(
+                "{p:?} is not a port: give the port PyCharm's debug server listens on, e.g. --debug=pycharm:12345"
+            )),
         },
-        _ if s == "pycharm" => Err("give the port PyCharm's debug server listens on: --debug=pycharm:12345".into()),
-        _ => Err(format!("unknown debugger {s:?}: use --debug (debugpy, for VS Code) or --debug=pycharm:PORT")),
+        _ if s == "pycharm" => {
+            Err("give the port PyCharm's debug server listens on: --debug=pycharm:12345".into())
+        }
+        _ => Err(format!(
+            "unknown debugger {s:?}: use --debug (debugpy, for VS Code) or --debug=pycharm:PORT"
+        )),
     }
 }
 
@@ -346,7 +352,7 @@ pub async fn submit_and_follow(
 ) -> anyhow::Result<u8> {
     let mut spec = spec;
     tracking_from_shell(&mut spec);
-    let debug = spec.debug.clone();
+    let debug = spec.debug;
     let mut c = daemon_or_up(cwd, layout).await?;
     let reply = c
         .submit(bridge_proto::v1::ControlSubmitRequest { spec: Some(spec) })
@@ -373,11 +379,7 @@ pub async fn submit_and_follow(
         eprintln!("bridge: {}", forward_line(f));
     }
     // As the daemon filled it in (the ports), else as asked.
-    let debug = info
-        .spec
-        .as_ref()
-        .and_then(|s| s.debug.clone())
-        .or(debug);
+    let debug = info.spec.as_ref().and_then(|s| s.debug).or(debug);
     if let Some(d) = &debug {
         print_debug(d, &reply.forwards, &layout.repo, &info);
     }

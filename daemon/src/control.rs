@@ -263,7 +263,11 @@ impl Control for ControlService {
             .map_err(|_| Status::invalid_argument(format!("{} is not a port", req.port)))?;
         let forwards = self.forwards.remove_port(port, req.reverse).await;
         if forwards.is_empty() {
-            let what = if req.reverse { "reverse forward to" } else { "forward on" };
+            let what = if req.reverse {
+                "reverse forward to"
+            } else {
+                "forward on"
+            };
             return Err(Status::not_found(format!(
                 "no {what} laptop port {port}; `bridge forward --list` shows them"
             )));

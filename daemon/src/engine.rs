@@ -1027,7 +1027,9 @@ impl Engine {
                             if let Some(later) = env_later {
                                 match tokio::time::timeout(ENV_LATER_WAIT, later).await {
                                     Ok(Ok(vars)) => spec.env.extend(vars),
-                                    _ => tracing::warn!("job environment extras not ready; submitting without them"),
+                                    _ => tracing::warn!(
+                                        "job environment extras not ready; submitting without them"
+                                    ),
                                 }
                             }
                             self.submit(*spec, &synced.root).await

@@ -347,7 +347,11 @@ impl Forwards {
                 // With the local provider the agent's loopback is this one:
                 // an agent listener on the target port itself would carry
                 // its connections to itself.
-                let remote = if self.agent_is_local && remote == local { 0 } else { remote };
+                let remote = if self.agent_is_local && remote == local {
+                    0
+                } else {
+                    remote
+                };
                 let (bound_tx, bound_rx) = oneshot::channel();
                 live.set_state("waiting for the agent");
                 let task = tokio::spawn(listen_loop(
@@ -566,7 +570,10 @@ impl Forwards {
         // MLflow: the spec's URI ([mlflow] or the user's shell), else the
         // job's own [env].
         let uri = if spec.mlflow_tracking_uri.is_empty() {
-            spec.env.get(mlflow::TRACKING_VAR).cloned().unwrap_or_default()
+            spec.env
+                .get(mlflow::TRACKING_VAR)
+                .cloned()
+                .unwrap_or_default()
         } else {
             spec.mlflow_tracking_uri.clone()
         };
@@ -635,7 +642,8 @@ impl Forwards {
                     p.ids.push(info.id.clone());
                     debug.port = port;
                     debug.local_port = info.local_port;
-                    spec.env.insert("BRIDGE_DEBUG_PORT".into(), port.to_string());
+                    spec.env
+                        .insert("BRIDGE_DEBUG_PORT".into(), port.to_string());
                 }
                 Kind::Pycharm => {
                     if debug.local_port == 0 {
@@ -720,7 +728,11 @@ fn port_free(port: u16) -> bool {
 
 /// A nearby port that is free now, to suggest instead of a taken one.
 fn suggest_port(taken: u16) -> u16 {
-    let base = if taken < 55536 { taken + 10000 } else { taken.saturating_sub(10000).max(1024) };
+    let base = if taken < 55536 {
+        taken + 10000
+    } else {
+        taken.saturating_sub(10000).max(1024)
+    };
     (base..base.saturating_add(100))
         .find(|&p| port_free(p))
         .unwrap_or(base)
@@ -740,7 +752,10 @@ async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: Target, 
         match listener.accept().await {
             Ok((tcp, _)) => {
                 if live.open.load(Ordering::Relaxed) >= MAX_OPEN {
-                    tracing::warn!(remote = remote.port, "{MAX_OPEN} connections open on one forward; closing a new one");
+                    tracing::warn!(
+                        remote = remote.port,
+                        "{MAX_OPEN} connections open on one forward; closing a new one"
+                    );
                     continue;
                 }
                 let relay = relay.clone();
@@ -777,7 +792,8 @@ async fn carry_local(relay: &Relay, tcp: TcpStream, target: Target, live: &Live)
             .await;
         let attempt = match tokio::time::timeout_at(deadline, relay.link()).await {
             Ok(Ok(link)) => {
-                tokio::time::timeout_at(deadline, link.tunnels().dial(ReceiverStream::new(rx))).await
+                tokio::time::timeout_at(deadline, link.tunnels().dial(ReceiverStream::new(rx)))
+                    .await
             }
             Ok(Err(s)) => Ok(Err(s)),
             Err(_) => {
@@ -942,6 +958,8 @@ async fn carry_reverse(link: crate::engine::AgentLink, accept_id: u64, local: u1
                 tracing::debug!(local, error = %e, "reverse-forwarded connection ended");
             }
         }
-        Err(s) => tracing::debug!(local, error = %s.message(), "cannot take a reverse-forwarded connection"),
+        Err(s) => {
+            tracing::debug!(local, error = %s.message(), "cannot take a reverse-forwarded connection")
+        }
     }
 }

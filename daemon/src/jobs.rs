@@ -635,7 +635,11 @@ impl Puller {
             } else {
                 let w = spec.workdir.trim_matches('/').trim_start_matches('.');
                 let t = info.tree_path.trim_end_matches('/');
-                if w.is_empty() { t.to_string() } else { format!("{t}/{w}") }
+                if w.is_empty() {
+                    t.to_string()
+                } else {
+                    format!("{t}/{w}")
+                }
             },
         }
     }
@@ -646,7 +650,9 @@ impl Puller {
         match crate::mlflow::relocate_meta(dest, &self.agent_base, &self.base) {
             Ok(true) => tracing::debug!(path = %dest.display(), "MLflow meta.yaml relocated"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(path = %dest.display(), error = %e, "cannot relocate an MLflow meta.yaml"),
+            Err(e) => {
+                tracing::warn!(path = %dest.display(), error = %e, "cannot relocate an MLflow meta.yaml")
+            }
         }
     }
 

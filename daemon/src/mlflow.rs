@@ -97,7 +97,10 @@ impl LocalServer {
         } else {
             ("http", "127.0.0.1")
         };
-        format!("{scheme}://{}{host}:{agent_port}{}", self.userinfo, self.rest)
+        format!(
+            "{scheme}://{}{host}:{agent_port}{}",
+            self.userinfo, self.rest
+        )
     }
 
     /// The path prefix the server lives under ("" for the root).
@@ -173,7 +176,10 @@ pub async fn artifact_notes(
         server.get_json(&by_id(id)).await
     } else if let Some(name) = env.get("MLFLOW_EXPERIMENT_NAME") {
         match server
-            .get_json(&format!("{api}/get-by-name?experiment_name={}", encode(name)))
+            .get_json(&format!(
+                "{api}/get-by-name?experiment_name={}",
+                encode(name)
+            ))
             .await
         {
             // Not created yet: it will get the server's default location,
@@ -237,7 +243,9 @@ pub async fn run_context(repo: &Path, given: Option<String>) -> Option<String> {
             .stderr(std::process::Stdio::null());
         c.output()
     };
-    let head = git(&["rev-parse", "--verify", "--quiet", "HEAD"]).await.ok()?;
+    let head = git(&["rev-parse", "--verify", "--quiet", "HEAD"])
+        .await
+        .ok()?;
     let commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
     if !head.status.success() || commit.is_empty() {
         return None;
@@ -338,7 +346,12 @@ mod tests {
 
     #[test]
     fn machine_paths() {
-        for p in ["file:///home/me/mlruns/0", "/srv/mlruns", "./mlruns", "mlruns"] {
+        for p in [
+            "file:///home/me/mlruns/0",
+            "/srv/mlruns",
+            "./mlruns",
+            "mlruns",
+        ] {
             assert!(is_machine_path(p), "{p}");
         }
         for p in ["mlflow-artifacts:/0", "s3://bucket/x", "gs://b/x"] {
@@ -367,7 +380,11 @@ mod tests {
         );
         // Once is enough; other prefixes and files are left alone.
         assert!(!relocate_meta(&meta, "/agent/jobs/7/tree/ex", &local).unwrap());
-        std::fs::write(&meta, "artifact_location: /agent/jobs/70/tree/ex/mlruns/0\n").unwrap();
+        std::fs::write(
+            &meta,
+            "artifact_location: /agent/jobs/70/tree/ex/mlruns/0\n",
+        )
+        .unwrap();
         assert!(!relocate_meta(&meta, "/agent/jobs/7/tree/ex", &local).unwrap());
         let other = d.path().join("params.yaml");
         std::fs::write(&other, "artifact_uri: /agent/jobs/7/tree/ex/x\n").unwrap();

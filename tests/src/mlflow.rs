@@ -57,7 +57,10 @@ impl MlflowServer {
             .args(["server", "--host", "127.0.0.1", "--port"])
             .arg(port.to_string())
             .arg("--backend-store-uri")
-            .arg(format!("sqlite:///{}", dir.path().join("mlflow.db").display()))
+            .arg(format!(
+                "sqlite:///{}",
+                dir.path().join("mlflow.db").display()
+            ))
             .arg("--artifacts-destination")
             .arg(dir.path().join("artifacts"))
             .args(["--workers", "1"])

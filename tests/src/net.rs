@@ -39,9 +39,10 @@ impl HttpServer {
             .expect("start python3 -m http.server");
         let s = HttpServer { child, port };
         assert!(
-            crate::eventually(Duration::from_secs(10), || TcpStream::connect(
-                (Ipv4Addr::LOCALHOST, port)
-            )
+            crate::eventually(Duration::from_secs(10), || TcpStream::connect((
+                Ipv4Addr::LOCALHOST,
+                port
+            ))
             .is_ok()),
             "http.server did not start on port {port}"
         );
@@ -63,7 +64,8 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<Vec<u8>, Str
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).unwrap();
     s.set_write_timeout(Some(timeout)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
     let head_end = buf
@@ -79,7 +81,11 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<Vec<u8>, Str
 
 /// Retries [`http_get`] until it answers or `within` passes; returns the body
 /// and when it first answered.
-pub fn http_get_eventually(port: u16, path: &str, within: Duration) -> Result<(Vec<u8>, Instant), String> {
+pub fn http_get_eventually(
+    port: u16,
+    path: &str,
+    within: Duration,
+) -> Result<(Vec<u8>, Instant), String> {
     let t = Instant::now();
     loop {
         match http_get(port, path, Duration::from_secs(5)) {

@@ -381,6 +381,98 @@ fn descendants(root: u32) -> Vec<Vec<i32>> {
     levels
 }
 
+/// A repository whose agent is reached over SSH (a private [`Sshd`]), with the client's `~/.ssh`,
+/// bridge's known-hosts file and the remote directory in its scratch space.
+pub struct SshRepo {
+    pub repo: crate::Repo,
+    /// Stands in for the client's `~/.ssh`.
+    pub ssh_dir: PathBuf,
+    /// bridge's own known-hosts file.
+    pub known_hosts: PathBuf,
+    /// The agent's directory on the "remote" (`--remote-dir`).
+    pub remote: PathBuf,
+}
+
+impl SshRepo {
+    pub fn new(sshd: &Sshd, accept_host: bool) -> SshRepo {
+        let repo = crate::Repo::new();
+        let ssh_dir = sshd.ssh_dir(accept_host);
+        let known_hosts = repo.scratch("bridge_known_hosts");
+        let remote = repo.scratch("remote");
+        SshRepo {
+            repo,
+            ssh_dir,
+            known_hosts,
+            remote,
+        }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("BRIDGE_SSH_DIR".into(), self.ssh_dir.display().to_string()),
+            (
+                "BRIDGE_KNOWN_HOSTS".into(),
+                self.known_hosts.display().to_string(),
+            ),
+            ("SSH_AUTH_SOCK".into(), String::new()),
+        ]
+    }
+
+    pub fn up_args(&self, port: u16) -> Vec<String> {
+        vec![
+            "up".into(),
+            "--host".into(),
+            format!("root@127.0.0.1:{port}"),
+            "--remote-dir".into(),
+            self.remote.display().to_string(),
+        ]
+    }
+
+    /// `bridge up` over SSH with extra arguments and environment.
+    pub fn up_with(&self, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut args = self.up_args(port);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut e = self.env();
+        e.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.repo.bridge_env(&args, &e)
+    }
+
+    pub fn up(&self, port: u16) {
+        let o = self.up_with(port, &[], &[]);
+        assert!(
+            o.status.success(),
+            "bridge up over ssh failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout),
+            self.repo.daemon_log()
+        );
+    }
+
+    pub fn agent_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.remote.join("run/agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for SshRepo {
+    fn drop(&mut self) {
+        let _ = self
+            .repo
+            .bridge(&["down", "--remote", "--force", "--purge"]);
+        if let Some(pid) = self.agent_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,96 +602,3 @@ mod tests {
         assert!(ended, "ssh survived the cut");
     }
 }
-
-/// A repository whose agent is reached over SSH (a private [`Sshd`]), with the client's `~/.ssh`,
-/// bridge's known-hosts file and the remote directory in its scratch space.
-pub struct SshRepo {
-    pub repo: crate::Repo,
-    /// Stands in for the client's `~/.ssh`.
-    pub ssh_dir: PathBuf,
-    /// bridge's own known-hosts file.
-    pub known_hosts: PathBuf,
-    /// The agent's directory on the "remote" (`--remote-dir`).
-    pub remote: PathBuf,
-}
-
-impl SshRepo {
-    pub fn new(sshd: &Sshd, accept_host: bool) -> SshRepo {
-        let repo = crate::Repo::new();
-        let ssh_dir = sshd.ssh_dir(accept_host);
-        let known_hosts = repo.scratch("bridge_known_hosts");
-        let remote = repo.scratch("remote");
-        SshRepo {
-            repo,
-            ssh_dir,
-            known_hosts,
-            remote,
-        }
-    }
-
-    pub fn env(&self) -> Vec<(String, String)> {
-        vec![
-            ("BRIDGE_SSH_DIR".into(), self.ssh_dir.display().to_string()),
-            (
-                "BRIDGE_KNOWN_HOSTS".into(),
-                self.known_hosts.display().to_string(),
-            ),
-            ("SSH_AUTH_SOCK".into(), String::new()),
-        ]
-    }
-
-    pub fn up_args(&self, port: u16) -> Vec<String> {
-        vec![
-            "up".into(),
-            "--host".into(),
-            format!("root@127.0.0.1:{port}"),
-            "--remote-dir".into(),
-            self.remote.display().to_string(),
-        ]
-    }
-
-    /// `bridge up` over SSH with extra arguments and environment.
-    pub fn up_with(&self, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut args = self.up_args(port);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut e = self.env();
-        e.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.repo.bridge_env(&args, &e)
-    }
-
-    pub fn up(&self, port: u16) {
-        let o = self.up_with(port, &[], &[]);
-        assert!(
-            o.status.success(),
-            "bridge up over ssh failed: {}\n{}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout),
-            self.repo.daemon_log()
-        );
-    }
-
-    pub fn agent_pid(&self) -> Option<i32> {
-        fs::read_to_string(self.remote.join("run/agent.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for SshRepo {
-    fn drop(&mut self) {
-        let _ = self
-            .repo
-            .bridge(&["down", "--remote", "--force", "--purge"]);
-        if let Some(pid) = self.agent_pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bridge_tests::sshd::{SshRepo, Sshd, free_port, require_sshd};
 use bridge_tests::{Repo, Value, wheelhouse};
 
-const PROG: &str = "def compute(n):\n    x = n * 6\n    return x\n\n\nprint(\"result\", compute(7), flush=True)\n";
+const PROG: &str =
+    "def compute(n):\n    x = n * 6\n    return x\n\n\nprint(\"result\", compute(7), flush=True)\n";
 
 /// The launch configuration `--debug` printed on stderr (the JSON block
 /// after "VS Code: …"), waiting for it while the command runs.
@@ -28,7 +29,10 @@ fn launch_config(child: &mut Child, err: &Path) -> Value {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("bridge ended ({st}) without a launch configuration:\n{text}");
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "no launch configuration:\n{text}");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no launch configuration:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -72,7 +76,11 @@ fn check_session(r: &Repo, config: &Value, debug_port: u16) {
     assert_eq!(got["breakpoints"][0]["verified"], true, "{got}");
     assert_eq!(got["stopped_reason"], "breakpoint", "{got}");
     // The stack names the local file: the mapping goes both ways.
-    assert_eq!(got["frame"]["path"], local_file.display().to_string(), "{got}");
+    assert_eq!(
+        got["frame"]["path"],
+        local_file.display().to_string(),
+        "{got}"
+    );
     assert_eq!(got["frame"]["line"], 3, "{got}");
     assert_eq!(got["value"], "42", "{got}");
 }
@@ -87,7 +95,17 @@ fn run_debug_stops_at_a_breakpoint_set_on_the_local_file() {
     let env = [("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", wheels.as_str())];
     r.ok_env(&["up"], &env);
     let port = free_port();
-    let mut child = r.spawn(&["run", "--debug", "--debug-port", &port.to_string(), "debug.toml"], &[], "run.out");
+    let mut child = r.spawn(
+        &[
+            "run",
+            "--debug",
+            "--debug-port",
+            &port.to_string(),
+            "debug.toml",
+        ],
+        &[],
+        "run.out",
+    );
     let config = launch_config(&mut child, &r.scratch("run.err"));
     check_session(&r, &config, port);
     let st = child.wait().unwrap();
@@ -121,7 +139,15 @@ fn exec_debug_over_ssh() {
     s.up(sshd.port());
     let port = free_port();
     let mut child = r.spawn(
-        &["exec", "--debug", "--debug-port", &port.to_string(), "--", "python3", "pkg/prog.py"],
+        &[
+            "exec",
+            "--debug",
+            "--debug-port",
+            &port.to_string(),
+            "--",
+            "python3",
+            "pkg/prog.py",
+        ],
         &[],
         "exec.out",
     );
@@ -135,5 +161,8 @@ fn exec_debug_over_ssh() {
     );
     check_session(r, &config, port);
     assert!(child.wait().unwrap().success());
-    assert_eq!(fs::read_to_string(r.scratch("exec.out")).unwrap(), "result 42\n");
+    assert_eq!(
+        fs::read_to_string(r.scratch("exec.out")).unwrap(),
+        "result 42\n"
+    );
 }

@@ -45,7 +45,10 @@ fn daemon_pid(r: &Repo) -> i32 {
 fn assert_loopback_only(pid: i32, who: &str) -> usize {
     let l = listening(pid);
     let open: Vec<_> = l.iter().filter(|a| !is_loopback(a)).collect();
-    assert!(open.is_empty(), "{who} (pid {pid}) listens beyond loopback: {open:?} (all: {l:?})");
+    assert!(
+        open.is_empty(),
+        "{who} (pid {pid}) listens beyond loopback: {open:?} (all: {l:?})"
+    );
     l.len()
 }
 
@@ -62,7 +65,10 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     let spec = format!("{local}:{}", agent_http.port);
     let o = r.ok(&["forward", &spec]);
     drop(o);
-    assert_eq!(http_get(local, "/big.bin", Duration::from_secs(10)).unwrap(), big);
+    assert_eq!(
+        http_get(local, "/big.bin", Duration::from_secs(10)).unwrap(),
+        big
+    );
 
     // 100 connections at once through one forward, all byte-exact.
     let clients: Vec<_> = (0..100)
@@ -106,9 +112,18 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     assert_eq!(st["forwards"].as_array().unwrap().len(), 2, "{st}");
     let local_fwd = list.iter().find(|f| f["direction"] == "local").unwrap();
     assert_eq!(local_fwd["local_port"], local);
-    assert!(local_fwd["connections"].as_u64().unwrap() >= 101, "{local_fwd}");
+    assert!(
+        local_fwd["connections"].as_u64().unwrap() >= 101,
+        "{local_fwd}"
+    );
     let text = r.ok(&["status"]);
-    assert!(text.contains(&format!("http://127.0.0.1:{local} → agent 127.0.0.1:{}", agent_http.port)), "{text}");
+    assert!(
+        text.contains(&format!(
+            "http://127.0.0.1:{local} → agent 127.0.0.1:{}",
+            agent_http.port
+        )),
+        "{text}"
+    );
 
     // Only loopback listens, on both processes.
     assert!(assert_loopback_only(daemon_pid(&r), "the daemon") >= 1);
@@ -121,7 +136,11 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     r.ok(&["forward", &format!("{dead_local}:{dead}")]);
     let t = Instant::now();
     let e = http_get(dead_local, "/", Duration::from_secs(20)).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}: {e}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}: {e}",
+        t.elapsed()
+    );
     assert!(forwards(&r).iter().any(|f| f["local_port"] == dead_local));
     assert!(http_get(local, "/hello.txt", Duration::from_secs(10)).is_ok());
 
@@ -129,7 +148,10 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     let busy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let busy_port = busy.local_addr().unwrap().port();
     let e = r.fails(&["forward", &format!("{busy_port}:{}", agent_http.port)]);
-    assert!(e.contains(&format!("local port {busy_port} is already in use")), "{e}");
+    assert!(
+        e.contains(&format!("local port {busy_port} is already in use")),
+        "{e}"
+    );
     assert!(e.contains("pick another local port"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
     // The same laptop port twice.
@@ -144,7 +166,11 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     for bad in ["tb", "70000", "1:2:3", ""] {
         let o = r.bridge(&["forward", bad]);
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
-        assert!(stderr(&o).to_lowercase().contains("port"), "{bad:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).to_lowercase().contains("port"),
+            "{bad:?}: {}",
+            stderr(&o)
+        );
     }
 
     // --stop closes the listener; the other forwards stay.
@@ -153,9 +179,18 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, local)).is_err());
     let e = r.fails(&["forward", "--stop", &local.to_string()]);
     assert!(e.contains("no forward on laptop port"), "{e}");
-    r.ok(&["forward", "--reverse", "--stop", &laptop_http.port.to_string()]);
+    r.ok(&[
+        "forward",
+        "--reverse",
+        "--stop",
+        &laptop_http.port.to_string(),
+    ]);
     assert!(
-        eventually(Duration::from_secs(5), || TcpStream::connect((Ipv4Addr::LOCALHOST, agent_port)).is_err()),
+        eventually(Duration::from_secs(5), || TcpStream::connect((
+            Ipv4Addr::LOCALHOST,
+            agent_port
+        ))
+        .is_err()),
         "the agent still listens on {agent_port} after --stop"
     );
     assert_eq!(forwards(&r).len(), 1);
@@ -227,7 +262,12 @@ while not os.path.exists({stop:?}):
     r.up();
     let child = r.spawn(&["run", "serve.toml"], &[], "run.out");
     let (body, _) = http_get_eventually(local, "/served.txt", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", fs::read_to_string(r.scratch("run.err")).unwrap_or_default()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}",
+                fs::read_to_string(r.scratch("run.err")).unwrap_or_default()
+            )
+        });
     assert_eq!(body, b"served by the job\n");
     let list = forwards(&r);
     assert_eq!(list.len(), 2, "{list:?}");
@@ -236,8 +276,16 @@ while not os.path.exists({stop:?}):
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let err = fs::read_to_string(r.scratch("run.err")).unwrap();
-    assert!(err.contains(&format!("bridge: Job server: http://127.0.0.1:{local} (agent port {job_port})")), "{err}");
-    assert!(err.contains(&format!("→ 127.0.0.1:{} here", laptop_http.port)), "{err}");
+    assert!(
+        err.contains(&format!(
+            "bridge: Job server: http://127.0.0.1:{local} (agent port {job_port})"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("→ 127.0.0.1:{} here", laptop_http.port)),
+        "{err}"
+    );
     let log = fs::read_to_string(r.scratch("run.out")).unwrap();
     assert!(log.contains("laptop says: hello from laptop-site"), "{log}");
     // Gone with the job.
@@ -291,7 +339,10 @@ fn forwards_over_ssh_heal_after_a_cut() {
         .unwrap()["remote_port"]
         .as_u64()
         .unwrap() as u16;
-    assert_eq!(http_get(local, "/big.bin", Duration::from_secs(20)).unwrap(), big);
+    assert_eq!(
+        http_get(local, "/big.bin", Duration::from_secs(20)).unwrap(),
+        big
+    );
     assert_eq!(
         http_get(agent_port, "/hello.txt", Duration::from_secs(10)).unwrap(),
         b"hello from laptop-site\n"
@@ -299,7 +350,10 @@ fn forwards_over_ssh_heal_after_a_cut() {
     assert_loopback_only(daemon_pid(r), "the daemon");
     // The agent serves on a Unix socket: its one TCP listener is the reverse
     // forward's.
-    assert_eq!(assert_loopback_only(s.agent_pid().unwrap(), "the remote agent"), 1);
+    assert_eq!(
+        assert_loopback_only(s.agent_pid().unwrap(), "the remote agent"),
+        1
+    );
 
     // A connection open across the cut, to a server on the agent's side
     // that never stops sending.
@@ -325,18 +379,30 @@ fn forwards_over_ssh_heal_after_a_cut() {
     proxy.cut();
     let cut_at = Instant::now();
     // The open connection is closed, not left hanging.
-    open.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(25)))
+        .unwrap();
     let mut sink = Vec::new();
     let r1 = open.read_to_end(&mut sink);
     assert!(
-        r1.as_ref().is_ok() || r1.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        r1.as_ref().is_ok()
+            || r1
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
         "the connection hung across the cut: {r1:?}"
     );
-    assert!(cut_at.elapsed() < Duration::from_secs(20), "closed after {:?}", cut_at.elapsed());
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(20),
+        "closed after {:?}",
+        cut_at.elapsed()
+    );
     // A new connection during the cut is closed too, within a few seconds.
     let t = Instant::now();
     assert!(http_get(local, "/hello.txt", Duration::from_secs(30)).is_err());
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
     // The listeners stay up meanwhile.
     assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, local)).is_ok());
     while cut_at.elapsed() < Duration::from_secs(10) {
@@ -352,9 +418,14 @@ fn forwards_over_ssh_heal_after_a_cut() {
         "first answer {:?} after the heal",
         at - healed
     );
-    let (body, at) = http_get_eventually(agent_port, "/hello.txt", Duration::from_secs(10)).unwrap();
+    let (body, at) =
+        http_get_eventually(agent_port, "/hello.txt", Duration::from_secs(10)).unwrap();
     assert_eq!(body, b"hello from laptop-site\n");
-    assert!(at - healed <= Duration::from_secs(3), "reverse: {:?} after the heal", at - healed);
+    assert!(
+        at - healed <= Duration::from_secs(3),
+        "reverse: {:?} after the heal",
+        at - healed
+    );
     assert!(
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon_pid(r)), None).is_ok(),
         "the daemon died"

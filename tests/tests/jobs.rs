@@ -591,7 +591,10 @@ print(json.dumps([{"artifacts": [a.path for a in c.list_artifacts(run.info.run_i
     for run in runs {
         assert_eq!(run["artifacts"], serde_json::json!(["model.pkl"]), "{got}");
         assert!(
-            run["uri"].as_str().unwrap().starts_with(&format!("file://{}/0/", mlruns.display())),
+            run["uri"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("file://{}/0/", mlruns.display())),
             "{got}"
         );
         assert!(run["job"].is_string(), "{got}");

@@ -47,7 +47,10 @@ fn a_live_server_reloads_on_a_local_save() {
     );
     let env = [("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", wheels.as_str())];
     r.ok_env(&["up"], &env);
-    let id = r.ok(&["run", "--detach", "web/serve.toml"]).trim().to_string();
+    let id = r
+        .ok(&["run", "--detach", "web/serve.toml"])
+        .trim()
+        .to_string();
     let (body, _) = http_get_eventually(local, "/", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", r.ok(&["logs", &id])));
     assert_eq!(body, b"version 1");
@@ -72,7 +75,10 @@ fn a_live_server_reloads_on_a_local_save() {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert!(seen <= Duration::from_secs(2), "{want} served {seen:?} after the save");
+        assert!(
+            seen <= Duration::from_secs(2),
+            "{want} served {seen:?} after the save"
+        );
     }
     // Python's bytecode caches stay out of the mirror (they would be
     // strays there, deleted by the next sync).
@@ -82,16 +88,25 @@ fn a_live_server_reloads_on_a_local_save() {
     // Cancel stops it, and its forward closes.
     r.ok(&["cancel", &id]);
     assert!(
-        eventually(Duration::from_secs(15), || jobs(&r)[0]["state"] == "cancelled"),
+        eventually(Duration::from_secs(15), || jobs(&r)[0]["state"]
+            == "cancelled"),
         "{:?}",
         jobs(&r)
     );
     assert!(
-        eventually(Duration::from_secs(5), || TcpStream::connect((Ipv4Addr::LOCALHOST, local)).is_err()),
+        eventually(Duration::from_secs(5), || TcpStream::connect((
+            Ipv4Addr::LOCALHOST,
+            local
+        ))
+        .is_err()),
         "the live job's forward outlived it"
     );
     assert!(
-        eventually(Duration::from_secs(5), || TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err()),
+        eventually(Duration::from_secs(5), || TcpStream::connect((
+            Ipv4Addr::LOCALHOST,
+            port
+        ))
+        .is_err()),
         "the server outlived its job"
     );
 }
@@ -124,22 +139,34 @@ fn a_failing_live_command_restarts_with_backoff_and_down_stops_it() {
         "not restarted: {}",
         r.ok(&["logs", &id])
     );
-    assert!(eventually(Duration::from_secs(5), || jobs(r)[0]["restarts"] == 2));
+    assert!(eventually(
+        Duration::from_secs(5),
+        || jobs(r)[0]["restarts"] == 2
+    ));
     let ps = r.ok(&["ps"]);
     assert!(ps.contains("running (live, 2x restarted)"), "{ps}");
     let log = r.bridge(&["logs", &id]);
     let err = String::from_utf8_lossy(&log.stderr);
-    assert!(err.contains("the live command exited with code 3; starting it again in 1 s (restart 1)"), "{err}");
+    assert!(
+        err.contains("the live command exited with code 3; starting it again in 1 s (restart 1)"),
+        "{err}"
+    );
     assert!(err.contains("in 2 s (restart 2)"), "{err}");
     // A snapshot job would have refused outputs; a live one says why.
-    r.write("bad.toml", "mode = \"live\"\nrun = \"true\"\n[outputs]\npaths = [\"out/\"]\n");
+    r.write(
+        "bad.toml",
+        "mode = \"live\"\nrun = \"true\"\n[outputs]\npaths = [\"out/\"]\n",
+    );
     let e = r.fails(&["run", "bad.toml"]);
     assert!(e.contains("mode = \"live\""), "{e}");
     let batch = r.ok(&["run", "--detach", "batch.toml"]).trim().to_string();
     r.ok(&["down"]);
     let jobs_dir = s.remote.join("agent/jobs");
     assert!(
-        eventually(Duration::from_secs(15), || jobs_dir.join(&id).join("exit.json").exists()),
+        eventually(Duration::from_secs(15), || jobs_dir
+            .join(&id)
+            .join("exit.json")
+            .exists()),
         "the live job outlived `bridge down`"
     );
     assert!(

@@ -35,7 +35,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -73,11 +77,24 @@ fn a_remote_job_logs_to_the_laptops_mlflow_server() {
     s.up(sshd.port());
     // The user's shell names the laptop's server; the job's code does not.
     let uri = server.uri();
-    let o = r.bridge_env(&["run", "track.toml"], &[("MLFLOW_TRACKING_URI", uri.as_str())]);
+    let o = r.bridge_env(
+        &["run", "track.toml"],
+        &[("MLFLOW_TRACKING_URI", uri.as_str())],
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "{out}\n{err}\nserver log:\n{}", server.log());
-    assert!(err.contains(&format!("MLflow: the job logs to http://127.0.0.1:{} on this machine", server.port)), "{err}");
+    assert!(
+        o.status.success(),
+        "{out}\n{err}\nserver log:\n{}",
+        server.log()
+    );
+    assert!(
+        err.contains(&format!(
+            "MLflow: the job logs to http://127.0.0.1:{} on this machine",
+            server.port
+        )),
+        "{err}"
+    );
     assert!(!err.contains("warning"), "{err}");
     let run_id = out
         .lines()
@@ -86,7 +103,10 @@ fn a_remote_job_logs_to_the_laptops_mlflow_server() {
         .trim()
         .to_string();
     // The job saw the agent's end of the forward, not the laptop's port.
-    let tracking = out.lines().find_map(|l| l.strip_prefix("tracking ")).unwrap();
+    let tracking = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tracking "))
+        .unwrap();
     assert!(tracking.starts_with("http://127.0.0.1:"), "{tracking}");
 
     let got: Value = serde_json::from_str(&server.python(&format!(
@@ -102,14 +122,27 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics, "tags
     .unwrap();
     assert_eq!(got["params"]["lr"], "0.01", "{got}");
     assert_eq!(got["metrics"]["val_acc"], 0.93, "{got}");
-    assert_eq!(got["artifacts"], serde_json::json!(["artifact.txt"]), "{got}");
-    assert!(got["uri"].as_str().unwrap().starts_with("mlflow-artifacts:"), "{got}");
+    assert_eq!(
+        got["artifacts"],
+        serde_json::json!(["artifact.txt"]),
+        "{got}"
+    );
+    assert!(
+        got["uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("mlflow-artifacts:"),
+        "{got}"
+    );
     let tags = &got["tags"];
     let jobs: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).unwrap();
     assert_eq!(tags["bridge.job_id"], jobs[0]["id"], "{tags}");
     assert_eq!(
         tags["bridge.agent_host"],
-        nix::unistd::gethostname().unwrap().to_string_lossy().as_ref(),
+        nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .as_ref(),
         "{tags}"
     );
     assert_eq!(tags["mlflow.source.git.commit"], commit.as_str(), "{tags}");
@@ -121,8 +154,16 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics, "tags
     let art = here
         .iter()
         .find(|p| p.file_name().is_some_and(|n| n == "artifact.txt"))
-        .unwrap_or_else(|| panic!("no artifact.txt under {}: {here:?}", server.artifacts().display()));
-    assert_eq!(fs::read_to_string(art).unwrap(), format!("artifact of {run_id}\n"));
+        .unwrap_or_else(|| {
+            panic!(
+                "no artifact.txt under {}: {here:?}",
+                server.artifacts().display()
+            )
+        });
+    assert_eq!(
+        fs::read_to_string(art).unwrap(),
+        format!("artifact of {run_id}\n")
+    );
     // ...and nothing of the run is under the agent's root.
     let mut there = Vec::new();
     walk(&s.remote, &mut there);
@@ -133,7 +174,10 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics, "tags
             p.contains(&run_id) || p.ends_with("/mlruns") || p.ends_with("/mlartifacts")
         })
         .collect();
-    assert!(leaked.is_empty(), "the run left files on the agent: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "the run left files on the agent: {leaked:?}"
+    );
     // The job's forward went with it.
     let fw: Value = serde_json::from_str(&r.ok(&["forward", "--list", "--json"])).unwrap();
     assert_eq!(fw, serde_json::json!([]));
@@ -149,7 +193,10 @@ MlflowClient().create_experiment("laptop-files", artifact_location="file:///tmp/
         "files.toml",
         "run = \"true\"\n[env]\nMLFLOW_EXPERIMENT_NAME = \"laptop-files\"\n",
     );
-    let o = r.bridge_env(&["run", "files.toml"], &[("MLFLOW_TRACKING_URI", uri.as_str())]);
+    let o = r.bridge_env(
+        &["run", "files.toml"],
+        &[("MLFLOW_TRACKING_URI", uri.as_str())],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -168,7 +215,9 @@ MlflowClient().create_experiment("laptop-files", artifact_location="file:///tmp/
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains(&format!("warning: the MLflow server at http://127.0.0.1:{dead} does not answer")),
+        err.contains(&format!(
+            "warning: the MLflow server at http://127.0.0.1:{dead} does not answer"
+        )),
         "{err}"
     );
 }

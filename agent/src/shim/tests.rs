@@ -336,7 +336,10 @@ fn a_live_command_that_fails_is_started_again_until_it_succeeds() {
     let out = job.stream_text(crate::joblog::STDOUT);
     assert_eq!(out, "run 1\nrun 2\nrun 3\n");
     let sys = job.stream_text(crate::joblog::SYSTEM);
-    assert!(sys.contains("the live command exited with code 4; starting it again in 1 s (restart 1)"), "{sys}");
+    assert!(
+        sys.contains("the live command exited with code 4; starting it again in 1 s (restart 1)"),
+        "{sys}"
+    );
     assert!(sys.contains("in 2 s (restart 2)"), "{sys}");
     assert_eq!(job.state().unwrap().restarts, 2);
 }

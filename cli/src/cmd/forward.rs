@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::anyhow;
 use bridge_daemon::status::ForwardStatus;
-use bridge_proto::v1::{ForwardRequest, ForwardSpec, ForwardsRequest, UnforwardRequest, forward_spec};
+use bridge_proto::v1::{
+    ForwardRequest, ForwardSpec, ForwardsRequest, UnforwardRequest, forward_spec,
+};
 
 use crate::client;
 
@@ -98,7 +100,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         // `ssh -R`).
         let (local, remote) = if args.reverse { (b, a) } else { (a, b) };
         if args.reverse && local == 0 {
-            anyhow::bail!("a reverse forward needs the laptop's port (0 is not one): `bridge forward --reverse 5000`");
+            anyhow::bail!(
+                "a reverse forward needs the laptop's port (0 is not one): `bridge forward --reverse 5000`"
+            );
         }
         if !args.reverse && remote == 0 {
             anyhow::bail!("a forward needs the agent's port (0 is not one): `bridge forward 6006`");
@@ -134,7 +138,11 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
 
 /// One forward, for people.
 pub fn line(f: &ForwardStatus) -> String {
-    let name = f.name.as_deref().map(|n| format!("{n}: ")).unwrap_or_default();
+    let name = f
+        .name
+        .as_deref()
+        .map(|n| format!("{n}: "))
+        .unwrap_or_default();
     let owner = f
         .job
         .as_deref()
@@ -179,7 +187,11 @@ mod tests {
         assert_eq!(parse_pair("0:9999"), Ok((0, 9999)));
         assert!(parse_pair("70000").unwrap_err().contains("not a port"));
         assert!(parse_pair("tb").unwrap_err().contains("not a port"));
-        assert!(parse_pair("127.0.0.1:8888:9999").unwrap_err().contains("too many"));
+        assert!(
+            parse_pair("127.0.0.1:8888:9999")
+                .unwrap_err()
+                .contains("too many")
+        );
         assert!(parse_pair("").is_err());
     }
 }

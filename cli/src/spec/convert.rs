@@ -405,7 +405,10 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
 
 /// `[[forward]]` tables: `port` names both ends unless `local` / `remote`
 /// say otherwise; `reverse = true` goes from the agent to the laptop.
-fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<ForwardSpec>, SpecError> {
+fn forwards(
+    ctx: &Ctx,
+    raw: &[Spanned<super::raw::RawForward>],
+) -> Result<Vec<ForwardSpec>, SpecError> {
     let mut out: Vec<ForwardSpec> = Vec::new();
     for f in raw {
         let span = f.span();
@@ -439,7 +442,11 @@ fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<Fo
                     "with reverse = true needs the laptop's port: port = 5000 (or local = 5000, remote = 5001 for another agent port)".into(),
                 )
             })?;
-            (forward_spec::Direction::Reverse, local, remote.unwrap_or(local))
+            (
+                forward_spec::Direction::Reverse,
+                local,
+                remote.unwrap_or(local),
+            )
         } else {
             let remote = remote.filter(|&p| p != 0).ok_or_else(|| {
                 ctx.invalid(
@@ -448,7 +455,11 @@ fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<Fo
                     "needs the agent's port: port = 6006 (or remote = 6006, local = 16006 for another laptop port)".into(),
                 )
             })?;
-            (forward_spec::Direction::Local, local.unwrap_or(remote), remote)
+            (
+                forward_spec::Direction::Local,
+                local.unwrap_or(remote),
+                remote,
+            )
         };
         let env = match &f.env {
             None => String::new(),
@@ -459,7 +470,9 @@ fn forwards(ctx: &Ctx, raw: &[Spanned<super::raw::RawForward>]) -> Result<Vec<Fo
                     "is only for reverse forwards (it names the variable that gets the agent's port)".into(),
                 ));
             }
-            Some(e) if !valid_env_name(e.get_ref()) || e.get_ref().starts_with(RESERVED_ENV_PREFIX) => {
+            Some(e)
+                if !valid_env_name(e.get_ref()) || e.get_ref().starts_with(RESERVED_ENV_PREFIX) =>
+            {
                 return Err(ctx.invalid(
                     &["forward", "env"],
                     Some(e.span()),

@@ -397,7 +397,15 @@ fn forwards_live_mode_and_mlflow() {
     let f: Vec<(Direction, u32, u32, &str, &str)> = spec
         .forwards
         .iter()
-        .map(|f| (f.direction(), f.local_port, f.remote_port, f.name.as_str(), f.env.as_str()))
+        .map(|f| {
+            (
+                f.direction(),
+                f.local_port,
+                f.remote_port,
+                f.name.as_str(),
+                f.env.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         f,
@@ -408,7 +416,11 @@ fn forwards_live_mode_and_mlflow() {
         ]
     );
     assert!(!parse("run = \"x\"\n", &[]).unwrap().live);
-    assert!(!parse("run = \"x\"\nmode = \"snapshot\"\n", &[]).unwrap().live);
+    assert!(
+        !parse("run = \"x\"\nmode = \"snapshot\"\n", &[])
+            .unwrap()
+            .live
+    );
 }
 
 #[test]
@@ -453,6 +465,9 @@ fn bad_forwards_and_modes_say_where() {
     ];
     for (text, want) in cases {
         let got = error(text, &[]);
-        assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}…");
+        assert!(
+            got.starts_with(want),
+            "{text:?}\n got: {got}\nwant: {want}…"
+        );
     }
 }
