@@ -40,6 +40,7 @@ use tonic::{Code, Status};
 
 use crate::jobs::{Relay, retryable};
 use crate::mlflow;
+use crate::provider::{DialError, Provider};
 
 /// How long a new connection waits for a working link before it is closed.
 pub const OPEN_WAIT: Duration = Duration::from_secs(5);
@@ -55,6 +56,9 @@ const JOB_POLL: Duration = Duration::from_millis(500);
 /// Connections one forward carries at once; more are closed at once (a
 /// runaway client must not exhaust the daemon's descriptors).
 const MAX_OPEN: u32 = 1024;
+/// Set to 1 in the daemon's environment: local forwards never use the
+/// provider's own dial ([`Provider::dial`]), only the `Tunnels` stream.
+pub const TUNNEL_ONLY_VAR: &str = "BRIDGE_TUNNEL_ONLY";
 /// debugpy's customary port, used on the laptop when it is free.
 pub const DEBUGPY_PORT: u16 = 5678;
 
@@ -178,6 +182,9 @@ pub struct Prepared {
 
 pub struct Forwards {
     relay: Arc<Relay>,
+    /// What carries local forwards' connections: the provider's own dial
+    /// when it has one, else the `Tunnels` gRPC stream.
+    carrier: Arc<Carrier>,
     mirror: String,
     /// `.bridge/forwards.json`.
     file: PathBuf,
@@ -196,8 +203,24 @@ struct Table {
 const SUBMITTING: &str = "(submitting)";
 
 impl Forwards {
-    pub fn new(relay: Arc<Relay>, mirror: String, file: PathBuf, agent_is_local: bool) -> Forwards {
+    pub fn new(
+        relay: Arc<Relay>,
+        provider: Arc<dyn Provider>,
+        mirror: String,
+        file: PathBuf,
+    ) -> Forwards {
+        let agent_is_local = provider.name() == "local";
         Forwards {
+            carrier: Arc::new(Carrier {
+                relay: relay.clone(),
+                provider,
+                // A diagnostic (the benchmark and tests use it): carry every
+                // connection through the agent's tunnel, as providers
+                // without a dial of their own do.
+                native_refused: std::sync::atomic::AtomicBool::new(
+                    std::env::var_os(TUNNEL_ONLY_VAR).is_some_and(|v| v == "1"),
+                ),
+            }),
             relay,
             mirror,
             file,
@@ -310,6 +333,14 @@ impl Forwards {
                 if local != 0 {
                     self.refuse_loop(local, remote)?;
                 }
+                if let Some(r) = self.table().list.iter().find(|f| {
+                    f.reverse() && f.live.remote_port.load(Ordering::Relaxed) == remote as u32
+                }) {
+                    return Err(Status::invalid_argument(format!(
+                        "agent port {remote} is the agent's end of the reverse forward to laptop port {}: forwarding to it would loop",
+                        r.local_port
+                    )));
+                }
                 let listener = self.bind_local(local, remote)?;
                 let bound = listener
                     .local_addr()
@@ -319,7 +350,7 @@ impl Forwards {
                 live.remote_port.store(remote as u32, Ordering::Relaxed);
                 live.set_state("listening");
                 let task = tokio::spawn(accept_local(
-                    self.relay.clone(),
+                    self.carrier.clone(),
                     listener,
                     Target {
                         port: remote,
@@ -342,6 +373,16 @@ impl Forwards {
                     return Err(Status::invalid_argument(
                         "a reverse forward needs the laptop's port, e.g. `bridge forward --reverse 5000`",
                     ));
+                }
+                if self
+                    .table()
+                    .list
+                    .iter()
+                    .any(|f| !f.reverse() && f.local_port == local)
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "laptop port {local} is a bridge forward to the agent: a reverse forward to it would loop"
+                    )));
                 }
                 let key = key.unwrap_or_else(|| format!("{}:{}", self.mirror, random_hex()));
                 // With the local provider the agent's loopback is this one:
@@ -738,7 +779,6 @@ fn suggest_port(taken: u16) -> u16 {
         .unwrap_or(base)
 }
 
-/// A local forward's accept loop: each connection is carried on a task.
 /// Where a local forward's connections go on the agent.
 #[derive(Clone, Copy)]
 struct Target {
@@ -747,7 +787,22 @@ struct Target {
     wait_for_listener: bool,
 }
 
-async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: Target, live: Arc<Live>) {
+/// What carries a local forward's connections (shared by its accept loop).
+struct Carrier {
+    relay: Arc<Relay>,
+    provider: Arc<dyn Provider>,
+    /// The provider's own dial was refused by its transport (an SSH server
+    /// without TCP forwarding): the gRPC tunnel carries everything.
+    native_refused: std::sync::atomic::AtomicBool,
+}
+
+/// A local forward's accept loop: each connection is carried on a task.
+async fn accept_local(
+    carrier: Arc<Carrier>,
+    listener: TcpListener,
+    remote: Target,
+    live: Arc<Live>,
+) {
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
@@ -758,17 +813,85 @@ async fn accept_local(relay: Arc<Relay>, listener: TcpListener, remote: Target, 
                     );
                     continue;
                 }
-                let relay = relay.clone();
+                let carrier = carrier.clone();
                 let live = live.clone();
                 tokio::spawn(async move {
                     let open = Open::new(&live);
-                    carry_local(&relay, tcp, remote, &live).await;
+                    let _ = tcp.set_nodelay(true);
+                    if let Some(tcp) = carrier.carry_natively(tcp, remote, &live).await {
+                        carry_local(&carrier.relay, tcp, remote, &live).await;
+                    }
                     drop(open);
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "forward accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Carrier {
+    /// Carries `tcp` over the provider's own dial when it has one (see
+    /// [`Provider::dial`]); gives the connection back when the tunnel must
+    /// carry it instead.
+    async fn carry_natively(
+        &self,
+        mut tcp: TcpStream,
+        target: Target,
+        live: &Live,
+    ) -> Option<TcpStream> {
+        if self.native_refused.load(Ordering::Relaxed) {
+            return Some(tcp);
+        }
+        let Some(mut dial) = self.provider.dial(target.port) else {
+            return Some(tcp);
+        };
+        let deadline = tokio::time::Instant::now() + OPEN_WAIT;
+        let listener_deadline = tokio::time::Instant::now() + LISTENER_WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline.max(listener_deadline), dial).await {
+                Ok(Ok(mut stream)) => {
+                    live.set_state("listening");
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+                        tracing::debug!(remote = target.port, error = %e, "forwarded connection ended");
+                    }
+                    return None;
+                }
+                Ok(Err(DialError::NothingListens { .. }))
+                    if target.wait_for_listener
+                        && tokio::time::Instant::now() < listener_deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match self.provider.dial(target.port) {
+                        Some(d) => dial = d,
+                        None => return Some(tcp),
+                    }
+                }
+                Ok(Err(DialError::NothingListens { port, why })) => {
+                    tracing::debug!(port, why, "forwarded connection refused");
+                    return None;
+                }
+                Ok(Err(DialError::Unsupported(why))) => {
+                    tracing::info!(why, "port forwards go through the agent's tunnel instead");
+                    self.native_refused.store(true, Ordering::Relaxed);
+                    return Some(tcp);
+                }
+                Ok(Err(DialError::Link(why))) if tokio::time::Instant::now() < deadline => {
+                    live.set_state(format!("waiting for the agent: {why}"));
+                    self.relay.poke();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    match self.provider.dial(target.port) {
+                        Some(d) => dial = d,
+                        None => return Some(tcp),
+                    }
+                }
+                Ok(Err(DialError::Link(why))) => {
+                    tracing::debug!(why, "no link for a forwarded connection; closing it");
+                    return None;
+                }
+                Err(_) => return None,
             }
         }
     }

@@ -127,9 +127,9 @@ pub async fn run(
     let pulls = tokio::spawn(relay.clone().pull_outputs(stop_tx.subscribe()));
     let forwards = Arc::new(forwards::Forwards::new(
         relay.clone(),
+        provider.clone(),
         repo::mirror_name(&config.repo),
         layout.forwards.clone(),
-        provider.name() == "local",
     ));
     // A previous daemon's forwards (this one may have been restarted while
     // a job used them), once the engine has a link.

@@ -87,6 +87,25 @@ impl ProviderSpec {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A byte stream to a port on the agent's machine.
+pub trait PortStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PortStream for T {}
+
+/// Why [`Provider::dial`] gave no stream.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The connection reached the agent's machine; nothing listens there.
+    #[error("nothing listens on 127.0.0.1:{port} on the agent ({why})")]
+    NothingListens { port: u16, why: String },
+    /// The provider's transport will not carry it (an SSH server that
+    /// forbids TCP forwarding): use the gRPC tunnel instead, from now on.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The link is down; worth retrying.
+    #[error("{0}")]
+    Link(String),
+}
+
 /// A provider failure; `retryable` tells the connection manager whether to try
 /// again with backoff or to stop and report.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +167,16 @@ pub trait Provider: Send + Sync {
     /// jobs, caches). Called after `stop_agent`.
     fn purge(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Dials 127.0.0.1:`port` on the agent's machine over the provider's own
+    /// transport, for a local port forward, when it has one cheaper than the
+    /// `Tunnels` gRPC stream through the agent: SSH opens a `direct-tcpip`
+    /// channel on the connection it already has (the data then skips the
+    /// agent and HTTP/2: ~1.5x the throughput). `None` (the default): the
+    /// tunnel carries it. Only ever a loopback address.
+    fn dial(&self, _port: u16) -> Option<BoxFuture<'_, Result<Box<dyn PortStream>, DialError>>> {
+        None
     }
 
     /// Whether `bridge down` stops the agent (and cancels this repository's

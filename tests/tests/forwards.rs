@@ -313,9 +313,20 @@ while not os.path.exists({stop:?}):
 }
 
 /// Over SSH (through a proxy): the same forwards, only loopback on the
-/// agent, and healing after a 10 s cut of the link.
+/// agent, and healing after a 10 s cut of the link. Local forwards ride an
+/// SSH `direct-tcpip` channel of the provider's connection...
 #[test]
 fn forwards_over_ssh_heal_after_a_cut() {
+    forwards_over_ssh(false);
+}
+
+/// ...or, as for providers without one, the agent's gRPC tunnel.
+#[test]
+fn forwards_over_ssh_through_the_agents_tunnel_heal_after_a_cut() {
+    forwards_over_ssh(true);
+}
+
+fn forwards_over_ssh(tunnel_only: bool) {
     require_sshd();
     let sshd = Sshd::start();
     let proxy = Proxy::start(sshd.port());
@@ -323,7 +334,13 @@ fn forwards_over_ssh_heal_after_a_cut() {
     sshd.trust_port(&s.ssh_dir, proxy.port());
     let r = &s.repo;
     r.write("a.txt", "a\n");
-    s.up(proxy.port());
+    let env: &[(&str, &str)] = if tunnel_only {
+        &[("BRIDGE_TUNNEL_ONLY", "1")]
+    } else {
+        &[]
+    };
+    let o = s.up_with(proxy.port(), &[], env);
+    assert!(o.status.success(), "{}", stderr(&o));
     let (agent_site, big) = site(r, "agent-site");
     let agent_http = HttpServer::start(&agent_site);
     let (laptop_site, _) = site(r, "laptop-site");

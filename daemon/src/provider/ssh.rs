@@ -802,6 +802,45 @@ impl Inner {
     }
 
     /// A fresh byte stream to the agent's socket.
+    /// A `direct-tcpip` channel to 127.0.0.1:`port` of the remote machine.
+    async fn tcp_stream(&self, port: u16) -> Result<ChannelStream<Msg>, super::DialError> {
+        use super::DialError;
+        let mut last = None;
+        for _ in 0..2 {
+            let h = self
+                .session()
+                .await
+                .map_err(|e| DialError::Link(e.message))?;
+            match h
+                .channel_open_direct_tcpip("127.0.0.1", port as u32, "127.0.0.1", 0)
+                .await
+            {
+                Ok(c) => return Ok(c.into_stream()),
+                Err(russh::Error::ChannelOpenFailure(ChannelOpenFailure::ConnectFailed)) => {
+                    return Err(DialError::NothingListens {
+                        port,
+                        why: "connection refused".into(),
+                    });
+                }
+                Err(russh::Error::ChannelOpenFailure(why)) => {
+                    return Err(DialError::Unsupported(format!(
+                        "the SSH server of {} does not forward TCP ({why:?})",
+                        self.label
+                    )));
+                }
+                Err(e) => {
+                    self.forget(&h).await;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(DialError::Link(format!(
+            "{}: the SSH connection broke: {}",
+            self.label,
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
     async fn agent_stream(&self) -> Result<ChannelStream<Msg>, ProviderError> {
         let socket = format!("{}/run/agent.sock", self.info().await?.dir);
         let channel = self
@@ -939,6 +978,7 @@ impl Provider for SshProvider {
             });
             Endpoint::from_static("http://agent.ssh")
                 .connect_timeout(self.inner.config.connect_timeout)
+                .max_frame_size(bridge_proto::MAX_FRAME_BYTES)
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| {
@@ -946,6 +986,16 @@ impl Provider for SshProvider {
                         .retryable(format!("cannot reach the agent over SSH: {e}"))
                 })
         })
+    }
+
+    fn dial(
+        &self,
+        port: u16,
+    ) -> Option<BoxFuture<'_, Result<Box<dyn super::PortStream>, super::DialError>>> {
+        Some(Box::pin(async move {
+            let s = self.inner.tcp_stream(port).await?;
+            Ok(Box::new(s) as Box<dyn super::PortStream>)
+        }))
     }
 
     /// Closes the SSH connection; the remote agent keeps running (other
