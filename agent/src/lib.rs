@@ -183,7 +183,6 @@ pub async fn run(
         tonic::service::interceptor::InterceptedService::new(TunnelsServer::new(tunnels_svc), auth);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .max_frame_size(bridge_proto::MAX_FRAME_BYTES)
         .add_service(server)
         .add_service(jobs_server)
         .add_service(tunnels_server);

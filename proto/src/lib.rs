@@ -44,11 +44,6 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Metadata key carrying the agent token (`Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";
 
-/// The HTTP/2 frame size each side accepts (the protocol's default is
-/// 16 KiB): a bulk stream (a port forward, chunk bodies) crosses in 64x
-/// fewer frames, each one a wakeup and a copy less on both ends.
-pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
-
 /// Largest gRPC message either side accepts: a plan for a 100 GiB file lists
 /// ~1.6M chunk refs.
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;

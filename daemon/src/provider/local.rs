@@ -137,7 +137,6 @@ impl Provider for LocalProvider {
             });
             Endpoint::from_static("http://agent.local")
                 .connect_timeout(Duration::from_secs(5))
-                .max_frame_size(bridge_proto::MAX_FRAME_BYTES)
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| ProviderError::retryable(format!("cannot reach the local agent: {e}")))

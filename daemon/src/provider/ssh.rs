@@ -978,7 +978,6 @@ impl Provider for SshProvider {
             });
             Endpoint::from_static("http://agent.ssh")
                 .connect_timeout(self.inner.config.connect_timeout)
-                .max_frame_size(bridge_proto::MAX_FRAME_BYTES)
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| {
