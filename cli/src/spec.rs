@@ -4,6 +4,7 @@
 //! name = "digits"                       # display name (default: the file stem)
 //! run = "python train.py --lr 0.1"      # required: run by /bin/sh -c in the workdir
 //! workdir = "examples/quickstart"       # relative to the repository root (default ".")
+//! mode = "live"                         # optional: run in the live mirror (dev servers)
 //! setup = "sh scripts/setup.sh"         # optional, cached by command + inputs + env
 //! setup_inputs = ["scripts/setup.sh"]   # files or directories, relative to workdir
 //! [env]                                 # strings only; BRIDGE_* is reserved
@@ -15,7 +16,6 @@
 //! [outputs]
 //! paths = ["outputs/", "mlruns/"]       # relative to workdir, brought back while it runs
 //! local = "runs/{job}/"                 # optional other local destination
-//! mode = "live"                         # optional: run in the live mirror (dev servers)
 //! [[forward]]                           # port forwards for the job's lifetime
 //! port = 6006                           # laptop 127.0.0.1:6006 → agent 127.0.0.1:6006
 //! name = "TensorBoard"                  # printed as a URL by `bridge run`
