@@ -536,11 +536,13 @@ impl Forwards {
         if !keys.is_empty()
             && let Some(link) = self.relay.current_link()
         {
-            for key in keys {
-                let mut client = link.tunnels();
-                let unlisten = client.unlisten(v1::UnlistenRequest { key });
-                let _ = tokio::time::timeout(Duration::from_secs(2), unlisten).await;
-            }
+            // At most 2 s in all: an unreachable agent drops them itself.
+            let unlisten = async {
+                for key in keys {
+                    let _ = link.tunnels().unlisten(v1::UnlistenRequest { key }).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), unlisten).await;
         }
         infos
     }
@@ -602,8 +604,7 @@ impl Forwards {
     ) -> Result<(), Status> {
         for f in spec.forwards.clone() {
             let env = f.env.clone();
-            let info = self.add_inner(f, SUBMITTING, None, true).await?;
-            p.ids.push(info.id.clone());
+            let info = self.add_for_job(p, f).await?;
             if !env.is_empty() {
                 spec.env.insert(env, info.remote_port.to_string());
             }
@@ -626,7 +627,8 @@ impl Forwards {
             };
             p.notes.extend(notes);
             let info = self
-                .add_inner(
+                .add_for_job(
+                    p,
                     ForwardSpec {
                         direction: Direction::Reverse as i32,
                         local_port: server.port as u32,
@@ -634,12 +636,8 @@ impl Forwards {
                         name: "MLflow".into(),
                         ..Default::default()
                     },
-                    SUBMITTING,
-                    None,
-                    true,
                 )
                 .await?;
-            p.ids.push(info.id.clone());
             spec.env.insert(
                 mlflow::TRACKING_VAR.into(),
                 server.via(info.remote_port as u16),
@@ -666,7 +664,8 @@ impl Forwards {
                         p => p,
                     };
                     let info = self
-                        .add_inner(
+                        .add_for_job(
+                            p,
                             ForwardSpec {
                                 direction: Direction::Local as i32,
                                 local_port: local,
@@ -675,12 +674,8 @@ impl Forwards {
                                 env: String::new(),
                                 wait_for_listener: true,
                             },
-                            SUBMITTING,
-                            None,
-                            true,
                         )
                         .await?;
-                    p.ids.push(info.id.clone());
                     debug.port = port;
                     debug.local_port = info.local_port;
                     spec.env
@@ -693,7 +688,8 @@ impl Forwards {
                         ));
                     }
                     let info = self
-                        .add_inner(
+                        .add_for_job(
+                            p,
                             ForwardSpec {
                                 direction: Direction::Reverse as i32,
                                 local_port: debug.local_port,
@@ -701,12 +697,8 @@ impl Forwards {
                                 name: "PyCharm debug server".into(),
                                 ..Default::default()
                             },
-                            SUBMITTING,
-                            None,
-                            true,
                         )
                         .await?;
-                    p.ids.push(info.id.clone());
                     debug.port = info.remote_port;
                     spec.env
                         .insert("BRIDGE_DEBUG_PORT".into(), info.remote_port.to_string());
@@ -714,6 +706,17 @@ impl Forwards {
             }
         }
         Ok(())
+    }
+
+    /// Adds one of a job's forwards while it is being submitted.
+    async fn add_for_job(
+        self: &Arc<Self>,
+        p: &mut Prepared,
+        spec: ForwardSpec,
+    ) -> Result<ForwardInfo, Status> {
+        let info = self.add_inner(spec, SUBMITTING, None, true).await?;
+        p.ids.push(info.id.clone());
+        Ok(info)
     }
 
     /// The job was submitted: its forwards are its own now, and go when it
