@@ -141,8 +141,12 @@ impl Forward {
         Saved {
             reverse: self.reverse(),
             local_port: self.local_port,
-            remote_port: self.live.remote_port.load(Ordering::Relaxed) as u16,
-            asked_remote: self.spec.remote_port as u16,
+            // Until the agent answers (a restored reverse forward), the port
+            // it had.
+            remote_port: match self.live.remote_port.load(Ordering::Relaxed) {
+                0 => self.spec.remote_port,
+                p => p,
+            } as u16,
             name: self.spec.name.clone(),
             env: self.spec.env.clone(),
             job: self.job.clone(),
@@ -159,8 +163,6 @@ struct Saved {
     local_port: u16,
     /// The agent port it had (reverse: bound; local: dialed).
     remote_port: u16,
-    /// What was asked for (0: any).
-    asked_remote: u16,
     #[serde(default)]
     name: String,
     #[serde(default)]
