@@ -166,3 +166,48 @@ fn exec_debug_over_ssh() {
         "result 42\n"
     );
 }
+
+/// `--debug=pycharm:PORT`: PyCharm's debug server listens on the laptop; the
+/// job reaches it at `BRIDGE_DEBUG_PORT` on the agent. A plain TCP server
+/// stands in for PyCharm (its protocol is pydevd's; bridge only carries it).
+#[test]
+fn pycharm_debug_server_is_reachable_from_the_job() {
+    use std::io::{Read, Write};
+    let r = Repo::new();
+    r.write("a.txt", "a\n");
+    r.up();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let got = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(b"pong\n").unwrap();
+        hello
+    });
+    let script = "import os, socket\n\
+                  s = socket.create_connection(('127.0.0.1', int(os.environ['BRIDGE_DEBUG_PORT'])))\n\
+                  s.sendall(b'hello')\n\
+                  print('server says', s.makefile().readline().strip())\n";
+    r.write("pc.py", script);
+    let o = r.bridge(&[
+        "exec",
+        &format!("--debug=pycharm:{port}"),
+        "--",
+        "python3",
+        "pc.py",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "server says pong\n",
+        "{err}"
+    );
+    assert_eq!(&got.join().unwrap(), b"hello");
+    assert!(err.contains("PyCharm's debug server"), "{err}");
+    assert!(err.contains("BRIDGE_DEBUG_PORT"), "{err}");
+    // A port is required.
+    let o = r.bridge(&["exec", "--debug=pycharm", "--", "true"]);
+    assert_eq!(o.status.code(), Some(2));
+}
