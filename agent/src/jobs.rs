@@ -129,6 +129,14 @@ fn state_of(r: &JobRecord) -> JobState {
         .unwrap_or(JobState::Unspecified)
 }
 
+/// A live job (`mode = "live"`): it runs in the mirror, not a snapshot.
+fn is_live(r: &JobRecord) -> bool {
+    r.info
+        .as_ref()
+        .and_then(|i| i.spec.as_ref())
+        .is_some_and(|s| s.live)
+}
+
 fn parse_id(id: &str) -> Result<u64, Status> {
     id.trim()
         .parse::<u64>()
@@ -746,12 +754,7 @@ impl Jobs {
                     } else {
                         JobState::Failed
                     };
-                    let live = rec
-                        .info
-                        .as_ref()
-                        .and_then(|i| i.spec.as_ref())
-                        .is_some_and(|s| s.live);
-                    let changed = if live {
+                    let changed = if is_live(rec) {
                         Vec::new()
                     } else {
                         snapshot::modified_in_place(&dir.join("tree"), &dir.join("snapshot.index"))
@@ -1150,11 +1153,10 @@ impl Jobs {
     }
 
     /// Jobs queued, in setup or running: what holds the machine against the
-    /// idle autostop. One pass over the table, no disk access.
-    /// Jobs queued, in setup or running, live ones left out: a live
-    /// service neither holds the machine awake on its own (it serves the
-    /// laptop, whose attached daemon does) nor holds a snapshot whose hard
-    /// links could change mirror files unseen.
+    /// idle autostop. One pass over the table, no disk access. Live jobs are
+    /// left out: a live service neither holds the machine awake on its own
+    /// (it serves the laptop, whose attached daemon does) nor holds a
+    /// snapshot whose hard links could change mirror files unseen.
     pub fn active(&self) -> u32 {
         let Ok(inner) = self.inner.lock() else {
             // A poisoned table: count the machine as busy rather than stop it.
@@ -1167,11 +1169,7 @@ impl Jobs {
                 matches!(
                     state_of(r),
                     JobState::Queued | JobState::Setup | JobState::Running
-                ) && !r
-                    .info
-                    .as_ref()
-                    .and_then(|i| i.spec.as_ref())
-                    .is_some_and(|s| s.live)
+                ) && !is_live(r)
             })
             .count() as u32
     }

@@ -282,7 +282,7 @@ pub fn forward_line(f: &bridge_proto::v1::ForwardInfo) -> String {
             "{name}: http://127.0.0.1:{} (agent port {})",
             f.local_port, f.remote_port
         ),
-        Direction::Reverse if name == "MLflow" => format!(
+        Direction::Reverse if name == bridge_daemon::forwards::MLFLOW_FORWARD => format!(
             "MLflow: the job logs to http://127.0.0.1:{} on this machine (through agent port {})",
             f.local_port, f.remote_port
         ),
@@ -296,27 +296,16 @@ pub fn forward_line(f: &bridge_proto::v1::ForwardInfo) -> String {
 /// How to attach the debugger: VS Code's attach configuration, with the
 /// local repository mapped onto the job's tree on the agent, or PyCharm's
 /// settrace call.
-fn print_debug(
-    d: &bridge_proto::v1::DebugSpec,
-    forwards: &[bridge_proto::v1::ForwardInfo],
-    repo: &Path,
-    job: &JobInfo,
-) {
+fn print_debug(d: &bridge_proto::v1::DebugSpec, repo: &Path, job: &JobInfo) {
     use bridge_proto::v1::debug_spec::Kind;
     match d.kind() {
         Kind::None => {}
         Kind::Debugpy => {
-            let Some(f) = forwards
-                .iter()
-                .find(|f| f.spec.as_ref().is_some_and(|s| s.name == "debugpy"))
-            else {
-                return;
-            };
             let config = serde_json::json!({
                 "name": format!("bridge: attach to job {}", job.id),
                 "type": "debugpy",
                 "request": "attach",
-                "connect": { "host": "127.0.0.1", "port": f.local_port },
+                "connect": { "host": "127.0.0.1", "port": d.local_port },
                 "pathMappings": [{
                     "localRoot": repo.display().to_string(),
                     "remoteRoot": job.tree_path,
@@ -325,7 +314,7 @@ fn print_debug(
             });
             eprintln!(
                 "bridge: the job waits for a debugger on 127.0.0.1:{} (debugpy). VS Code: add this to .vscode/launch.json \"configurations\" and start it:\n{}",
-                f.local_port,
+                d.local_port,
                 serde_json::to_string_pretty(&config).unwrap_or_default()
             );
         }
@@ -352,7 +341,6 @@ pub async fn submit_and_follow(
 ) -> anyhow::Result<u8> {
     let mut spec = spec;
     tracking_from_shell(&mut spec);
-    let debug = spec.debug;
     let mut c = daemon_or_up(cwd, layout).await?;
     let reply = c
         .submit(bridge_proto::v1::ControlSubmitRequest { spec: Some(spec) })
@@ -378,10 +366,9 @@ pub async fn submit_and_follow(
     for f in &reply.forwards {
         eprintln!("bridge: {}", forward_line(f));
     }
-    // As the daemon filled it in (the ports), else as asked.
-    let debug = info.spec.as_ref().and_then(|s| s.debug).or(debug);
-    if let Some(d) = &debug {
-        print_debug(d, &reply.forwards, &layout.repo, &info);
+    // As the daemon filled it in (the ports).
+    if let Some(d) = info.spec.as_ref().and_then(|s| s.debug) {
+        print_debug(&d, &layout.repo, &info);
     }
     if detach {
         println!("{}", info.id);

@@ -59,6 +59,8 @@ const MAX_OPEN: u32 = 1024;
 /// Set to 1 in the daemon's environment: local forwards never use the
 /// provider's own dial ([`Provider::dial`]), only the `Tunnels` stream.
 pub const TUNNEL_ONLY_VAR: &str = "BRIDGE_TUNNEL_ONLY";
+/// The name of a job's forward to the laptop's MLflow server.
+pub const MLFLOW_FORWARD: &str = "MLflow";
 /// debugpy's customary port, used on the laptop when it is free.
 pub const DEBUGPY_PORT: u16 = 5678;
 
@@ -635,7 +637,7 @@ impl Forwards {
                         direction: Direction::Reverse as i32,
                         local_port: server.port as u32,
                         remote_port: server.port as u32,
-                        name: "MLflow".into(),
+                        name: MLFLOW_FORWARD.into(),
                         ..Default::default()
                     },
                 )

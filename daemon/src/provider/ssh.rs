@@ -479,14 +479,29 @@ impl Inner {
         F: Fn(Arc<Handle<Client>>) -> Fut,
         Fut: Future<Output = Result<T, russh::Error>>,
     {
+        match self.try_channel(f).await? {
+            Ok(v) => Ok(v),
+            Err(why) => Err(self.open_failure(why)),
+        }
+    }
+
+    /// Opens a channel with `f` on the session, once more on a new session
+    /// when the first one broke. The server's refusal is returned as it is
+    /// (what it means depends on the channel).
+    async fn try_channel<T, F, Fut>(
+        &self,
+        f: F,
+    ) -> Result<Result<T, ChannelOpenFailure>, ProviderError>
+    where
+        F: Fn(Arc<Handle<Client>>) -> Fut,
+        Fut: Future<Output = Result<T, russh::Error>>,
+    {
         let mut last = None;
         for _ in 0..2 {
             let h = self.session().await?;
             match f(h.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(russh::Error::ChannelOpenFailure(why)) => {
-                    return Err(self.open_failure(why));
-                }
+                Ok(v) => return Ok(Ok(v)),
+                Err(russh::Error::ChannelOpenFailure(why)) => return Ok(Err(why)),
                 Err(e) => {
                     self.forget(&h).await;
                     last = Some(e);
@@ -805,40 +820,24 @@ impl Inner {
     /// A `direct-tcpip` channel to 127.0.0.1:`port` of the remote machine.
     async fn tcp_stream(&self, port: u16) -> Result<ChannelStream<Msg>, super::DialError> {
         use super::DialError;
-        let mut last = None;
-        for _ in 0..2 {
-            let h = self
-                .session()
-                .await
-                .map_err(|e| DialError::Link(e.message))?;
-            match h
-                .channel_open_direct_tcpip("127.0.0.1", port as u32, "127.0.0.1", 0)
-                .await
-            {
-                Ok(c) => return Ok(c.into_stream()),
-                Err(russh::Error::ChannelOpenFailure(ChannelOpenFailure::ConnectFailed)) => {
-                    return Err(DialError::NothingListens {
-                        port,
-                        why: "connection refused".into(),
-                    });
-                }
-                Err(russh::Error::ChannelOpenFailure(why)) => {
-                    return Err(DialError::Unsupported(format!(
-                        "the SSH server of {} does not forward TCP ({why:?})",
-                        self.label
-                    )));
-                }
-                Err(e) => {
-                    self.forget(&h).await;
-                    last = Some(e);
-                }
-            }
+        let opened = self
+            .try_channel(|h| async move {
+                h.channel_open_direct_tcpip("127.0.0.1", port as u32, "127.0.0.1", 0)
+                    .await
+            })
+            .await
+            .map_err(|e| DialError::Link(e.message))?;
+        match opened {
+            Ok(c) => Ok(c.into_stream()),
+            Err(ChannelOpenFailure::ConnectFailed) => Err(DialError::NothingListens {
+                port,
+                why: "connection refused".into(),
+            }),
+            Err(why) => Err(DialError::Unsupported(format!(
+                "the SSH server of {} does not forward TCP ({why:?})",
+                self.label
+            ))),
         }
-        Err(DialError::Link(format!(
-            "{}: the SSH connection broke: {}",
-            self.label,
-            last.map(|e| e.to_string()).unwrap_or_default()
-        )))
     }
 
     async fn agent_stream(&self) -> Result<ChannelStream<Msg>, ProviderError> {
