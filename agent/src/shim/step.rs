@@ -75,6 +75,7 @@ impl Steps {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        unblock_signals(&mut cmd);
         let mut child = cmd.spawn()?;
         let pid = child.id();
         self.current_pgid.store(pid as i32, Ordering::SeqCst);
@@ -205,5 +206,23 @@ impl StepRunner for Steps {
 
     fn cancelled(&self) -> bool {
         Steps::cancelled(self)
+    }
+}
+
+/// The shim blocks SIGTERM and SIGINT in all its threads (its signal
+/// thread waits for them), and a child inherits the spawning thread's mask
+/// across exec: without this, a job's command would start with both
+/// blocked, so a cancel's SIGTERM would wait for the SIGKILL and a
+/// kernel's interrupt would never arrive.
+#[allow(unsafe_code)]
+fn unblock_signals(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // pthread_sigmask, which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)
+        });
     }
 }
