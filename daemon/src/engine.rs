@@ -120,7 +120,74 @@ pub enum Command {
         env_later: Option<EnvLater>,
         reply: oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
     },
+    /// The kernel's barrier: answer once every change saved before now is
+    /// on the agent. No rescan, no verification: the watcher's marker
+    /// ([`watcher::touch_marker`]) proves its events are in, and the round
+    /// that follows them proves them applied. Without inotify, a rescan.
+    Barrier {
+        reply: oneshot::Sender<Result<Synced, String>>,
+    },
 }
+
+/// The barrier's markers: one in flight at a time (the kernel merges an
+/// event identical to the last one queued, so two touches in a row could
+/// make one event).
+#[derive(Default)]
+struct Markers {
+    /// Markers touched and seen.
+    sent: u64,
+    seen: u64,
+    in_flight_since: Option<Instant>,
+    /// A barrier came while one was in flight: it needs the next one.
+    want: bool,
+    /// Every event before marker `rescanned` has been rescanned, and before
+    /// `synced` also synced.
+    rescanned: u64,
+    synced: u64,
+    /// A marker never arrived: barriers rescan instead.
+    broken: bool,
+}
+
+/// How long a marker may take before barriers fall back to a rescan.
+const MARKER_WAIT: Duration = Duration::from_secs(1);
+
+impl Markers {
+    /// The marker a new barrier waits for, touching one if none is in flight.
+    fn request(&mut self, root: &std::path::Path) -> u64 {
+        if self.in_flight_since.is_some() {
+            self.want = true;
+            return self.sent + 1;
+        }
+        self.touch(root);
+        self.sent
+    }
+
+    fn touch(&mut self, root: &std::path::Path) {
+        if let Err(e) = watcher::touch_marker(root) {
+            tracing::warn!(error = %e, "cannot touch the barrier's marker; rescanning instead");
+            self.broken = true;
+        }
+        self.sent += 1;
+        self.in_flight_since = Some(Instant::now());
+    }
+
+    fn arrived(&mut self, root: &std::path::Path) {
+        if self.in_flight_since.take().is_none() {
+            return;
+        }
+        self.seen = self.sent;
+        if std::mem::take(&mut self.want) {
+            self.touch(root);
+        }
+    }
+
+    fn overdue(&self) -> bool {
+        self.in_flight_since
+            .is_some_and(|t| t.elapsed() >= MARKER_WAIT)
+    }
+}
+
+type BarrierReply = oneshot::Sender<Result<Synced, String>>;
 
 /// Someone waiting for the next complete sync.
 enum Waiter {
@@ -734,6 +801,8 @@ impl Engine {
         let mut first_event: Option<Instant> = None;
         let mut last_event = Instant::now();
         let mut waiters: Vec<Waiter> = Vec::new();
+        let mut barriers: Vec<(u64, BarrierReply)> = Vec::new();
+        let mut markers = Markers::default();
         let mut need_round = true;
         let mut backoff = Duration::from_millis(100);
         let mut next_retry_connect = Instant::now();
@@ -807,6 +876,9 @@ impl Engine {
             if let Some(b) = busy_at {
                 deadline = deadline.min(b);
             }
+            if let Some(t) = markers.in_flight_since {
+                deadline = deadline.min(t + MARKER_WAIT);
+            }
             if self.conn.is_none() {
                 deadline = deadline.min(next_retry_connect);
             } else if need_round {
@@ -819,6 +891,21 @@ impl Engine {
                     match m {
                         WatchMsg::Dirty(d) => { pending.insert(d); }
                         WatchMsg::Overflow => { pending.insert(Dirty::Tree(None)); }
+                        WatchMsg::Marker => {
+                            markers.arrived(&self.repo.root);
+                            if pending.is_empty() {
+                                markers.rescanned = markers.seen;
+                                if self.conn.is_some() && !need_round && busy.is_empty() {
+                                    markers.synced = markers.seen;
+                                    self.answer_barriers(&mut barriers, markers.synced);
+                                }
+                            } else {
+                                // The saves before it are in: sync them now
+                                // rather than after the debounce window.
+                                last_event = Instant::now() - watcher::DEBOUNCE_WINDOW;
+                            }
+                            continue;
+                        }
                     }
                     last_event = Instant::now();
                     first_event.get_or_insert(last_event);
@@ -847,6 +934,14 @@ impl Engine {
                             self.set_outputs(outputs).await;
                             waiters.push(Waiter::Submit(spec, env_later, reply));
                         }
+                        Command::Barrier { reply } => {
+                            if !markers.broken && self.watcher.mode == Mode::Inotify {
+                                let need = markers.request(&self.repo.root);
+                                barriers.push((need, reply));
+                                continue;
+                            }
+                            waiters.push(Waiter::Sync { verify: false, covered: false, reply });
+                        }
                     }
                     pending.insert(Dirty::Tree(None));
                     first_event.get_or_insert(Instant::now());
@@ -857,6 +952,21 @@ impl Engine {
             }
 
             let now = Instant::now();
+            if markers.overdue() {
+                tracing::warn!("the barrier's marker did not arrive; barriers rescan from now on");
+                markers.broken = true;
+                markers.in_flight_since = None;
+                for (_, reply) in barriers.drain(..) {
+                    waiters.push(Waiter::Sync {
+                        verify: false,
+                        covered: false,
+                        reply,
+                    });
+                }
+                pending.insert(Dirty::Tree(None));
+                first_event.get_or_insert(now);
+                last_event = now - watcher::DEBOUNCE_WINDOW;
+            }
             if matches!(self.watcher.mode, Mode::Polling(_)) && now >= next_poll {
                 pending.insert(Dirty::Tree(None));
                 first_event.get_or_insert(now);
@@ -892,6 +1002,7 @@ impl Engine {
             let started = if burst_over { first_event } else { None };
             if burst_over {
                 let dirty = std::mem::take(&mut pending);
+                markers.rescanned = markers.seen;
                 first_event = None;
                 if !waiters.is_empty() {
                     self.shared.set_phase("scanning");
@@ -915,6 +1026,7 @@ impl Engine {
             // Sync.
             need_round = false;
             let t = Instant::now();
+            let rescanned = markers.rescanned;
             let res = self.converge().await;
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "converge");
             match res {
@@ -927,6 +1039,10 @@ impl Engine {
                     if let Some(t0) = started {
                         let ms = t0.elapsed().as_secs_f64() * 1000.0;
                         self.update_status(|st| st.last_latency_ms = Some(ms));
+                    }
+                    if busy.is_empty() {
+                        markers.synced = rescanned;
+                        self.answer_barriers(&mut barriers, markers.synced);
                     }
                     if !waiters.is_empty() && pending.is_empty() && busy.is_empty() {
                         self.answer_waiters(&mut waiters).await;
@@ -952,6 +1068,9 @@ impl Engine {
                         for w in waiters.drain(..) {
                             w.fail(msg.clone());
                         }
+                        for (_, b) in barriers.drain(..) {
+                            let _ = b.send(Err(msg.clone()));
+                        }
                     }
                     next_retry_connect = Instant::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -964,6 +1083,27 @@ impl Engine {
         }
         for w in waiters.drain(..) {
             w.fail("the daemon is shutting down".into());
+        }
+        for (_, b) in barriers.drain(..) {
+            let _ = b.send(Err("the daemon is shutting down".into()));
+        }
+    }
+
+    /// Answers the barriers whose marker's events are synced.
+    fn answer_barriers(&self, barriers: &mut Vec<(u64, BarrierReply)>, synced: u64) {
+        if barriers.is_empty() {
+            return;
+        }
+        let done = Synced {
+            generation: self.generation,
+            root: hex(&self.local().tree.root()),
+        };
+        for (need, reply) in std::mem::take(barriers) {
+            if need <= synced {
+                let _ = reply.send(Ok(done.clone()));
+            } else {
+                barriers.push((need, reply));
+            }
         }
     }
 

@@ -35,6 +35,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub enum WatchMsg {
     Dirty(Dirty),
+    /// The barrier's marker (see [`touch_marker`]): every event before it
+    /// has been sent.
+    Marker,
     /// The kernel dropped events (queue overflow): rescan everything.
     Overflow,
 }
@@ -70,11 +73,18 @@ pub fn limit_message(watched: usize) -> String {
 impl Watcher {
     pub fn new(root: &Path, tx: mpsc::UnboundedSender<WatchMsg>) -> Watcher {
         let r = root.to_path_buf();
+        let marker = root.join(MARKER);
         let handler = move |res: notify::Result<Event>| match res {
             Ok(ev) => {
                 tracing::trace!(?ev, "event");
                 if ev.need_rescan() {
                     let _ = tx.send(WatchMsg::Overflow);
+                    return;
+                }
+                if matches!(ev.kind, EventKind::Modify(ModifyKind::Metadata(_)))
+                    && ev.paths.contains(&marker)
+                {
+                    let _ = tx.send(WatchMsg::Marker);
                     return;
                 }
                 for d in classify(&r, &ev) {
@@ -183,6 +193,24 @@ fn is_limit(e: &notify::Error) -> bool {
         notify::ErrorKind::Io(io) => io.raw_os_error() == Some(28), // ENOSPC
         _ => false,
     }
+}
+
+/// The directory whose timestamps the barrier touches: `.bridge`, which the
+/// root's watch sees as a child (an attribute change) and which is never
+/// synced.
+pub const MARKER: &str = ".bridge";
+
+/// The sync barrier's marker: a change of `.bridge`'s times, which the
+/// root's inotify watch reports after every event queued before it (one
+/// inotify queue, read in order). Nothing else changes `.bridge`'s
+/// attributes.
+pub fn touch_marker(root: &Path) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now();
+    std::fs::File::open(root.join(MARKER))?.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(now)
+            .set_modified(now),
+    )
 }
 
 /// Maps one event to the scopes to look at again.
