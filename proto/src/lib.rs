@@ -16,6 +16,8 @@
 //!   unchanged files.
 //! - [`tunnel`]: one TCP connection over one `Tunnels` stream, the splice both
 //!   ends of a port forward use.
+//! - [`durable`]: one TCP connection over a sequence of `Tunnels.Resume`
+//!   calls, which survives link cuts (a kernel's ZMQ channels).
 //! - [`oldfiles`]: replacing a file by swapping names, and unlinking big old
 //!   versions on a background thread (the agent's mirror, the daemon's pulls).
 //!
@@ -23,6 +25,7 @@
 //! sides agree on, so it bumps [`PROTOCOL_VERSION`].
 
 pub mod chunking;
+pub mod durable;
 pub mod index;
 pub mod jobs;
 pub mod oldfiles;
