@@ -472,6 +472,7 @@ impl<'a> Round<'a> {
             let old = self.clear_for(&a.path, &dst, FileKind::File)?;
             self.files.clear();
             self.put_in_place(&tmp, &dst, old)?;
+            crate::kernel::invalidate_bytecode(&self.mirror.root, &a.path);
             let st = Stat::lstat(&dst)?;
             let file: Arc<Path> = dst.into();
             self.store.index_file(&file, &a.chunks);

@@ -49,33 +49,7 @@ pub fn prepare(
     port: u16,
     runner: &mut dyn StepRunner,
 ) -> Result<(), EnvError> {
-    let python = envcache::which(env, "python3")
-        .or_else(|| envcache::which(env, "python"))
-        .ok_or(EnvError::NoPython)?;
-    let probe = |code: &str| {
-        Command::new(&python)
-            .args(["-c", code])
-            .current_dir(cwd)
-            .env_clear()
-            .envs(env.iter())
-            .output()
-    };
-    let mut paths: Vec<PathBuf> = Vec::new();
-    let has = probe("import debugpy").is_ok_and(|o| o.status.success());
-    if !has {
-        let tag = probe(
-            "import sys, sysconfig; print(f'{sys.implementation.cache_tag}-{sysconfig.get_platform()}')",
-        )
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b'/'))
-        .ok_or_else(|| EnvError::PythonProbe {
-            program: python.clone(),
-            detail: "no version tag".into(),
-        })?;
-        paths.push(install(cache_dir, &python, &tag, env, cwd, runner)?);
-    }
+    let found = ensure_tool(cache_dir, env, cwd, DEBUGPY, runner)?;
     let site = cache_dir.join("debugpy").join("site");
     envcache::write_atomic(
         &site.join("sitecustomize.py"),
@@ -87,27 +61,105 @@ pub fn prepare(
         path: site.clone(),
         source,
     })?;
-    paths.insert(0, site);
+    let mut paths = vec![site];
+    paths.extend(found.path);
+    prepend_pythonpath(env, paths);
+    env.insert(LISTEN_VAR.into(), format!("127.0.0.1:{port}").into());
+    Ok(())
+}
+
+/// A Python package bridge needs in a job's interpreter (debugpy for
+/// `--debug`, ipykernel for kernels).
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    /// What `import` names.
+    pub module: &'static str,
+    /// What pip installs, and the cache directory's name.
+    pub requirement: &'static str,
+    /// Why bridge needs it, for the log.
+    pub purpose: &'static str,
+}
+
+pub const DEBUGPY: Tool = Tool {
+    module: "debugpy",
+    requirement: "debugpy",
+    purpose: "the debugger",
+};
+
+/// Where a tool was found.
+pub struct Found {
+    /// The interpreter that imports it.
+    pub python: PathBuf,
+    /// A directory to put on `PYTHONPATH` (installed by bridge), or `None`
+    /// when the environment has it.
+    pub path: Option<PathBuf>,
+}
+
+/// Finds `tool` in the environment's Python, or installs it once per
+/// interpreter (its version and platform) with `pip install --target` into
+/// `cache/<requirement>/<tag>/`, under a lock: the user's cached
+/// environments are never modified.
+pub fn ensure_tool(
+    cache_dir: &Path,
+    env: &Env,
+    cwd: &Path,
+    tool: Tool,
+    runner: &mut dyn StepRunner,
+) -> Result<Found, EnvError> {
+    let python = envcache::which(env, "python3")
+        .or_else(|| envcache::which(env, "python"))
+        .ok_or(EnvError::NoPython)?;
+    let probe = |code: &str| {
+        Command::new(&python)
+            .args(["-c", code])
+            .current_dir(cwd)
+            .env_clear()
+            .envs(env.iter())
+            .output()
+    };
+    if probe(&format!("import {}", tool.module)).is_ok_and(|o| o.status.success()) {
+        return Ok(Found { python, path: None });
+    }
+    let tag = probe(
+        "import sys, sysconfig; print(f'{sys.implementation.cache_tag}-{sysconfig.get_platform()}')",
+    )
+    .ok()
+    .filter(|o| o.status.success())
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b'/'))
+    .ok_or_else(|| EnvError::PythonProbe {
+        program: python.clone(),
+        detail: "no version tag".into(),
+    })?;
+    let dir = install(cache_dir, &python, &tag, tool, env, cwd, runner)?;
+    Ok(Found {
+        python,
+        path: Some(dir),
+    })
+}
+
+/// Puts `paths` first on the environment's `PYTHONPATH`.
+pub fn prepend_pythonpath(env: &mut Env, mut paths: Vec<PathBuf>) {
     if let Some(p) = env.get(&OsString::from("PYTHONPATH")) {
         paths.extend(std::env::split_paths(p).filter(|p| !p.as_os_str().is_empty()));
     }
     if let Ok(joined) = std::env::join_paths(&paths) {
         env.insert("PYTHONPATH".into(), joined);
     }
-    env.insert(LISTEN_VAR.into(), format!("127.0.0.1:{port}").into());
-    Ok(())
 }
 
-/// debugpy for the interpreter `tag`, installed once under the cache.
+/// `tool` for the interpreter `tag`, installed once under the cache.
 fn install(
     cache_dir: &Path,
     python: &Path,
     tag: &str,
+    tool: Tool,
     env: &Env,
     cwd: &Path,
     runner: &mut dyn StepRunner,
 ) -> Result<PathBuf, EnvError> {
-    let base = cache_dir.join("debugpy");
+    let name = tool.requirement;
+    let base = cache_dir.join(name);
     fs::create_dir_all(&base).map_err(|source| EnvError::Io {
         what: "cannot create",
         path: base.clone(),
@@ -118,13 +170,18 @@ fn install(
     if done.exists() {
         return Ok(dir);
     }
-    let _lock = envcache::lock(&base.join(format!("{tag}.lock")), runner, "debugpy install")?;
+    let _lock = envcache::lock(
+        &base.join(format!("{tag}.lock")),
+        runner,
+        &format!("{name} install"),
+    )?;
     if done.exists() {
         return Ok(dir);
     }
     runner.note(&format!(
-        "installing debugpy for {} (once per Python, in the agent's cache)",
-        python.display()
+        "installing {name} for {} ({}; once per Python, in the agent's cache)",
+        python.display(),
+        tool.purpose
     ));
     let tmp = base.join(format!("{tag}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
@@ -139,7 +196,7 @@ fn install(
         "--target",
     ])
     .arg(&tmp)
-    .arg("debugpy")
+    .arg(name)
     .current_dir(cwd)
     .env_clear()
     .envs(env.iter());
@@ -151,10 +208,13 @@ fn install(
     if !outcome.success() {
         let _ = fs::remove_dir_all(&tmp);
         runner.note(&format!(
-            "could not install debugpy with {} -m pip ({outcome}): add debugpy to the job's environment (requirements), or install pip for that Python on the agent",
+            "could not install {name} with {} -m pip ({outcome}): add {name} to the job's environment (requirements), or install pip for that Python on the agent",
             python.display()
         ));
-        return Err(EnvError::DebugpyFailed(outcome));
+        return Err(EnvError::ToolFailed {
+            tool: name,
+            outcome,
+        });
     }
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&tmp, &dir)

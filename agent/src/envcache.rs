@@ -114,8 +114,11 @@ pub enum EnvError {
     MissingInput(PathBuf),
     #[error("setup failed ({0})")]
     SetupFailed(Outcome),
-    #[error("installing debugpy failed ({0}): add debugpy to the job's environment")]
-    DebugpyFailed(Outcome),
+    #[error("installing {tool} failed ({outcome}): add {tool} to the job's environment")]
+    ToolFailed {
+        tool: &'static str,
+        outcome: Outcome,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -124,9 +127,9 @@ impl EnvError {
     /// The failed process's outcome, for the job's exit record.
     pub fn outcome(&self) -> Option<Outcome> {
         match self {
-            EnvError::BuildFailed(o) | EnvError::SetupFailed(o) | EnvError::DebugpyFailed(o) => {
-                Some(*o)
-            }
+            EnvError::BuildFailed(o)
+            | EnvError::SetupFailed(o)
+            | EnvError::ToolFailed { outcome: o, .. } => Some(*o),
             _ => None,
         }
     }

@@ -47,6 +47,11 @@ use crate::shim::{Phase, PythonKind, PythonSpec, SetupSpec, ShimExit, ShimSpec, 
 pub const POLL: Duration = Duration::from_millis(20);
 /// SIGTERM → SIGKILL grace on cancel (and for leftovers when a job ends).
 pub const GRACE: Duration = Duration::from_secs(10);
+/// The same for kernels: a front end's shutdown or a `bridge kernel` that
+/// was killed must not leave a remote kernel behind for long.
+pub const KERNEL_GRACE: Duration = Duration::from_secs(2);
+/// How long a kernel no daemon holds (`Jobs.Hold`) is kept by default.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(10 * 60);
 /// How long a queued job waits for its damaged snapshot files to be restored.
 pub const RESTORE_WAIT: Duration = Duration::from_secs(120);
 /// Finished jobs whose trees (and so outputs) are kept for `bridge pull`.
@@ -113,6 +118,44 @@ struct Inner {
     /// Queued jobs held back until their snapshot's copies of files another
     /// job wrote in place are restored (what they should contain, since when).
     repairs: HashMap<u64, (Vec<Restore>, Instant)>,
+    /// Kernels: how many `Hold` calls hold each, and since when none does.
+    holds: HashMap<u64, (u32, Instant)>,
+}
+
+/// A kernel job (`bridge kernel`).
+fn is_kernel(r: &JobRecord) -> bool {
+    r.info
+        .as_ref()
+        .and_then(|i| i.spec.as_ref())
+        .is_some_and(|s| s.kernel.is_some())
+}
+
+/// SIGTERM → SIGKILL grace of a job.
+fn grace_of(r: &JobRecord) -> Duration {
+    if is_kernel(r) { KERNEL_GRACE } else { GRACE }
+}
+
+/// Keeps a kernel held while alive (see [`Jobs::hold`]).
+pub struct HoldGuard {
+    jobs: Arc<Jobs>,
+    id: u64,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.jobs.inner.lock()
+            && let Some(h) = inner.holds.get_mut(&self.id)
+        {
+            h.0 = h.0.saturating_sub(1);
+            if h.0 == 0 {
+                h.1 = Instant::now();
+                tracing::info!(
+                    job = self.id,
+                    "kernel no longer held; kept for its grace period"
+                );
+            }
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -196,6 +239,9 @@ impl Jobs {
             ..Default::default()
         };
         for (&id, r) in &records {
+            if !is_terminal(state_of(r)) && is_kernel(r) {
+                inner.holds.insert(id, (0, Instant::now()));
+            }
             if matches!(state_of(r), JobState::Setup | JobState::Running) {
                 for g in &r.info.as_ref().expect("info").gpus {
                     if let Some(pos) = gpus.iter().position(|x| x.index == *g) {
@@ -249,9 +295,29 @@ impl Jobs {
     /// Queues a job against `generation` of a mirror, snapshotting it under
     /// the state lock (so no sync round can slip in between).
     pub fn submit(&self, state: &Mutex<State>, req: v1::SubmitRequest) -> Result<JobInfo, Status> {
-        let spec = req
+        let mut spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
+        // A kernel's key goes into its connection file only.
+        let kernel_key = match spec.kernel.as_mut() {
+            Some(k) => {
+                if k.signature_scheme.is_empty() {
+                    k.signature_scheme = "hmac-sha256".into();
+                }
+                if !crate::kernel::valid_scheme(&k.signature_scheme) {
+                    return Err(Status::invalid_argument(format!(
+                        "{:?} is not a Jupyter signature scheme (hmac-sha256, …)",
+                        k.signature_scheme
+                    )));
+                }
+                spec.live = true;
+                if spec.run.trim().is_empty() {
+                    spec.run = "python -m ipykernel_launcher".into();
+                }
+                Some(std::mem::take(&mut k.key))
+            }
+            None => None,
+        };
         if spec.run.trim().is_empty() {
             return Err(Status::invalid_argument("the job's `run` command is empty"));
         }
@@ -339,6 +405,11 @@ impl Jobs {
             fs::create_dir_all(&dir)
                 .map_err(|e| Status::internal(format!("cannot create {}: {e}", dir.display())))?;
             drop(st);
+            if let (Some(key), Some(k)) = (&kernel_key, &spec.kernel) {
+                crate::kernel::write_connection_file(&dir, key, &k.signature_scheme).map_err(
+                    |e| Status::internal(format!("cannot write the kernel's connection file: {e}")),
+                )?;
+            }
             self.mirrors_dir.join(&req.mirror)
         } else {
             self.snapshot(id, &dir, &req.mirror, st)?
@@ -367,10 +438,86 @@ impl Jobs {
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "job record saved");
         {
             let mut inner = self.lock()?;
+            if kernel_key.is_some() {
+                inner.holds.insert(id, (0, Instant::now()));
+            }
             inner.records.insert(id, rec);
         }
         self.schedule();
         self.get(&info.id)
+    }
+
+    /// Holds kernel `id` until the guard is dropped (`Jobs.Hold`).
+    pub fn hold(self: &Arc<Self>, id: &str) -> Result<HoldGuard, Status> {
+        let n = parse_id(id)?;
+        let mut inner = self.lock()?;
+        let rec = inner.records.get(&n).ok_or_else(|| not_found(n))?;
+        if !is_kernel(rec) {
+            return Err(Status::invalid_argument(format!("job {n} is not a kernel")));
+        }
+        let h = inner.holds.entry(n).or_insert((0, Instant::now()));
+        h.0 += 1;
+        Ok(HoldGuard {
+            jobs: self.clone(),
+            id: n,
+        })
+    }
+
+    /// The ports kernel `id` has bound on 127.0.0.1, once it has.
+    pub fn kernel_ports(&self, id: u64) -> Option<Vec<u32>> {
+        crate::kernel::bound_ports(&self.job_dir(id))
+    }
+
+    /// Cancels kernels no daemon has held for their grace period.
+    fn reap_orphans(&self, inner: &mut Inner) -> Vec<u64> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (&id, &(count, since)) in &inner.holds {
+            let Some(rec) = inner.records.get(&id) else {
+                continue;
+            };
+            let grace = rec
+                .info
+                .as_ref()
+                .and_then(|i| i.spec.as_ref())
+                .and_then(|s| s.kernel.as_ref())
+                .map(|k| k.orphan_grace_s)
+                .filter(|&s| s > 0)
+                .map_or(ORPHAN_GRACE, |s| Duration::from_secs(u64::from(s)));
+            if count == 0 && now.duration_since(since) >= grace && !is_terminal(state_of(rec)) {
+                due.push(id);
+            }
+        }
+        inner.holds.retain(|id, _| {
+            inner
+                .records
+                .get(id)
+                .is_some_and(|r| !is_terminal(state_of(r)))
+        });
+        due
+    }
+
+    /// SIGINT to a running job's process group.
+    pub fn interrupt(&self, id: &str) -> Result<JobInfo, Status> {
+        let n = parse_id(id)?;
+        {
+            let inner = self.lock()?;
+            let rec = inner.records.get(&n).ok_or_else(|| not_found(n))?;
+            if state_of(rec) != JobState::Running {
+                return Err(Status::failed_precondition(format!(
+                    "job {n} is {}, not running; nothing to interrupt",
+                    state_name(state_of(rec))
+                )));
+            }
+            let child = read_json::<ShimState>(&self.job_dir(n).join("state.json"))
+                .and_then(|s| s.child_pid)
+                .ok_or_else(|| {
+                    Status::unavailable(format!("job {n}'s process is not started yet"))
+                })?;
+            killpg(Pid::from_raw(child as i32), Signal::SIGINT)
+                .map_err(|e| Status::internal(format!("cannot signal job {n}: {e}")))?;
+        }
+        self.get(id)
     }
 
     /// Takes job `id`'s snapshot of `mirror` into `dir/tree` (from the
@@ -576,6 +723,7 @@ impl Jobs {
     fn start(&self, inner: &mut Inner, id: u64, gpus: Vec<u32>) -> io::Result<()> {
         let dir = self.job_dir(id);
         let rec = inner.records.get_mut(&id).expect("queued job");
+        let grace = grace_of(rec);
         let info = rec.info.as_mut().expect("info");
         let spec = info.spec.clone().unwrap_or_default();
         let tree = if spec.live {
@@ -609,11 +757,12 @@ impl Jobs {
         env.insert("BRIDGE_JOB_NAME".into(), info.name.clone());
         env.insert("BRIDGE_GENERATION".into(), info.generation.clone());
         if spec.live {
-            // Bytecode caches go beside the job, not into the mirror (where
-            // the next sync would delete them as strays).
+            // Bytecode caches go beside the mirror, not into it (where the
+            // next sync would delete them as strays), where applying a
+            // changed module removes its stale bytecode.
             env.insert(
                 "PYTHONPYCACHEPREFIX".into(),
-                dir.join("pycache").display().to_string(),
+                crate::kernel::pycache_dir(&tree).display().to_string(),
             );
         }
         env.insert(
@@ -646,7 +795,8 @@ impl Jobs {
                 .map(|i| tree.join(i.trim_matches('/')))
                 .collect(),
         });
-        let has_setup = python.is_some() || setup.is_some() || debugpy_port.is_some();
+        let has_setup =
+            python.is_some() || setup.is_some() || debugpy_port.is_some() || spec.kernel.is_some();
         let shim = ShimSpec {
             job_id: info.id.clone(),
             tree: tree.clone(),
@@ -656,9 +806,13 @@ impl Jobs {
             python,
             setup,
             cache_dir: self.cache_dir.clone(),
-            grace_ms: GRACE.as_millis() as u64,
+            grace_ms: grace.as_millis() as u64,
             live: spec.live,
             debugpy_port,
+            kernel: spec
+                .kernel
+                .is_some()
+                .then(|| dir.join(crate::kernel::CONNECTION_FILE)),
         };
         // Not fsynced: the shim reads it at once, and a machine crash ends
         // the job anyway (see `store::Store::save`).
@@ -731,6 +885,7 @@ impl Jobs {
         // Mirror repairs wait until the job table is unlocked: the lock order
         // is the agent state first, then the job table.
         let mut damaged: Vec<(String, Vec<snapshot::Damage>)> = Vec::new();
+        let orphans;
         {
             let Ok(mut inner) = self.inner.lock() else {
                 return;
@@ -855,6 +1010,14 @@ impl Jobs {
             if ended_any {
                 self.prune_trees(&mut inner);
             }
+            orphans = self.reap_orphans(&mut inner);
+        }
+        for id in orphans {
+            tracing::info!(
+                job = id,
+                "no daemon came back for the kernel within its grace period: cancelling it"
+            );
+            let _ = self.cancel(&id.to_string());
         }
         for (mirror, changed) in &damaged {
             let paths: Vec<RelPath> = changed.iter().map(|d| d.path.clone()).collect();
@@ -1033,7 +1196,8 @@ impl Jobs {
                 {
                     let _ = killpg(Pid::from_raw(child as i32), Signal::SIGTERM);
                 }
-                inner.kill_at.insert(n, Instant::now() + GRACE);
+                let grace = grace_of(&rec);
+                inner.kill_at.insert(n, Instant::now() + grace);
             }
         }
         self.schedule();

@@ -36,6 +36,7 @@ pub mod gpu;
 pub mod idle;
 pub mod joblog;
 pub mod jobs;
+pub mod kernel;
 pub mod mirror;
 pub mod service;
 pub mod shim;
@@ -147,7 +148,11 @@ pub async fn run(
         idle,
         stopping: stopping_rx.clone(),
     };
-    let tunnels_svc = tunnels::TunnelsService::new(stopping_rx.clone());
+    let ended_jobs = jobs.clone();
+    let tunnels_svc = tunnels::TunnelsService::new(
+        stopping_rx.clone(),
+        Some(Arc::new(move |id| ended_jobs.ended(id).unwrap_or(true))),
+    );
     let jobs_svc = jobs::service::JobsService {
         jobs: jobs.clone(),
         state: state.clone(),

@@ -81,6 +81,10 @@ pub struct ShimSpec {
     /// ([`crate::debugger`]).
     #[serde(default)]
     pub debugpy_port: Option<u16>,
+    /// A Jupyter kernel with this connection file ([`crate::kernel`]): the
+    /// command is ipykernel's, and it is never restarted.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
 }
 
 /// A live command that failed is started again after 1 s, then twice as
@@ -204,7 +208,7 @@ pub fn run(job_dir: &Path) -> i32 {
 /// then SIGTERM to the running step's group) instead of dying and orphaning
 /// the job. The signals are blocked here, before any other thread exists, so
 /// every thread inherits the mask and only the watcher receives them; child
-/// processes start with an empty mask (std resets it at spawn).
+/// processes start with an empty mask (`step::unblock_signals`).
 fn watch_signals(job_dir: &Path, current_pgid: Arc<AtomicI32>) {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -291,10 +295,34 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
         && let Err(e) =
             crate::debugger::prepare(&spec.cache_dir, &mut env, &spec.cwd, port, &mut steps)
     {
-        if !matches!(e, EnvError::DebugpyFailed(_)) {
+        if !matches!(e, EnvError::ToolFailed { .. }) {
             steps.system(&e.to_string());
         }
         return setup_failed(&steps, e);
+    }
+    let mut command = spec.command.clone();
+    if let Some(cf) = &spec.kernel {
+        // A front end's pid on the laptop means nothing here (ipykernel
+        // would watch it as its parent).
+        env.remove(std::ffi::OsStr::new("JPY_PARENT_PID"));
+        match crate::debugger::ensure_tool(
+            &spec.cache_dir,
+            &env,
+            &spec.cwd,
+            crate::kernel::IPYKERNEL,
+            &mut steps,
+        ) {
+            Ok(found) => {
+                crate::debugger::prepend_pythonpath(&mut env, found.path.into_iter().collect());
+                command = crate::kernel::command(&found.python, cf);
+            }
+            Err(e) => {
+                if !matches!(e, EnvError::ToolFailed { .. }) {
+                    steps.system(&e.to_string());
+                }
+                return setup_failed(&steps, e);
+            }
+        }
     }
     if steps.cancelled() {
         return cancelled(Phase::Setup, None);
@@ -310,7 +338,7 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
     loop {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg(&spec.command)
+            .arg(&command)
             .current_dir(&spec.cwd)
             .env_clear()
             .envs(&env);
@@ -326,7 +354,7 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
         if steps.cancelled() {
             return cancelled(Phase::Running, Some(outcome));
         }
-        if !spec.live || outcome.success() {
+        if !spec.live || spec.kernel.is_some() || outcome.success() {
             return ShimExit::new(Phase::Running, Some(outcome), describe(outcome));
         }
         // A live service that failed: start it again, waiting longer after

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bridge_proto::durable;
 use bridge_proto::tunnel::{self, QUEUE};
 use bridge_proto::v1::tunnels_server::Tunnels;
 use bridge_proto::v1::{self, ListenEvent, TunnelFrame};
@@ -52,6 +53,8 @@ pub struct Registry {
 #[derive(Default)]
 struct Inner {
     listeners: HashMap<String, Listener>,
+    /// Durable connections (`Resume`) by id.
+    durable: HashMap<String, Durable>,
     /// Accepted connections not yet taken by an `Accept`, by id.
     pending: HashMap<u64, Pending>,
 }
@@ -68,6 +71,20 @@ struct Listener {
     /// The accept loop; aborted (closing the socket) when the listener goes.
     accepting: tokio::task::JoinHandle<()>,
 }
+
+/// One durable connection's task: new calls reach it on `attach`.
+struct Durable {
+    attach: mpsc::Sender<durable::Attachment>,
+    /// The job whose end closes it.
+    job: u64,
+    task: tokio::task::AbortHandle,
+}
+
+/// How long a durable connection with no call attached is kept (an
+/// orphaned kernel's grace: `bridge kernel` may come back within it).
+pub const DURABLE_GRACE: Duration = Duration::from_secs(10 * 60);
+/// Bounds the durable connections (a front end opens a handful per kernel).
+const MAX_DURABLE: usize = 1024;
 
 struct Pending {
     key: String,
@@ -105,6 +122,19 @@ impl Registry {
         }
     }
 
+    /// Closes the durable connections of jobs that have ended.
+    fn close_ended(&self, ended: &(dyn Fn(u64) -> bool + Send + Sync)) {
+        let mut inner = self.lock();
+        inner.durable.retain(|id, d| {
+            let keep = !d.task.is_finished() && !ended(d.job);
+            if !keep {
+                tracing::debug!(id, "durable connection closed");
+                d.task.abort();
+            }
+            keep
+        });
+    }
+
     /// A connection `key`'s listener accepted: kept until a daemon takes it,
     /// and announced to the attached one.
     fn accepted(&self, key: &str, stream: TcpStream) {
@@ -140,6 +170,9 @@ impl Registry {
     fn close_all(&self) {
         let mut inner = self.lock();
         inner.pending.clear();
+        for (_, d) in inner.durable.drain() {
+            d.task.abort();
+        }
         for (_, l) in inner.listeners.drain() {
             l.accepting.abort();
         }
@@ -165,8 +198,11 @@ pub struct TunnelsService {
     pub stopping: watch::Receiver<bool>,
 }
 
+/// Which jobs have ended, for durable connections that belong to one.
+pub type Ended = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
 impl TunnelsService {
-    pub fn new(stopping: watch::Receiver<bool>) -> TunnelsService {
+    pub fn new(stopping: watch::Receiver<bool>, ended: Option<Ended>) -> TunnelsService {
         let registry = Arc::new(Registry::default());
         let weak = Arc::downgrade(&registry);
         let mut stop = stopping.clone();
@@ -182,7 +218,12 @@ impl TunnelsService {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 match weak.upgrade() {
-                    Some(r) => r.expire(Instant::now()),
+                    Some(r) => {
+                        r.expire(Instant::now());
+                        if let Some(ended) = &ended {
+                            r.close_ended(ended.as_ref());
+                        }
+                    }
                     None => return,
                 }
             }
@@ -321,7 +362,9 @@ impl Tunnels for TunnelsService {
         // Attach to the listener of this key, or bind a new one.
         let attached = {
             let mut inner = self.registry.lock();
-            let Inner { listeners, pending } = &mut *inner;
+            let Inner {
+                listeners, pending, ..
+            } = &mut *inner;
             let full = listeners.len() >= MAX_LISTENERS;
             match listeners.get_mut(&req.key) {
                 Some(l) => {
@@ -444,6 +487,101 @@ impl Tunnels for TunnelsService {
             tracing::info!(key = %key, "reverse forward removed");
         }
         Ok(Response::new(v1::UnlistenReply {}))
+    }
+
+    type ResumeStream = BoxStream<v1::DurableFrame>;
+
+    async fn resume(
+        &self,
+        req: Request<Streaming<v1::DurableFrame>>,
+    ) -> Result<Response<Self::ResumeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("a resume call must start with a frame"))?;
+        if !valid_key(&first.id) {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a connection id ([A-Za-z0-9._:-]+, at most 128 bytes)",
+                first.id
+            )));
+        }
+        let (tx, rx) = mpsc::channel(durable::QUEUE);
+        let attachment = durable::Attachment {
+            inbound,
+            out: tx,
+            peer_received: first.resume_from,
+            send_hello: true,
+        };
+        let existing = self
+            .registry
+            .lock()
+            .durable
+            .get(&first.id)
+            .filter(|d| !d.task.is_finished())
+            .map(|d| d.attach.clone());
+        match existing {
+            Some(attach) => {
+                if attach.send(attachment).await.is_err() {
+                    return Err(Status::not_found(format!(
+                        "connection {} is gone",
+                        first.id
+                    )));
+                }
+                tracing::debug!(id = %first.id, "durable connection resumed");
+            }
+            None if first.resume_from > 0 => {
+                return Err(Status::not_found(format!(
+                    "connection {} is gone (the agent restarted, or it ended)",
+                    first.id
+                )));
+            }
+            None => {
+                let port = tunnel::valid_port(first.port).ok_or_else(|| {
+                    Status::invalid_argument(format!("{} is not a port (1-65535)", first.port))
+                })?;
+                let job = first.job.parse::<u64>().map_err(|_| {
+                    Status::invalid_argument(format!("{:?} is not a job id", first.job))
+                })?;
+                if self.registry.lock().durable.len() >= MAX_DURABLE {
+                    return Err(Status::resource_exhausted("too many durable connections"));
+                }
+                let tcp = dial(port).await?;
+                let (attach_tx, attach_rx) = mpsc::channel(1);
+                let _ = attach_tx.try_send(attachment);
+                let id = first.id.clone();
+                let mut stopping = self.stopping.clone();
+                let task = tokio::spawn(async move {
+                    let opts = durable::Options {
+                        grace: DURABLE_GRACE,
+                        gate: None,
+                        connect: None,
+                    };
+                    tokio::select! {
+                        end = durable::run(tcp, attach_rx, opts) => {
+                            tracing::debug!(%id, ?end, "durable connection ended");
+                        }
+                        _ = stopping.wait_for(|s| *s) => {}
+                    }
+                });
+                let old = self.registry.lock().durable.insert(
+                    first.id.clone(),
+                    Durable {
+                        attach: attach_tx,
+                        job,
+                        task: task.abort_handle(),
+                    },
+                );
+                if let Some(old) = old {
+                    old.task.abort();
+                }
+                tracing::debug!(id = %first.id, port, "durable connection opened");
+            }
+        }
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            Ok,
+        ))))
     }
 
     async fn free_port(

@@ -18,6 +18,8 @@ use crate::service::State;
 
 /// A follower re-reads the log this often when it has caught up.
 const FOLLOW_POLL: Duration = Duration::from_millis(10);
+/// A `Hold` looks at its kernel's state and ports this often.
+const HOLD_POLL: Duration = Duration::from_millis(20);
 /// Upper bound on one log chunk message.
 const LOG_CHUNK_BYTES: usize = 1024 * 1024;
 /// A long-polling `Outputs` looks for the job's end this often.
@@ -233,6 +235,63 @@ impl JobsRpc for JobsService {
         blocking(move || jobs.mark_pulled(&req.into_inner().id))
             .await
             .map(Response::new)
+    }
+
+    async fn interrupt(&self, req: Request<v1::JobRef>) -> Result<Response<JobInfo>, Status> {
+        let jobs = self.jobs.clone();
+        let id = req.into_inner().id;
+        blocking(move || jobs.interrupt(&id))
+            .await
+            .map(Response::new)
+    }
+
+    type HoldStream = BoxStream<v1::KernelEvent>;
+
+    async fn hold(&self, req: Request<v1::JobRef>) -> Result<Response<Self::HoldStream>, Status> {
+        let id = req.into_inner().id;
+        let guard = self.jobs.hold(&id)?;
+        let n = Jobs::parse_id(&id)?;
+        let jobs = self.jobs.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut ports: Vec<u32> = Vec::new();
+            let mut last: Option<(i32, usize, u32)> = None;
+            loop {
+                let info = match jobs.get(&id) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if ports.is_empty()
+                    && let Some(p) = jobs.kernel_ports(n)
+                {
+                    ports = p;
+                }
+                let ended = bridge_proto::jobs::is_terminal(info.state());
+                let now = (info.state, ports.len(), info.restarts);
+                if last != Some(now) {
+                    last = Some(now);
+                    let ev = v1::KernelEvent {
+                        job: Some(info),
+                        ports: ports.clone(),
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                if ended {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(HOLD_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn gpus(&self, _req: Request<v1::GpusRequest>) -> Result<Response<v1::GpuList>, Status> {

@@ -62,6 +62,7 @@ impl Job {
             grace_ms: 300,
             live: false,
             debugpy_port: None,
+            kernel: None,
         }
     }
 

@@ -400,6 +400,7 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
         live,
         debug: None,
         mlflow_tracking_uri,
+        kernel: None,
     })
 }
 
