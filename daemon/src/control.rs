@@ -331,6 +331,20 @@ impl Control for ControlService {
         }))
     }
 
+    type KernelStream = crate::kernel::DownStream;
+
+    async fn kernel(
+        &self,
+        req: Request<tonic::Streaming<v1::KernelUp>>,
+    ) -> Result<Response<Self::KernelStream>, Status> {
+        Ok(Response::new(crate::kernel::serve(
+            self.relay.clone(),
+            self.cmds.clone(),
+            self.forwards.clone(),
+            req.into_inner(),
+        )))
+    }
+
     async fn gpus(&self, _: Request<v1::GpusRequest>) -> Result<Response<v1::GpuList>, Status> {
         self.relay.gpus().await.map(Response::new)
     }

@@ -257,6 +257,40 @@ impl Relay {
             .into_inner())
     }
 
+    /// Waits up to `within` for the engine to be connected to the agent.
+    pub async fn connected(&self, within: Duration) -> Result<(), Status> {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let (ok, why) = match self.shared.status.lock() {
+                Ok(s) => (
+                    s.connection == crate::status::Connection::Connected,
+                    s.last_error.clone(),
+                ),
+                Err(_) => (false, None),
+            };
+            if ok {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                return Err(Status::unavailable(format!(
+                    "the agent is not reachable: {}",
+                    why.unwrap_or_else(|| "still connecting".into())
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGINT to the job's process group (a kernel's interrupt).
+    pub async fn interrupt(&self, id: &str) -> Result<JobInfo, Status> {
+        let link = self.link().await?;
+        Ok(link
+            .jobs()
+            .interrupt(v1::JobRef { id: id.to_string() })
+            .await?
+            .into_inner())
+    }
+
     pub async fn gpus(&self) -> Result<v1::GpuList, Status> {
         let link = self.link().await?;
         Ok(link.jobs().gpus(v1::GpusRequest {}).await?.into_inner())

@@ -15,6 +15,9 @@
 //!   puller that brings job outputs back into the local tree.
 //! - [`forwards`]: port forwards both ways over the agent connection, and
 //!   the ones a job asks for (its `[[forward]]`s, MLflow, its debugger).
+//! - [`kernel`]: `bridge kernel`'s relay — the front end's five ZMQ
+//!   channels to a kernel job on the agent over durable connections, with
+//!   the sync barrier before each `execute_request`.
 //! - [`mlflow`]: the laptop's MLflow server for remote jobs — the tracking
 //!   URI through a reverse forward, run tags, pulled `mlruns/` relocated.
 //! - [`attach`]: presence for the agent's idle autostop — one pinged
@@ -30,6 +33,7 @@ pub mod control;
 pub mod engine;
 pub mod forwards;
 pub mod jobs;
+pub mod kernel;
 pub mod local;
 pub mod mlflow;
 pub mod provider;
