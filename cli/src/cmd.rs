@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod down;
 pub mod exec;
 pub mod forward;
+pub mod kernel;
 pub mod logs;
 pub mod ps;
 pub mod pull;

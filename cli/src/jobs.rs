@@ -255,7 +255,7 @@ fn parse_debug(s: &str) -> Result<bridge_proto::v1::DebugSpec, String> {
 /// The MLflow server of the user's shell (`MLFLOW_TRACKING_URI`), for a job
 /// that names none itself ([mlflow] or its [env]): the job logs where the
 /// user's local runs do.
-fn tracking_from_shell(spec: &mut bridge_proto::v1::JobSpec) {
+pub fn tracking_from_shell(spec: &mut bridge_proto::v1::JobSpec) {
     if !spec.mlflow_tracking_uri.is_empty()
         || spec.env.contains_key(bridge_daemon::mlflow::TRACKING_VAR)
     {

@@ -57,6 +57,9 @@ enum Cmd {
     /// Forward ports between this machine and the agent (both loopback only):
     /// `bridge forward 6006`, `--reverse 5000`, `--list`, `--stop PORT`.
     Forward(cmd::forward::Args),
+    /// A Jupyter kernel on the agent, in the live mirror: `bridge kernel install`,
+    /// then pick it in JupyterLab, VS Code or PyCharm; `list`, `uninstall NAME`.
+    Kernel(cmd::kernel::Args),
 }
 
 /// When this command started, in milliseconds since the Unix epoch.
@@ -114,6 +117,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Cancel(a) => cmd::cancel::run(&cwd, a).await,
             Cmd::Pull(a) => cmd::pull::run(&cwd, a).await,
             Cmd::Forward(a) => cmd::forward::run(&cwd, a).await,
+            Cmd::Kernel(a) => cmd::kernel::run(&cwd, a).await,
         }
     });
     match res {
