@@ -25,6 +25,9 @@ mod ignore;
 /// Jobs: exit codes, logs across restarts, snapshots, setup cache, GPUs,
 /// cancel, outputs, the quickstart example, bad input.
 mod jobs;
+/// `bridge kernel`: a real ipykernel on the agent driven by jupyter_client
+/// through its kernelspec, locally and over SSH through link cuts.
+mod kernel;
 /// Large files: bytes on the wire for a small change.
 mod large;
 /// Live mode: uvicorn --reload in the mirror, restarts with backoff, down.
