@@ -270,6 +270,14 @@ async fn dial(port: u16) -> Result<TcpStream, Status> {
     for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
         let addr = SocketAddr::new(ip, port);
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+            // Connecting to a free port of the ephemeral range can pick that
+            // very port as the source and meet itself (TCP's simultaneous
+            // open): a "connection" to nothing, which also takes the port
+            // from the server about to listen there (a waiting debugger's
+            // retries made this likely).
+            Ok(Ok(s)) if s.local_addr().ok() == s.peer_addr().ok() => {
+                last = Some("nothing listens (the connection met itself)".into());
+            }
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => last = Some(e.to_string()),
             Err(_) => last = Some("timed out".into()),
@@ -279,6 +287,37 @@ async fn dial(port: u16) -> Result<TcpStream, Status> {
         "nothing listens on 127.0.0.1:{port} on the agent ({})",
         last.unwrap_or_default()
     )))
+}
+
+/// A free loopback port *below* the kernel's ephemeral range
+/// (`ip_local_port_range`). The port is only used seconds later (debugpy
+/// listens there once its job has started), and within the ephemeral range
+/// anything binding port 0 or connecting out can take it meanwhile: on a
+/// busy machine the debugger then attached to someone else's socket. Below
+/// the range only an explicit bind can. `None`: none found, or no range.
+fn free_port_below_ephemeral() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    let (from, to) = (low / 2, low);
+    if to <= from || from < 1024 {
+        return None;
+    }
+    let span = u32::from(to - from);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().rotate_left(16);
+    for _ in 0..64 {
+        // xorshift: any spread will do, the bind decides.
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let port = from + (seed % span) as u16;
+        if std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).is_ok() {
+            return Some(port);
+        }
+    }
+    None
 }
 
 fn valid_key(k: &str) -> bool {
@@ -588,6 +627,11 @@ impl Tunnels for TunnelsService {
         &self,
         _: Request<v1::FreePortRequest>,
     ) -> Result<Response<v1::FreePortReply>, Status> {
+        if let Some(port) = free_port_below_ephemeral() {
+            return Ok(Response::new(v1::FreePortReply {
+                port: u32::from(port),
+            }));
+        }
         let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
             .map_err(|e| Status::internal(format!("cannot find a free port: {e}")))?;
@@ -602,6 +646,15 @@ impl Tunnels for TunnelsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_come_from_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let p = free_port_below_ephemeral().expect("a free port");
+        assert!(p < low && p >= low / 2, "{p} outside {}..{low}", low / 2);
+        std::net::TcpListener::bind(("127.0.0.1", p)).expect("still free");
+    }
 
     #[test]
     fn keys() {
