@@ -920,9 +920,13 @@ async fn carry_local(relay: &Relay, tcp: TcpStream, target: Target, live: &Live)
                 ..Default::default()
             })
             .await;
-        let attempt = match tokio::time::timeout_at(deadline, relay.link()).await {
+        // Each attempt gets OPEN_WAIT for the link and the call: a
+        // `wait_for_listener` connection keeps asking past the first one's
+        // (a debugger attached while debugpy installs waits for it).
+        let attempt_by = tokio::time::Instant::now() + OPEN_WAIT;
+        let attempt = match tokio::time::timeout_at(attempt_by, relay.link()).await {
             Ok(Ok(link)) => {
-                tokio::time::timeout_at(deadline, link.tunnels().dial(ReceiverStream::new(rx)))
+                tokio::time::timeout_at(attempt_by, link.tunnels().dial(ReceiverStream::new(rx)))
                     .await
             }
             Ok(Err(s)) => Ok(Err(s)),

@@ -211,3 +211,31 @@ fn pycharm_debug_server_is_reachable_from_the_job() {
     let o = r.bridge(&["exec", "--debug=pycharm", "--", "true"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A debugger that attaches long before debugpy listens (a slow start: an
+/// environment build, a big import) waits for it instead of being reset.
+#[test]
+fn an_early_debugger_waits_for_a_slow_debuggee() {
+    let wheels = wheelhouse().expect("no wheelhouse: run tests/wheels first (tests/run does)");
+    let wheels = wheels.display().to_string();
+    let r = Repo::new();
+    r.write("pkg/prog.py", PROG);
+    r.write("slow.toml", "run = \"sleep 8; python3 pkg/prog.py\"\n");
+    let env = [("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", wheels.as_str())];
+    r.ok_env(&["up"], &env);
+    let port = free_port();
+    let mut child = r.spawn(
+        &[
+            "run",
+            "--debug",
+            "--debug-port",
+            &port.to_string(),
+            "slow.toml",
+        ],
+        &[],
+        "slow.out",
+    );
+    let config = launch_config(&mut child, &r.scratch("slow.err"));
+    check_session(&r, &config, port);
+    assert!(child.wait().unwrap().success());
+}
