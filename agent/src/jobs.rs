@@ -12,20 +12,23 @@
 //! # Layout
 //! - [`store`]: persistent job records.
 //! - [`snapshot`]: a job's hard-linked copy of a generation.
+//! - [`spare`]: snapshots under the state lock, and the spare snapshot
+//!   prepared ahead of the next submit.
+//! - [`runner`]: starting a job — its environment, `spec.json`, the shim.
 //! - [`outputs`]: output manifests and chunk reads for the daemon's pulls.
 //! - [`service`]: the `bridge.v1.Jobs` gRPC service.
 
 pub mod outputs;
+mod runner;
 pub mod service;
 pub mod snapshot;
+mod spare;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -41,7 +44,8 @@ use crate::gpu::{GpuInfo, GpuInventory};
 use crate::joblog::LogWriter;
 use crate::mirror::RelinkQueue;
 use crate::service::State;
-use crate::shim::{Phase, PythonKind, PythonSpec, SetupSpec, ShimExit, ShimSpec, ShimState};
+use crate::shim::{Phase, ShimExit, ShimState};
+use spare::{SPARE_PREFIX, SpareSlot};
 
 /// How often the agent looks at its running jobs' files.
 pub const POLL: Duration = Duration::from_millis(20);
@@ -79,29 +83,6 @@ pub struct Jobs {
     /// This machine's name, for the tags of jobs' MLflow runs.
     hostname: String,
 }
-
-/// The spare snapshot of one mirror.
-enum SpareSlot {
-    /// Being built by a thread (its number).
-    Building(u64),
-    Ready(snapshot::Spare),
-    /// Taken by a submit at this time.
-    Used(Instant),
-    /// The last build failed; not tried again before then.
-    Failed(Instant),
-}
-
-/// While a job is setting up or running, no spare is built within this long
-/// of the last submit: the `link()`s would compete with the job's first
-/// seconds (a `bridge run`'s first lines). With no job active, one is built
-/// once the submit is done.
-const SPARE_QUIET: Duration = Duration::from_secs(5);
-/// A submit is done well within this.
-const SPARE_SUBMITTED: Duration = Duration::from_millis(300);
-/// After a failed spare build, submits take snapshots the slow way this long.
-const SPARE_RETRY: Duration = Duration::from_secs(60);
-/// Spare trees live in the job store as `.spare-<mirror>-<n>`.
-const SPARE_PREFIX: &str = ".spare-";
 
 /// A file of a queued snapshot to restore, and the content it should have.
 type Restore = (RelPath, bridge_proto::index::Cached);
@@ -520,153 +501,6 @@ impl Jobs {
         self.get(id)
     }
 
-    /// Takes job `id`'s snapshot of `mirror` into `dir/tree` (from the
-    /// spare when one is ready), releasing the agent state `st` as soon as
-    /// the mirror is no longer read. Returns the tree's path.
-    fn snapshot(
-        &self,
-        id: u64,
-        dir: &Path,
-        mirror_name: &str,
-        mut st: std::sync::MutexGuard<'_, State>,
-    ) -> Result<PathBuf, Status> {
-        let State { store: _, mirrors } = &mut *st;
-        let mirror = mirrors
-            .get_mut(mirror_name)
-            .ok_or_else(|| Status::failed_precondition("the mirror closed"))?;
-        self.submitted_to
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(mirror_name.to_string())
-            .or_insert_with(|| mirror.relinks.clone());
-        let spare = self.ready_spare(mirror_name);
-        let snap = (|| {
-            fs::create_dir_all(dir)?;
-            let (tree, manifest) = (dir.join("tree"), dir.join("snapshot.index"));
-            if let Some(spare) = spare {
-                let at = spare.dir().to_path_buf();
-                match snapshot::take_spare(mirror, spare, &tree, &manifest) {
-                    Ok(t) => return Ok(t),
-                    Err(e) => {
-                        tracing::warn!(job = id, error = %e, "cannot use the spare snapshot");
-                        let _ = fs::remove_dir_all(&at);
-                        let _ = fs::remove_dir_all(&tree);
-                    }
-                }
-            }
-            snapshot::take(mirror, &tree, &manifest)
-        })();
-        drop(st);
-        let taken = snap.map_err(|e| {
-            let _ = fs::remove_dir_all(dir);
-            Status::internal(format!("cannot snapshot the mirror for job {id}: {e}"))
-        })?;
-        tracing::info!(
-            job = id,
-            files = taken.files,
-            copied = taken.copied,
-            from_spare = taken.from_spare,
-            "job snapshot taken"
-        );
-        Ok(dir.join("tree"))
-    }
-
-    /// The mirror's spare snapshot, when one is ready.
-    fn ready_spare(&self, mirror: &str) -> Option<snapshot::Spare> {
-        let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
-        match spares.insert(mirror.to_string(), SpareSlot::Used(Instant::now())) {
-            Some(SpareSlot::Ready(s)) => Some(s),
-            Some(b @ SpareSlot::Building(_)) => {
-                spares.insert(mirror.to_string(), b);
-                None
-            }
-            _ => None,
-        }
-    }
-
-    /// Starts building a spare snapshot for each mirror jobs were submitted
-    /// against that has none, unless a job started moments ago. The tree is
-    /// copied under the state lock; the links are made on a thread without
-    /// any lock.
-    fn build_spares(&self, state: &Mutex<State>) {
-        // Looked at only for a spare just used (this runs every poll).
-        let running = std::cell::LazyCell::new(|| {
-            self.inner.lock().map_or(true, |i| {
-                i.records
-                    .values()
-                    .any(|r| matches!(state_of(r), JobState::Setup | JobState::Running))
-            })
-        });
-        let wanted: Vec<(String, RelinkQueue)> = {
-            let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
-            self.submitted_to
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(m, _)| match spares.get(*m) {
-                    None => true,
-                    Some(SpareSlot::Failed(at)) => at.elapsed() > SPARE_RETRY,
-                    Some(SpareSlot::Used(at)) => {
-                        at.elapsed() > SPARE_SUBMITTED && (!*running || at.elapsed() > SPARE_QUIET)
-                    }
-                    Some(_) => false,
-                })
-                .map(|(m, q)| (m.clone(), q.clone()))
-                .collect()
-        };
-        for (name, relinks) in wanted {
-            let plan = {
-                let Ok(st) = state.lock() else { return };
-                match st.mirrors.get(&name) {
-                    Some(m) => snapshot::plan(m),
-                    None => continue,
-                }
-            };
-            let seq = self.spare_seq.fetch_add(1, Ordering::Relaxed);
-            let dir = self.store.dir().join(format!("{SPARE_PREFIX}{name}-{seq}"));
-            let root = self.mirrors_dir.join(&name);
-            let spares = self.spares.clone();
-            let slot = name.clone();
-            spares
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.clone(), SpareSlot::Building(seq));
-            let spawned = std::thread::Builder::new()
-                .name("spare-snapshot".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    let built = snapshot::build(plan, &root, &dir, &relinks);
-                    let mut spares = spares.lock().unwrap_or_else(|e| e.into_inner());
-                    let wanted = matches!(spares.get(&name), Some(SpareSlot::Building(s)) if *s == seq);
-                    match built {
-                        Ok(spare) if wanted => {
-                            tracing::debug!(
-                                mirror = %name,
-                                ms = t.elapsed().as_secs_f64() * 1e3,
-                                "spare snapshot built"
-                            );
-                            spares.insert(name, SpareSlot::Ready(spare));
-                        }
-                        Ok(_) => store::delete_in_background(vec![dir]),
-                        Err(e) => {
-                            tracing::warn!(mirror = %name, error = %e, "cannot build a spare snapshot");
-                            if wanted {
-                                spares.insert(name, SpareSlot::Failed(Instant::now()));
-                            }
-                            store::delete_in_background(vec![dir]);
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a thread to build a spare snapshot");
-                self.spares
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(slot, SpareSlot::Failed(Instant::now()));
-            }
-        }
-    }
-
     /// Starts every queued job that can run: CPU-only jobs at once, GPU jobs
     /// in submission order while enough GPUs are free (the first GPU job that
     /// does not fit holds back the ones behind it, so none starves).
@@ -718,136 +552,6 @@ impl Jobs {
                 );
             }
         }
-    }
-
-    fn start(&self, inner: &mut Inner, id: u64, gpus: Vec<u32>) -> io::Result<()> {
-        let dir = self.job_dir(id);
-        let rec = inner.records.get_mut(&id).expect("queued job");
-        let grace = grace_of(rec);
-        let info = rec.info.as_mut().expect("info");
-        let spec = info.spec.clone().unwrap_or_default();
-        let tree = if spec.live {
-            self.mirrors_dir.join(&info.mirror)
-        } else {
-            dir.join("tree")
-        };
-        let workdir = spec.workdir.trim_matches('/');
-        let cwd = if workdir.is_empty() || workdir == "." {
-            tree.clone()
-        } else {
-            tree.join(workdir)
-        };
-        let mut env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
-        let visible = gpus
-            .iter()
-            .map(|g| g.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
-        env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
-        env.insert(
-            "NVIDIA_VISIBLE_DEVICES".into(),
-            if visible.is_empty() {
-                "none".into()
-            } else {
-                visible
-            },
-        );
-        env.insert("BRIDGE_JOB_ID".into(), info.id.clone());
-        env.insert("BRIDGE_JOB_NAME".into(), info.name.clone());
-        env.insert("BRIDGE_GENERATION".into(), info.generation.clone());
-        if spec.live {
-            // Bytecode caches go beside the mirror, not into it (where the
-            // next sync would delete them as strays), where applying a
-            // changed module removes its stale bytecode.
-            env.insert(
-                "PYTHONPYCACHEPREFIX".into(),
-                crate::kernel::pycache_dir(&tree).display().to_string(),
-            );
-        }
-        env.insert(
-            "MLFLOW_RUN_CONTEXT".into(),
-            run_context(env.get("MLFLOW_RUN_CONTEXT"), &info.id, &self.hostname),
-        );
-        let debugpy_port = spec
-            .debug
-            .as_ref()
-            .filter(|d| d.kind() == v1::debug_spec::Kind::Debugpy)
-            .and_then(|d| u16::try_from(d.port).ok())
-            .filter(|&p| p != 0);
-        let python = spec.python.as_ref().and_then(|p| {
-            let kind = match p.kind() {
-                v1::python_env::Kind::None => return None,
-                v1::python_env::Kind::Requirements => PythonKind::Requirements,
-                v1::python_env::Kind::Pyproject => PythonKind::Pyproject,
-                v1::python_env::Kind::Conda => PythonKind::Conda,
-            };
-            Some(PythonSpec {
-                kind,
-                file: tree.join(p.file.trim_matches('/')),
-            })
-        });
-        let setup = (!spec.setup.trim().is_empty()).then(|| SetupSpec {
-            command: spec.setup.clone(),
-            inputs: spec
-                .setup_inputs
-                .iter()
-                .map(|i| tree.join(i.trim_matches('/')))
-                .collect(),
-        });
-        let has_setup =
-            python.is_some() || setup.is_some() || debugpy_port.is_some() || spec.kernel.is_some();
-        let shim = ShimSpec {
-            job_id: info.id.clone(),
-            tree: tree.clone(),
-            cwd,
-            command: spec.run.clone(),
-            env,
-            python,
-            setup,
-            cache_dir: self.cache_dir.clone(),
-            grace_ms: grace.as_millis() as u64,
-            live: spec.live,
-            debugpy_port,
-            kernel: spec
-                .kernel
-                .is_some()
-                .then(|| dir.join(crate::kernel::CONNECTION_FILE)),
-        };
-        // Not fsynced: the shim reads it at once, and a machine crash ends
-        // the job anyway (see `store::Store::save`).
-        crate::envcache::write_atomic(
-            &dir.join("spec.json"),
-            &serde_json::to_vec_pretty(&shim).map_err(io::Error::other)?,
-            false,
-        )?;
-        let log = fs::File::create(dir.join("shim.log"))?;
-        let mut child = Command::new(&self.shim_exe)
-            .arg("shim")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()?;
-        let pid = child.id();
-        // The shim is our child until we exit: reap it so it leaves no zombie.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        rec.shim_pid = pid;
-        rec.shim_start_ticks = start_ticks(pid).unwrap_or(0);
-        info.gpus = gpus;
-        info.started_ms = now_ms();
-        info.set_state(if has_setup {
-            JobState::Setup
-        } else {
-            JobState::Running
-        });
-        let rec = rec.clone();
-        self.save(id, &rec);
-        tracing::info!(job = id, pid, "job started");
-        Ok(())
     }
 
     /// Marks a job ended and frees its GPUs.
@@ -1386,21 +1090,6 @@ impl crate::idle::Activity for Jobs {
     }
 }
 
-/// `MLFLOW_RUN_CONTEXT` for a job: the tags MLflow puts on every run the
-/// job starts (MLflow's own `SystemEnvironmentContext`): the job id and the
-/// agent's host, added to what the daemon put there (the git commit) or the
-/// user did (their keys win).
-pub fn run_context(given: Option<&String>, job: &str, host: &str) -> String {
-    let mut tags = given
-        .and_then(|g| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(g).ok())
-        .unwrap_or_default();
-    for (k, v) in [("bridge.job_id", job), ("bridge.agent_host", host)] {
-        tags.entry(k.to_string())
-            .or_insert_with(|| serde_json::Value::String(v.to_string()));
-    }
-    serde_json::Value::Object(tags).to_string()
-}
-
 /// A job wrote into files it shared with `mirror`: rehash them, so the
 /// mirror's root shows the damage and the daemon's next verification sends
 /// the content again.
@@ -1430,27 +1119,4 @@ pub fn spawn_poller(
             }
         })
         .expect("spawn job poller")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::run_context;
-
-    #[test]
-    fn run_context_adds_the_job_and_host_and_keeps_what_was_given() {
-        let tags: serde_json::Value =
-            serde_json::from_str(&run_context(None, "7", "gpu1")).unwrap();
-        assert_eq!(tags["bridge.job_id"], "7");
-        assert_eq!(tags["bridge.agent_host"], "gpu1");
-        let given = r#"{"mlflow.source.git.commit":"abc","bridge.job_id":"mine"}"#.to_string();
-        let tags: serde_json::Value =
-            serde_json::from_str(&run_context(Some(&given), "7", "gpu1")).unwrap();
-        assert_eq!(tags["mlflow.source.git.commit"], "abc");
-        assert_eq!(tags["bridge.job_id"], "mine");
-        assert_eq!(tags["bridge.agent_host"], "gpu1");
-        // Not JSON: replaced by bridge's own tags rather than breaking MLflow.
-        let tags: serde_json::Value =
-            serde_json::from_str(&run_context(Some(&"{x".to_string()), "7", "h")).unwrap();
-        assert_eq!(tags["bridge.job_id"], "7");
-    }
 }
