@@ -112,13 +112,13 @@ pub enum Command {
         reply: oneshot::Sender<Result<Synced, String>>,
     },
     /// The job barrier: stop syncing `outputs` (repository-relative), rescan
-    /// and sync everything, verify, then submit `spec` against the verified
+    /// and sync everything, verify, then submit `what` against the verified
     /// root before any other round can run.
     Submit {
-        spec: Box<v1::JobSpec>,
+        what: Submission,
         outputs: Vec<RelPath>,
         env_later: Option<EnvLater>,
-        reply: oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
+        reply: oneshot::Sender<Result<Submitted, GrpcStatus>>,
     },
     /// The kernel's barrier: answer once every change saved before now is
     /// on the agent. No rescan, no verification: the watcher's marker
@@ -127,6 +127,26 @@ pub enum Command {
     Barrier {
         reply: oneshot::Sender<Result<Synced, String>>,
     },
+}
+
+/// What the job barrier submits against the generation it verified.
+pub enum Submission {
+    Job(Box<v1::JobSpec>),
+}
+
+/// The agent's answer to a [`Submission`].
+#[derive(Debug)]
+pub enum Submitted {
+    Job(v1::JobInfo),
+}
+
+impl Submission {
+    /// The job spec whose environment gets the [`EnvLater`] variables.
+    fn job_spec(&mut self) -> &mut v1::JobSpec {
+        match self {
+            Submission::Job(spec) => spec,
+        }
+    }
 }
 
 /// The barrier's markers: one in flight at a time (the kernel merges an
@@ -200,9 +220,9 @@ enum Waiter {
         reply: oneshot::Sender<Result<Synced, String>>,
     },
     Submit(
-        Box<v1::JobSpec>,
+        Submission,
         Option<EnvLater>,
-        oneshot::Sender<Result<v1::JobInfo, GrpcStatus>>,
+        oneshot::Sender<Result<Submitted, GrpcStatus>>,
     ),
 }
 
@@ -929,10 +949,10 @@ impl Engine {
                                 continue;
                             }
                         }
-                        Command::Submit { spec, outputs, env_later, reply } => {
+                        Command::Submit { what, outputs, env_later, reply } => {
                             self.verify_early();
                             self.set_outputs(outputs).await;
-                            waiters.push(Waiter::Submit(spec, env_later, reply));
+                            waiters.push(Waiter::Submit(what, env_later, reply));
                         }
                         Command::Barrier { reply } => {
                             if !markers.broken && self.watcher.mode == Mode::Inotify {
@@ -1158,7 +1178,7 @@ impl Engine {
                 Waiter::Sync { reply: w, .. } => {
                     let _ = w.send(result.clone().map(|_| synced.clone()));
                 }
-                Waiter::Submit(mut spec, env_later, w) => {
+                Waiter::Submit(mut what, env_later, w) => {
                     let out = match &result {
                         Err(e) => Err(GrpcStatus::unavailable(e.clone())),
                         // Still inside the engine loop: no round can run
@@ -1166,13 +1186,13 @@ impl Engine {
                         Ok(()) => {
                             if let Some(later) = env_later {
                                 match tokio::time::timeout(ENV_LATER_WAIT, later).await {
-                                    Ok(Ok(vars)) => spec.env.extend(vars),
+                                    Ok(Ok(vars)) => what.job_spec().env.extend(vars),
                                     _ => tracing::warn!(
                                         "job environment extras not ready; submitting without them"
                                     ),
                                 }
                             }
-                            self.submit(*spec, &synced.root).await
+                            self.submit(what, &synced.root).await
                         }
                     };
                     let _ = w.send(out);
@@ -1183,29 +1203,33 @@ impl Engine {
 
     async fn submit(
         &mut self,
-        spec: v1::JobSpec,
+        what: Submission,
         generation: &str,
-    ) -> Result<v1::JobInfo, GrpcStatus> {
+    ) -> Result<Submitted, GrpcStatus> {
         let link = self
             .shared
             .agent
             .borrow()
             .clone()
             .ok_or_else(|| GrpcStatus::unavailable("not connected to the agent"))?;
-        let r = link
-            .jobs()
-            .submit(v1::SubmitRequest {
-                mirror: self.repo.mirror.clone(),
-                generation: generation.to_string(),
-                spec: Some(spec),
-            })
-            .await
-            .map(|r| r.into_inner());
-        if let Ok(j) = &r {
-            tracing::info!(job = %j.id, generation, "job submitted");
-            self.update_status(|st| st.jobs_submitted += 1);
+        let mirror = self.repo.mirror.clone();
+        let generation = generation.to_string();
+        match what {
+            Submission::Job(spec) => {
+                let j = link
+                    .jobs()
+                    .submit(v1::SubmitRequest {
+                        mirror,
+                        generation: generation.clone(),
+                        spec: Some(*spec),
+                    })
+                    .await?
+                    .into_inner();
+                tracing::info!(job = %j.id, generation, "job submitted");
+                self.update_status(|st| st.jobs_submitted += 1);
+                Ok(Submitted::Job(j))
+            }
         }
-        r
     }
 
     /// Output paths are never synced up (they come back from jobs): adds

@@ -22,7 +22,7 @@ use bridge_proto::v1::{self, JobInfo};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Code, Status};
 
-use crate::engine::{AgentLink, Command, Shared};
+use crate::engine::{AgentLink, Command, Shared, Submission, Submitted};
 use puller::Puller;
 
 /// How often a running job's outputs are looked at.
@@ -155,21 +155,34 @@ impl Relay {
         env_later: Option<crate::engine::EnvLater>,
     ) -> Result<JobInfo, Status> {
         let outputs = excluded_paths(&spec)?;
+        let submitted = self
+            .barrier(Submission::Job(Box::new(spec)), outputs, env_later)
+            .await?;
+        let Submitted::Job(info) = submitted;
+        self.ensure_puller(&info);
+        Ok(info)
+    }
+
+    /// Has the engine flush the sync, verify the mirror and submit `what`
+    /// against that generation, with `outputs` kept out of the sync first.
+    pub(crate) async fn barrier(
+        &self,
+        what: Submission,
+        outputs: Vec<RelPath>,
+        env_later: Option<crate::engine::EnvLater>,
+    ) -> Result<Submitted, Status> {
         let (reply, rx) = oneshot::channel();
         self.cmds
             .send(Command::Submit {
-                spec: Box::new(spec),
+                what,
                 outputs,
                 env_later,
                 reply,
             })
             .await
             .map_err(|_| Status::unavailable("the daemon is shutting down"))?;
-        let info = rx
-            .await
-            .map_err(|_| Status::unavailable("the daemon stopped before submitting"))??;
-        self.ensure_puller(&info);
-        Ok(info)
+        rx.await
+            .map_err(|_| Status::unavailable("the daemon stopped before submitting"))?
     }
 
     /// The connection failed: have the engine find out now (a round on a
