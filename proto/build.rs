@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bridge/v1/agent.proto",
         "bridge/v1/control.proto",
         "bridge/v1/jobs.proto",
+        "bridge/v1/sweeps.proto",
         "bridge/v1/tunnels.proto",
     ];
     for f in &files {

@@ -20,9 +20,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use bridge_proto::http::encode;
 
 /// The variable MLflow reads its tracking server from.
 pub const TRACKING_VAR: &str = "MLFLOW_TRACKING_URI";
@@ -111,34 +109,18 @@ impl LocalServer {
 
     /// `GET path` on the server, as JSON, with its HTTP status.
     async fn get_json(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
-        let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        let ask = async {
-            let tcp = TcpStream::connect((host, self.port))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            let req = hyper::Request::get(format!("{}{path}", self.prefix()))
-                .header("host", format!("{}:{}", self.host, self.port))
-                .header("accept", "application/json")
-                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-                .map_err(|e| e.to_string())?;
-            let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
-            let status = res.status().as_u16();
-            let body = res
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-            Ok::<_, String>((status, json))
+        let server = bridge_proto::http::Server {
+            host: self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: self.port,
+            host_header: format!("{}:{}", self.host, self.port),
+            prefix: self.prefix().to_string(),
+            authorization: None,
         };
-        tokio::time::timeout(ASK_TIMEOUT, ask)
-            .await
-            .map_err(|_| format!("no answer within {} s", ASK_TIMEOUT.as_secs()))?
+        server.json("GET", path, None, ASK_TIMEOUT).await
     }
 }
 
@@ -214,18 +196,6 @@ pub async fn artifact_notes(
          artifacts is its default) and log to a new experiment, whose location is then \
          mlflow-artifacts:/…"
     )]
-}
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The job's `MLFLOW_RUN_CONTEXT`: `given` (the user's own JSON, whose keys

@@ -2,8 +2,8 @@
 //! identically.
 //!
 //! # Layout
-//! - [`v1`]: code generated from `bridge/v1/*.proto` (agent, jobs, tunnels and
-//!   control services).
+//! - [`v1`]: code generated from `bridge/v1/*.proto` (agent, jobs, sweeps,
+//!   tunnels and control services).
 //! - [`path`]: [`path::RelPath`], the only path type that crosses the wire, and
 //!   the validation table the agent enforces.
 //! - [`chunking`]: FastCDC parameters, chunk ids and content hashes.
@@ -12,6 +12,10 @@
 //!   editor temporaries) and the directory walk both sides use.
 //! - [`splice`]: a chunk list sent as edits of the version the agent holds.
 //! - [`jobs`]: job state names and which states are final.
+//! - [`http`]: one JSON request to an HTTP server (an MLflow tracking
+//!   server's REST API).
+//! - [`sweep`]: a sweep's trial template (`{name}` placeholders), its
+//!   parameters' variables and sweep ids.
 //! - [`index`]: the persistent stat cache that keeps rescans from rehashing
 //!   unchanged files.
 //! - [`tunnel`]: one TCP connection over one `Tunnels` stream, the splice both
@@ -26,12 +30,14 @@
 
 pub mod chunking;
 pub mod durable;
+pub mod http;
 pub mod index;
 pub mod jobs;
 pub mod oldfiles;
 pub mod path;
 pub mod scan;
 pub mod splice;
+pub mod sweep;
 pub mod tree;
 pub mod tunnel;
 
