@@ -13,6 +13,8 @@
 //! - `state.json` ([`ShimState`], atomic): the current step's process (leader
 //!   of its own process group, which the agent signals to cancel).
 //! - `log`: framed records, appended as output arrives.
+//! - `metrics.json` ([`METRICS_FILE`]), when the command printed
+//!   `BRIDGE_METRIC` lines ([`metrics`]).
 //! - `exit.json` ([`ShimExit`], atomic), last, after the log is synced: its
 //!   presence means the job is over and the log complete.
 //!
@@ -24,6 +26,7 @@
 //! grandchildren are reparented to it, and after each step it stops all its
 //! descendants ([`reap`]).
 
+pub mod metrics;
 mod reap;
 mod step;
 
@@ -48,6 +51,9 @@ pub const SPEC_FILE: &str = "spec.json";
 pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "log";
+/// The last value of each `BRIDGE_METRIC` the command printed ([`metrics`]),
+/// written before `exit.json` when there is any.
+pub const METRICS_FILE: &str = "metrics.json";
 /// Created (empty) by the agent to cancel the job.
 pub const CANCEL_FILE: &str = "cancel";
 /// The log is written back to disk in the background every this many bytes,
@@ -187,9 +193,20 @@ pub fn run(job_dir: &Path) -> i32 {
     let exit = match log {
         Ok(log) => {
             let log = Arc::new(log);
-            let exit = run_job(job_dir, log.clone(), current_pgid);
+            let metrics = Arc::new(std::sync::Mutex::new(metrics::MetricScan::default()));
+            let exit = run_job(job_dir, log.clone(), current_pgid, metrics.clone());
             if let Err(e) = log.finish() {
                 tracing::warn!("cannot sync the job log: {e}");
+            }
+            let values = metrics
+                .lock()
+                .map(|m| m.values().clone())
+                .unwrap_or_default();
+            if !values.is_empty() {
+                let json = serde_json::to_vec_pretty(&values).expect("metrics serialize");
+                if let Err(e) = write_atomic(&job_dir.join(METRICS_FILE), &json, false) {
+                    tracing::warn!("cannot write {METRICS_FILE}: {e}");
+                }
             }
             exit
         }
@@ -230,7 +247,12 @@ fn watch_signals(job_dir: &Path, current_pgid: Arc<AtomicI32>) {
     });
 }
 
-fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) -> ShimExit {
+fn run_job(
+    job_dir: &Path,
+    log: Arc<LogWriter>,
+    current_pgid: Arc<AtomicI32>,
+    metrics: Arc<std::sync::Mutex<metrics::MetricScan>>,
+) -> ShimExit {
     let mut steps = Steps {
         job_dir: job_dir.to_path_buf(),
         log,
@@ -244,6 +266,7 @@ fn run_job(job_dir: &Path, log: Arc<LogWriter>, current_pgid: Arc<AtomicI32>) ->
         phase: Phase::Setup,
         grace: Duration::from_secs(10),
         current_pgid,
+        metrics,
     };
     steps.write_state();
     let spec: ShimSpec = match fs::read(job_dir.join(SPEC_FILE))

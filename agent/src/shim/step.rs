@@ -19,6 +19,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use super::metrics::MetricScan;
 use super::{CANCEL_FILE, Phase, STATE_FILE, ShimState, now_ms, reap};
 use crate::envcache::{Outcome, StepRunner, write_atomic};
 use crate::joblog::{LogWriter, MAX_RECORD, STDERR, STDOUT, SYSTEM};
@@ -45,6 +46,8 @@ pub struct Steps {
     /// The running step's process group (0: none), for the signal thread,
     /// which turns a SIGTERM to the shim into a cancellation.
     pub current_pgid: Arc<AtomicI32>,
+    /// `BRIDGE_METRIC` lines of the main command's output.
+    pub metrics: Arc<std::sync::Mutex<MetricScan>>,
 }
 
 impl Steps {
@@ -82,13 +85,26 @@ impl Steps {
         // Pumps first: the first output line should not wait for the state.
         let (done_tx, done_rx) = mpsc::channel();
         let mut pumps = Vec::new();
+        let metrics = main.then(|| self.metrics.clone());
         if let Some(out) = child.stdout.take() {
             widen(&out);
-            pumps.push(pump(out, STDOUT, self.log.clone(), done_tx.clone()));
+            pumps.push(pump(
+                out,
+                STDOUT,
+                self.log.clone(),
+                metrics.clone(),
+                done_tx.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
             widen(&err);
-            pumps.push(pump(err, STDERR, self.log.clone(), done_tx.clone()));
+            pumps.push(pump(
+                err,
+                STDERR,
+                self.log.clone(),
+                metrics,
+                done_tx.clone(),
+            ));
         }
         drop(done_tx);
         self.state.phase = self.phase;
@@ -165,10 +181,12 @@ fn widen(pipe: &impl std::os::fd::AsFd) {
 
 /// Copies one pipe into the log, a record per read, as soon as it arrives:
 /// the first line of a job's output should reach a follower in milliseconds.
+/// The main command's output is also scanned for `BRIDGE_METRIC` lines.
 fn pump(
     mut pipe: impl Read + Send + 'static,
     stream: u8,
     log: Arc<LogWriter>,
+    metrics: Option<Arc<std::sync::Mutex<MetricScan>>>,
     done: mpsc::Sender<()>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
@@ -178,6 +196,11 @@ fn pump(
             match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    if let Some(m) = &metrics
+                        && let Ok(mut m) = m.lock()
+                    {
+                        m.feed(usize::from(stream == STDERR), &buf[..n]);
+                    }
                     // Keep draining on a write error so the job never blocks
                     // on a full pipe; say so once.
                     if let Err(e) = log.write(stream, &buf[..n])
