@@ -60,6 +60,9 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(10 * 60);
 pub const RESTORE_WAIT: Duration = Duration::from_secs(120);
 /// Finished jobs whose trees (and so outputs) are kept for `bridge pull`.
 pub const KEEP_TREES: usize = 20;
+/// How long an older finished job's tree is kept while its outputs have not
+/// been pulled.
+pub const UNPULLED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct Jobs {
     store: store::Store,
@@ -82,6 +85,40 @@ pub struct Jobs {
     spare_seq: AtomicU64,
     /// This machine's name, for the tags of jobs' MLflow runs.
     hostname: String,
+    /// Rouses the poller at once when a shim exits.
+    wake: Arc<Wake>,
+}
+
+/// Wakes the job poller before its next tick (a shim exited: a sweep's next
+/// trial should not wait for the tick), else it sleeps [`POLL`].
+#[derive(Default)]
+pub struct Wake {
+    due: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Wake {
+    pub fn wake(&self) {
+        if let Ok(mut d) = self.due.lock() {
+            *d = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits up to `d`, or less when woken meanwhile (or before).
+    pub fn wait(&self, d: Duration) {
+        let Ok(mut due) = self.due.lock() else {
+            std::thread::sleep(d);
+            return;
+        };
+        if !*due {
+            due = match self.cv.wait_timeout(due, d) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        *due = false;
+    }
 }
 
 /// A file of a queued snapshot to restore, and the content it should have.
@@ -99,6 +136,9 @@ struct Inner {
     /// Queued jobs held back until their snapshot's copies of files another
     /// job wrote in place are restored (what they should contain, since when).
     repairs: HashMap<u64, (Vec<Restore>, Instant)>,
+    /// Finished jobs whose trees were deleted (or never found): not looked
+    /// at again by [`Jobs::prune_trees`].
+    trees_gone: HashSet<u64>,
     /// Kernels: how many `Hold` calls hold each, and since when none does.
     holds: HashMap<u64, (u32, Instant)>,
 }
@@ -254,6 +294,7 @@ impl Jobs {
             hostname: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            wake: Arc::default(),
         })
     }
 
@@ -261,6 +302,11 @@ impl Jobs {
         self.inner
             .lock()
             .map_err(|_| Status::internal("job table poisoned"))
+    }
+
+    /// Has the poller look at the jobs now rather than at its next tick.
+    pub fn wake(&self) {
+        self.wake.wake();
     }
 
     pub fn job_dir(&self, id: u64) -> PathBuf {
@@ -271,6 +317,140 @@ impl Jobs {
         if let Err(e) = self.store.save(id, r) {
             tracing::error!(job = id, error = %e, "cannot persist job record");
         }
+    }
+
+    /// Refuses a job asking for more GPUs than this agent has, saying how
+    /// many it has.
+    pub fn check_gpus(&self, gpus: u32) -> Result<(), Status> {
+        if gpus as usize <= self.gpus.len() {
+            return Ok(());
+        }
+        let have = match self.gpus.first() {
+            None => format!(
+                "this agent has no GPUs ({})",
+                if self.gpu_note.is_empty() {
+                    "none found"
+                } else {
+                    &self.gpu_note
+                }
+            ),
+            Some(g) => format!("this agent has {} ({})", self.gpus.len(), g.name),
+        };
+        Err(Status::failed_precondition(format!(
+            "the job asks for {gpus} GPU(s) but {have}; lower resources.gpus"
+        )))
+    }
+
+    /// The relink queue of `mirror` once jobs were submitted against it
+    /// (see [`crate::mirror::Mirror::relinks`]).
+    pub(crate) fn relinks_of(&self, mirror: &str) -> Option<RelinkQueue> {
+        self.submitted_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(mirror)
+            .cloned()
+    }
+
+    /// Where `mirror` lives.
+    pub(crate) fn mirror_root(&self, mirror: &str) -> PathBuf {
+        self.mirrors_dir.join(mirror)
+    }
+
+    /// How many GPUs jobs can be given.
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// The checks of a job spec that need no mirror: a command, GPUs that
+    /// exist, relative paths. Returns the workdir.
+    pub fn check_spec(&self, spec: &v1::JobSpec) -> Result<Option<RelPath>, Status> {
+        if spec.run.trim().is_empty() {
+            return Err(Status::invalid_argument("the job's `run` command is empty"));
+        }
+        self.check_gpus(spec.gpus)?;
+        let workdir = rel(&spec.workdir, "workdir")?;
+        if let Some(p) = &spec.python {
+            rel(&p.file, "python file")?;
+        }
+        for i in &spec.setup_inputs {
+            rel(i, "setup input")?;
+        }
+        if spec.live && !spec.outputs.is_empty() {
+            return Err(Status::invalid_argument(
+                "a live job runs in the mirror and has no outputs: drop its [outputs] (or run it in a snapshot)",
+            ));
+        }
+        for o in &spec.outputs {
+            if rel(o, "output path")?.is_none() {
+                return Err(Status::invalid_argument(
+                    "an output path must name something inside the workdir, not the workdir itself",
+                ));
+            }
+        }
+        Ok(workdir)
+    }
+
+    /// Locks the agent state and checks that `mirror` is open, at
+    /// `generation`, and holds what `spec` needs (its workdir, its Python
+    /// environment file).
+    pub(crate) fn at_generation<'a>(
+        state: &'a Mutex<State>,
+        mirror: &str,
+        generation: &str,
+        spec: &v1::JobSpec,
+        workdir: Option<&RelPath>,
+    ) -> Result<std::sync::MutexGuard<'a, State>, Status> {
+        let mut st = state
+            .lock()
+            .map_err(|_| Status::internal("agent state poisoned"))?;
+        let m = st.mirrors.get_mut(mirror).ok_or_else(|| {
+            Status::failed_precondition(format!("mirror {mirror:?} is not open: call Hello first"))
+        })?;
+        let root = bridge_proto::tree::hex(&m.tree.root());
+        if root != generation {
+            return Err(Status::failed_precondition(format!(
+                "the mirror is at generation {root}, not {generation}: sync again and resubmit"
+            )));
+        }
+        if let Some(w) = workdir
+            && !m.tree.is_dir(w)
+        {
+            return Err(Status::invalid_argument(format!(
+                "workdir {w:?} is not a directory in the synced tree"
+            )));
+        }
+        if let Some(p) = &spec.python
+            && let Some(f) = rel(&p.file, "python file")?
+            && !matches!(m.tree.get(&f), Some(bridge_proto::tree::Node::File { .. }))
+        {
+            return Err(Status::invalid_argument(format!(
+                "python environment file {f:?} is not in the synced tree (is it ignored?)"
+            )));
+        }
+        Ok(st)
+    }
+
+    /// Takes a snapshot of `mirror` at `generation` into `dir` (`tree/` and
+    /// `snapshot.index`) for something other than one job: a sweep's trials
+    /// are made from it ([`Jobs::submit_from`]).
+    pub(crate) fn snapshot_generation(
+        &self,
+        state: &Mutex<State>,
+        mirror: &str,
+        generation: &str,
+        spec: &v1::JobSpec,
+        dir: &Path,
+    ) -> Result<PathBuf, Status> {
+        let workdir = self.check_spec(spec)?;
+        let st = Self::at_generation(state, mirror, generation, spec, workdir.as_ref())?;
+        self.snapshot(0, dir, mirror, st)
+    }
+
+    fn next_id(&self) -> Result<u64, Status> {
+        let mut inner = self.lock()?;
+        let id = inner.next_id;
+        inner.next_id += 1;
+        Ok(id)
     }
 
     /// Queues a job against `generation` of a mirror, snapshotting it under
@@ -299,87 +479,11 @@ impl Jobs {
             }
             None => None,
         };
-        if spec.run.trim().is_empty() {
-            return Err(Status::invalid_argument("the job's `run` command is empty"));
-        }
-        if spec.gpus as usize > self.gpus.len() {
-            let have = match self.gpus.first() {
-                None => format!(
-                    "this agent has no GPUs ({})",
-                    if self.gpu_note.is_empty() {
-                        "none found"
-                    } else {
-                        &self.gpu_note
-                    }
-                ),
-                Some(g) => format!("this agent has {} ({})", self.gpus.len(), g.name),
-            };
-            return Err(Status::failed_precondition(format!(
-                "the job asks for {} GPU(s) but {have}; lower resources.gpus",
-                spec.gpus
-            )));
-        }
-        let workdir = rel(&spec.workdir, "workdir")?;
-        if let Some(p) = &spec.python {
-            rel(&p.file, "python file")?;
-        }
-        for i in &spec.setup_inputs {
-            rel(i, "setup input")?;
-        }
-        if spec.live && !spec.outputs.is_empty() {
-            return Err(Status::invalid_argument(
-                "a live job runs in the mirror and has no outputs: drop its [outputs] (or run it in a snapshot)",
-            ));
-        }
-        for o in &spec.outputs {
-            if rel(o, "output path")?.is_none() {
-                return Err(Status::invalid_argument(
-                    "an output path must name something inside the workdir, not the workdir itself",
-                ));
-            }
-        }
-
-        let mut st = state
-            .lock()
-            .map_err(|_| Status::internal("agent state poisoned"))?;
-        let State { store: _, mirrors } = &mut *st;
-        let mirror = mirrors.get_mut(&req.mirror).ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "mirror {:?} is not open: call Hello first",
-                req.mirror
-            ))
-        })?;
-        let root = bridge_proto::tree::hex(&mirror.tree.root());
-        if root != req.generation {
-            return Err(Status::failed_precondition(format!(
-                "the mirror is at generation {root}, not {}: sync again and resubmit",
-                req.generation
-            )));
-        }
-        if let Some(w) = &workdir
-            && !mirror.tree.is_dir(w)
-        {
-            return Err(Status::invalid_argument(format!(
-                "workdir {w:?} is not a directory in the synced tree"
-            )));
-        }
-        if let Some(p) = &spec.python
-            && let Some(f) = rel(&p.file, "python file")?
-            && !matches!(
-                mirror.tree.get(&f),
-                Some(bridge_proto::tree::Node::File { .. })
-            )
-        {
-            return Err(Status::invalid_argument(format!(
-                "python environment file {f:?} is not in the synced tree (is it ignored?)"
-            )));
-        }
-        let id = {
-            let mut inner = self.lock()?;
-            let id = inner.next_id;
-            inner.next_id += 1;
-            id
-        };
+        // A sweep's trials are submitted by the agent itself.
+        spec.trial = None;
+        let workdir = self.check_spec(&spec)?;
+        let st = Self::at_generation(state, &req.mirror, &req.generation, &spec, workdir.as_ref())?;
+        let id = self.next_id()?;
         let dir = self.job_dir(id);
         let tree_path = if spec.live {
             // A live job runs in the mirror itself: no snapshot, no spare.
@@ -395,6 +499,68 @@ impl Jobs {
         } else {
             self.snapshot(id, &dir, &req.mirror, st)?
         };
+        self.enqueue(
+            id,
+            spec,
+            req.mirror,
+            req.generation,
+            tree_path,
+            kernel_key.is_some(),
+        )
+    }
+
+    /// Queues a trial of a sweep: a job whose tree is made of links to the
+    /// sweep's snapshot `base` (a directory holding `tree/` and
+    /// `snapshot.index`, taken at `generation`) rather than to the mirror,
+    /// which may have moved on since.
+    pub fn submit_from(
+        &self,
+        mirror: &str,
+        generation: &str,
+        base: &Path,
+        spec: v1::JobSpec,
+    ) -> Result<JobInfo, Status> {
+        self.check_spec(&spec)?;
+        let id = self.next_id()?;
+        let dir = self.job_dir(id);
+        let relinks = self.relinks_of(mirror);
+        let taken = fs::create_dir_all(&dir).and_then(|()| {
+            snapshot::take_from(
+                &base.join("tree"),
+                &base.join("snapshot.index"),
+                &dir.join("tree"),
+                &dir.join("snapshot.index"),
+                &self.mirrors_dir.join(mirror),
+                relinks.as_ref(),
+            )
+        });
+        let taken = taken.map_err(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            Status::internal(format!(
+                "cannot make job {id}'s tree from the sweep's snapshot: {e}"
+            ))
+        })?;
+        tracing::debug!(job = id, files = taken.files, "trial tree made");
+        self.enqueue(
+            id,
+            spec,
+            mirror.to_string(),
+            generation.to_string(),
+            dir.join("tree"),
+            false,
+        )
+    }
+
+    /// Records a new job whose tree is ready and starts it when it can.
+    fn enqueue(
+        &self,
+        id: u64,
+        spec: v1::JobSpec,
+        mirror: String,
+        generation: String,
+        tree_path: PathBuf,
+        kernel: bool,
+    ) -> Result<JobInfo, Status> {
         let info = JobInfo {
             id: id.to_string(),
             name: if spec.name.is_empty() {
@@ -403,8 +569,8 @@ impl Jobs {
                 spec.name.clone()
             },
             state: JobState::Queued as i32,
-            mirror: req.mirror,
-            generation: req.generation,
+            mirror,
+            generation,
             submitted_ms: now_ms(),
             spec: Some(spec),
             tree_path: tree_path.display().to_string(),
@@ -419,7 +585,7 @@ impl Jobs {
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "job record saved");
         {
             let mut inner = self.lock()?;
-            if kernel_key.is_some() {
+            if kernel {
                 inner.holds.insert(id, (0, Instant::now()));
             }
             inner.records.insert(id, rec);
@@ -584,7 +750,9 @@ impl Jobs {
 
     /// Looks at every active job's shim files: phase changes, exits, shims
     /// that vanished, cancel deadlines. Then starts what can start.
-    pub fn poll(&self, state: &Mutex<State>) {
+    /// Returns the mirror files jobs that ended wrote in place (by mirror),
+    /// for the other snapshots that share them (a sweep's).
+    pub fn poll(&self, state: &Mutex<State>) -> Vec<(String, Vec<snapshot::Damage>)> {
         let mut ended_any = false;
         // Mirror repairs wait until the job table is unlocked: the lock order
         // is the agent state first, then the job table.
@@ -592,7 +760,7 @@ impl Jobs {
         let orphans;
         {
             let Ok(mut inner) = self.inner.lock() else {
-                return;
+                return Vec::new();
             };
             let active: Vec<u64> = inner
                 .records
@@ -669,6 +837,12 @@ impl Jobs {
                             .unwrap_or_default();
                         damaged.push((mirror, changed));
                     }
+                    if let Some(m) =
+                        read_json::<HashMap<String, f64>>(&dir.join(crate::shim::METRICS_FILE))
+                        && let Some(info) = inner.records.get_mut(&id).and_then(|r| r.info.as_mut())
+                    {
+                        info.metrics = m;
+                    }
                     self.finish(&mut inner, id, end, code, exit.reason.clone());
                     ended_any = true;
                     continue;
@@ -732,6 +906,7 @@ impl Jobs {
             self.schedule();
         }
         self.build_spares(state);
+        damaged
     }
 
     /// Rewrites queued snapshots' copies of files another job wrote in
@@ -790,7 +965,8 @@ impl Jobs {
         released
     }
 
-    /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs. An old
+    /// Keeps the trees of the newest [`KEEP_TREES`] finished jobs (and of
+    /// older ones whose outputs are not home yet, for [`UNPULLED_KEEP`]). An old
     /// tree is renamed aside here and deleted on a thread of its own: deleting
     /// a snapshot of a 20,000-file repository took seconds on a slow disk,
     /// and this runs under the job table's lock, which `bridge run` waits on.
@@ -806,7 +982,22 @@ impl Jobs {
         }
         let queues = self.submitted_to.lock().unwrap_or_else(|e| e.into_inner());
         let mut doomed = Vec::new();
+        let now = now_ms();
         for id in &finished[..finished.len() - KEEP_TREES] {
+            if inner.trees_gone.contains(id) {
+                continue;
+            }
+            // Outputs not home yet (a sweep's trials end faster than a
+            // laptop that is away pulls them) keep their tree a while.
+            let waiting = inner.records[id].info.as_ref().is_some_and(|i| {
+                !i.outputs_pulled
+                    && i.spec.as_ref().is_some_and(|s| !s.outputs.is_empty())
+                    && now.saturating_sub(i.finished_ms) < UNPULLED_KEEP.as_millis() as u64
+            });
+            if waiting {
+                continue;
+            }
+            inner.trees_gone.insert(*id);
             let tree = self.job_dir(*id).join("tree");
             let aside = self.job_dir(*id).join(store::DELETING);
             if tree.exists() && fs::rename(&tree, &aside).is_ok() {
@@ -1104,18 +1295,21 @@ fn repair_mirror(state: &Mutex<State>, mirror: &str, paths: &[RelPath]) {
     }
 }
 
-/// Runs [`Jobs::poll`] until `stop` is set.
+/// Runs [`Jobs::poll`], then `after` with the damage it reported (the
+/// sweeps' turn), every [`POLL`] or sooner when woken, until `stop` is set.
 pub fn spawn_poller(
     jobs: Arc<Jobs>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    after: impl Fn(&Mutex<State>, &[(String, Vec<snapshot::Damage>)]) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("job-poller".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                jobs.poll(&state);
-                std::thread::sleep(POLL);
+                let damaged = jobs.poll(&state);
+                after(&state, &damaged);
+                jobs.wake.wait(POLL);
             }
         })
         .expect("spawn job poller")

@@ -50,6 +50,19 @@ impl Jobs {
         env.insert("BRIDGE_JOB_ID".into(), info.id.clone());
         env.insert("BRIDGE_JOB_NAME".into(), info.name.clone());
         env.insert("BRIDGE_GENERATION".into(), info.generation.clone());
+        if let Some(t) = &spec.trial {
+            env.insert("BRIDGE_SWEEP".into(), t.sweep.clone());
+            env.insert("BRIDGE_TRIAL".into(), t.index.to_string());
+            env.insert("BRIDGE_TRIAL_ATTEMPT".into(), t.attempt.to_string());
+        }
+        // The job's own output directory (the first declared one): a
+        // sweep's trials each write theirs, which come home apart.
+        if let Some(d) = spec.outputs.iter().find(|o| o.ends_with('/')) {
+            env.insert(
+                "BRIDGE_OUTPUT_DIR".into(),
+                cwd.join(d.trim_end_matches('/')).display().to_string(),
+            );
+        }
         if spec.live {
             // Bytecode caches go beside the mirror, not into it (where the
             // next sync would delete them as strays), where applying a
@@ -125,9 +138,12 @@ impl Jobs {
             .process_group(0)
             .spawn()?;
         let pid = child.id();
-        // The shim is our child until we exit: reap it so it leaves no zombie.
+        // The shim is our child until we exit: reap it so it leaves no zombie,
+        // and have the poller see its end at once.
+        let wake = self.wake.clone();
         std::thread::spawn(move || {
             let _ = child.wait();
+            wake.wake();
         });
         rec.shim_pid = pid;
         rec.shim_start_ticks = start_ticks(pid).unwrap_or(0);

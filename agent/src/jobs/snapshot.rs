@@ -109,6 +109,60 @@ fn save_manifest(linked: &Index, manifest: &Path) -> io::Result<()> {
     fs::rename(&tmp, manifest)
 }
 
+/// Makes `dest` (which must not exist) a copy of the snapshot at `base`
+/// whose files are hard links to `base`'s, and gives it `base`'s manifest
+/// (the same inodes, so a job's in-place writes are noticed the same way):
+/// a sweep's trial gets its own tree of the sweep's generation. A linked
+/// inode the mirror at `mirror_root` still has moves its ctime, so its stat
+/// goes to `relinks` as for any snapshot.
+pub fn take_from(
+    base: &Path,
+    base_manifest: &Path,
+    dest: &Path,
+    manifest: &Path,
+    mirror_root: &Path,
+    relinks: Option<&RelinkQueue>,
+) -> io::Result<Taken> {
+    let linked = Index::load(base_manifest);
+    let mut taken = Taken::default();
+    fs::create_dir(dest)?;
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in fs::read_dir(base.join(&rel))? {
+            let e = e?;
+            let rel = rel.join(e.file_name());
+            let (from, to) = (base.join(&rel), dest.join(&rel));
+            let kind = e.file_type()?;
+            if kind.is_dir() {
+                fs::create_dir(&to)?;
+                dirs.push(rel);
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            } else {
+                taken.files += 1;
+                match fs::hard_link(&from, &to) {
+                    Ok(()) => taken.linked += 1,
+                    Err(_) => {
+                        fs::copy(&from, &to)?;
+                        taken.copied += 1;
+                        continue;
+                    }
+                }
+                let Some(q) = relinks else { continue };
+                if let Some(p) = rel.to_str().and_then(|r| RelPath::new(r).ok())
+                    && let Some(c) = linked.entries.get(&p)
+                    && let Ok(st) = Stat::lstat(&p.to_fs(mirror_root))
+                    && st.ino == c.ino
+                {
+                    queue_relink(q, p, st);
+                }
+            }
+        }
+    }
+    save_manifest(&linked, manifest)?;
+    Ok(taken)
+}
+
 /// What a [`Spare`] holds at one path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Held {
@@ -493,6 +547,50 @@ mod tests {
         let damaged = modified_in_place(&from_spare, &d.path().join("job1/index"));
         assert_eq!(damaged.len(), 1);
         assert_eq!(damaged[0].path.as_str(), "same.py");
+    }
+
+    #[test]
+    fn a_tree_made_from_a_snapshot_shares_its_inodes_and_notices_in_place_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
+        let m = d.path().join("mirrors/m");
+        for (p, text) in [("a.py", "a"), ("pkg/b.py", "b"), ("pkg/deep/c.py", "c")] {
+            fs::create_dir_all(m.join(p).parent().unwrap()).unwrap();
+            fs::write(m.join(p), text).unwrap();
+        }
+        fs::create_dir_all(m.join("empty")).unwrap();
+        std::os::unix::fs::symlink("a.py", m.join("link")).unwrap();
+        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        fs::create_dir_all(d.path().join("base")).unwrap();
+        let (base, base_index) = (d.path().join("base/tree"), d.path().join("base/index"));
+        take(&mut mirror, &base, &base_index).unwrap();
+        // The mirror moves on; a trial made later still gets the base's tree.
+        replace(&m.join("a.py"), "new");
+        fs::create_dir_all(d.path().join("t1")).unwrap();
+        let (tree, index) = (d.path().join("t1/tree"), d.path().join("t1/index"));
+        let relinks = RelinkQueue::default();
+        let taken = take_from(&base, &base_index, &tree, &index, &m, Some(&relinks)).unwrap();
+        assert_eq!((taken.files, taken.linked, taken.copied), (3, 3, 0));
+        assert_eq!(listing(&tree), listing(&base), "same entries and inodes");
+        assert_eq!(fs::read_to_string(tree.join("a.py")).unwrap(), "a");
+        assert_eq!(
+            relinks.lock().unwrap().len(),
+            2,
+            "the stats of the two mirror files it still shares"
+        );
+        // An in-place write is noticed through the copied manifest, and the
+        // base it damaged is found to share it.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(tree.join("pkg/b.py"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        let damage = modified_in_place(&tree, &index);
+        assert_eq!(damage.len(), 1);
+        let hit = affected(&base, &base_index, &damage);
+        assert_eq!(hit.len(), 1);
+        assert_eq!(hit[0].0.as_str(), "pkg/b.py");
     }
 
     #[test]
