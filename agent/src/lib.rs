@@ -9,6 +9,9 @@
 //!   versions), bounded.
 //! - [`jobs`]: jobs — submission against a generation, snapshots, the GPU-aware
 //!   queue, supervision, outputs — and the `bridge.v1.Jobs` service.
+//! - [`sweeps`]: sweeps — many trials of one job against one generation,
+//!   each an ordinary job, placed behind a seam — and the `bridge.v1.Sweeps`
+//!   service.
 //! - [`shim`]: `bridge-agent shim JOB_DIR`, the per-job supervisor process that
 //!   runs the steps, writes the log and records the exit, independent of the agent.
 //! - [`joblog`]: the job log's record format, its writer and its readers.
@@ -26,7 +29,8 @@
 //! `store/retired/` (old versions kept for dedup; `store/gone/` holds evicted
 //! ones until a background thread unlinks them, see
 //! [`bridge_proto::oldfiles`]), `tmp/` (files being written;
-//! emptied at start), `jobs/<id>/` (one per job), `cache/` (Python
+//! emptied at start), `jobs/<id>/` (one per job), `sweeps/<n>/` (one per
+//! sweep: its record and the snapshot its trials are made from), `cache/` (Python
 //! environments and setup markers), `agent.lock` (one agent per root).
 
 pub mod apply;
@@ -41,6 +45,7 @@ pub mod mirror;
 pub mod service;
 pub mod shim;
 pub mod store;
+pub mod sweeps;
 pub mod tunnels;
 pub mod watch;
 
@@ -52,6 +57,7 @@ use std::sync::{Arc, Mutex};
 
 use bridge_proto::v1::agent_server::AgentServer;
 use bridge_proto::v1::jobs_server::JobsServer;
+use bridge_proto::v1::sweeps_server::SweepsServer;
 use bridge_proto::v1::tunnels_server::TunnelsServer;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES};
 use tokio::net::{TcpListener, UnixListener};
@@ -126,12 +132,30 @@ pub async fn run(
             }
         })?,
     );
+    let sweeps = Arc::new(
+        sweeps::Sweeps::open(
+            &config.root,
+            jobs.clone(),
+            Box::new(sweeps::placement::LocalJobs { jobs: jobs.clone() }),
+            tokio::runtime::Handle::try_current().ok(),
+        )
+        .map_err(|source| Error::Jobs {
+            path: config.root.clone(),
+            source,
+        })?,
+    );
     let stop_poller = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let poller = jobs::spawn_poller(jobs.clone(), state.clone(), stop_poller.clone());
+    let scheduler = sweeps.clone();
+    let poller = jobs::spawn_poller(
+        jobs.clone(),
+        state.clone(),
+        stop_poller.clone(),
+        move |state, damaged| scheduler.poll(state, damaged),
+    );
     let idle = Arc::new(idle::Idle::new(
         config.idle.clone(),
         Arc::new(idle::SystemClock),
-        jobs.clone(),
+        sweeps.clone(),
     ));
     // Set when shutdown begins: the idle policy stops, and open `Attach`
     // streams end (the graceful shutdown would otherwise wait for them).
@@ -155,6 +179,10 @@ pub async fn run(
     );
     let jobs_svc = jobs::service::JobsService {
         jobs: jobs.clone(),
+        state: state.clone(),
+    };
+    let sweeps_svc = sweeps::service::SweepsService {
+        sweeps: sweeps.clone(),
         state: state.clone(),
     };
     let expected = format!("Bearer {}", config.token);
@@ -184,12 +212,19 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         auth.clone(),
     );
+    let sweeps_server = tonic::service::interceptor::InterceptedService::new(
+        SweepsServer::new(sweeps_svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth.clone(),
+    );
     let tunnels_server =
         tonic::service::interceptor::InterceptedService::new(TunnelsServer::new(tunnels_svc), auth);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(server)
         .add_service(jobs_server)
+        .add_service(sweeps_server)
         .add_service(tunnels_server);
     tracing::info!(root = %config.root.display(), "agent serving");
     match listener {

@@ -1,0 +1,91 @@
+//! Where a sweep's trials run: the seam a provider can take over.
+//!
+//! The sweep scheduler ([`super::Sweeps`]) decides *which* trial starts and
+//! *when* (its order, `max_parallel`, retries, fail-fast, cancellation); a
+//! [`Placement`] decides *where* and reports back through the job it
+//! started. Today trials are jobs on this agent ([`LocalJobs`]), given GPUs
+//! by the agent's FIFO queue like any job. A cluster placement (a
+//! Kubernetes Job per trial, its pod fetching the snapshot from this agent)
+//! implements the same trait and still shows each trial as a job of this
+//! agent, with its log and outputs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bridge_proto::v1::{JobInfo, JobSpec};
+use tonic::Status;
+
+use crate::jobs::Jobs;
+
+/// Starts, follows and stops trials.
+pub trait Placement: Send + Sync {
+    /// Refuses at submit a trial size that can never run here (more GPUs
+    /// than exist), with the count.
+    fn check(&self, gpus_per_trial: u32) -> Result<(), Status>;
+
+    /// How many trials of this size fit at once when nothing else runs
+    /// (the default `max_parallel`).
+    fn capacity(&self, gpus_per_trial: u32, cpus_per_trial: u32) -> u32;
+
+    /// Starts one attempt of a trial: `spec` (its command expanded, its
+    /// `trial` set) on a tree made from the sweep's snapshot `base` of
+    /// `mirror` at `generation`. Returns the job it runs as.
+    fn launch(
+        &self,
+        mirror: &str,
+        generation: &str,
+        base: &Path,
+        spec: JobSpec,
+    ) -> Result<JobInfo, Status>;
+
+    /// The job of an attempt as it is now; `None` when it is unknown.
+    fn job(&self, id: &str) -> Option<JobInfo>;
+
+    /// Stops an attempt (its whole process tree); it ends as cancelled.
+    fn cancel(&self, id: &str);
+}
+
+/// Trials as jobs of this agent: its GPUs, handed out by its queue.
+pub struct LocalJobs {
+    pub jobs: Arc<Jobs>,
+}
+
+impl Placement for LocalJobs {
+    fn check(&self, gpus_per_trial: u32) -> Result<(), Status> {
+        self.jobs.check_gpus(gpus_per_trial).map_err(|s| {
+            Status::failed_precondition(
+                s.message()
+                    .replace("the job asks for", "each trial asks for")
+                    .replace("lower resources.gpus", "lower sweep.gpus_per_trial"),
+            )
+        })
+    }
+
+    fn capacity(&self, gpus_per_trial: u32, cpus_per_trial: u32) -> u32 {
+        if let Some(n) = (self.jobs.gpu_count() as u32).checked_div(gpus_per_trial) {
+            return n.max(1);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        (cpus / cpus_per_trial.max(1)).max(1)
+    }
+
+    fn launch(
+        &self,
+        mirror: &str,
+        generation: &str,
+        base: &Path,
+        spec: JobSpec,
+    ) -> Result<JobInfo, Status> {
+        self.jobs.submit_from(mirror, generation, base, spec)
+    }
+
+    fn job(&self, id: &str) -> Option<JobInfo> {
+        self.jobs.get(id).ok()
+    }
+
+    fn cancel(&self, id: &str) {
+        if let Err(e) = self.jobs.cancel(id) {
+            tracing::debug!(job = id, error = %e.message(), "cancel of a trial's job");
+        }
+    }
+}
