@@ -210,16 +210,7 @@ impl Control for ControlService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
-        // MLflow's run tags (the git state) are read while the barrier runs.
-        let given = spec.env.get(crate::mlflow::RUN_CONTEXT_VAR).cloned();
-        let repo = self.repo.clone();
-        let tags = tokio::spawn(async move {
-            crate::mlflow::run_context(&repo, given)
-                .await
-                .map(|v| (crate::mlflow::RUN_CONTEXT_VAR.to_string(), v))
-                .into_iter()
-                .collect()
-        });
+        let tags = self.run_tags(&spec);
         let prepared = match self.forwards.prepare_job(&mut spec).await {
             Ok(p) => p,
             Err(e) => {
@@ -347,6 +338,175 @@ impl Control for ControlService {
 
     async fn gpus(&self, _: Request<v1::GpusRequest>) -> Result<Response<v1::GpuList>, Status> {
         self.relay.gpus().await.map(Response::new)
+    }
+
+    async fn submit_sweep(
+        &self,
+        req: Request<v1::ControlSweepRequest>,
+    ) -> Result<Response<v1::ControlSweepReply>, Status> {
+        let mut spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a sweep spec"))?;
+        let job = spec
+            .job
+            .as_mut()
+            .ok_or_else(|| Status::invalid_argument("a sweep without its job"))?;
+        sweep_forwards_allowed(job)?;
+        keep_tracking_uri(job);
+        let tags = self.run_tags(job);
+        let prepared = match self.forwards.prepare_job(job).await {
+            Ok(p) => p,
+            Err(e) => {
+                tags.abort();
+                return Err(e);
+            }
+        };
+        match self.relay.submit_sweep(spec, Some(tags)).await {
+            Ok(sweep) => {
+                let forwards = self.forwards.adopt(&prepared, &sweep.id);
+                Ok(Response::new(v1::ControlSweepReply {
+                    sweep: Some(sweep),
+                    forwards,
+                    notes: prepared.notes.clone(),
+                }))
+            }
+            Err(e) => {
+                self.forwards.abandon(prepared).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn sweeps(
+        &self,
+        req: Request<v1::SweepListRequest>,
+    ) -> Result<Response<v1::SweepList>, Status> {
+        let sweeps = self.relay.list_sweeps(req.into_inner().all).await?;
+        Ok(Response::new(v1::SweepList { sweeps }))
+    }
+
+    async fn get_sweep(
+        &self,
+        req: Request<v1::SweepRef>,
+    ) -> Result<Response<v1::SweepInfo>, Status> {
+        self.relay
+            .get_sweep(&req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn cancel_sweep(
+        &self,
+        req: Request<v1::SweepRef>,
+    ) -> Result<Response<v1::SweepInfo>, Status> {
+        self.relay
+            .cancel_sweep(&req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn resume_sweep(
+        &self,
+        req: Request<v1::SweepRef>,
+    ) -> Result<Response<v1::ControlSweepReply>, Status> {
+        let id = req.into_inner().id;
+        let before = self.relay.get_sweep(&id).await?;
+        if !bridge_proto::jobs::is_terminal(before.state()) {
+            return Err(Status::failed_precondition(format!(
+                "sweep {id} is still {}: wait for it, or `bridge sweep cancel {id}` first",
+                bridge_proto::jobs::state_name(before.state())
+            )));
+        }
+        let mut job = before
+            .spec
+            .and_then(|s| s.job)
+            .ok_or_else(|| Status::internal(format!("sweep {id} has no job template")))?;
+        let tags = self.run_tags(&job);
+        // Its forwards went when it ended: the same ones again.
+        let prepared = match self.forwards.prepare_job(&mut job).await {
+            Ok(p) => p,
+            Err(e) => {
+                tags.abort();
+                return Err(e);
+            }
+        };
+        match self.relay.resume_sweep(&id, job, Some(tags)).await {
+            Ok(sweep) => {
+                let forwards = self.forwards.adopt(&prepared, &sweep.id);
+                Ok(Response::new(v1::ControlSweepReply {
+                    sweep: Some(sweep),
+                    forwards,
+                    notes: prepared.notes.clone(),
+                }))
+            }
+            Err(e) => {
+                self.forwards.abandon(prepared).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_sweep(
+        &self,
+        req: Request<v1::SweepRef>,
+    ) -> Result<Response<v1::SweepInfo>, Status> {
+        let id = req.into_inner().id;
+        let sweep = self.relay.wait_sweep(&id).await?;
+        self.forwards.remove_job(&id).await;
+        Ok(Response::new(sweep))
+    }
+}
+
+impl ControlService {
+    /// MLflow's run tags (the git state), read while the barrier runs.
+    fn run_tags(&self, spec: &v1::JobSpec) -> crate::engine::EnvLater {
+        let given = spec.env.get(crate::mlflow::RUN_CONTEXT_VAR).cloned();
+        let repo = self.repo.clone();
+        tokio::spawn(async move {
+            crate::mlflow::run_context(&repo, given)
+                .await
+                .map(|v| (crate::mlflow::RUN_CONTEXT_VAR.to_string(), v))
+                .into_iter()
+                .collect()
+        })
+    }
+}
+
+/// A sweep's forwards are shared by every trial: a local forward (one
+/// laptop port for many trials) and a debugger have no single trial to go
+/// to.
+fn sweep_forwards_allowed(job: &v1::JobSpec) -> Result<(), Status> {
+    if let Some(f) = job
+        .forwards
+        .iter()
+        .find(|f| f.direction() == v1::forward_spec::Direction::Local)
+    {
+        return Err(Status::invalid_argument(format!(
+            "a sweep's trials cannot share the local forward of port {}: forward one trial's port with `bridge forward` instead",
+            f.remote_port
+        )));
+    }
+    if job
+        .debug
+        .is_some_and(|d| d.kind() != v1::debug_spec::Kind::None)
+    {
+        return Err(Status::invalid_argument(
+            "a sweep's trials cannot run under a debugger: debug one trial with `bridge run` of its parameters",
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps a tracking URI given in the job's environment in the spec's own
+/// field, which the forward is made from: the environment gets the agent's
+/// end, and a resume must forward to the laptop's server again.
+fn keep_tracking_uri(job: &mut v1::JobSpec) {
+    if job.mlflow_tracking_uri.is_empty()
+        && let Some(uri) = job.env.get(crate::mlflow::TRACKING_VAR)
+        && crate::mlflow::LocalServer::parse(uri).is_some()
+    {
+        job.mlflow_tracking_uri = uri.clone();
     }
 }
 

@@ -24,6 +24,7 @@ use bridge_proto::tree::{Node, Tree, hex};
 use bridge_proto::v1;
 use bridge_proto::v1::agent_client::AgentClient;
 use bridge_proto::v1::jobs_client::JobsClient;
+use bridge_proto::v1::sweeps_client::SweepsClient;
 use bridge_proto::v1::tunnels_client::TunnelsClient;
 use bridge_proto::{AUTH_HEADER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -132,12 +133,21 @@ pub enum Command {
 /// What the job barrier submits against the generation it verified.
 pub enum Submission {
     Job(Box<v1::JobSpec>),
+    /// A sweep: every trial sees this one generation.
+    Sweep(Box<v1::SweepSpec>),
+    /// An ended sweep's failed and cancelled trials again, with `job` as
+    /// their template.
+    Resume {
+        id: String,
+        job: Box<v1::JobSpec>,
+    },
 }
 
 /// The agent's answer to a [`Submission`].
 #[derive(Debug)]
 pub enum Submitted {
     Job(v1::JobInfo),
+    Sweep(v1::SweepInfo),
 }
 
 impl Submission {
@@ -145,6 +155,8 @@ impl Submission {
     fn job_spec(&mut self) -> &mut v1::JobSpec {
         match self {
             Submission::Job(spec) => spec,
+            Submission::Sweep(s) => s.job.get_or_insert_with(Default::default),
+            Submission::Resume { job, .. } => job,
         }
     }
 }
@@ -289,6 +301,12 @@ pub struct AgentLink {
 impl AgentLink {
     pub fn jobs(&self) -> JobsClient<InterceptedService<Channel, Auth>> {
         JobsClient::with_interceptor(self.channel.clone(), self.auth.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn sweeps(&self) -> SweepsClient<InterceptedService<Channel, Auth>> {
+        SweepsClient::with_interceptor(self.channel.clone(), self.auth.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -1228,6 +1246,33 @@ impl Engine {
                 tracing::info!(job = %j.id, generation, "job submitted");
                 self.update_status(|st| st.jobs_submitted += 1);
                 Ok(Submitted::Job(j))
+            }
+            Submission::Sweep(spec) => {
+                let s = link
+                    .sweeps()
+                    .submit(v1::SweepSubmitRequest {
+                        mirror,
+                        generation: generation.clone(),
+                        spec: Some(*spec),
+                    })
+                    .await?
+                    .into_inner();
+                tracing::info!(sweep = %s.id, trials = s.trials.len(), generation, "sweep submitted");
+                Ok(Submitted::Sweep(s))
+            }
+            Submission::Resume { id, job } => {
+                let s = link
+                    .sweeps()
+                    .resume(v1::SweepResumeRequest {
+                        id,
+                        mirror,
+                        generation: generation.clone(),
+                        job: Some(*job),
+                    })
+                    .await?
+                    .into_inner();
+                tracing::info!(sweep = %s.id, generation, "sweep resumed");
+                Ok(Submitted::Sweep(s))
             }
         }
     }

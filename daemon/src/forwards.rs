@@ -560,7 +560,7 @@ impl Forwards {
         self.finish_removal(gone).await;
     }
 
-    /// Removes job `job`'s forwards once it has ended.
+    /// Removes the forwards of job (or sweep) `job` once it has ended.
     fn watch_job(self: &Arc<Self>, job: String) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -570,9 +570,17 @@ impl Forwards {
                 if !me.table().list.iter().any(|f| f.job == job) {
                     return;
                 }
-                let ended = match me.relay.get(&job).await {
-                    Ok(j) => is_terminal(j.state()),
-                    Err(s) => s.code() == Code::NotFound,
+                // The owner is a job, or a sweep its trials share.
+                let ended = if bridge_proto::sweep::sweep_number(&job).is_some() {
+                    match me.relay.get_sweep(&job).await {
+                        Ok(s) => is_terminal(s.state()),
+                        Err(s) => s.code() == Code::NotFound,
+                    }
+                } else {
+                    match me.relay.get(&job).await {
+                        Ok(j) => is_terminal(j.state()),
+                        Err(s) => s.code() == Code::NotFound,
+                    }
                 };
                 if ended {
                     let gone = me.remove_job(&job).await;

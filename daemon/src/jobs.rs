@@ -46,6 +46,9 @@ pub struct Relay {
     repaired: Mutex<HashSet<String>>,
     /// When the engine was last asked to check the connection.
     last_poke: Mutex<Option<std::time::Instant>>,
+    /// Jobs whose outputs can no longer be pulled (the agent deleted their
+    /// tree): waiting for them would never end.
+    unpullable: Mutex<HashSet<String>>,
 }
 
 /// What one pull brought back.
@@ -55,7 +58,9 @@ pub struct Pulled {
     pub bytes: u64,
 }
 
-/// Where a job's outputs land locally, relative to the repository.
+/// Where a job's outputs land locally, relative to the repository: the
+/// workdir, or `outputs.local` with its placeholders filled in (`{job}`, and
+/// for a sweep's trial `{sweep}` and `{trial}`).
 pub fn destination(spec: &v1::JobSpec, job: &str) -> String {
     let local = spec.outputs_local.trim_matches('/');
     if local.is_empty() {
@@ -64,8 +69,47 @@ pub fn destination(spec: &v1::JobSpec, job: &str) -> String {
             .trim_start_matches('.')
             .to_string()
     } else {
-        local.replace("{job}", job)
+        let (sweep, trial) = spec
+            .trial
+            .as_ref()
+            .map(|t| (t.sweep.clone(), t.index.to_string()))
+            .unwrap_or_default();
+        local
+            .replace("{job}", job)
+            .replace("{sweep}", &sweep)
+            .replace("{trial}", &trial)
     }
+}
+
+/// Where a sweep trial's output directory `D/` lands below its
+/// destination: `D/<sweep>/<trial>/`, so trials never overwrite each other
+/// (an `outputs.local` template places them itself). `None` for other jobs.
+pub fn trial_subdir(spec: &v1::JobSpec) -> Option<String> {
+    let t = spec.trial.as_ref()?;
+    spec.outputs_local
+        .trim_matches('/')
+        .is_empty()
+        .then(|| format!("{}/{}", t.sweep, t.index))
+}
+
+/// The local paths (repository-relative) a job's declared outputs land at.
+pub fn local_outputs(spec: &v1::JobSpec, job: &str) -> Vec<String> {
+    let dest = destination(spec, job);
+    let sub = trial_subdir(spec);
+    spec.outputs
+        .iter()
+        .map(|o| {
+            let o = match &sub {
+                Some(s) => format!("{}/{s}/", o.trim_end_matches('/')),
+                None => o.clone(),
+            };
+            if dest.is_empty() {
+                o
+            } else {
+                format!("{dest}/{o}")
+            }
+        })
+        .collect()
 }
 
 /// The repository-relative paths a job's outputs may land in: never synced up.
@@ -75,11 +119,7 @@ pub fn excluded_paths(spec: &v1::JobSpec) -> Result<Vec<RelPath>, Status> {
     };
     let local = spec.outputs_local.trim_matches('/');
     if !local.is_empty() {
-        let prefix = local
-            .split("{job}")
-            .next()
-            .unwrap_or("")
-            .trim_end_matches('/');
+        let prefix = local.split('{').next().unwrap_or("").trim_end_matches('/');
         if prefix.is_empty() {
             return Err(Status::invalid_argument(
                 "outputs.local must start with a directory, e.g. \"runs/{job}/\"",
@@ -117,7 +157,13 @@ impl Relay {
             pulling: Mutex::new(HashSet::new()),
             repaired: Mutex::new(HashSet::new()),
             last_poke: Mutex::new(None),
+            unpullable: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The mirror (repository) this relay serves.
+    pub fn mirror(&self) -> &str {
+        &self.mirror
     }
 
     /// The engine's current connection, if it ever connected (it may be
@@ -158,7 +204,9 @@ impl Relay {
         let submitted = self
             .barrier(Submission::Job(Box::new(spec)), outputs, env_later)
             .await?;
-        let Submitted::Job(info) = submitted;
+        let Submitted::Job(info) = submitted else {
+            return Err(Status::internal("the barrier answered a sweep for a job"));
+        };
         self.ensure_puller(&info);
         Ok(info)
     }
@@ -212,7 +260,7 @@ impl Relay {
     }
 
     /// Retries `f` over reconnects for calls that are safe to repeat.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    pub(crate) async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: Fn(AgentLink) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -371,6 +419,8 @@ impl Relay {
     /// and waits (bounded) for them to end: `bridge down` leaves nothing
     /// running on an agent it stops.
     pub async fn cancel_all(&self, all_mirrors: bool) {
+        // First the sweeps, or they would start trials as their jobs end.
+        self.cancel_sweeps(all_mirrors).await;
         let Some(link) = self.shared.agent.borrow().clone() else {
             return;
         };
@@ -431,12 +481,25 @@ impl Relay {
         }
     }
 
+    /// Whether job `info` has ended with its outputs back (or none to
+    /// bring, or none that can still be brought).
+    pub(crate) fn home(&self, info: &JobInfo) -> bool {
+        let no_outputs = info.spec.as_ref().is_none_or(|s| s.outputs.is_empty());
+        is_terminal(info.state())
+            && (no_outputs
+                || info.outputs_pulled
+                || self
+                    .unpullable
+                    .lock()
+                    .expect("unpullable")
+                    .contains(&info.id))
+    }
+
     /// Returns once the job has ended and its outputs are back.
     pub async fn wait(self: &Arc<Self>, id: &str) -> Result<JobInfo, Status> {
         loop {
             let info = self.get(id).await?;
-            let no_outputs = info.spec.as_ref().is_none_or(|s| s.outputs.is_empty());
-            if is_terminal(info.state()) && (no_outputs || info.outputs_pulled) {
+            if self.home(&info) {
                 return Ok(info);
             }
             if is_terminal(info.state()) {
@@ -466,7 +529,7 @@ impl Relay {
         Ok((got, destination(&spec, &info.id)))
     }
 
-    fn ensure_puller(self: &Arc<Self>, info: &JobInfo) {
+    pub(crate) fn ensure_puller(self: &Arc<Self>, info: &JobInfo) {
         if info.spec.as_ref().is_none_or(|s| s.outputs.is_empty()) || info.outputs_pulled {
             return;
         }
@@ -530,6 +593,10 @@ impl Relay {
                 }
                 Err(s) if s.code() == Code::NotFound => {
                     tracing::warn!(job = %job.id, error = %s.message(), "cannot pull outputs");
+                    self.unpullable
+                        .lock()
+                        .expect("unpullable")
+                        .insert(job.id.clone());
                     return;
                 }
                 Err(s) => {
@@ -647,6 +714,41 @@ mod tests {
             zstd,
             raw_len,
         }
+    }
+
+    #[test]
+    fn a_trials_outputs_land_apart_from_the_other_trials() {
+        let trial = |local: &str| v1::JobSpec {
+            workdir: "exp".into(),
+            outputs: vec!["outputs/".into(), "ckpt/".into()],
+            outputs_local: local.into(),
+            trial: Some(v1::TrialRef {
+                sweep: "s3".into(),
+                index: 7,
+                attempt: 2,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(trial_subdir(&trial("")).as_deref(), Some("s3/7"));
+        assert_eq!(
+            local_outputs(&trial(""), "41"),
+            ["exp/outputs/s3/7/", "exp/ckpt/s3/7/"]
+        );
+        // A template places them itself.
+        let t = trial("runs/{sweep}/{trial}/");
+        assert_eq!(trial_subdir(&t), None);
+        assert_eq!(destination(&t, "41"), "runs/s3/7");
+        assert_eq!(
+            excluded_paths(&t).unwrap(),
+            [RelPath::new("runs").unwrap()],
+            "the fixed part before the first placeholder"
+        );
+        // A plain job is as before.
+        let job = v1::JobSpec {
+            trial: None,
+            ..trial("")
+        };
+        assert_eq!(local_outputs(&job, "41"), ["exp/outputs/", "exp/ckpt/"]);
     }
 
     #[test]

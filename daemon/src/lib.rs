@@ -13,6 +13,8 @@
 //!   (local process).
 //! - [`jobs`]: the job relay — submit, logs, cancel, GPUs — and the output
 //!   puller that brings job outputs back into the local tree.
+//! - [`sweeps`]: the sweep relay — submit and resume through the barrier,
+//!   status, cancel, and the wait for every trial's outputs.
 //! - [`forwards`]: port forwards both ways over the agent connection, and
 //!   the ones a job asks for (its `[[forward]]`s, MLflow, its debugger).
 //! - [`kernel`]: `bridge kernel`'s relay — the front end's five ZMQ
@@ -39,6 +41,7 @@ pub mod mlflow;
 pub mod provider;
 pub mod repo;
 pub mod status;
+pub mod sweeps;
 pub mod watcher;
 
 use std::future::Future;

@@ -31,6 +31,9 @@ pub(super) struct Puller {
     base: PathBuf,
     /// The declared output paths (relative to the job's workdir).
     declared: Vec<String>,
+    /// A sweep trial's `<sweep>/<trial>`, put below each declared directory
+    /// ([`super::trial_subdir`]).
+    trial: Option<String>,
     /// Content hash already in place per path.
     done: HashMap<String, Vec<u8>>,
     /// Stat and chunks of files this puller wrote (so reusing their chunks
@@ -59,6 +62,7 @@ impl Puller {
                 .iter()
                 .map(|o| o.trim_matches('/').to_string())
                 .collect(),
+            trial: super::trial_subdir(&spec),
             done: HashMap::new(),
             written: HashMap::new(),
             gone: crate::repo::Layout::new(repo).gone,
@@ -88,6 +92,26 @@ impl Puller {
         }
     }
 
+    /// Where the output at `path` (relative to the job's workdir) lands.
+    fn dest(&self, path: &str) -> PathBuf {
+        if let Some(t) = &self.trial
+            && let Some(d) = self.declared.iter().find(|d| {
+                path == d.as_str()
+                    || path
+                        .strip_prefix(d.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+        {
+            let rest = path[d.len()..].trim_start_matches('/');
+            let mut p = self.base.join(d).join(t);
+            if !rest.is_empty() {
+                p.push(rest);
+            }
+            return p;
+        }
+        self.base.join(path)
+    }
+
     fn allowed(&self, path: &str) -> bool {
         RelPath::new(path).is_ok()
             && self.declared.iter().any(|d| {
@@ -115,7 +139,7 @@ impl Puller {
                 tracing::warn!(path = %e.path, "agent listed an output outside the declared paths; ignored");
                 continue;
             }
-            let dest = self.base.join(&e.path);
+            let dest = self.dest(&e.path);
             if let Err(why) = no_symlink_between(&self.base, &dest) {
                 tracing::warn!(path = %dest.display(), why, "output not written");
                 continue;
@@ -589,6 +613,42 @@ mod tests {
             assert!(t0.elapsed().as_secs() < 10, "left beside it: {names:?}");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_trials_output_paths_map_below_sweep_and_trial() {
+        let info = JobInfo {
+            id: "9".into(),
+            spec: Some(v1::JobSpec {
+                outputs: vec!["outputs/".into(), "logs/".into()],
+                trial: Some(v1::TrialRef {
+                    sweep: "s2".into(),
+                    index: 4,
+                    attempt: 1,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let repo = Path::new("/repo");
+        let p = Puller::new(repo, &info);
+        assert_eq!(p.dest("outputs/m.pt"), Path::new("/repo/outputs/s2/4/m.pt"));
+        assert_eq!(p.dest("outputs/a/b"), Path::new("/repo/outputs/s2/4/a/b"));
+        assert_eq!(p.dest("outputs"), Path::new("/repo/outputs/s2/4"));
+        assert_eq!(p.dest("logs/x"), Path::new("/repo/logs/s2/4/x"));
+        // A name that only starts like a declared one is not under it.
+        assert!(!p.allowed("outputsX/m.pt"));
+        let plain = JobInfo {
+            spec: Some(v1::JobSpec {
+                trial: None,
+                ..info.spec.clone().unwrap()
+            }),
+            ..info
+        };
+        assert_eq!(
+            Puller::new(repo, &plain).dest("outputs/m.pt"),
+            Path::new("/repo/outputs/m.pt")
+        );
     }
 
     /// A writer for `tmp` over the previous version `old` (if any).
