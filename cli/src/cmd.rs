@@ -11,5 +11,6 @@ pub mod ps;
 pub mod pull;
 pub mod run;
 pub mod status;
+pub mod sweep;
 pub mod sync;
 pub mod up;

@@ -9,6 +9,7 @@ mod client;
 mod cmd;
 mod jobs;
 mod spec;
+mod sweeps;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -43,15 +44,21 @@ enum Cmd {
     /// Run the daemon in the foreground (`bridge up` starts it in the background).
     Daemon(cmd::daemon::Args),
     /// Run a job file (train.toml) on the agent, streaming its logs; exits with its exit code.
+    /// With [sweep], runs its trials on every free GPU and prints a summary table.
     Run(cmd::run::Args),
     /// Run a command on the agent as an ad-hoc job: `bridge exec [--gpus N] -- CMD...`.
     Exec(cmd::exec::Args),
-    /// Show a job's log (`-f` follows it, `--tail N` starts at the last N lines).
+    /// Show a job's log, or a sweep trial's (`bridge logs s3/2`); `-f` follows it,
+    /// `--tail N` starts at the last N lines.
     Logs(cmd::logs::Args),
     /// List jobs: id, name, state, GPUs, start, duration, exit code.
     Ps(cmd::ps::Args),
-    /// Stop a job: SIGTERM to its process group, SIGKILL after a grace period.
+    /// Stop a job: SIGTERM to its process group, SIGKILL after a grace period
+    /// (a sweep id stops the sweep).
     Cancel(cmd::cancel::Args),
+    /// Sweeps: `bridge sweep status [SWEEP] [--json] [--watch]`, `cancel SWEEP`,
+    /// `resume SWEEP` (runs its failed and cancelled trials again).
+    Sweep(cmd::sweep::Args),
     /// Fetch a job's outputs into the local tree again.
     Pull(cmd::pull::Args),
     /// Forward ports between this machine and the agent (both loopback only):
@@ -115,6 +122,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Logs(a) => cmd::logs::run(&cwd, a).await,
             Cmd::Ps(a) => cmd::ps::run(&cwd, a).await,
             Cmd::Cancel(a) => cmd::cancel::run(&cwd, a).await,
+            Cmd::Sweep(a) => cmd::sweep::run(&cwd, a).await,
             Cmd::Pull(a) => cmd::pull::run(&cwd, a).await,
             Cmd::Forward(a) => cmd::forward::run(&cwd, a).await,
             Cmd::Kernel(a) => cmd::kernel::run(&cwd, a).await,

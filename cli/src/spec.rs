@@ -25,6 +25,10 @@
 //! env = "LOCAL_API_PORT"                # the job gets the agent port here
 //! [mlflow]
 //! tracking_uri = "http://127.0.0.1:5000"  # the laptop's server (default: $MLFLOW_TRACKING_URI)
+//! [sweep]                               # optional: many trials (see [`sweep`])
+//! max_parallel = 2
+//! [sweep.params]
+//! lr = [0.1, 0.01]                      # `run` says {lr}; trials get BRIDGE_PARAM_LR
 //! ```
 //!
 //! Every error names the line and column (or the `--set` argument) it is
@@ -36,12 +40,14 @@
 //! - [`set`]: `--set KEY=VALUE` overrides, applied before deserialising.
 //! - [`path`]: lexical path normalisation and the paths never allowed.
 //! - [`convert`]: defaults, semantic checks, and the [`JobSpec`] itself.
+//! - [`sweep`]: `[sweep]` — its checks, and the trials it makes.
 
 mod convert;
 mod error;
 mod path;
 mod raw;
 mod set;
+pub mod sweep;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +58,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+pub use convert::Job;
 pub use error::SpecError;
 use error::{KeyHint, Origin};
 use raw::RawSpec;
@@ -64,6 +71,8 @@ pub const DEFAULT_FILE: &str = "train.toml";
 #[derive(Debug)]
 pub struct Loaded {
     pub spec: JobSpec,
+    /// Its `[sweep]`, when it has one.
+    pub sweep: Option<sweep::SweepDef>,
     /// The file that was read: `path` as given, or `path/train.toml` when a
     /// directory was given.
     pub path: PathBuf,
@@ -85,8 +94,8 @@ pub fn load(path: &Path, repo_root: &Path, overrides: &[String]) -> Result<Loade
             source,
         },
     })?;
-    let spec = from_str(&text, &path, repo_root, overrides)?;
-    Ok(Loaded { spec, path })
+    let Job { spec, sweep } = from_str(&text, &path, repo_root, overrides)?;
+    Ok(Loaded { spec, sweep, path })
 }
 
 /// Parses job file text. `origin` names the file in messages and gives the
@@ -97,7 +106,7 @@ pub fn from_str(
     origin: &Path,
     repo_root: &Path,
     overrides: &[String],
-) -> Result<JobSpec, SpecError> {
+) -> Result<Job, SpecError> {
     let at = |span| Origin::in_file(origin.to_path_buf(), text, span);
     let mut doc = DeTable::parse(text).map_err(|e| SpecError::Syntax {
         origin: at(e.span()),

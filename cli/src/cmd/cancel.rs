@@ -1,5 +1,6 @@
 //! `bridge cancel JOB`: SIGTERM to the job's whole process group, SIGKILL
-//! after a grace period; returns once the job has ended.
+//! after a grace period; returns once the job has ended. A sweep id (s3)
+//! cancels the sweep (`bridge sweep cancel`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,11 +12,15 @@ use crate::{client, jobs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The job id.
+    /// The job id, or a sweep id (s3).
     job: String,
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
+    if bridge_proto::sweep::sweep_number(&args.job).is_some() {
+        let sweep = crate::cmd::sweep::Args::cancel(args.job);
+        return crate::cmd::sweep::run(cwd, sweep).await;
+    }
     let layout = client::repo(cwd)?;
     let mut c = client::require_daemon(&layout).await?;
     let info = c

@@ -1,12 +1,13 @@
-//! `bridge logs JOB [-f] [--tail N]`: replay a job's log, and follow it.
+//! `bridge logs JOB|SWEEP/TRIAL [-f] [--tail N]`: replay a job's log (or a
+//! sweep trial's, its latest attempt), and follow it.
 
 use std::path::Path;
 
-use crate::{client, jobs};
+use crate::{client, jobs, sweeps};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The job id (`bridge ps --all` lists them).
+    /// The job id (`bridge ps --all` lists them), or SWEEP/TRIAL (s3/2).
     job: String,
     /// Keep following until the job ends.
     #[arg(short, long)]
@@ -19,11 +20,15 @@ pub struct Args {
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     let layout = client::repo(cwd)?;
     let mut c = client::require_daemon(&layout).await?;
+    let job = match bridge_proto::sweep::trial_ref(&args.job) {
+        Some((sweep, trial)) => sweeps::trial_job(&mut c, &sweep, trial).await?,
+        None => args.job.clone(),
+    };
     jobs::follow_log(
         cwd,
         &layout,
         &mut c,
-        &args.job,
+        &job,
         0,
         args.follow,
         args.tail.unwrap_or(0),

@@ -81,6 +81,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                     "outputs_pulled": j.outputs_pulled,
                     "live": j.spec.as_ref().is_some_and(|s| s.live),
                     "restarts": j.restarts,
+                    "trial": j.spec.as_ref().and_then(|s| s.trial.as_ref()).map(|t| serde_json::json!({
+                        "sweep": t.sweep, "index": t.index, "attempt": t.attempt,
+                    })),
+                    "metrics": j.metrics,
                 })
             })
             .collect();

@@ -1,9 +1,12 @@
-//! `bridge run FILE.toml [--set KEY=VALUE]... [--detach] [--debug[=pycharm:PORT]]`: run a job on the
-//! agent against exactly the tree saved now; exits with the job's exit code.
+//! `bridge run FILE.toml [--set KEY=VALUE]... [--detach] [--debug[=pycharm:PORT]] [--yes]`: run a
+//! job on the agent against exactly the tree saved now; exits with the job's
+//! exit code. A job file with `[sweep]` runs its trials instead.
 
 use std::path::{Path, PathBuf};
 
-use crate::{client, jobs, spec};
+use anyhow::bail;
+
+use crate::{client, jobs, spec, sweeps};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,6 +20,9 @@ pub struct Args {
     detach: bool,
     #[command(flatten)]
     debug: jobs::DebugArgs,
+    /// Submit a sweep of more than 10,000 trials.
+    #[arg(long)]
+    yes: bool,
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
@@ -28,5 +34,13 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     }
     let mut spec = loaded.spec;
     spec.debug = args.debug.spec();
+    if let Some(sweep) = loaded.sweep {
+        if spec.debug.is_some() {
+            bail!(
+                "--debug runs one job under a debugger, and this job file is a sweep: debug one trial with a job file of its parameters (drop [sweep])"
+            );
+        }
+        return sweeps::submit_and_follow(cwd, &layout, spec, sweep, args.detach, args.yes).await;
+    }
     jobs::submit_and_follow(cwd, &layout, spec, args.detach).await
 }

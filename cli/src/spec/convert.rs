@@ -20,6 +20,7 @@ use super::error::{Origin, SpecError};
 use super::path::{self, Norm, Problem};
 use super::raw::RawSpec;
 use super::set::Override;
+use super::sweep::SweepDef;
 
 /// The name bridge reserves for the variables it sets in a job.
 const RESERVED_ENV_PREFIX: &str = "BRIDGE_";
@@ -43,7 +44,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn invalid(&self, key: &[&str], span: Option<Range<usize>>, problem: String) -> SpecError {
+    pub(super) fn invalid(
+        &self,
+        key: &[&str],
+        span: Option<Range<usize>>,
+        problem: String,
+    ) -> SpecError {
         SpecError::Invalid {
             origin: self.origin(key, span),
             key: key.join("."),
@@ -98,7 +104,15 @@ impl Ctx<'_> {
     }
 }
 
-pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
+/// A checked job file: the job, and its sweep when it has `[sweep]`.
+#[derive(Debug)]
+pub struct Job {
+    /// The job (a sweep's trial template: `gpus` is per trial).
+    pub spec: JobSpec,
+    pub sweep: Option<SweepDef>,
+}
+
+pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<Job, SpecError> {
     let name = match &raw.name {
         Some(n) if n.get_ref().trim().is_empty() => {
             return Err(ctx.invalid(&["name"], Some(n.span()), "is empty".into()));
@@ -329,7 +343,7 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
     let outputs_local = match &raw.outputs.local {
         None => String::new(),
         Some(l) if l.get_ref().trim().is_empty() => String::new(),
-        Some(l) => local_destination(ctx, l, raw.outputs.paths.is_empty())?,
+        Some(l) => local_destination(ctx, l, raw.outputs.paths.is_empty(), raw.sweep.is_some())?,
     };
 
     let live = match &raw.mode {
@@ -373,7 +387,55 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
         }
     };
 
-    Ok(JobSpec {
+    let mut gpus = raw.resources.gpus.0;
+    let sweep = match &raw.sweep {
+        None => None,
+        Some(sw) => {
+            let run = raw.run.as_ref().expect("checked above");
+            let (def, per_trial) =
+                super::sweep::convert(ctx, sw, super::sweep::JobFacts { run, gpus })?;
+            gpus = per_trial;
+            if live {
+                return Err(ctx.invalid(
+                    &["sweep"],
+                    Some(sw.span()),
+                    "runs each trial in a snapshot of the tree, and mode = \"live\" runs one job in the mirror: drop one of them".into(),
+                ));
+            }
+            if outputs_local.is_empty() {
+                if let Some((v, _)) = outputs.iter().find(|(_, n)| !n.dir) {
+                    return Err(ctx.invalid(
+                        &["outputs", "paths"],
+                        Some(v.span()),
+                        format!(
+                            "= {:?} is a file; a sweep's trials bring each output directory D/ home as D/<sweep>/<trial>/, so list directories (\"results/\"), or place them yourself with outputs.local = \"runs/{{sweep}}/{{trial}}/\"",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+            } else if !outputs_local.contains("{trial}") && !outputs_local.contains("{job}") {
+                let l = raw.outputs.local.as_ref().expect("set");
+                return Err(ctx.invalid(
+                    &["outputs", "local"],
+                    Some(l.span()),
+                    format!(
+                        "= {:?} is one place for every trial of the sweep: add {{trial}} (or {{job}}), e.g. \"runs/{{sweep}}/{{trial}}/\"",
+                        l.get_ref()
+                    ),
+                ));
+            }
+            if let Some(f) = raw.forward.iter().find(|f| !f.get_ref().reverse) {
+                return Err(ctx.invalid(
+                    &["forward"],
+                    Some(f.span()),
+                    "forwards a laptop port to one agent port, which a sweep's trials cannot share: forward one trial's port with `bridge forward` (reverse forwards are fine)".into(),
+                ));
+            }
+            Some(def)
+        }
+    };
+
+    let spec = JobSpec {
         name,
         run,
         workdir: workdir.joined(),
@@ -384,7 +446,7 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
             kind: kind as i32,
             file: norm.joined(),
         }),
-        gpus: raw.resources.gpus.0,
+        gpus,
         outputs: outputs
             .into_iter()
             .map(|(_, n)| {
@@ -401,7 +463,9 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<JobSpec, SpecError> {
         debug: None,
         mlflow_tracking_uri,
         kernel: None,
-    })
+        trial: None,
+    };
+    Ok(Job { spec, sweep })
 }
 
 /// `[[forward]]` tables: `port` names both ends unless `local` / `remote`
@@ -507,9 +571,15 @@ fn forwards(
 }
 
 /// Checks `outputs.local`: repository-relative, `{job}` as the only
-/// placeholder, and a fixed directory first (the daemon keeps that directory
-/// out of the sync, so it cannot depend on the job id).
-fn local_destination(ctx: &Ctx, l: &Spanned<String>, no_paths: bool) -> Result<String, SpecError> {
+/// placeholder (and `{sweep}`, `{trial}` in a sweep), and a fixed directory
+/// first (the daemon keeps that directory out of the sync, so it cannot
+/// depend on the job id).
+fn local_destination(
+    ctx: &Ctx,
+    l: &Spanned<String>,
+    no_paths: bool,
+    sweep: bool,
+) -> Result<String, SpecError> {
     let key = ["outputs", "local"];
     let s = l.get_ref();
     if no_paths {
@@ -519,15 +589,20 @@ fn local_destination(ctx: &Ctx, l: &Spanned<String>, no_paths: bool) -> Result<S
             "is set but `outputs.paths` is empty: there is nothing to bring back".into(),
         ));
     }
-    if s.replace("{job}", "").contains(['{', '}']) {
-        return Err(ctx.invalid(
-            &key,
-            Some(l.span()),
-            format!("= {s:?}: the only placeholder is {{job}} (the job id)"),
-        ));
+    let mut rest = s.replace("{job}", "");
+    if sweep {
+        rest = rest.replace("{sweep}", "").replace("{trial}", "");
+    }
+    if rest.contains(['{', '}']) {
+        let known = if sweep {
+            "the placeholders are {job} (the job id), {sweep} and {trial}"
+        } else {
+            "the only placeholder is {job} (the job id)"
+        };
+        return Err(ctx.invalid(&key, Some(l.span()), format!("= {s:?}: {known}")));
     }
     let norm = ctx.resolve(&key, &Norm::root(), "the repository root", l)?;
-    if norm.parts.first().is_none_or(|p| p.contains("{job}")) {
+    if norm.parts.first().is_none_or(|p| p.contains('{')) {
         return Err(ctx.invalid(
             &key,
             Some(l.span()),

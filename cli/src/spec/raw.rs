@@ -35,6 +35,62 @@ pub struct RawSpec {
     pub forward: Vec<Spanned<RawForward>>,
     #[serde(default)]
     pub mlflow: RawMlflow,
+    /// `[sweep]`: the job run many times.
+    pub sweep: Option<Spanned<RawSweep>>,
+}
+
+/// `[sweep]` (see [`super::sweep`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSweep {
+    /// "grid", "random", "list" or "workers".
+    pub method: Option<Spanned<String>>,
+    /// Parameter name → a list of values, or a range (random only).
+    #[serde(default)]
+    pub params: Ordered,
+    /// `[[sweep.trial]]`: the trials of a list sweep.
+    #[serde(default)]
+    pub trial: Vec<Spanned<Ordered>>,
+    /// Random: how many to draw.
+    pub trials: Option<Spanned<i64>>,
+    pub seed: Option<Spanned<i64>>,
+    pub workers: Option<Spanned<i64>>,
+    pub gpus_per_trial: Option<Spanned<i64>>,
+    pub cpus_per_trial: Option<Spanned<i64>>,
+    pub max_parallel: Option<Spanned<i64>>,
+    pub retries: Option<Spanned<i64>>,
+    pub fail_fast: Option<bool>,
+    pub report: Option<Spanned<String>>,
+    /// MLflow parent and child runs (default true).
+    pub mlflow: Option<bool>,
+}
+
+/// A table whose keys keep their order (a grid's) and their place in the
+/// file (for messages).
+#[derive(Debug, Default)]
+pub struct Ordered(pub Vec<(Spanned<String>, Spanned<toml::Value>)>);
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = map.next_entry::<Spanned<String>, Spanned<toml::Value>>()? {
+                    out.push(kv);
+                }
+                // The deserializer hands keys over sorted: back to the
+                // order of the file.
+                out.sort_by_key(|(k, _): &(Spanned<String>, _)| k.span().start);
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// `[[forward]]`: a port forward for the job's lifetime.
@@ -128,6 +184,8 @@ pub const STRING_KEYS: &[&str] = &[
     "outputs.local",
     "mode",
     "mlflow.tracking_uri",
+    "sweep.method",
+    "sweep.report",
 ];
 
 /// Keys of the sub-tables, to suggest `resources.gpus` for a top-level `gpus`.
@@ -139,6 +197,18 @@ pub const NESTED_KEYS: &[&str] = &[
     "outputs.paths",
     "outputs.local",
     "mlflow.tracking_uri",
+    "sweep.method",
+    "sweep.params",
+    "sweep.trials",
+    "sweep.seed",
+    "sweep.workers",
+    "sweep.gpus_per_trial",
+    "sweep.cpus_per_trial",
+    "sweep.max_parallel",
+    "sweep.retries",
+    "sweep.fail_fast",
+    "sweep.report",
+    "sweep.mlflow",
 ];
 
 /// Rewrites serde's "invalid type: X, expected Y" for the value at `key` into
@@ -180,14 +250,23 @@ mod tests {
     #[test]
     fn key_lists_match_the_model() {
         for key in STRING_KEYS.iter().chain(NESTED_KEYS) {
+            let value = match *key {
+                "resources.gpus"
+                | "sweep.trials"
+                | "sweep.seed"
+                | "sweep.workers"
+                | "sweep.gpus_per_trial"
+                | "sweep.cpus_per_trial"
+                | "sweep.max_parallel"
+                | "sweep.retries" => "1",
+                "outputs.paths" => "[]",
+                "sweep.params" => "{}",
+                "sweep.fail_fast" | "sweep.mlflow" => "true",
+                _ => "\"x\"",
+            };
             let toml = match key.split_once('.') {
-                Some((table, k)) if *key != "resources.gpus" && *key != "outputs.paths" => {
-                    format!("[{table}]\n{k} = \"x\"")
-                }
-                Some((table, k)) => {
-                    format!("[{table}]\n{k} = {}", if k == "gpus" { "1" } else { "[]" })
-                }
-                None => format!("{key} = \"x\""),
+                Some((table, k)) => format!("[{table}]\n{k} = {value}"),
+                None => format!("{key} = {value}"),
             };
             let r: Result<RawSpec, _> = toml::from_str(&toml);
             assert!(r.is_ok(), "{key}: {:?}", r.err());

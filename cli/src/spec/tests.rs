@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
 
 fn parse(text: &str, sets: &[&str]) -> Result<JobSpec, super::SpecError> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    from_str(text, Path::new("train.toml"), &repo(), &sets)
+    from_str(text, Path::new("train.toml"), &repo(), &sets).map(|j| j.spec)
 }
 
 /// The message the user sees for `text` with `sets`.
@@ -187,7 +187,7 @@ fn unknown_keys_suggest_the_known_one() {
     assert_eq!(
         error("run = \"x\"\ncolour = \"blue\"\n", &[]),
         "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, setup, \
-         setup_inputs, env, python, resources, outputs, mode, forward, mlflow)\n 2 | colour = \"blue\"\n   | ^^^^^^"
+         setup_inputs, env, python, resources, outputs, mode, forward, mlflow, sweep)\n 2 | colour = \"blue\"\n   | ^^^^^^"
     );
 }
 
@@ -470,4 +470,247 @@ fn bad_forwards_and_modes_say_where() {
             "{text:?}\n got: {got}\nwant: {want}…"
         );
     }
+}
+
+// ---- [sweep] ----
+
+/// The job and its sweep.
+fn sweep(text: &str, sets: &[&str]) -> (JobSpec, super::sweep::SweepDef) {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let j = from_str(text, Path::new("train.toml"), &repo(), &sets).unwrap();
+    (j.spec, j.sweep.expect("a sweep"))
+}
+
+/// Each trial's parameters as `name=value` words.
+fn trials(d: &super::sweep::SweepDef) -> Vec<String> {
+    d.trials()
+        .iter()
+        .map(|t| {
+            t.params
+                .iter()
+                .map(|p| format!("{}={}", p.name, p.value))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+#[test]
+fn a_grid_is_the_product_of_its_lists_in_the_order_written() {
+    let (spec, d) = sweep(
+        "run = \"python t.py --lr {lr} --depth {depth}\"\n[resources]\ngpus = 1\n\
+         [sweep]\nmax_parallel = 2\nreport = \"val_acc\"\n\
+         [sweep.params]\nlr = [1e-3, 3e-4]\ndepth = [4, 8, 16]\n",
+        &[],
+    );
+    assert_eq!(
+        trials(&d),
+        [
+            "lr=0.001 depth=4",
+            "lr=0.001 depth=8",
+            "lr=0.001 depth=16",
+            "lr=0.0003 depth=4",
+            "lr=0.0003 depth=8",
+            "lr=0.0003 depth=16"
+        ]
+    );
+    assert_eq!(d.count(), Some(6));
+    assert_eq!((d.max_parallel, d.report.as_str()), (2, "val_acc"));
+    assert_eq!(spec.gpus, 1, "gpus_per_trial defaults to resources.gpus");
+    assert_eq!(d.describe(), "a grid over lr × depth");
+    let s = d.to_spec(spec);
+    assert_eq!((s.method.as_str(), s.trials.len()), ("grid", 6));
+    // Values as a trial gets them; a constant is a list of one.
+    let (_, d) = sweep(
+        "run = \"t {a} {b} {c} {d}\"\n[sweep.params]\na = [1.0, 2.5, -3]\nb = [true]\n\
+         c = [\"x y\"]\nd = 7\n",
+        &[],
+    );
+    assert_eq!(trials(&d)[0], "a=1.0 b=true c=x y d=7");
+    assert_eq!(trials(&d)[2], "a=-3 b=true c=x y d=7");
+}
+
+#[test]
+fn a_random_search_draws_the_same_trials_for_the_same_seed() {
+    let text = "run = \"t {lr} {depth} {opt}\"\n[sweep]\nmethod = \"random\"\ntrials = 50\nseed = 7\n\
+                [sweep.params]\nlr = { loguniform = [1e-5, 1e-1] }\ndepth = { int = [2, 4] }\n\
+                opt = [\"adam\", \"sgd\"]\ndrop = { uniform = [0.1, 0.5] }\n";
+    let (_, a) = sweep(text, &[]);
+    let (_, b) = sweep(text, &[]);
+    assert_eq!(trials(&a), trials(&b));
+    let (_, c) = sweep(text, &["sweep.seed=8"]);
+    assert_ne!(trials(&a), trials(&c));
+    let mut depths = std::collections::BTreeSet::new();
+    for t in a.trials() {
+        let v = |n: &str| t.params.iter().find(|p| p.name == n).unwrap().value.clone();
+        let lr: f64 = v("lr").parse().unwrap();
+        assert!((1e-5..=1e-1).contains(&lr), "{lr}");
+        let drop: f64 = v("drop").parse().unwrap();
+        assert!((0.1..0.5).contains(&drop), "{drop}");
+        assert!(["adam", "sgd"].contains(&v("opt").as_str()));
+        depths.insert(v("depth").parse::<i64>().unwrap());
+    }
+    assert_eq!(
+        depths.into_iter().collect::<Vec<_>>(),
+        [2, 3, 4],
+        "int ranges include both ends"
+    );
+    // Pinned: the same seed gives these values in every version.
+    assert_eq!(
+        trials(&a)[0],
+        "lr=0.00004277444547469973 depth=2 opt=sgd drop=0.3906965186853061"
+    );
+    // No seed: bridge picks one and says so.
+    let (_, d) = sweep(&text.replace("seed = 7\n", ""), &[]);
+    assert!(d.describe().contains("set sweep.seed"), "{}", d.describe());
+}
+
+#[test]
+fn list_and_workers_sweeps() {
+    let (_, d) = sweep(
+        "run = \"t {lr}\"\n[sweep]\nmethod = \"list\"\n[[sweep.trial]]\nlr = 0.1\nwd = 1\n\
+         [[sweep.trial]]\nlr = 0.5\n",
+        &[],
+    );
+    assert_eq!(trials(&d), ["lr=0.1 wd=1", "lr=0.5"]);
+    // The method follows from the tables when not given.
+    let (_, d) = sweep("run = \"t {lr}\"\n[[sweep.trial]]\nlr = 1\n", &[]);
+    assert_eq!(trials(&d), ["lr=1"]);
+    let (spec, d) = sweep(
+        "run = \"python tune.py --worker {trial}\"\n[resources]\ngpus = 2\n[sweep]\nworkers = 3\ngpus_per_trial = 1\n",
+        &[],
+    );
+    assert_eq!(trials(&d), ["", "", ""]);
+    assert_eq!(spec.gpus, 1);
+    // Literal braces, shell variables and code are not placeholders.
+    sweep(
+        "run = \"awk '{print $1}' f; echo ${HOME} {{lr}}\"\n[sweep]\nworkers = 1\n",
+        &[],
+    );
+}
+
+fn sweep_error(text: &str) -> String {
+    error(text, &[])
+}
+
+#[test]
+fn sweep_errors_say_where_and_what_to_do() {
+    // An unknown placeholder: its own column, and the close name.
+    assert_eq!(
+        sweep_error("run = \"python t.py --lr {lrr}\"\n[sweep.params]\nlr = [1, 2]\n"),
+        "train.toml:1:25: `run` has the placeholder {lrr} but no parameter of [sweep.params] \
+         is named \"lrr\", did you mean {lr}?; write {{ and }} for literal braces\n \
+         1 | run = \"python t.py --lr {lrr}\"\n   |                         ^^^^^"
+    );
+    let e = sweep_error("run = \"t {x}\"\n[[sweep.trial]]\nx = 1\n[[sweep.trial]]\ny = 2\n");
+    assert!(
+        e.contains("trial 1 of [[sweep.trial]] has no parameter \"x\""),
+        "{e}"
+    );
+    // An empty list, with its place.
+    let e = sweep_error("run = \"t {lr}\"\n[sweep.params]\nlr = []\n");
+    assert!(
+        e.starts_with("train.toml:3:6: `sweep.params.lr` is an empty list"),
+        "{e}"
+    );
+    // The same parameter twice (one variable).
+    let e = sweep_error("run = \"t {lr}\"\n[sweep.params]\nlr = [1]\nLR = [2]\n");
+    assert!(
+        e.starts_with("train.toml:4:1: `sweep.params.LR` names the parameter \"lr\" a second time (both would be BRIDGE_PARAM_LR)"),
+        "{e}"
+    );
+    // And TOML's own duplicate key keeps its position.
+    let e = sweep_error("run = \"t {lr}\"\n[sweep.params]\nlr = [1]\nlr = [2]\n");
+    assert!(e.starts_with("train.toml:4:1:"), "{e}");
+    for (text, want) in [
+        (
+            "run = \"t {lr}\"\n[sweep.params]\nlr = { uniform = [0, 1] }\n",
+            "a grid needs a list of values",
+        ),
+        (
+            "run = \"t {lr}\"\n[sweep]\nmethod = \"random\"\n[sweep.params]\nlr = [1]\n",
+            "`sweep.trials` is missing",
+        ),
+        ("run = \"t\"\n[sweep]\nmethod = \"gird\"\n", "use \"grid\""),
+        (
+            "run = \"t {lr}\"\n[sweep]\nmethod = \"random\"\ntrials = 2\n[sweep.params]\nlr = { loguniform = [0, 1] }\n",
+            "both bounds must be above 0",
+        ),
+        (
+            "run = \"t {lr}\"\n[sweep]\nmethod = \"random\"\ntrials = 2\n[sweep.params]\nlr = { normal = [0, 1] }\n",
+            "is not a range",
+        ),
+        (
+            "run = \"t {trial}\"\n[sweep.params]\ntrial = [1]\n",
+            "is reserved",
+        ),
+        (
+            "run = \"t\"\n[sweep.params]\n2x = [1]\n",
+            "is not a parameter name",
+        ),
+        (
+            "run = \"t\"\n[sweep]\nmax_parallel = 0\n[sweep.params]\na = [1]\n",
+            "(1 to",
+        ),
+        (
+            "run = \"t\"\nmode = \"live\"\n[sweep.params]\na = [1]\n",
+            "mode = \"live\" runs one job in the mirror",
+        ),
+        (
+            "run = \"t\"\n[outputs]\npaths = [\"m.json\"]\n[sweep.params]\na = [1]\n",
+            "is a file; a sweep's trials bring each output directory",
+        ),
+        (
+            "run = \"t\"\n[outputs]\npaths = [\"o/\"]\nlocal = \"runs/{job}/\"\n[sweep.params]\na = [1]\n",
+            "",
+        ),
+        (
+            "run = \"t\"\n[outputs]\npaths = [\"o/\"]\nlocal = \"runs/{sweep}/\"\n[sweep.params]\na = [1]\n",
+            "is one place for every trial",
+        ),
+        (
+            "run = \"t\"\n[[forward]]\nport = 6006\n[sweep.params]\na = [1]\n",
+            "which a sweep's trials cannot share",
+        ),
+        (
+            "run = \"t\"\n[sweep]\nworkers = 2\n[sweep.params]\na = [1]\n",
+            "workers run the same command",
+        ),
+        (
+            "run = \"t\"\n[sweep]\nsomething = 1\n",
+            "unknown key `something` in [sweep]",
+        ),
+    ] {
+        let r = parse(text, &[]);
+        if want.is_empty() {
+            assert!(r.is_ok(), "{text}: {:?}", r.err());
+            continue;
+        }
+        let e = match r {
+            Ok(s) => panic!("accepted {text}: {s:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want), "{text}\n→ {e}");
+        assert!(e.starts_with("train.toml:"), "no position: {e}");
+    }
+    // Too many trials for any sweep.
+    let e = sweep_error(
+        "run = \"t\"\n[sweep.params]\na = [1,2,3,4,5,6,7,8,9,10]\nb = [1,2,3,4,5,6,7,8,9,10]\n\
+         c = [1,2,3,4,5,6,7,8,9,10]\nd = [1,2,3,4,5,6,7,8,9,10]\ne = [1,2,3,4,5,6,7,8,9,10]\n\
+         f = [1,2,3,4,5,6,7,8,9,10]\ng = [1,2]\n",
+    );
+    assert!(
+        e.contains("makes 2000000 trials; a sweep has at most 1000000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn floats_read_back_as_the_same_number() {
+    use super::sweep::float;
+    assert_eq!(float(0.001), "0.001");
+    assert_eq!(float(1.0), "1.0");
+    assert_eq!(float(-2.0), "-2.0");
+    assert_eq!(float(3e-4), "0.0003");
+    assert_eq!(float(0.1 + 0.2), "0.30000000000000004");
 }
