@@ -40,6 +40,9 @@ mod restart;
 /// The SSH provider against a real sshd: the whole flow, agent reuse and
 /// upgrade, host keys, bad input, link cuts.
 mod ssh;
+/// Sweeps: a grid on fake GPUs with a failure and its resume, a seeded random
+/// search, Optuna workers, cancel, MLflow parent and child runs, bad input.
+mod sweeps;
 /// Symlinks inside, absolute and escaping.
 mod symlinks;
 /// Initial sync and live edits: files, directories, renames, modes, names.
