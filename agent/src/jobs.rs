@@ -1047,14 +1047,29 @@ impl Jobs {
         Ok(info)
     }
 
-    pub fn list(&self, mirror: &str, all: bool) -> Result<Vec<JobInfo>, Status> {
+    /// Jobs of `mirror` (every mirror when empty), oldest first: active
+    /// ones, and with `all` finished ones too — with `unsettled` only those
+    /// whose outputs are not pulled or that wrote in place.
+    pub fn list(&self, mirror: &str, all: bool, unsettled: bool) -> Result<Vec<JobInfo>, Status> {
         let inner = self.lock()?;
+        let wanted = |i: &JobInfo| {
+            if !is_terminal(i.state()) {
+                return true;
+            }
+            if !all {
+                return false;
+            }
+            !unsettled
+                || !i.modified_in_place.is_empty()
+                || (!i.outputs_pulled && i.spec.as_ref().is_some_and(|s| !s.outputs.is_empty()))
+        };
         Ok(inner
             .records
             .values()
-            .filter_map(|r| r.info.clone())
+            .filter_map(|r| r.info.as_ref())
             .filter(|i| mirror.is_empty() || i.mirror == mirror)
-            .filter(|i| all || !is_terminal(i.state()))
+            .filter(|i| wanted(i))
+            .cloned()
             .collect())
     }
 

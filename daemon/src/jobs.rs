@@ -289,12 +289,22 @@ impl Relay {
     }
 
     pub async fn list(&self, all: bool) -> Result<Vec<JobInfo>, Status> {
+        self.list_jobs(all, false).await
+    }
+
+    /// This repository's jobs; with `unsettled`, finished ones only while
+    /// the daemon has work for them (see `ListRequest.unsettled`).
+    async fn list_jobs(&self, all: bool, unsettled: bool) -> Result<Vec<JobInfo>, Status> {
         let mirror = self.mirror.clone();
         self.call(|l| {
             let mirror = mirror.clone();
             async move {
                 Ok(l.jobs()
-                    .list(v1::ListRequest { mirror, all })
+                    .list(v1::ListRequest {
+                        mirror,
+                        all,
+                        unsettled,
+                    })
                     .await?
                     .into_inner()
                     .jobs)
@@ -407,6 +417,7 @@ impl Relay {
                 .list(v1::ListRequest {
                     mirror: String::new(),
                     all: false,
+                    unsettled: false,
                 })
                 .await?
                 .into_inner()
@@ -431,7 +442,11 @@ impl Relay {
         };
         let Ok(list) = link
             .jobs()
-            .list(v1::ListRequest { mirror, all: false })
+            .list(v1::ListRequest {
+                mirror,
+                all: false,
+                unsettled: false,
+            })
             .await
         else {
             return;
@@ -469,6 +484,7 @@ impl Relay {
         let list = jobs.list(v1::ListRequest {
             mirror: self.mirror.clone(),
             all: false,
+            unsettled: false,
         });
         let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), list).await else {
             return;
@@ -632,7 +648,7 @@ impl Relay {
     ) {
         loop {
             if self.shared.agent.borrow().is_some()
-                && let Ok(jobs) = self.list(true).await
+                && let Ok(jobs) = self.list_jobs(true, true).await
             {
                 for j in jobs {
                     self.ensure_puller(&j);

@@ -86,7 +86,7 @@ impl JobsRpc for JobsService {
 
     async fn list(&self, req: Request<v1::ListRequest>) -> Result<Response<v1::JobList>, Status> {
         let req = req.into_inner();
-        let jobs = self.jobs.list(&req.mirror, req.all)?;
+        let jobs = self.jobs.list(&req.mirror, req.all, req.unsettled)?;
         Ok(Response::new(v1::JobList { jobs }))
     }
 

@@ -57,6 +57,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         .list(ListRequest {
             mirror: String::new(),
             all: args.all,
+            unsettled: false,
         })
         .await
         .map_err(|s| anyhow!("{}", s.message()))?
