@@ -75,6 +75,18 @@ def run_sweep(b: Bridge, trials: int) -> tuple[float, dict]:
     return wall, st
 
 
+def agent_cpu_s(b: Bridge) -> float | None:
+    """CPU time of the local agent and its reaped children (the shims and
+    their commands), in seconds."""
+    try:
+        pid = int((b.repo / ".bridge" / "agent.pid").read_text().strip())
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_sequential(b: Bridge, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -113,6 +125,12 @@ def render(r: dict) -> str:
             f"  first trial start → last end  {s['trials_span_s']['median'] * 1000:.0f} ms",
             f"  overhead per trial, per GPU slot   {s['overhead_per_slot_ms']:.1f} ms (target ≤ 20 ms)",
             f"    of which the agent's (start → end span)   {s['agent_per_slot_ms']:.1f} ms",
+        ]
+        if s.get("agent_cpu_per_trial_ms") is not None:
+            lines.append(f"  CPU per trial (agent, shim, command)  {s['agent_cpu_per_trial_ms']:.1f} ms "
+                         f"on {s['cores']} cores: {GPUS} slots need ≥ "
+                         f"{s['agent_cpu_per_trial_ms'] * GPUS / s['cores']:.1f} ms per trial per slot")
+        lines += [
             f"  overhead per trial, amortized      {s['overhead_amortized_ms']:.1f} ms",
         ]
         if s["speedup"]:
@@ -163,9 +181,13 @@ def main() -> int:
         # One warm-up of each: the first job of an agent builds its caches.
         run_sweep(peer, GPUS)
         peer.bridge("exec", "--", "true", timeout=120)
-        sweeps, seqs, spans = [], [], []
+        sweeps, seqs, spans, cpus = [], [], [], []
         for i in range(rounds):
+            cpu0 = agent_cpu_s(peer)
             wall, st = run_sweep(peer, trials)
+            cpu1 = agent_cpu_s(peer)
+            if cpu0 is not None and cpu1 is not None:
+                cpus.append((cpu1 - cpu0) / trials)
             bad = check_sweep(st, trials)
             if bad:
                 results["errors"][f"round_{i}"] = "; ".join(bad[:5])
@@ -193,6 +215,8 @@ def main() -> int:
             "overhead_amortized_ms": round((sw["median"] - ideal) / trials * 1000, 2),
             "trials_span_s": summarize(spans, 4),
             "agent_per_slot_ms": round((summarize(spans, 4)["median"] - ideal) * GPUS / trials * 1000, 2),
+            "agent_cpu_per_trial_ms": round(summarize(cpus, 6)["median"] * 1000, 2) if cpus else None,
+            "cores": len(os.sched_getaffinity(0)),
             "speedup": round(summarize(seqs, 4)["median"] / sw["median"], 2) if seqs else None,
         }
     except BenchError as e:
