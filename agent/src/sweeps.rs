@@ -55,6 +55,10 @@ const REPAIR_WAIT: Duration = Duration::from_secs(120);
 /// After the tracking server failed a call, trials start without child runs
 /// for this long before it is tried again.
 const MLFLOW_RETRY: Duration = Duration::from_secs(60);
+/// A running sweep's record is written at most this often (a big sweep's
+/// record is big); what happened since is found again in its jobs after a
+/// restart ([`Sweeps::open`]).
+const SAVE_EVERY: Duration = Duration::from_millis(100);
 
 /// A file of the sweep's snapshot to restore, and what it should hold.
 type Restore = (bridge_proto::path::RelPath, bridge_proto::index::Cached);
@@ -88,6 +92,9 @@ struct Sweep {
     /// Snapshot files a trial wrote in place, being restored; no trial
     /// starts meanwhile.
     repair: Option<(Vec<Restore>, Instant)>,
+    /// The record changed since it was last written, and when that was.
+    dirty: bool,
+    saved_at: Instant,
 }
 
 /// A trial's work in progress besides its job.
@@ -179,8 +186,15 @@ impl Sweeps {
                     runs: (0..trials).map(|_| TrialRun::default()).collect(),
                     parent,
                     repair: None,
+                    dirty: false,
+                    saved_at: Instant::now(),
                 },
             );
+        }
+        for (&n, sw) in inner.sweeps.iter_mut() {
+            if !is_terminal(info(&sw.rec).state()) {
+                adopt_attempts(n, sw, placement.as_ref());
+            }
         }
         Ok(Sweeps {
             dir,
@@ -306,6 +320,8 @@ impl Sweeps {
                 runs: (0..count).map(|_| TrialRun::default()).collect(),
                 parent: Parent::Unknown,
                 repair: None,
+                dirty: false,
+                saved_at: Instant::now(),
             },
         );
         self.jobs.wake();
@@ -495,9 +511,13 @@ impl Sweeps {
             let Some(sw) = inner.sweeps.get_mut(&n) else {
                 continue;
             };
-            if self.step(n, sw) {
+            sw.dirty |= self.step(n, sw);
+            let ended = is_terminal(info(&sw.rec).state());
+            if sw.dirty && (ended || sw.saved_at.elapsed() >= SAVE_EVERY) {
                 let rec = sw.rec.clone();
                 self.save(n, &rec);
+                sw.dirty = false;
+                sw.saved_at = Instant::now();
             }
         }
     }
@@ -1178,6 +1198,39 @@ impl Sweeps {
 impl crate::idle::Activity for Sweeps {
     fn jobs_active(&self) -> u32 {
         self.jobs.active() + self.active()
+    }
+}
+
+/// Attempts of sweep `n` its record does not list (started after its last
+/// save, before the agent stopped): each joins its trial, and the newest
+/// becomes the trial's current attempt unless the trial is final.
+fn adopt_attempts(n: u64, sw: &mut Sweep, placement: &dyn Placement) {
+    let id = sweep_id(n);
+    let mut adopted = 0;
+    for j in placement.attempts(&id) {
+        let Some(t) = j.spec.as_ref().and_then(|s| s.trial.as_ref()) else {
+            continue;
+        };
+        let Some(trial) = info_mut(&mut sw.rec).trials.get_mut(t.index as usize) else {
+            continue;
+        };
+        if trial.jobs.contains(&j.id) {
+            continue;
+        }
+        trial.jobs.push(j.id.clone());
+        trial.attempts += 1;
+        if !final_state(trial.state()) {
+            trial.current_job = j.id.clone();
+        }
+        adopted += 1;
+    }
+    if adopted > 0 {
+        tracing::info!(
+            sweep = n,
+            attempts = adopted,
+            "attempts the sweep's record missed, adopted"
+        );
+        sw.dirty = true;
     }
 }
 

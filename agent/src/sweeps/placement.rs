@@ -43,6 +43,11 @@ pub trait Placement: Send + Sync {
 
     /// Stops an attempt (its whole process tree); it ends as cancelled.
     fn cancel(&self, id: &str);
+
+    /// Every attempt placed for sweep `sweep` (its jobs with `JobSpec.trial`
+    /// naming it), oldest first: what a restarted agent follows, also the
+    /// attempts started after the sweep's record was last saved.
+    fn attempts(&self, sweep: &str) -> Vec<JobInfo>;
 }
 
 /// Trials as jobs of this agent: its GPUs, handed out by its queue.
@@ -87,5 +92,19 @@ impl Placement for LocalJobs {
         if let Err(e) = self.jobs.cancel(id) {
             tracing::debug!(job = id, error = %e.message(), "cancel of a trial's job");
         }
+    }
+
+    fn attempts(&self, sweep: &str) -> Vec<JobInfo> {
+        self.jobs
+            .list("", true, false)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|j| {
+                j.spec
+                    .as_ref()
+                    .and_then(|s| s.trial.as_ref())
+                    .is_some_and(|t| t.sweep == sweep)
+            })
+            .collect()
     }
 }

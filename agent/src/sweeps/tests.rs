@@ -49,6 +49,18 @@ impl Placement for Arc<Fake> {
         self.cancelled.lock().unwrap().push(id.to_string());
         self.end(id, JobState::Cancelled, Some(143));
     }
+    fn attempts(&self, sweep: &str) -> Vec<v1::JobInfo> {
+        let mut out: Vec<v1::JobInfo> = self
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| j.spec.as_ref().unwrap().trial.as_ref().unwrap().sweep == sweep)
+            .cloned()
+            .collect();
+        out.sort_by_key(|j| j.id.parse::<u64>().unwrap());
+        out
+    }
 }
 
 impl Fake {
@@ -149,16 +161,20 @@ fn add(s: &Setup, n: usize, spec: v1::SweepSpec) -> String {
         ..Default::default()
     };
     fs::create_dir_all(s.sweeps.sweep_dir(1)).unwrap();
+    let rec = SweepRecord {
+        info: Some(info),
+        cancel_requested: false,
+    };
+    s.sweeps.save(1, &rec);
     s.sweeps.inner.lock().unwrap().sweeps.insert(
         1,
         Sweep {
-            rec: SweepRecord {
-                info: Some(info),
-                cancel_requested: false,
-            },
+            rec,
             runs: (0..n).map(|_| TrialRun::default()).collect(),
             parent: Parent::Unknown,
             repair: None,
+            dirty: false,
+            saved_at: Instant::now(),
         },
     );
     "s1".into()
@@ -399,6 +415,39 @@ fn a_record_on_disk_is_followed_after_a_restart() {
     assert_eq!(i.trials[0].state(), JobState::Succeeded);
     assert_eq!(i.trials[1].current_job, "2", "the next trial started");
     assert_eq!(again.get("s9").unwrap_err().code(), tonic::Code::NotFound);
+    // An attempt started after the record was last written (the agent
+    // stopped before the next save) is found again from its job.
+    std::thread::sleep(SAVE_EVERY);
+    again.poll(&s.state, &[]);
+    let stale = fs::read(again.sweep_dir(1).join("record.pb")).unwrap();
+    let (_, j) = s.fake.running()[0].clone();
+    s.fake.end(&j, JobState::Succeeded, Some(0));
+    let orphan = s
+        .fake
+        .launch(
+            "m",
+            "g",
+            Path::new("/"),
+            trial_spec(
+                &v1::JobSpec {
+                    run: "x".into(),
+                    ..Default::default()
+                },
+                "s1",
+                "grid",
+                &again.get("s1").unwrap().trials[1],
+                2,
+            ),
+        )
+        .unwrap();
+    fs::write(again.sweep_dir(1).join("record.pb"), stale).unwrap();
+    let third = Sweeps::open(&root, s.sweeps.jobs.clone(), Box::new(s.fake.clone()), None).unwrap();
+    let i = third.get("s1").unwrap();
+    assert_eq!(
+        i.trials[1].current_job, orphan.id,
+        "the newest attempt is followed"
+    );
+    assert_eq!(i.trials[1].jobs.len(), 2);
     assert_eq!(
         again.get("9").unwrap_err().code(),
         tonic::Code::InvalidArgument
