@@ -146,6 +146,29 @@ pub async fn wait(
     }
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long ago `ms` (Unix milliseconds) was, in words: "12s ago", "3m
+/// ago"; "-" for 0 (not yet).
+pub fn clock(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let ago = now_ms().saturating_sub(ms) / 1000;
+    match ago {
+        0..60 => format!("{ago}s ago"),
+        60..3600 => format!("{}m ago", ago / 60),
+        3600..86400 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86400),
+    }
+}
+
 /// The exit code `bridge run` ends with for a finished job.
 pub fn exit_code(j: &JobInfo) -> u8 {
     match (j.state(), j.exit_code) {

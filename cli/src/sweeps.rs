@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use bridge_daemon::repo::Layout;
@@ -30,13 +30,6 @@ fn follow_poll(trials: usize) -> Duration {
 }
 /// Version of the `--json` schema of a sweep.
 pub const SCHEMA_VERSION: u32 = 1;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn gone(s: &tonic::Status) -> bool {
     matches!(
@@ -283,7 +276,7 @@ async fn follow(
                 let secs = if t.started_ms > 0 {
                     format!(
                         " {:.0}s",
-                        now_ms().saturating_sub(t.started_ms) as f64 / 1000.0
+                        jobs::now_ms().saturating_sub(t.started_ms) as f64 / 1000.0
                     )
                 } else {
                     String::new()
@@ -405,7 +398,7 @@ fn duration(t: &TrialInfo) -> Option<f64> {
         let end = if t.finished_ms > 0 {
             t.finished_ms
         } else {
-            now_ms()
+            jobs::now_ms()
         };
         end.saturating_sub(t.started_ms) as f64 / 1000.0
     })

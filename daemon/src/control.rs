@@ -206,32 +206,23 @@ impl Control for ControlService {
         &self,
         req: Request<v1::ControlSubmitRequest>,
     ) -> Result<Response<v1::ControlSubmitReply>, Status> {
-        let mut spec = req
+        let spec = req
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("submit without a job spec"))?;
-        let tags = self.run_tags(&spec);
-        let prepared = match self.forwards.prepare_job(&mut spec).await {
-            Ok(p) => p,
-            Err(e) => {
-                tags.abort();
-                return Err(e);
-            }
-        };
-        match self.relay.submit(spec, Some(tags)).await {
-            Ok(job) => {
-                let forwards = self.forwards.adopt(&prepared, &job.id);
-                Ok(Response::new(v1::ControlSubmitReply {
-                    job: Some(job),
-                    forwards,
-                    notes: prepared.notes.clone(),
-                }))
-            }
-            Err(e) => {
-                self.forwards.abandon(prepared).await;
-                Err(e)
-            }
-        }
+        let relay = self.relay.clone();
+        let (job, forwards, notes) = self
+            .with_forwards(
+                spec,
+                |spec, tags| async move { relay.submit(spec, Some(tags)).await },
+                |j: &v1::JobInfo| j.id.clone(),
+            )
+            .await?;
+        Ok(Response::new(v1::ControlSubmitReply {
+            job: Some(job),
+            forwards,
+            notes,
+        }))
     }
 
     async fn forward(
@@ -348,34 +339,28 @@ impl Control for ControlService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("submit without a sweep spec"))?;
-        let job = spec
+        let mut job = spec
             .job
-            .as_mut()
+            .take()
             .ok_or_else(|| Status::invalid_argument("a sweep without its job"))?;
-        sweep_forwards_allowed(job)?;
-        keep_tracking_uri(job);
-        let tags = self.run_tags(job);
-        let prepared = match self.forwards.prepare_job(job).await {
-            Ok(p) => p,
-            Err(e) => {
-                tags.abort();
-                return Err(e);
-            }
-        };
-        match self.relay.submit_sweep(spec, Some(tags)).await {
-            Ok(sweep) => {
-                let forwards = self.forwards.adopt(&prepared, &sweep.id);
-                Ok(Response::new(v1::ControlSweepReply {
-                    sweep: Some(sweep),
-                    forwards,
-                    notes: prepared.notes.clone(),
-                }))
-            }
-            Err(e) => {
-                self.forwards.abandon(prepared).await;
-                Err(e)
-            }
-        }
+        sweep_forwards_allowed(&job)?;
+        keep_tracking_uri(&mut job);
+        let relay = self.relay.clone();
+        let (sweep, forwards, notes) = self
+            .with_forwards(
+                job,
+                |job, tags| async move {
+                    spec.job = Some(job);
+                    relay.submit_sweep(spec, Some(tags)).await
+                },
+                |s: &v1::SweepInfo| s.id.clone(),
+            )
+            .await?;
+        Ok(Response::new(v1::ControlSweepReply {
+            sweep: Some(sweep),
+            forwards,
+            notes,
+        }))
     }
 
     async fn sweeps(
@@ -418,33 +403,24 @@ impl Control for ControlService {
                 bridge_proto::jobs::state_name(before.state())
             )));
         }
-        let mut job = before
+        let job = before
             .spec
             .and_then(|s| s.job)
             .ok_or_else(|| Status::internal(format!("sweep {id} has no job template")))?;
-        let tags = self.run_tags(&job);
         // Its forwards went when it ended: the same ones again.
-        let prepared = match self.forwards.prepare_job(&mut job).await {
-            Ok(p) => p,
-            Err(e) => {
-                tags.abort();
-                return Err(e);
-            }
-        };
-        match self.relay.resume_sweep(&id, job, Some(tags)).await {
-            Ok(sweep) => {
-                let forwards = self.forwards.adopt(&prepared, &sweep.id);
-                Ok(Response::new(v1::ControlSweepReply {
-                    sweep: Some(sweep),
-                    forwards,
-                    notes: prepared.notes.clone(),
-                }))
-            }
-            Err(e) => {
-                self.forwards.abandon(prepared).await;
-                Err(e)
-            }
-        }
+        let relay = self.relay.clone();
+        let (sweep, forwards, notes) = self
+            .with_forwards(
+                job,
+                |job, tags| async move { relay.resume_sweep(&id, job, Some(tags)).await },
+                |s: &v1::SweepInfo| s.id.clone(),
+            )
+            .await?;
+        Ok(Response::new(v1::ControlSweepReply {
+            sweep: Some(sweep),
+            forwards,
+            notes,
+        }))
     }
 
     async fn wait_sweep(
@@ -459,6 +435,41 @@ impl Control for ControlService {
 }
 
 impl ControlService {
+    /// Sets up `job`'s forwards (its `[[forward]]`s, MLflow's, its
+    /// debugger's) and `submit`s it with MLflow's run tags, read while the
+    /// barrier runs. The forwards then belong to what was submitted (`owner`
+    /// names it: a job, or a sweep its trials share), or go when the submit
+    /// fails. Returns the answer, the forwards as set up and the notes.
+    async fn with_forwards<T, F, Fut>(
+        &self,
+        mut job: v1::JobSpec,
+        submit: F,
+        owner: impl Fn(&T) -> String,
+    ) -> Result<(T, Vec<v1::ForwardInfo>, Vec<String>), Status>
+    where
+        F: FnOnce(v1::JobSpec, crate::engine::EnvLater) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let tags = self.run_tags(&job);
+        let prepared = match self.forwards.prepare_job(&mut job).await {
+            Ok(p) => p,
+            Err(e) => {
+                tags.abort();
+                return Err(e);
+            }
+        };
+        match submit(job, tags).await {
+            Ok(t) => {
+                let forwards = self.forwards.adopt(&prepared, &owner(&t));
+                Ok((t, forwards, prepared.notes.clone()))
+            }
+            Err(e) => {
+                self.forwards.abandon(prepared).await;
+                Err(e)
+            }
+        }
+    }
+
     /// MLflow's run tags (the git state), read while the barrier runs.
     fn run_tags(&self, spec: &v1::JobSpec) -> crate::engine::EnvLater {
         let given = spec.env.get(crate::mlflow::RUN_CONTEXT_VAR).cloned();

@@ -41,7 +41,8 @@ pub struct JobsService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-async fn blocking<T: Send + 'static>(
+/// Runs `f` on tokio's blocking pool (file work, locks held a while).
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)

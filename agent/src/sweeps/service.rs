@@ -8,20 +8,13 @@ use bridge_proto::v1::{self, SweepInfo};
 use tonic::{Request, Response, Status};
 
 use super::Sweeps;
+use crate::jobs::service::blocking;
 use crate::service::State;
 
 #[derive(Clone)]
 pub struct SweepsService {
     pub sweeps: Arc<Sweeps>,
     pub state: Arc<Mutex<State>>,
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
 }
 
 #[tonic::async_trait]

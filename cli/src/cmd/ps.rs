@@ -1,7 +1,6 @@
 //! `bridge ps [--all] [--json]`: the agent's jobs for this repository.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 use bridge_proto::v1::{JobInfo, ListRequest};
@@ -18,13 +17,6 @@ pub struct Args {
     json: bool,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn duration(j: &JobInfo) -> Option<f64> {
     if j.started_ms == 0 {
         return None;
@@ -32,22 +24,9 @@ fn duration(j: &JobInfo) -> Option<f64> {
     let end = if j.finished_ms > 0 {
         j.finished_ms
     } else {
-        now_ms()
+        jobs::now_ms()
     };
     Some(end.saturating_sub(j.started_ms) as f64 / 1000.0)
-}
-
-fn clock(ms: u64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    let ago = now_ms().saturating_sub(ms) / 1000;
-    match ago {
-        0..60 => format!("{ago}s ago"),
-        60..3600 => format!("{}m ago", ago / 60),
-        3600..86400 => format!("{}h ago", ago / 3600),
-        _ => format!("{}d ago", ago / 86400),
-    }
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
@@ -133,7 +112,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             j.name.chars().take(20).collect::<String>(),
             state(j),
             gpus,
-            clock(j.started_ms),
+            jobs::clock(j.started_ms),
             duration(j).map_or("-".into(), |d| format!("{d:.1}s")),
             j.exit_code.map_or("-".into(), |c| c.to_string()),
         );

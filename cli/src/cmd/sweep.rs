@@ -51,23 +51,6 @@ impl Args {
     }
 }
 
-fn clock(ms: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    if ms == 0 {
-        return "-".into();
-    }
-    let ago = now.saturating_sub(ms) / 1000;
-    match ago {
-        0..60 => format!("{ago}s ago"),
-        60..3600 => format!("{}m ago", ago / 60),
-        3600..86400 => format!("{}h ago", ago / 3600),
-        _ => format!("{}d ago", ago / 86400),
-    }
-}
-
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     let layout = client::repo(cwd)?;
     let mut c = client::require_daemon(&layout).await?;
@@ -114,7 +97,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                     format!("{}/{}", n(&is_terminal), s.trials.len()),
                     n(&|st| matches!(st, JobState::Failed | JobState::Lost)),
                     n(&|st| matches!(st, JobState::Setup | JobState::Running)),
-                    clock(s.submitted_ms)
+                    crate::jobs::clock(s.submitted_ms)
                 );
             }
             Ok(0)

@@ -92,15 +92,20 @@ impl Puller {
         }
     }
 
+    /// The declared output `path` is, or is inside.
+    fn declared_of(&self, path: &str) -> Option<&String> {
+        self.declared.iter().find(|d| {
+            path == d.as_str()
+                || path
+                    .strip_prefix(d.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        })
+    }
+
     /// Where the output at `path` (relative to the job's workdir) lands.
     fn dest(&self, path: &str) -> PathBuf {
         if let Some(t) = &self.trial
-            && let Some(d) = self.declared.iter().find(|d| {
-                path == d.as_str()
-                    || path
-                        .strip_prefix(d.as_str())
-                        .is_some_and(|r| r.starts_with('/'))
-            })
+            && let Some(d) = self.declared_of(path)
         {
             let rest = path[d.len()..].trim_start_matches('/');
             let mut p = self.base.join(d).join(t);
@@ -113,13 +118,7 @@ impl Puller {
     }
 
     fn allowed(&self, path: &str) -> bool {
-        RelPath::new(path).is_ok()
-            && self.declared.iter().any(|d| {
-                path == d
-                    || path
-                        .strip_prefix(d.as_str())
-                        .is_some_and(|r| r.starts_with('/'))
-            })
+        RelPath::new(path).is_ok() && self.declared_of(path).is_some()
     }
 
     /// Brings the local tree up to `manifest`.
