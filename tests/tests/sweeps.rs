@@ -587,4 +587,6 @@ fn bad_sweeps_are_refused_with_the_line_and_nothing_runs() {
     assert!(e.contains("sweep s1 has 10100 trials (0 to 10099)"), "{e}");
     let e = r.fails(&["sweep", "status", "s9"]);
     assert!(e.contains("no sweep s9"), "{e}");
+    let e = r.fails(&["logs", "s1/last"]);
+    assert!(e.contains("\"s1/last\" is not SWEEP/TRIAL"), "{e}");
 }

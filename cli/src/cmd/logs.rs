@@ -22,6 +22,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     let mut c = client::require_daemon(&layout).await?;
     let job = match bridge_proto::sweep::trial_ref(&args.job) {
         Some((sweep, trial)) => sweeps::trial_job(&mut c, &sweep, trial).await?,
+        None if args.job.contains('/') => anyhow::bail!(
+            "{:?} is not SWEEP/TRIAL: a sweep id and a trial number, like s3/2 (`bridge sweep status` lists them)",
+            args.job
+        ),
         None => args.job.clone(),
     };
     jobs::follow_log(
