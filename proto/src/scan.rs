@@ -785,7 +785,7 @@ mod tests {
         for (dir, names) in dirs {
             let fd = match nix::fcntl::open(
                 dir.as_path(),
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 nix::sys::stat::Mode::empty(),
             ) {
                 Ok(fd) => fd,

@@ -49,11 +49,7 @@ impl LocalProvider {
             .trim()
             .parse()
             .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let is_agent = cmdline
-            .split(|b| *b == 0)
-            .next()
-            .is_some_and(|argv0| argv0.ends_with(b"bridge-agent"));
+        let is_agent = argv0(pid)?.ends_with(b"bridge-agent");
         is_agent.then_some(Pid::from_raw(pid))
     }
 
@@ -178,4 +174,25 @@ impl Provider for LocalProvider {
     fn link_is_fast(&self) -> bool {
         true
     }
+}
+
+/// The program a live process runs (its argv[0]), `None` when there is no
+/// such process.
+#[cfg(target_os = "linux")]
+fn argv0(pid: i32) -> Option<Vec<u8>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    cmdline.split(|b| *b == 0).next().map(<[u8]>::to_vec)
+}
+
+/// The program a live process runs, from `ps` (no `/proc` on macOS or the
+/// BSDs), `None` when there is no such process.
+#[cfg(not(target_os = "linux"))]
+fn argv0(pid: i32) -> Option<Vec<u8>> {
+    let out = std::process::Command::new("ps")
+        .args(["-o", "comm=", "-p", &pid.to_string()])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let comm = out.stdout.trim_ascii().to_vec();
+    (!comm.is_empty()).then_some(comm)
 }
