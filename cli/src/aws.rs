@@ -21,6 +21,9 @@ const RUNNING_LIMIT: Duration = Duration::from_secs(300);
 const SSH_LIMIT: Duration = Duration::from_secs(300);
 const TERMINATE_LIMIT: Duration = Duration::from_secs(600);
 
+/// `--disk`'s default, in GB.
+pub const DEFAULT_DISK_GB: u32 = 200;
+
 /// Test hook: the idle command the agent runs instead of a shutdown.
 const IDLE_COMMAND_ENV: &str = "BRIDGE_AWS_IDLE_COMMAND";
 
@@ -46,7 +49,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub spot: bool,
     /// AWS: root disk size in GB.
-    #[arg(long, value_name = "GB", default_value_t = 200)]
+    #[arg(long, value_name = "GB", default_value_t = DEFAULT_DISK_GB)]
     pub disk: u32,
     /// AWS: what the idle instance does to itself: terminate (default) or stop (keeps its disk, billed for storage).
     #[arg(long, value_name = "ACTION", value_parser = ["terminate", "stop"])]
@@ -161,7 +164,7 @@ struct Progress {
 
 impl Progress {
     fn new() -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = crate::out::progress().then(|| {
             let b = ProgressBar::new_spinner();
             b.set_style(
                 ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("template"),
@@ -181,7 +184,7 @@ impl Progress {
         }
         match &self.bar {
             Some(b) => b.set_message(msg.clone()),
-            None => eprintln!("bridge: {msg}"),
+            None => crate::note!("bridge: {msg}"),
         }
         self.last = msg;
     }
@@ -229,16 +232,19 @@ pub async fn prepare(
                 ) =>
             {
                 if matches!(d.state.as_str(), "stopped" | "stopping") {
-                    eprintln!(
+                    crate::note!(
                         "bridge: starting {} ({}), stopped when it was idle",
-                        d.id, d.instance_type
+                        d.id,
+                        d.instance_type
                     );
                     wait_stopped(&ec2, &inst.id).await?;
                     instance::start(&ec2, &inst.id).await?;
                 } else {
-                    eprintln!(
+                    crate::note!(
                         "bridge: reusing {} ({}, {})",
-                        d.id, d.instance_type, d.state
+                        d.id,
+                        d.instance_type,
+                        d.state
                     );
                 }
                 // A restarted instance has a new address.
@@ -254,7 +260,7 @@ pub async fn prepare(
             }
             other => {
                 let state = other.map(|d| d.state).unwrap_or_else(|| "gone".into());
-                eprintln!(
+                crate::note!(
                     "bridge: the previous instance {} is {state}; launching a new one",
                     inst.id
                 );
@@ -314,7 +320,7 @@ async fn launch_new(
             return Err(e.into());
         }
     };
-    eprintln!("bridge: launched {id} ({})", launch.instance_type);
+    crate::note!("bridge: launched {id} ({})", launch.instance_type);
     let saved = Instance {
         id: id.clone(),
         ssh: String::new(),

@@ -43,6 +43,29 @@ pub async fn require_daemon(layout: &Layout) -> anyhow::Result<ControlClient<Cha
     })
 }
 
+/// Where this repository's jobs run, for the first line of `bridge run` and
+/// `bridge exec`: `local agent`, `ssh root@gpubox`, `aws i-0abc (g5.xlarge, …)`.
+pub fn place(layout: &Layout) -> String {
+    bridge_daemon::provider::ProviderSpec::load(&layout.provider)
+        .ok()
+        .flatten()
+        .unwrap_or(bridge_daemon::provider::ProviderSpec::Local)
+        .describe()
+}
+
+/// The GPUs a job holds, for people: `1 GPU (0)`, `2 GPUs (0, 1)`, `no GPU`.
+pub fn gpus_held(gpus: &[u32]) -> String {
+    match gpus {
+        [] => "no GPU".into(),
+        [g] => format!("1 GPU ({g})"),
+        gs => format!(
+            "{} GPUs ({})",
+            gs.len(),
+            gs.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 /// The `bridge-agent` binary: `$BRIDGE_AGENT_BIN`, else next to this executable,
 /// else on `PATH`.
 pub fn agent_bin() -> PathBuf {

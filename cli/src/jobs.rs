@@ -27,10 +27,13 @@ pub async fn daemon_or_up(cwd: &Path, layout: &Layout) -> anyhow::Result<Control
     if let Some(c) = client::daemon(layout).await {
         return Ok(c);
     }
-    eprintln!(
-        "bridge: not up yet for {}; starting the local agent",
-        layout.repo.display()
-    );
+    if !layout.up_failed.exists() {
+        crate::note!(
+            "bridge: not up yet for {}; starting the {}",
+            layout.repo.display(),
+            client::place(layout)
+        );
+    }
     if let Err(e) = crate::cmd::up::run(cwd, crate::cmd::up::Args::local()).await {
         // Another command may have started it meanwhile.
         if let Some(c) = client::daemon(layout).await {
@@ -52,7 +55,7 @@ pub async fn reconnect(cwd: &Path, layout: &Layout) -> anyhow::Result<ControlCli
         }
         if !started && start.elapsed() >= DAEMON_GRACE {
             started = true;
-            eprintln!("bridge: the daemon went away; starting it again");
+            crate::note!("bridge: the daemon went away; starting it again");
             let _ = crate::cmd::up::run(cwd, crate::cmd::up::Args::local()).await;
             continue;
         }
@@ -74,6 +77,7 @@ fn gone(s: &tonic::Status) -> bool {
 /// `follow`), writing stdout to stdout and stderr and bridge's own lines to
 /// stderr. Survives daemon restarts: it resumes from the last offset it
 /// printed, so nothing is lost or repeated. Returns the offset reached.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow_log(
     cwd: &Path,
     layout: &Layout,
@@ -82,11 +86,13 @@ pub async fn follow_log(
     offset: u64,
     follow: bool,
     tail: u32,
+    json: bool,
 ) -> anyhow::Result<u64> {
     let mut offset = offset;
     let mut tail = tail;
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
+    let mut lines = json.then(|| JsonLines::new(id));
     loop {
         let req = LogsRequest {
             id: id.to_string(),
@@ -106,6 +112,12 @@ pub async fn follow_log(
         };
         loop {
             match stream.message().await {
+                Ok(Some(chunk)) if lines.is_some() => {
+                    let l = lines.as_mut().expect("checked");
+                    l.chunk(&chunk, &mut out)?;
+                    offset = chunk.next_offset;
+                    tail = 0;
+                }
                 Ok(Some(chunk)) => {
                     match chunk.stream() {
                         LogStream::Stdout | LogStream::Unspecified => {
@@ -119,7 +131,12 @@ pub async fn follow_log(
                     offset = chunk.next_offset;
                     tail = 0;
                 }
-                Ok(None) => return Ok(offset),
+                Ok(None) => {
+                    if let Some(l) = lines.as_mut() {
+                        l.finish(offset, &mut out)?;
+                    }
+                    return Ok(offset);
+                }
                 Err(s) if gone(&s) => {
                     *c = reconnect(cwd, layout).await?;
                     break;
@@ -128,6 +145,115 @@ pub async fn follow_log(
             }
         }
     }
+}
+
+/// Version of the `bridge logs --json` line schema.
+pub const LOG_SCHEMA_VERSION: u32 = 1;
+
+/// `bridge logs --json`: one object per line of the log, in log order
+/// (schema in docs/json.md). A line split over several records is
+/// printed once it is whole; `next_offset` is given on a line only when
+/// everything before that offset has been printed, so `bridge logs --offset N`
+/// resumes after it with nothing lost or repeated.
+struct JsonLines {
+    job: String,
+    /// Text of a line not yet ended, per stream, with its first timestamp.
+    pending: [(Vec<u8>, u64); 3],
+}
+
+impl JsonLines {
+    fn new(job: &str) -> Self {
+        JsonLines {
+            job: job.to_string(),
+            pending: Default::default(),
+        }
+    }
+
+    fn slot(stream: LogStream) -> (usize, &'static str) {
+        match stream {
+            LogStream::Stdout | LogStream::Unspecified => (0, "stdout"),
+            LogStream::Stderr => (1, "stderr"),
+            LogStream::System => (2, "bridge"),
+        }
+    }
+
+    fn emit(
+        &self,
+        out: &mut impl Write,
+        stream: &str,
+        time_ns: u64,
+        text: &[u8],
+        next_offset: Option<u64>,
+    ) -> std::io::Result<()> {
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let v = serde_json::json!({
+            "schema_version": LOG_SCHEMA_VERSION,
+            "job": self.job,
+            "stream": stream,
+            "time_ns": time_ns,
+            "text": String::from_utf8_lossy(text),
+            "next_offset": next_offset,
+        });
+        writeln!(out, "{v}")
+    }
+
+    fn chunk(
+        &mut self,
+        chunk: &bridge_proto::v1::LogChunk,
+        out: &mut impl Write,
+    ) -> anyhow::Result<()> {
+        let (i, name) = Self::slot(chunk.stream());
+        let mut rest: &[u8] = &chunk.data;
+        let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
+        while let Some(nl) = memchr_newline(rest) {
+            let (p, ts) = &mut self.pending[i];
+            let start = if p.is_empty() {
+                chunk.timestamp_ns
+            } else {
+                *ts
+            };
+            p.extend_from_slice(&rest[..nl]);
+            done.push((start, std::mem::take(p)));
+            rest = &rest[nl + 1..];
+        }
+        if !rest.is_empty() {
+            let (p, ts) = &mut self.pending[i];
+            if p.is_empty() {
+                *ts = chunk.timestamp_ns;
+            }
+            p.extend_from_slice(rest);
+        }
+        let whole = self.pending.iter().all(|(p, _)| p.is_empty());
+        let n = done.len();
+        for (k, (ts, text)) in done.into_iter().enumerate() {
+            let at = (whole && k + 1 == n).then_some(chunk.next_offset);
+            self.emit(out, name, ts, &text, at)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// The end of the log: what is left of unended lines, as lines.
+    fn finish(&mut self, offset: u64, out: &mut impl Write) -> anyhow::Result<()> {
+        let left: Vec<(usize, Vec<u8>, u64)> = self
+            .pending
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, (p, _))| !p.is_empty())
+            .map(|(i, (p, ts))| (i, std::mem::take(p), *ts))
+            .collect();
+        let n = left.len();
+        for (k, (i, text, ts)) in left.into_iter().enumerate() {
+            let name = ["stdout", "stderr", "bridge"][i];
+            self.emit(out, name, ts, &text, (k + 1 == n).then_some(offset))?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+fn memchr_newline(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
 }
 
 /// Waits for the job's end and its outputs, over daemon restarts.
@@ -371,15 +497,20 @@ pub async fn submit_and_follow(
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner();
     let info = reply.job.unwrap_or_default();
-    let gpus = if info.gpus.is_empty() {
-        String::new()
+    let wanted = info.spec.as_ref().map_or(0, |s| s.gpus);
+    let gpus = if info.gpus.is_empty() && wanted > 0 {
+        format!(
+            "waiting for {wanted} GPU{}",
+            if wanted == 1 { "" } else { "s" }
+        )
     } else {
-        format!(", GPUs {:?}", info.gpus)
+        client::gpus_held(&info.gpus)
     };
-    eprintln!(
-        "bridge: job {} ({}) submitted at generation {}; {}{gpus}",
+    crate::note!(
+        "bridge: job {} ({}) on {}, {gpus}: submitted at generation {}; {}",
         info.id,
         info.name,
+        client::place(layout),
         info.generation.get(..12).unwrap_or(&info.generation),
         state_name(info.state())
     );
@@ -387,7 +518,7 @@ pub async fn submit_and_follow(
         eprintln!("bridge: warning: {n}");
     }
     for f in &reply.forwards {
-        eprintln!("bridge: {}", forward_line(f));
+        crate::note!("bridge: {}", forward_line(f));
     }
     // As the daemon filled it in (the ports).
     if let Some(d) = info.spec.as_ref().and_then(|s| s.debug) {
@@ -395,25 +526,25 @@ pub async fn submit_and_follow(
     }
     if detach {
         println!("{}", info.id);
-        eprintln!("bridge: follow it with `bridge logs -f {}`", info.id);
+        crate::note!("bridge: follow it with `bridge logs -f {}`", info.id);
         return Ok(0);
     }
     let id = info.id.clone();
     let run = async {
-        follow_log(cwd, layout, &mut c, &id, 0, true, 0).await?;
+        follow_log(cwd, layout, &mut c, &id, 0, true, 0, false).await?;
         wait(cwd, layout, &mut c, &id).await
     };
     tokio::select! {
         r = run => {
             let j = r?;
-            eprintln!("{}", summary(&j));
+            crate::note!("{}", summary(&j));
             if j.exit_code == Some(127) {
                 eprintln!("bridge: exit code 127 means the shell did not find the command on the agent");
             }
             Ok(exit_code(&j))
         }
         _ = tokio::signal::ctrl_c() => {
-            eprintln!(
+            crate::note!(
                 "\nbridge: detached; job {id} keeps running. Reattach with `bridge logs -f {id}`, stop it with `bridge cancel {id}`"
             );
             Ok(130)

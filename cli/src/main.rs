@@ -8,6 +8,8 @@ mod aws;
 mod client;
 mod cmd;
 mod jobs;
+mod out;
+mod project;
 mod spec;
 mod sweeps;
 
@@ -27,6 +29,14 @@ struct Cli {
     /// Run as if started in DIR.
     #[arg(short = 'C', global = true, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Print only errors, warnings and what the command is for (a job's output,
+    /// a table, JSON): no notes, no progress bars.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Show bridge's own log on stderr: -v debug, -vv trace (`BRIDGE_LOG=FILTER`
+    /// picks the targets). The daemon's log stays in .bridge/daemon.log.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -53,6 +63,9 @@ enum Cmd {
     Logs(cmd::logs::Args),
     /// List jobs: id, name, state, GPUs, start, duration, exit code.
     Ps(cmd::ps::Args),
+    /// The agent's GPUs: model, memory used/total, utilisation, and the job
+    /// holding each; `--watch` refreshes in place, `--json` for scripts.
+    Gpus(cmd::gpus::Args),
     /// Stop a job: SIGTERM to its process group, SIGKILL after a grace period
     /// (a sweep id stops the sweep).
     Cancel(cmd::cancel::Args),
@@ -67,6 +80,15 @@ enum Cmd {
     /// A Jupyter kernel on the agent, in the live mirror: `bridge kernel install`,
     /// then pick it in JupyterLab, VS Code or PyCharm; `list`, `uninstall NAME`.
     Kernel(cmd::kernel::Args),
+    /// Check what bridge needs, one line per check with the fix for each failure:
+    /// repository, project config, agent binary, provider reachable, Python, GPUs,
+    /// disk space, clock, inotify watches. Exits 1 when something blocks.
+    Doctor(cmd::doctor::Args),
+    /// Print a shell completion script: `source <(bridge completions bash)`,
+    /// `bridge completions zsh > ~/.zfunc/_bridge`, `bridge completions fish | source`.
+    Completions(cmd::completions::Args),
+    /// Print the man page bridge(1), or write every command's page with `--out DIR`.
+    Man(cmd::completions::ManArgs),
 }
 
 /// When this command started, in milliseconds since the Unix epoch.
@@ -94,6 +116,12 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     started_unix_ms();
     let cli = Cli::parse();
+    out::init(cli.quiet, cli.verbose);
+    match cli.cmd {
+        Cmd::Completions(a) => return exit(cmd::completions::run(a)),
+        Cmd::Man(a) => return exit(cmd::completions::man(a)),
+        _ => {}
+    }
     let cwd = match cli
         .dir
         .clone()
@@ -121,13 +149,21 @@ fn main() -> std::process::ExitCode {
             Cmd::Exec(a) => cmd::exec::run(&cwd, a).await,
             Cmd::Logs(a) => cmd::logs::run(&cwd, a).await,
             Cmd::Ps(a) => cmd::ps::run(&cwd, a).await,
+            Cmd::Gpus(a) => cmd::gpus::run(&cwd, a).await,
             Cmd::Cancel(a) => cmd::cancel::run(&cwd, a).await,
             Cmd::Sweep(a) => cmd::sweep::run(&cwd, a).await,
             Cmd::Pull(a) => cmd::pull::run(&cwd, a).await,
             Cmd::Forward(a) => cmd::forward::run(&cwd, a).await,
             Cmd::Kernel(a) => cmd::kernel::run(&cwd, a).await,
+            Cmd::Doctor(a) => cmd::doctor::run(&cwd, a).await,
+            Cmd::Completions(_) | Cmd::Man(_) => unreachable!("handled before the runtime"),
         }
     });
+    exit(res)
+}
+
+/// The process's exit status: the command's, or 1 after printing its error.
+fn exit(res: anyhow::Result<u8>) -> std::process::ExitCode {
     match res {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {

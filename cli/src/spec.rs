@@ -43,7 +43,7 @@
 //! - [`sweep`]: `[sweep]` — its checks, and the trials it makes.
 
 mod convert;
-mod error;
+pub mod error;
 mod path;
 mod raw;
 mod set;

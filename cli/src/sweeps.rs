@@ -4,7 +4,6 @@
 //! exit code.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,19 +64,19 @@ pub async fn submit_and_follow(
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner();
     let s = reply.sweep.unwrap_or_default();
-    announce(&s, &made, "submitted");
+    announce(layout, &s, &made, "submitted");
     for n in &reply.notes {
         eprintln!("bridge: warning: {n}");
     }
     for f in &reply.forwards {
-        eprintln!(
+        crate::note!(
             "bridge: {}",
             jobs::forward_line(f).replace("the job logs", "the trials log")
         );
     }
     if detach {
         println!("{}", s.id);
-        eprintln!(
+        crate::note!(
             "bridge: follow it with `bridge sweep status {} --watch`",
             s.id
         );
@@ -87,7 +86,7 @@ pub async fn submit_and_follow(
 }
 
 /// The first line about a sweep: what it is and where it runs.
-pub fn announce(s: &SweepInfo, made: &str, what: &str) {
+pub fn announce(layout: &Layout, s: &SweepInfo, made: &str, what: &str) {
     let gpus = s
         .spec
         .as_ref()
@@ -99,10 +98,11 @@ pub fn announce(s: &SweepInfo, made: &str, what: &str) {
         String::new()
     };
     let n = s.trials.len();
-    eprintln!(
-        "bridge: sweep {} ({}): {n} trial{} ({made}) {what} at generation {}; at most {} at a time{per}",
+    crate::note!(
+        "bridge: sweep {} ({}) on {}: {n} trial{} ({made}) {what} at generation {}; at most {} at a time{per}",
         s.id,
         s.name,
+        crate::client::place(layout),
         if n == 1 { "" } else { "s" },
         s.generation.get(..12).unwrap_or(&s.generation),
         s.max_parallel,
@@ -132,11 +132,11 @@ pub async fn follow_to_end(
         r = run => {
             let s = r?;
             print!("{}", table(&s));
-            eprintln!("{}", closing(&s));
+            crate::note!("{}", closing(&s));
             Ok(exit_code(&s))
         }
         _ = tokio::signal::ctrl_c() => {
-            eprintln!(
+            crate::note!(
                 "\nbridge: detached; sweep {id} keeps running. Follow it with `bridge sweep status {id} --watch`, stop it with `bridge sweep cancel {id}`"
             );
             Ok(130)
@@ -160,7 +160,7 @@ async fn follow(
     c: &mut ControlClient<Channel>,
     id: &str,
 ) -> anyhow::Result<()> {
-    let live = std::io::stderr().is_terminal();
+    let live = crate::out::progress();
     let mp = MultiProgress::new();
     let style = ProgressStyle::with_template("{spinner} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
@@ -176,7 +176,7 @@ async fn follow(
         if live {
             let _ = mp.println(line);
         } else {
-            eprintln!("{line}");
+            crate::note!("{line}");
         }
     };
     loop {

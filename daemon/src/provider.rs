@@ -83,6 +83,25 @@ impl ProviderSpec {
             ProviderSpec::Aws { .. } => "aws",
         }
     }
+
+    /// Where jobs run, for people: `local agent`, `ssh root@gpubox`,
+    /// `aws i-0abc (g5.xlarge, us-east-1)`.
+    pub fn describe(&self) -> String {
+        match self {
+            ProviderSpec::Local => "local agent".into(),
+            ProviderSpec::Ssh { host, .. } => format!("ssh {host}"),
+            #[cfg(feature = "aws")]
+            ProviderSpec::Aws {
+                region,
+                launch,
+                instance,
+                ..
+            } => match instance {
+                Some(i) => format!("aws {} ({}, {region})", i.id, launch.instance_type),
+                None => format!("aws {} in {region}", launch.instance_type),
+            },
+        }
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -246,7 +246,34 @@ impl Repo {
     }
 
     pub fn status(&self) -> Value {
-        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+        let v: Value = serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON");
+        assert_eq!(v["schema_version"], 1, "{v}");
+        v
+    }
+
+    /// `bridge ps --json` (with `--all` when `all`): the jobs, after checking
+    /// the schema's envelope.
+    pub fn ps_json(&self, all: bool) -> Vec<Value> {
+        let args: &[&str] = if all {
+            &["ps", "--all", "--json"]
+        } else {
+            &["ps", "--json"]
+        };
+        let v: Value = serde_json::from_str(&self.ok(args)).expect("ps JSON");
+        assert_eq!(v["schema_version"], 1, "{v}");
+        v["jobs"].as_array().expect("ps JSON: jobs").clone()
+    }
+
+    /// `bridge forward --list --json`: the forwards, after checking the
+    /// schema's envelope.
+    pub fn forwards_json(&self) -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&self.ok(&["forward", "--list", "--json"])).expect("forward JSON");
+        assert_eq!(v["schema_version"], 1, "{v}");
+        v["forwards"]
+            .as_array()
+            .expect("forward JSON: forwards")
+            .clone()
     }
 
     /// The mirror's directory (local provider: on this machine).

@@ -19,8 +19,7 @@ fn stderr(o: &Output) -> String {
 
 /// `bridge forward --list --json`.
 fn forwards(r: &Repo) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&r.ok(&["forward", "--list", "--json"])).unwrap();
-    v.as_array().unwrap().clone()
+    r.forwards_json()
 }
 
 /// A directory of files to serve: a 1 MiB random file and a small one.
@@ -307,8 +306,8 @@ while not os.path.exists({stop:?}):
     );
     let e = r.fails(&["run", "busy.toml"]);
     assert!(e.contains("already in use"), "{e}");
-    let ps: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).unwrap();
-    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+    let ps = r.ps_json(true);
+    assert_eq!(ps.len(), 1, "{ps:?}");
     assert!(forwards(&r).is_empty());
 }
 

@@ -47,5 +47,9 @@ mod sweeps;
 mod symlinks;
 /// Initial sync and live edits: files, directories, renames, modes, names.
 mod sync;
+/// The command line as a new user meets it: completions and man pages,
+/// `--json` of every read command, `-q`, `bridge gpus`, the project config,
+/// a failed remote `up` never replaced by the laptop, `bridge doctor`.
+mod ux;
 /// Watch limits: the polling fallback.
 mod watch_limit;

@@ -21,8 +21,7 @@ fn submit(r: &Repo, file: &str) -> String {
 }
 
 fn jobs(r: &Repo) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).expect("ps JSON");
-    v.as_array().cloned().unwrap_or_default()
+    r.ps_json(true)
 }
 
 fn job(r: &Repo, id: &str) -> Value {

@@ -134,14 +134,9 @@ fn check_session(r: &Repo, mirror: &Path, jp: &Path, name: &str) {
         "kill -9 of bridge kernel: the remote kernel is gone within 5 s: {rep}"
     );
     // No kernel left behind.
-    let ps: Value = serde_json::from_str(&r.ok(&["ps", "--json"])).unwrap();
-    let left: Vec<&Value> = ps
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["name"] == "kernel")
-        .collect();
-    assert!(left.is_empty(), "{ps}");
+    let ps = r.ps_json(false);
+    let left: Vec<&Value> = ps.iter().filter(|j| j["name"] == "kernel").collect();
+    assert!(left.is_empty(), "{ps:?}");
 }
 
 #[test]
@@ -215,13 +210,11 @@ fn a_notebook_kernel_over_ssh_survives_link_cuts() {
     while let Some(Ok(line)) = lines.next() {
         if let Some(what) = line.strip_prefix("CUT ") {
             if what == "idle" {
-                let ps: Value = serde_json::from_str(&r.ok(&["ps", "--json"])).unwrap();
+                let ps = r.ps_json(false);
                 assert!(
-                    ps.as_array()
-                        .unwrap()
-                        .iter()
+                    ps.iter()
                         .any(|j| j["name"] == "kernel" && j["state"] == "running"),
-                    "the kernel shows in bridge ps: {ps}"
+                    "the kernel shows in bridge ps: {ps:?}"
                 );
             }
             proxy.set_down(true);

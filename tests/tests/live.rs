@@ -22,8 +22,7 @@ async def app(scope, receive, send):
 "#;
 
 fn jobs(r: &Repo) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).unwrap();
-    v.as_array().unwrap().clone()
+    r.ps_json(true)
 }
 
 #[test]

@@ -135,7 +135,7 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics, "tags
         "{got}"
     );
     let tags = &got["tags"];
-    let jobs: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).unwrap();
+    let jobs = r.ps_json(true);
     assert_eq!(tags["bridge.job_id"], jobs[0]["id"], "{tags}");
     assert_eq!(
         tags["bridge.agent_host"],
@@ -179,8 +179,7 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics, "tags
         "the run left files on the agent: {leaked:?}"
     );
     // The job's forward went with it.
-    let fw: Value = serde_json::from_str(&r.ok(&["forward", "--list", "--json"])).unwrap();
-    assert_eq!(fw, serde_json::json!([]));
+    assert!(r.forwards_json().is_empty());
 
     // An experiment whose artifacts live on a path of this machine: said
     // before the job starts, with the fix.

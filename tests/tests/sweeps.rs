@@ -200,10 +200,8 @@ fn a_grid_runs_two_at_a_time_and_resume_reruns_only_the_failed_trial() {
     );
     assert!(stderr(&o).contains("loss is nan"), "{}", stderr(&o));
     // Each trial is an ordinary job.
-    let ps: Value = serde_json::from_str(&r.ok(&["ps", "--all", "--json"])).unwrap();
+    let ps = r.ps_json(true);
     let names: BTreeSet<String> = ps
-        .as_array()
-        .unwrap()
         .iter()
         .map(|j| j["name"].as_str().unwrap().to_string())
         .collect();

@@ -31,7 +31,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         .map_err(|s| anyhow!("{}", s.message()))?
         .into_inner();
     if info.state() != bridge_proto::v1::JobState::Cancelled {
-        eprintln!("bridge: job {} is stopping (SIGTERM sent)", info.id);
+        crate::note!("bridge: job {} is stopping (SIGTERM sent)", info.id);
     }
     let done = tokio::time::timeout(
         Duration::from_secs(30),
@@ -41,9 +41,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     )
     .await;
     match done {
-        Ok(Ok(j)) => eprintln!("{}", jobs::summary(&j.into_inner())),
+        Ok(Ok(j)) => crate::note!("{}", jobs::summary(&j.into_inner())),
         Ok(Err(s)) => return Err(anyhow!("{}", s.message())),
-        Err(_) => eprintln!(
+        Err(_) => crate::note!(
             "bridge: job {} has not ended yet; `bridge ps` shows its state",
             args.job
         ),

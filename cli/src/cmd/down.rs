@@ -49,6 +49,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         return down_all(cwd, &args).await;
     }
     let layout = client::repo(cwd)?;
+    crate::cmd::up::UpFailed::clear(&layout);
     #[allow(unused_mut)]
     let mut spec = ProviderSpec::load(&layout.provider)?;
     let cloud = spec.as_ref().is_some_and(|s| s.name() == "aws");

@@ -31,7 +31,7 @@ pub struct Args {
     /// List the forwards (also the jobs' own).
     #[arg(long, short = 'l', conflicts_with_all = ["ports", "stop"])]
     list: bool,
-    /// With --list: a JSON array of forwards.
+    /// With --list: JSON, {"schema_version": 1, "forwards": [...]} (docs/json.md).
     #[arg(long)]
     json: bool,
     /// Stop the forward on this laptop port (with --reverse: the reverse
@@ -70,7 +70,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             .into_inner()
             .forwards;
         for f in &gone {
-            eprintln!("bridge: stopped {}", line(&ForwardStatus::from(f)));
+            crate::note!("bridge: stopped {}", line(&ForwardStatus::from(f)));
         }
         return Ok(0);
     }
@@ -85,7 +85,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
             .map(ForwardStatus::from)
             .collect();
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&list)?);
+            let v = serde_json::json!({ "schema_version": 1, "forwards": list });
+            println!("{}", serde_json::to_string_pretty(&v)?);
         } else if list.is_empty() {
             eprintln!("no forwards (add one with `bridge forward 6006`)");
         } else {

@@ -324,7 +324,7 @@ fn install(cwd: &Path, a: InstallArgs) -> anyhow::Result<()> {
     std::fs::rename(&tmp, dir.join("kernel.json"))
         .with_context(|| format!("cannot write {}", dir.join("kernel.json").display()))?;
     println!("{}", dir.display());
-    eprintln!(
+    crate::note!(
         "bridge: installed kernel {name} (\"{display}\") for {}; pick it in JupyterLab, VS Code or PyCharm, \
          or `jupyter console --kernel {name}`",
         repo.display()
@@ -446,7 +446,7 @@ fn uninstall(a: UninstallArgs) -> anyhow::Result<()> {
         }
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
-        eprintln!("bridge: removed kernel {} ({})", a.name, dir.display());
+        crate::note!("bridge: removed kernel {} ({})", a.name, dir.display());
         return Ok(());
     }
     bail!(

@@ -13,8 +13,17 @@ pub struct Args {
     #[arg(short, long)]
     follow: bool,
     /// Start at the last N lines.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "offset")]
     tail: Option<u32>,
+    /// Start at a log offset: a `next_offset` from an earlier `--json` line
+    /// (nothing before it is repeated, nothing after it is missed).
+    #[arg(long, value_name = "N")]
+    offset: Option<u64>,
+    /// One JSON object per line on stdout (stdout, stderr and bridge's own
+    /// lines alike): {"schema_version", "job", "stream", "time_ns", "text",
+    /// "next_offset"}; see docs/json.md.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
@@ -33,9 +42,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         &layout,
         &mut c,
         &job,
-        0,
+        args.offset.unwrap_or(0),
         args.follow,
         args.tail.unwrap_or(0),
+        args.json,
     )
     .await?;
     Ok(0)

@@ -10,8 +10,9 @@ use crate::{client, jobs, spec, sweeps};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The job file (train.toml).
-    file: PathBuf,
+    /// The job file (train.toml), or a directory holding one. Default: the
+    /// project config's `job` (bridge.toml or [tool.bridge]).
+    file: Option<PathBuf>,
     /// Override a field of the job file, e.g. `--set resources.gpus=2 --set env.LR=0.01`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -27,10 +28,21 @@ pub struct Args {
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
     let layout = client::repo(cwd)?;
-    let file = cwd.join(&args.file);
+    let file = match &args.file {
+        Some(f) => cwd.join(f),
+        None => {
+            let project = crate::project::Project::load(&layout.repo)?;
+            match project.job {
+                Some(j) => layout.repo.join(j),
+                None => bail!(
+                    "which job file? `bridge run train.toml`, or set `job = \"train.toml\"` in bridge.toml (or [tool.bridge] in pyproject.toml)"
+                ),
+            }
+        }
+    };
     let loaded = spec::load(&file, &layout.repo, &args.set)?;
     if loaded.path != file {
-        eprintln!("bridge: job file {}", loaded.path.display());
+        crate::note!("bridge: job file {}", loaded.path.display());
     }
     let mut spec = loaded.spec;
     spec.debug = args.debug.spec();

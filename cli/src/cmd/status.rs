@@ -9,7 +9,7 @@ use crate::client::{self, human_bytes};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Print the status as JSON (stable field names; see docs/architecture.md).
+    /// Print the status as JSON (stable field names, `schema_version`; docs/json.md).
     #[arg(long)]
     json: bool,
 }
@@ -24,14 +24,12 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         .json;
     let cloud = cloud_status(&layout).await;
     if args.json {
-        match cloud {
-            Some(v) => {
-                let mut all: serde_json::Value = serde_json::from_str(&json)?;
-                all["aws"] = v;
-                println!("{all}");
-            }
-            None => println!("{json}"),
+        let mut all: serde_json::Value = serde_json::from_str(&json)?;
+        all["schema_version"] = 1.into();
+        if let Some(v) = cloud {
+            all["aws"] = v;
         }
+        println!("{all}");
         return Ok(());
     }
     let st: Status = serde_json::from_str(&json)?;

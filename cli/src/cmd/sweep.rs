@@ -150,9 +150,10 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                 .await
                 .map_err(|s| anyhow!("{}", s.message()))?
                 .into_inner();
-            eprintln!(
+            crate::note!(
                 "bridge: sweep {} ({}) is stopping: no trial starts any more, running ones get SIGTERM",
-                s.id, s.name
+                s.id,
+                s.name
             );
             let until = Instant::now() + Duration::from_secs(60);
             loop {
@@ -162,11 +163,11 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                     .map_err(|s| anyhow!("{}", s.message()))?
                     .into_inner();
                 if is_terminal(s.state()) {
-                    eprintln!("{}", sweeps::closing(&s));
+                    crate::note!("{}", sweeps::closing(&s));
                     return Ok(0);
                 }
                 if Instant::now() >= until {
-                    eprintln!(
+                    crate::note!(
                         "bridge: sweep {sweep} has not ended yet; `bridge sweep status {sweep}` shows its trials"
                     );
                     return Ok(0);
@@ -186,7 +187,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
                 .iter()
                 .filter(|t| t.state() == JobState::Queued)
                 .count();
-            sweeps::announce(&s, &format!("{again} to run again"), "resumed");
+            sweeps::announce(&layout, &s, &format!("{again} to run again"), "resumed");
             for n in &reply.notes {
                 eprintln!("bridge: warning: {n}");
             }

@@ -1,7 +1,6 @@
 //! `bridge up`: start the agent (through the daemon's provider) and the daemon,
 //! then wait for the first exact mirror, showing progress.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -58,9 +57,53 @@ impl Args {
             remote_dir: None,
             gpu: None,
             #[cfg(feature = "aws")]
-            aws: Default::default(),
+            aws: crate::aws::UpArgs {
+                disk: crate::aws::DEFAULT_DISK_GB,
+                ..Default::default()
+            },
             quiet: true,
         }
+    }
+
+    /// Whether the flags name a provider (or its settings), rather than
+    /// leaving the choice to what was saved.
+    fn asks(&self) -> bool {
+        #[cfg(feature = "aws")]
+        if self.aws.any() {
+            return true;
+        }
+        self.provider.is_some()
+            || self.host.is_some()
+            || self.identity.is_some()
+            || self.accept_new_host_key
+            || self.remote_dir.is_some()
+    }
+
+    /// Takes the project config's provider settings as if they were flags
+    /// (when no flag and no saved choice says where).
+    fn fill_from(&mut self, p: &crate::project::Project) -> anyhow::Result<()> {
+        #[cfg(not(feature = "aws"))]
+        if p.provider() == Some("aws") || p.aws.any() {
+            bail!(
+                "{} asks for the AWS provider, and this bridge was built without it (cargo feature `aws`)",
+                p.path.display()
+            );
+        }
+        self.provider = p.provider().map(str::to_string);
+        self.host = p.host.clone();
+        self.identity = p.identity.as_deref().map(crate::project::expand_home);
+        self.remote_dir = p.remote_dir.clone();
+        #[cfg(feature = "aws")]
+        {
+            let a = &p.aws;
+            self.aws.region = a.region.clone();
+            self.aws.profile = a.profile.clone();
+            self.aws.gpu_type = a.gpu_type.clone();
+            self.aws.instance_type = a.instance_type.clone();
+            self.aws.spot = a.spot.unwrap_or(false);
+            self.aws.idle_timeout = a.idle_timeout.clone();
+        }
+        Ok(())
     }
 
     /// The provider this `up` uses: the flags, else the saved choice, else local.
@@ -144,8 +187,21 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         .create()
         .with_context(|| format!("cannot create {}", layout.state.display()))?;
     let saved = ProviderSpec::load(&layout.provider)?;
+    let project = crate::project::Project::load(&layout.repo)?;
+    let mut args = args;
+    args.gpu = args.gpu.or(project.gpus);
+    if !args.asks() && saved.is_none() && project.places() {
+        args.fill_from(&project)?;
+    }
+    let failed = UpFailed::load(&layout);
     #[allow(unused_mut)]
-    let mut spec = args.spec(saved.clone())?;
+    let mut spec = match (&failed, args.asks()) {
+        // A job command after a failed remote `up`: never the laptop instead.
+        (Some(f), false) if args.quiet => bail!("{}", f.refusal()),
+        // A plain `bridge up` tries the failed one again.
+        (Some(f), false) => f.spec.clone(),
+        _ => args.spec(saved.clone())?,
+    };
     // A failed `up` leaves the previous choice in place.
     let restore = |layout: &bridge_daemon::repo::Layout| match &saved {
         Some(s) => {
@@ -155,25 +211,89 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&layout.provider);
         }
     };
+    let asked = spec.clone();
     #[cfg(feature = "aws")]
     let prepared = match crate::aws::prepare(&layout, &mut spec, args.aws.yes).await {
         Ok(p) => p,
         Err(e) => {
             restore(&layout);
+            UpFailed::record(&layout, &asked, &e);
             return Err(e);
         }
     };
     spec.save(&layout.provider)
         .with_context(|| format!("cannot write {}", layout.provider.display()))?;
     let res = start(&layout, &args).await;
-    if res.is_err() {
-        #[cfg(feature = "aws")]
-        if let Some(launched) = &prepared.launched {
-            crate::aws::undo_launch(&mut spec, launched).await;
+    match &res {
+        Ok(()) => UpFailed::clear(&layout),
+        Err(e) => {
+            #[cfg(feature = "aws")]
+            if let Some(launched) = &prepared.launched {
+                crate::aws::undo_launch(&mut spec, launched).await;
+            }
+            restore(&layout);
+            UpFailed::record(&layout, &asked, e);
         }
-        restore(&layout);
     }
     res
+}
+
+/// `.bridge/up-failed.toml`: the remote provider the last `bridge up` was
+/// asked for and why it failed. While it is there, a job command does not
+/// start the local agent in its place (the job would run on the laptop, said
+/// only in a line that is easy to miss); a plain `bridge up` tries the same
+/// provider again. A successful `up` or a `bridge down` removes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct UpFailed {
+    error: String,
+    spec: ProviderSpec,
+}
+
+impl UpFailed {
+    pub fn load(layout: &bridge_daemon::repo::Layout) -> Option<UpFailed> {
+        let text = std::fs::read_to_string(&layout.up_failed).ok()?;
+        toml::from_str(&text).ok()
+    }
+
+    /// Records a failed `up` of a remote provider (a failed local one needs
+    /// no guard: there is nothing to fall back from).
+    fn record(layout: &bridge_daemon::repo::Layout, spec: &ProviderSpec, e: &anyhow::Error) {
+        if matches!(spec, ProviderSpec::Local) {
+            Self::clear(layout);
+            return;
+        }
+        let f = UpFailed {
+            error: format!("{e:#}"),
+            spec: spec.clone(),
+        };
+        if let Ok(text) = toml::to_string(&f) {
+            let _ = bridge_proto::index::write_atomic(&layout.up_failed, text.as_bytes());
+        }
+    }
+
+    pub fn clear(layout: &bridge_daemon::repo::Layout) {
+        let _ = std::fs::remove_file(&layout.up_failed);
+    }
+
+    /// The provider that failed.
+    pub fn spec(&self) -> &ProviderSpec {
+        &self.spec
+    }
+
+    /// The error's first line.
+    pub fn first_error(&self) -> &str {
+        self.error.lines().next().unwrap_or_default()
+    }
+
+    fn refusal(&self) -> String {
+        let first = self.first_error();
+        format!(
+            "the last `bridge up` for {} failed ({first}); not running on this machine instead. \
+             Run `bridge up` to try {} again, or `bridge up --provider local` to use this machine",
+            self.spec.describe(),
+            self.spec.name()
+        )
+    }
 }
 
 /// The environment variable jemalloc (as built by `tikv-jemalloc-sys`)
@@ -238,7 +358,7 @@ async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Res
         })
         .await?
         .into_inner();
-    match follow(&mut stream, std::io::stderr().is_terminal()).await {
+    match follow(&mut stream, crate::out::progress()).await {
         Ok(done) => {
             let json = c
                 .status(bridge_proto::v1::StatusRequest {})
@@ -256,7 +376,7 @@ async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Res
                 done.root
             );
             if args.quiet {
-                eprintln!("{report}");
+                crate::note!("{report}");
             } else {
                 println!("{report}");
             }
@@ -343,7 +463,7 @@ pub async fn follow(
             last_error = p.error.clone();
             match &bar {
                 Some(b) => b.println(format!("bridge: {} (retrying)", p.error)),
-                None => eprintln!("bridge: {} (retrying)", p.error),
+                None => crate::note!("bridge: {} (retrying)", p.error),
             }
         }
         let bytes = format!(
@@ -368,7 +488,7 @@ pub async fn follow(
                     p.phase.clone()
                 };
                 if line != last_line && !p.phase.is_empty() {
-                    eprintln!("{line}");
+                    crate::note!("{line}");
                     last_line = line;
                 }
             }

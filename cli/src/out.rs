@@ -1,0 +1,56 @@
+//! How the CLI talks to the user, the same way in every command: notes on
+//! stderr (`bridge: …`), which `-q` silences (errors, warnings and a job's own
+//! output stay); progress bars only when stderr is a terminal and `-q` is not
+//! given (plain lines otherwise); and `-v`/`-vv` for bridge's own debug and
+//! trace log on stderr. bridge prints no colour, so `NO_COLOR` has nothing to
+//! turn off; the progress bars, its only terminal effects, follow the same rule.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Sets `-q` and `-v` for the process, and with `-v` logs bridge's own
+/// events on stderr (`BRIDGE_LOG` still wins when set).
+pub fn init(quiet: bool, verbose: u8) {
+    QUIET.store(quiet, Ordering::Relaxed);
+    if verbose == 0 {
+        return;
+    }
+    let level = if verbose == 1 { "debug" } else { "trace" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BRIDGE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "warn,bridge={level},bridge_cli={level},bridge_daemon={level},bridge_proto={level}"
+        ))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour())
+        .try_init();
+}
+
+/// `-q`: print only errors, warnings and what was asked for.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Progress bars and spinners: stderr is a terminal and `-q` was not given.
+pub fn progress() -> bool {
+    !quiet() && std::io::stderr().is_terminal()
+}
+
+/// Colour in stderr: a terminal, and no `NO_COLOR` (<https://no-color.org>).
+pub fn colour() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+/// A note for the user on stderr, unless `-q`: `note!("bridge: job {id} …")`.
+#[macro_export]
+macro_rules! note {
+    ($($t:tt)*) => {
+        if !$crate::out::quiet() {
+            eprintln!($($t)*);
+        }
+    };
+}
