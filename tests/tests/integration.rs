@@ -53,3 +53,6 @@ mod sync;
 mod ux;
 /// Watch limits: the polling fallback.
 mod watch_limit;
+/// The Python wheel (pyproject.toml, maturin): built, installed into a
+/// fresh venv, and a job run from there with no cargo on PATH.
+mod wheel;

@@ -1,0 +1,131 @@
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bridge_tests::*;
+
+/// maturin, from the venv tests/run installs it into.
+fn maturin() -> PathBuf {
+    let venv = std::env::var_os("BRIDGE_MATURIN_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/bridge/maturin-1.16.0-venv"))
+        })
+        .expect("HOME");
+    let m = venv.join("bin/maturin");
+    assert!(
+        m.exists(),
+        "{} is missing: tests/run installs it (or set BRIDGE_MATURIN_VENV)",
+        m.display()
+    );
+    m
+}
+
+fn run(c: &mut Command) -> String {
+    let o = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{c:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The repository's pyproject.toml builds a wheel (maturin) holding `bridge`
+/// and `bridge-agent`; installed into a fresh venv, `bridge` finds its agent
+/// next to itself and runs a job on the local provider with no cargo (and
+/// no build tree) on PATH.
+#[test]
+fn the_wheel_installs_both_binaries_and_runs_a_job_without_cargo() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let r = Repo::new();
+    let wheels = r.scratch("wheels");
+    // Its own target directory: `cargo test` holds the workspace's while
+    // tests run. Kept between runs (under target/, keyed by nothing but
+    // cargo's own fingerprints), so only the first run compiles everything.
+    // The SSH provider only: the AWS SDK would add minutes and nothing to
+    // what is tested (the packaging).
+    let target = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/bridge/wheel-target"))
+        .expect("HOME");
+    run(Command::new(maturin())
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--profile",
+            "dev",
+            "--no-default-features",
+            "--features",
+            "agent,ssh",
+        ])
+        .args(["--compatibility", "linux", "--out"])
+        .arg(&wheels)
+        .env("CARGO_TARGET_DIR", &target));
+    let wheel = std::fs::read_dir(&wheels)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .expect("a wheel");
+    let listing = run(Command::new("python3")
+        .args(["-m", "zipfile", "-l"])
+        .arg(&wheel));
+    assert!(
+        listing.contains(".data/scripts/bridge ")
+            && listing.contains(".data/scripts/bridge-agent "),
+        "{listing}"
+    );
+
+    let venv = r.scratch("venv");
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--no-index"])
+        .arg(&wheel));
+    let bin = venv.join("bin");
+    // No cargo, no target/ directory: the venv, then the system's tools.
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
+    let which = Command::new("sh")
+        .args(["-c", "command -v cargo || true"])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(which.stdout.is_empty(), "cargo on the test PATH");
+    let version = run(Command::new(bin.join("bridge"))
+        .arg("--version")
+        .env("PATH", &path)
+        .env_remove("BRIDGE_AGENT_BIN"));
+    assert_eq!(
+        version.trim(),
+        format!("bridge {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    r.write("hello.py", "print('hello from the wheel')\n");
+    let o = Command::new(bin.join("bridge"))
+        .args(["-C"])
+        .arg(&r.root)
+        .args(["exec", "--", "python3", "hello.py"])
+        .env("PATH", &path)
+        .env_remove("BRIDGE_AGENT_BIN")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("hello from the wheel"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The agent that ran it is the wheel's.
+    let pid = r
+        .agent_pid()
+        .unwrap_or_else(|| panic!("no local agent pid: {}", r.daemon_log()));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, bin.join("bridge-agent"));
+    let o = Command::new(bin.join("bridge"))
+        .args(["-C"])
+        .arg(&r.root)
+        .arg("down")
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+}
