@@ -116,7 +116,13 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     started_unix_ms();
     let cli = Cli::parse();
-    out::init(cli.quiet, cli.verbose);
+    // The daemon sets up its own log (BRIDGE_LOG, to .bridge/daemon.log).
+    let verbose = if matches!(cli.cmd, Cmd::Daemon(_)) {
+        0
+    } else {
+        cli.verbose
+    };
+    out::init(cli.quiet, verbose);
     match cli.cmd {
         Cmd::Completions(a) => return exit(cmd::completions::run(a)),
         Cmd::Man(a) => return exit(cmd::completions::man(a)),

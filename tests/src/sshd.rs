@@ -56,6 +56,10 @@ pub struct Sshd {
     host_key_generation: u32,
     /// Extra `sshd_config` lines ([`Sshd::start_with`]).
     extra_config: String,
+    /// The address it listens on (127.0.0.1 unless [`Sshd::start_in`]).
+    listen: String,
+    /// The network namespace it runs in, if not this one.
+    netns: Option<String>,
 }
 
 impl Sshd {
@@ -67,8 +71,37 @@ impl Sshd {
     /// [`Sshd::start`] with extra `sshd_config` lines (say `SetEnv`, which
     /// sets the environment of every session, so of a remote agent too).
     pub fn start_with(extra_config: &str) -> Sshd {
+        let mut sshd = Sshd::start_with_keys();
+        sshd.extra_config = extra_config.to_string();
+        // The free port can be taken by someone else between our probe and
+        // sshd's bind: try a few.
+        for attempt in 0.. {
+            sshd.port = free_port();
+            match sshd.launch() {
+                Ok(()) => return sshd,
+                Err(e) if attempt < 4 && e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// An sshd inside the network namespace `netns` (`ip netns`), listening
+    /// on `address` port 2222 there: reachable only by what can route to it.
+    pub fn start_in(netns: &str, address: &str) -> Sshd {
+        let mut sshd = Sshd::start_with_keys();
+        sshd.listen = address.to_string();
+        sshd.netns = Some(netns.to_string());
+        sshd.port = 2222;
+        if let Err(e) = sshd.launch() {
+            panic!("{e}");
+        }
+        sshd
+    }
+
+    /// Keys and directory, nothing started.
+    fn start_with_keys() -> Sshd {
         require_sshd();
-        // sshd refuses to start without its privilege-separation directory.
         fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
         let dir = tempfile::Builder::new()
             .prefix("bridge-sshd-")
@@ -81,25 +114,26 @@ impl Sshd {
             dir.path().join("authorized_keys"),
         )
         .expect("write authorized_keys");
-        let mut sshd = Sshd {
+        Sshd {
             dir,
             port: 0,
             child: None,
             ssh_dirs: AtomicUsize::new(0),
             host_key_generation: 0,
-            extra_config: extra_config.to_string(),
-        };
-        // The free port can be taken by someone else between our probe and
-        // sshd's bind: try a few.
-        for attempt in 0.. {
-            sshd.port = free_port();
-            match sshd.launch() {
-                Ok(()) => return sshd,
-                Err(e) if attempt < 4 && e.contains("Address already in use") => continue,
-                Err(e) => panic!("{e}"),
-            }
+            extra_config: String::new(),
+            listen: "127.0.0.1".into(),
+            netns: None,
         }
-        unreachable!()
+    }
+
+    /// Lets the client key of `other` log in here too.
+    pub fn authorize(&self, other: &Sshd) {
+        let key = fs::read_to_string(other.dir().join("client_key.pub")).expect("read key");
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir().join("authorized_keys"))
+            .expect("open authorized_keys");
+        std::io::Write::write_all(&mut f, key.as_bytes()).expect("append key");
     }
 
     pub fn port(&self) -> u16 {
@@ -124,7 +158,7 @@ impl Sshd {
 
     /// The `known_hosts` line that accepts the current host key.
     pub fn known_hosts_line(&self) -> String {
-        format!("[127.0.0.1]:{} {}", self.port, self.host_key_pub())
+        format!("[{}]:{} {}", self.listen, self.port, self.host_key_pub())
     }
 
     /// The authorized client's private key.
@@ -207,7 +241,7 @@ impl Sshd {
     fn write_config(&self) -> PathBuf {
         let d = self.dir();
         let config = format!(
-            "ListenAddress 127.0.0.1\n\
+            "ListenAddress {listen}\n\
              Port {port}\n\
              HostKey {host_key}\n\
              AuthorizedKeysFile {authorized_keys}\n\
@@ -224,6 +258,7 @@ impl Sshd {
              PermitUserEnvironment no\n\
              Subsystem sftp internal-sftp\n\
              {extra}\n",
+            listen = self.listen,
             port = self.port,
             host_key = self.host_key_path().display(),
             authorized_keys = d.join("authorized_keys").display(),
@@ -244,7 +279,15 @@ impl Sshd {
             .append(true)
             .open(self.dir().join("sshd.log"))
             .expect("open sshd.log");
-        let child = Command::new(SSHD)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let child = cmd
             .arg("-D")
             .arg("-e")
             .arg("-f")
@@ -267,7 +310,17 @@ impl Sshd {
                     self.log()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // In another namespace it cannot be connected to from here:
+            // its log says when it listens.
+            let ready = if self.netns.is_some() {
+                self.log().contains(&format!(
+                    "Server listening on {} port {}",
+                    self.listen, self.port
+                ))
+            } else {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            };
+            if ready {
                 return Ok(());
             }
             if t.elapsed() > START_TIMEOUT {
@@ -469,6 +522,85 @@ impl Drop for SshRepo {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+    }
+}
+
+/// Two network namespaces for the ProxyJump tests: this namespace reaches the
+/// jump host's at `jump_ip`; only that one reaches the target's at
+/// `target_ip` (here an `unreachable` route covers it, so nothing is sent
+/// along a default route). Removed on drop.
+pub struct JumpNet {
+    pub jump_ns: String,
+    pub target_ns: String,
+    pub jump_ip: String,
+    pub target_ip: String,
+    /// This namespace's end of the veth pair to the jump namespace.
+    veth: String,
+}
+
+impl JumpNet {
+    pub fn create() -> JumpNet {
+        let id = std::process::id();
+        let net = JumpNet {
+            jump_ns: format!("bridge-j-{id}"),
+            target_ns: format!("bridge-t-{id}"),
+            jump_ip: "10.231.1.2".into(),
+            target_ip: "10.231.2.2".into(),
+            veth: format!("bjr{}", id % 100_000),
+        };
+        let (j, t, v) = (&net.jump_ns, &net.target_ns, &net.veth);
+        let jv = format!("bjj{}", id % 100_000);
+        let jt = format!("bjt{}", id % 100_000);
+        let tj = format!("btj{}", id % 100_000);
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", j],
+            vec!["netns", "add", t],
+            vec!["link", "add", v, "type", "veth", "peer", "name", &jv],
+            vec!["link", "set", &jv, "netns", j],
+            vec!["addr", "add", "10.231.1.1/30", "dev", v],
+            vec!["link", "set", v, "up"],
+            vec!["-n", j, "addr", "add", "10.231.1.2/30", "dev", &jv],
+            vec!["-n", j, "link", "set", &jv, "up"],
+            vec!["-n", j, "link", "set", "lo", "up"],
+            vec![
+                "-n", j, "link", "add", &jt, "type", "veth", "peer", "name", &tj,
+            ],
+            vec!["-n", j, "link", "set", &tj, "netns", t],
+            vec!["-n", j, "addr", "add", "10.231.2.1/30", "dev", &jt],
+            vec!["-n", j, "link", "set", &jt, "up"],
+            vec!["-n", t, "addr", "add", "10.231.2.2/30", "dev", &tj],
+            vec!["-n", t, "link", "set", &tj, "up"],
+            vec!["-n", t, "link", "set", "lo", "up"],
+            // From here the target's subnet is unreachable (refused at
+            // once, locally), not sent along a default route.
+            vec!["route", "add", "unreachable", "10.231.2.0/30"],
+        ];
+        for step in steps {
+            let o = Command::new("ip").args(&step).output().expect("run ip");
+            assert!(
+                o.status.success(),
+                "ip {}: {}",
+                step.join(" "),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        net
+    }
+}
+
+impl Drop for JumpNet {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the interfaces in it, and a veth's
+        // peer with it.
+        let _ = Command::new("ip")
+            .args(["route", "del", "unreachable", "10.231.2.0/30"])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        for ns in [&self.jump_ns, &self.target_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
 }

@@ -392,3 +392,128 @@ fn the_session_heals_after_twenty_link_cuts() {
         "{extra} bytes beyond the payload over {cuts} cuts (payload {payload}, crossed {crossed})"
     );
 }
+
+/// `~/.ssh/config`'s ProxyJump and ProxyCommand: a target sshd in a network
+/// namespace that only the jump host's namespace can reach. bridge gets there
+/// through the bastion (russh's `direct-tcpip` channel, host keys of both
+/// checked), and through OpenSSH's `ssh -W` as a ProxyCommand; sync and jobs
+/// work as on any host.
+#[test]
+fn proxy_jump_and_proxy_command_reach_a_host_only_the_bastion_can() {
+    require_sshd();
+    let net = bridge_tests::sshd::JumpNet::create();
+    let jump = Sshd::start_in(&net.jump_ns, &net.jump_ip);
+    let target = Sshd::start_in(&net.target_ns, &net.target_ip);
+    target.authorize(&jump);
+    // Not reachable from here: only through the bastion.
+    let direct = std::net::TcpStream::connect_timeout(
+        &format!("{}:2222", net.target_ip).parse().unwrap(),
+        Duration::from_secs(2),
+    );
+    assert!(direct.is_err(), "the target is reachable directly");
+
+    for (name, how) in [
+        ("jump", "ProxyJump bastion".to_string()),
+        ("command", String::new()),
+    ] {
+        let r = bridge_tests::Repo::new();
+        let ssh = r.scratch("ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        let key = ssh.join("id_ed25519");
+        std::fs::copy(jump.client_key(), &key).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let known = ssh.join("known_hosts");
+        std::fs::write(
+            &known,
+            format!(
+                "{}\n{}\n",
+                jump.known_hosts_line(),
+                target.known_hosts_line()
+            ),
+        )
+        .unwrap();
+        let how = if how.is_empty() {
+            // OpenSSH's client as the ProxyCommand, with its own view of
+            // the same config, key and known hosts.
+            format!(
+                "ProxyCommand ssh -F {cfg} -i {key} -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes -o BatchMode=yes -W %h:%p bastion",
+                cfg = ssh.join("config").display(),
+                key = key.display(),
+                known = known.display(),
+            )
+        } else {
+            how
+        };
+        std::fs::write(
+            ssh.join("config"),
+            format!(
+                "Host gpu\n  HostName {t}\n  Port 2222\n  User root\n  {how}\n\
+                 Host bastion\n  HostName {j}\n  Port 2222\n  User root\n",
+                t = net.target_ip,
+                j = net.jump_ip,
+            ),
+        )
+        .unwrap();
+        let env = [
+            ("BRIDGE_SSH_DIR", ssh.display().to_string()),
+            (
+                "BRIDGE_KNOWN_HOSTS",
+                r.scratch("bridge_known_hosts").display().to_string(),
+            ),
+            ("SSH_AUTH_SOCK", String::new()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        r.write("data/hello.txt", format!("hello through {name}"));
+        let remote = r.scratch("remote");
+        let o = r.bridge_env(
+            &[
+                "up",
+                "--host",
+                "gpu",
+                "--remote-dir",
+                remote.to_str().unwrap(),
+            ],
+            &env,
+        );
+        assert!(
+            o.status.success(),
+            "{name}: bridge up failed: {}\n{}\njump sshd:\n{}\ntarget sshd:\n{}",
+            stderr(&o),
+            r.daemon_log(),
+            jump.log(),
+            target.log()
+        );
+        // The job runs on the target: its namespace has the target's address.
+        let out = r.ok_env(
+            &[
+                "exec",
+                "--",
+                "sh",
+                "-c",
+                "cat data/hello.txt; echo; ip -4 -o addr",
+            ],
+            &env,
+        );
+        assert!(out.contains(&format!("hello through {name}")), "{out}");
+        assert!(
+            out.contains(&net.target_ip),
+            "{name}: not on the target: {out}"
+        );
+        let st = r.status();
+        assert!(
+            st["agent_address"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("via"),
+            "{st}"
+        );
+        // An edit arrives as on any host.
+        r.write("data/hello.txt", "edited");
+        r.sync_wait();
+        let out = r.ok_env(&["exec", "--", "cat", "data/hello.txt"], &env);
+        assert_eq!(out, "edited");
+        let o = r.bridge_env(&["down", "--remote", "--force"], &env);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}

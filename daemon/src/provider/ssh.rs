@@ -42,7 +42,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::{BoxFuture, Provider, ProviderError};
 use auth::{AuthError, Credentials};
 use hostkey::{Client, HostKeyPolicy};
-use target::Target;
+use target::{Target, Via};
 
 /// AES-GCM first: russh runs it on ring (AES-NI, several GB/s a core), where
 /// its ChaCha20-Poly1305 (russh's default first choice) is a portable
@@ -146,6 +146,73 @@ fn local_user() -> String {
         .unwrap_or_else(|| "root".to_string())
 }
 
+/// ` via bastion` (ProxyJump hops), ` via ProxyCommand`, or nothing.
+fn via_text(t: &Target) -> String {
+    match &t.via {
+        Some(Via::Jump(hops)) => {
+            let names: Vec<&str> = hops.iter().map(|h| h.alias.as_str()).collect();
+            format!(" via {}", names.join(","))
+        }
+        Some(Via::Command(_)) => " via ProxyCommand".into(),
+        None => String::new(),
+    }
+}
+
+/// A byte stream an SSH session runs over.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The stream to an SSH server, with what must live as long as it: the jump
+/// host's session its channel belongs to, or the ProxyCommand's process
+/// (killed when the link is dropped).
+struct Link {
+    io: Box<dyn Stream>,
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl Link {
+    fn new(io: impl Stream + 'static, keep: Option<Box<dyn std::any::Any + Send>>) -> Link {
+        Link {
+            io: Box::new(io),
+            _keep: keep,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Link {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Link {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// The system-wide known-hosts file, read (never written) after the user's.
 const SYSTEM_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
 
@@ -189,7 +256,7 @@ struct RemoteInfo {
 
 impl SshProvider {
     /// Resolves the host (ssh config included). A malformed host or an
-    /// unsupported config (`ProxyJump`) makes every operation fail
+    /// unusable config (a `ProxyJump` loop) makes every operation fail
     /// (fatally); [`SshProvider::try_new`] reports it at once.
     pub fn new(config: SshConfig) -> SshProvider {
         let target = target::resolve(
@@ -200,7 +267,7 @@ impl SshProvider {
         );
         let label = match &target {
             Ok(t) => {
-                let hostport = format!("{}@{}:{}", t.user, t.host, t.port);
+                let hostport = format!("{}@{}:{}{}", t.user, t.host, t.port, via_text(t));
                 if t.alias == t.host {
                     hostport
                 } else {
@@ -353,95 +420,182 @@ impl Inner {
 
     async fn open_session(&self) -> Result<Handle<Client>, ProviderError> {
         let t = self.target()?;
-        let timeout = self.config.connect_timeout;
-        let reach = format!("cannot reach {}:{}", t.host, t.port);
-        let tcp = match tokio::time::timeout(timeout, TcpStream::connect((t.host.as_str(), t.port)))
+        self.open_to(t, self.config.identity.as_deref(), &self.label)
             .await
-        {
-            Err(_) => {
-                return Err(ProviderError::retryable(format!(
-                    "{reach}: timed out after {} s",
-                    timeout.as_secs_f32()
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(ProviderError::retryable(format!(
-                    "{reach}: {}",
-                    io_reason(&e)
-                )));
-            }
-            Ok(Ok(s)) => s,
-        };
-        let _ = tcp.set_nodelay(true);
+    }
 
-        let policy = Arc::new(self.host_key_policy(t));
-        // Ask for a host key type we have on record, as OpenSSH does.
-        let known = policy.known_algorithms();
-        let mut keys: Vec<_> = Preferred::DEFAULT.key.to_vec();
-        keys.sort_by_key(|a| {
-            !known
-                .iter()
-                .any(|k| k == a || (k.clone().is_rsa() && a.clone().is_rsa()))
-        });
-        let config = client::Config {
-            keepalive_interval: Some(Duration::from_secs(5)),
-            keepalive_max: 3,
-            inactivity_timeout: None,
-            nodelay: true,
-            preferred: Preferred {
-                key: keys.into(),
-                cipher: CIPHERS.into(),
-                ..Preferred::DEFAULT
-            },
-            ..Default::default()
-        };
-        let refusal = Arc::new(StdMutex::new(None));
-        let handler = Client {
-            policy: policy.clone(),
-            refusal: refusal.clone(),
-        };
-        let handshake = tokio::time::timeout(
-            timeout,
-            client::connect_stream(Arc::new(config), tcp, handler),
-        )
-        .await;
-        let refused = || refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let mut handle = match handshake {
-            Err(_) => {
-                return Err(ProviderError::retryable(format!(
-                    "the SSH handshake with {}:{} timed out after {} s",
-                    t.host,
-                    t.port,
-                    timeout.as_secs_f32()
-                )));
-            }
-            Ok(Err(e)) => {
-                if let Some(r) = refused() {
-                    return Err(ProviderError::fatal(r.to_string()));
+    /// Opens an SSH session to `t`: the link (direct, through its
+    /// `ProxyJump` hops, or over its `ProxyCommand`), the handshake with
+    /// `t`'s host key checked, and the login. `identity` is `--identity`,
+    /// which only the target uses (as `ssh -i` with `-J`).
+    fn open_to<'a>(
+        &'a self,
+        t: &'a Target,
+        identity: Option<&'a Path>,
+        label: &'a str,
+    ) -> BoxFuture<'a, Result<Handle<Client>, ProviderError>> {
+        Box::pin(async move {
+            let timeout = self.config.connect_timeout;
+            let link = self.link_to(t).await?;
+            let policy = Arc::new(self.host_key_policy(t));
+            // Ask for a host key type we have on record, as OpenSSH does.
+            let known = policy.known_algorithms();
+            let mut keys: Vec<_> = Preferred::DEFAULT.key.to_vec();
+            keys.sort_by_key(|a| {
+                !known
+                    .iter()
+                    .any(|k| k == a || (k.clone().is_rsa() && a.clone().is_rsa()))
+            });
+            let config = client::Config {
+                keepalive_interval: Some(Duration::from_secs(5)),
+                keepalive_max: 3,
+                inactivity_timeout: None,
+                nodelay: true,
+                preferred: Preferred {
+                    key: keys.into(),
+                    cipher: CIPHERS.into(),
+                    ..Preferred::DEFAULT
+                },
+                ..Default::default()
+            };
+            let refusal = Arc::new(StdMutex::new(None));
+            let handler = Client {
+                policy: policy.clone(),
+                refusal: refusal.clone(),
+            };
+            let handshake = tokio::time::timeout(
+                timeout,
+                client::connect_stream(Arc::new(config), link, handler),
+            )
+            .await;
+            let refused = || refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut handle = match handshake {
+                Err(_) => {
+                    return Err(ProviderError::retryable(format!(
+                        "the SSH handshake with {}:{} timed out after {} s",
+                        t.host,
+                        t.port,
+                        timeout.as_secs_f32()
+                    )));
                 }
-                return Err(self.handshake_error(t, e));
-            }
-            Ok(Ok(h)) => h,
-        };
+                Ok(Err(e)) => {
+                    if let Some(r) = refused() {
+                        return Err(ProviderError::fatal(r.to_string()));
+                    }
+                    return Err(self.handshake_error(t, e));
+                }
+                Ok(Ok(h)) => h,
+            };
 
-        let creds = Credentials {
-            user: &t.user,
-            label: &self.label,
-            identity: self.config.identity.as_deref(),
-            config_identities: &t.identity_files,
-            ssh_dir: &self.config.ssh_dir,
-        };
-        match tokio::time::timeout(AUTH_TIMEOUT, auth::authenticate(&mut handle, &creds)).await {
-            Err(_) => Err(ProviderError::retryable(format!(
-                "logging in to {} timed out after {} s",
-                self.label,
-                AUTH_TIMEOUT.as_secs()
-            ))),
-            Ok(Err(AuthError::Fatal(m))) => Err(ProviderError::fatal(m)),
-            Ok(Err(AuthError::Link(m))) => Err(ProviderError::retryable(m)),
-            Ok(Ok(())) => {
-                tracing::info!("connected to {} over SSH", self.label);
-                Ok(handle)
+            let creds = Credentials {
+                user: &t.user,
+                label,
+                identity,
+                config_identities: &t.identity_files,
+                ssh_dir: &self.config.ssh_dir,
+            };
+            match tokio::time::timeout(AUTH_TIMEOUT, auth::authenticate(&mut handle, &creds)).await
+            {
+                Err(_) => Err(ProviderError::retryable(format!(
+                    "logging in to {label} timed out after {} s",
+                    AUTH_TIMEOUT.as_secs()
+                ))),
+                Ok(Err(AuthError::Fatal(m))) => Err(ProviderError::fatal(m)),
+                Ok(Err(AuthError::Link(m))) => Err(ProviderError::retryable(m)),
+                Ok(Ok(())) => {
+                    tracing::info!("connected to {label} over SSH");
+                    Ok(handle)
+                }
+            }
+        })
+    }
+
+    /// The byte stream to `t`'s SSH server.
+    async fn link_to(&self, t: &Target) -> Result<Link, ProviderError> {
+        let timeout = self.config.connect_timeout;
+        match &t.via {
+            None => {
+                let reach = format!("cannot reach {}:{}", t.host, t.port);
+                let tcp = match tokio::time::timeout(
+                    timeout,
+                    TcpStream::connect((t.host.as_str(), t.port)),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(ProviderError::retryable(format!(
+                            "{reach}: timed out after {} s",
+                            timeout.as_secs_f32()
+                        )));
+                    }
+                    Ok(Err(e)) => {
+                        return Err(ProviderError::retryable(format!(
+                            "{reach}: {}",
+                            io_reason(&e)
+                        )));
+                    }
+                    Ok(Ok(s)) => s,
+                };
+                let _ = tcp.set_nodelay(true);
+                Ok(Link::new(tcp, None))
+            }
+            Some(Via::Jump(hops)) => {
+                // The last hop opens the channel to the target; it is
+                // itself reached through the hops before it.
+                let mut last = hops.last().expect("resolve refuses no hops").clone();
+                if hops.len() > 1 && last.via.is_none() {
+                    last.via = Some(Via::Jump(hops[..hops.len() - 1].to_vec()));
+                }
+                let hop_label = format!("{}@{}:{} (ProxyJump)", last.user, last.host, last.port);
+                let jump =
+                    self.open_to(&last, None, &hop_label)
+                        .await
+                        .map_err(|e| ProviderError {
+                            message: format!("through the jump host {}: {}", last.alias, e.message),
+                            retryable: e.retryable,
+                        })?;
+                let channel = tokio::time::timeout(
+                    timeout,
+                    jump.channel_open_direct_tcpip(t.host.clone(), t.port as u32, "127.0.0.1", 0),
+                )
+                .await
+                .map_err(|_| {
+                    ProviderError::retryable(format!(
+                        "the jump host {} did not open a connection to {}:{} within {} s",
+                        last.alias,
+                        t.host,
+                        t.port,
+                        timeout.as_secs_f32()
+                    ))
+                })?
+                .map_err(|e| {
+                    ProviderError::retryable(format!(
+                        "the jump host {} could not connect to {}:{}: {e}",
+                        last.alias, t.host, t.port
+                    ))
+                })?;
+                Ok(Link::new(channel.into_stream(), Some(Box::new(jump))))
+            }
+            Some(Via::Command(cmd)) => {
+                let mut child = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    // Its complaints go where the daemon's log goes.
+                    .stderr(std::process::Stdio::inherit())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| {
+                        ProviderError::fatal(format!("cannot run the ProxyCommand `{cmd}`: {e}"))
+                    })?;
+                let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+                    return Err(ProviderError::fatal("the ProxyCommand has no stdio"));
+                };
+                Ok(Link::new(
+                    tokio::io::join(stdout, stdin),
+                    Some(Box::new(child)),
+                ))
             }
         }
     }
@@ -945,8 +1099,11 @@ impl Provider for SshProvider {
             .unwrap_or_else(|| self.inner.remote_dir());
         match &self.inner.target {
             Ok(t) => format!(
-                "ssh://{}@{}:{} ({dir}/run/agent.sock)",
-                t.user, t.host, t.port
+                "ssh://{}@{}:{}{} ({dir}/run/agent.sock)",
+                t.user,
+                t.host,
+                t.port,
+                via_text(t)
             ),
             Err(_) => format!("ssh://{} ({dir}/run/agent.sock)", self.inner.config.host),
         }

@@ -6,8 +6,9 @@
 //! `Port`, `IdentityFile` (with `~` and `%d %u %h %r %%`), `HostKeyAlias` and
 //! `Include`. As in OpenSSH the first value of a keyword wins, `IdentityFile`s
 //! accumulate, and values given on the command line beat the file. `Match`
-//! blocks are skipped. `ProxyJump` and `ProxyCommand` are refused: a link that
-//! silently bypasses the user's jump host would be worse than an error.
+//! blocks are skipped. `ProxyJump` (a chain of hops, each resolved with its own
+//! `Host` blocks) and `ProxyCommand` (with `%h %p %r %n %%`) are honoured: the
+//! link then goes through them, never around them.
 
 use std::path::{Path, PathBuf};
 
@@ -116,8 +117,8 @@ fn apply_config(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (key, args) = split_keyword(line);
-        let args = split_args(args).map_err(|e| format!("{}:{}: {e}", file.display(), n + 1))?;
+        let (key, rest) = split_keyword(line);
+        let args = split_args(rest).map_err(|e| format!("{}:{}: {e}", file.display(), n + 1))?;
         let key = key.to_ascii_lowercase();
         match key.as_str() {
             "host" => active = host_matches(&args, alias),
@@ -168,14 +169,13 @@ fn apply_config(
                     "hostkeyalias" => {
                         out.host_key_alias.get_or_insert(value);
                     }
-                    // The first value wins, `none` included.
-                    "proxyjump" | "proxycommand" if out.proxy.is_none() => {
-                        let name = if key == "proxyjump" {
-                            "ProxyJump"
-                        } else {
-                            "ProxyCommand"
-                        };
-                        out.proxy = Some((name.to_string(), args.join(" ")));
+                    // The first value wins, `none` included. A command is
+                    // kept as written: it goes to the shell, quotes and all.
+                    "proxyjump" if out.proxy.is_none() => {
+                        out.proxy = Some(("ProxyJump".to_string(), value));
+                    }
+                    "proxycommand" if out.proxy.is_none() => {
+                        out.proxy = Some(("ProxyCommand".to_string(), rest.to_string()));
                     }
                     _ => {}
                 }
@@ -359,21 +359,47 @@ pub struct Target {
     pub host_key_name: String,
     /// `IdentityFile`s from the config, expanded, in order.
     pub identity_files: Vec<PathBuf>,
+    /// How the connection gets there: directly (`None`), or through
+    /// `ProxyJump` hops or a `ProxyCommand`.
+    pub via: Option<Via>,
 }
+
+/// A link to the target other than a direct TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// `ProxyJump`: the hops in order, each resolved like a host of its own
+    /// (its own `Host` blocks, its own `ProxyJump`); the last one opens a
+    /// `direct-tcpip` channel to the target.
+    Jump(Vec<Target>),
+    /// `ProxyCommand`, tokens expanded: run by `sh -c`; its stdin and stdout
+    /// carry the SSH connection.
+    Command(String),
+}
+
+/// Bound on nested `ProxyJump`s (a hop whose config names a jump host …),
+/// which also ends a loop of aliases.
+const MAX_HOPS: usize = 8;
 
 /// Resolves a `[user@]host[:port]` against the config file at `config`.
 pub fn resolve(spec: &str, config: &Path, home: &Path, local_user: &str) -> Result<Target, String> {
-    let spec = HostSpec::parse(spec)?;
-    let cfg = read_config(config, &spec.host, home)?;
-    if let Some((key, value)) = &cfg.proxy
-        && !value.eq_ignore_ascii_case("none")
-    {
+    resolve_at(spec, config, home, local_user, 0)
+}
+
+fn resolve_at(
+    spec: &str,
+    config: &Path,
+    home: &Path,
+    local_user: &str,
+    depth: usize,
+) -> Result<Target, String> {
+    if depth > MAX_HOPS {
         return Err(format!(
-            "{} sets `{key} {value}` for {}; bridge's SSH provider does not support {key} yet (connect to a host it can reach directly)",
-            config.display(),
-            spec.host
+            "more than {MAX_HOPS} nested ProxyJump hops reaching {spec:?} in {} (a loop of Host blocks?)",
+            config.display()
         ));
     }
+    let spec = HostSpec::parse(spec)?;
+    let cfg = read_config(config, &spec.host, home)?;
     let host = cfg
         .host_name
         .map(|h| h.replace("%h", &spec.host).replace("%%", "%"))
@@ -388,6 +414,32 @@ pub fn resolve(spec: &str, config: &Path, home: &Path, local_user: &str) -> Resu
         .iter()
         .map(|f| expand_identity(f, home, local_user, &host, &user))
         .collect();
+    let via = match cfg.proxy {
+        None => None,
+        Some((_, v)) if v.eq_ignore_ascii_case("none") => None,
+        Some((key, v)) if key == "ProxyJump" => {
+            let hops = v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    resolve_at(h, config, home, local_user, depth + 1)
+                        .map_err(|e| format!("ProxyJump {h} (for {}): {e}", spec.host))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if hops.is_empty() {
+                return Err(format!(
+                    "empty ProxyJump for {} in {}",
+                    spec.host,
+                    config.display()
+                ));
+            }
+            Some(Via::Jump(hops))
+        }
+        Some((_, cmd)) => Some(Via::Command(expand_proxy_command(
+            &cmd, &host, port, &user, &spec.host,
+        )?)),
+    };
     Ok(Target {
         alias: spec.host,
         host_key_name: cfg.host_key_alias.unwrap_or_else(|| host.clone()),
@@ -395,7 +447,41 @@ pub fn resolve(spec: &str, config: &Path, home: &Path, local_user: &str) -> Resu
         port,
         user,
         identity_files,
+        via,
     })
+}
+
+/// `ProxyCommand`'s tokens: `%h` host, `%p` port, `%r` remote user, `%n` the
+/// name as typed, `%%`.
+fn expand_proxy_command(
+    cmd: &str,
+    host: &str,
+    port: u16,
+    user: &str,
+    alias: &str,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(cmd.len());
+    let mut chars = cmd.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(host),
+            Some('p') => out.push_str(&port.to_string()),
+            Some('r') => out.push_str(user),
+            Some('n') => out.push_str(alias),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                return Err(format!(
+                    "ProxyCommand {cmd:?}: bridge expands %h, %p, %r, %n and %%, not %{other}"
+                ));
+            }
+            None => return Err(format!("ProxyCommand {cmd:?} ends with a lone %")),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -491,6 +577,7 @@ mod tests {
                 user: "me".into(),
                 host_key_name: "gpu-box".into(),
                 identity_files: vec![],
+                via: None,
             }
         );
     }
@@ -567,17 +654,45 @@ Host gpu-3
     }
 
     #[test]
-    fn proxy_jump_is_refused_unless_none() {
-        let err = resolve_with("Host gpu\n  ProxyJump bastion\n", "gpu").unwrap_err();
-        assert!(
-            err.contains("ProxyJump bastion") && err.contains("not support"),
-            "{err}"
-        );
-        let err = resolve_with("Host *\n  ProxyCommand ssh -W %h:%p b\n", "gpu").unwrap_err();
-        assert!(err.contains("ProxyCommand"), "{err}");
+    fn proxy_jump_hops_are_resolved_with_their_own_blocks() {
+        let t = resolve_with(
+            "Host gpu\n  HostName 10.0.0.7\n  ProxyJump bastion,alice@inner:2200\n\
+             Host bastion\n  HostName 192.0.2.9\n  User ops\n  Port 2022\n",
+            "gpu",
+        )
+        .unwrap();
+        let Some(Via::Jump(hops)) = &t.via else {
+            panic!("{t:?}");
+        };
+        let hops: Vec<(&str, &str, u16)> = hops
+            .iter()
+            .map(|h| (h.host.as_str(), h.user.as_str(), h.port))
+            .collect();
+        assert_eq!(hops, [("192.0.2.9", "ops", 2022), ("inner", "alice", 2200)]);
+        assert_eq!((t.host.as_str(), t.port), ("10.0.0.7", 22));
         // `none` first disables a later wildcard proxy.
         let t = resolve_with("Host gpu\n  ProxyJump none\nHost *\n  ProxyJump b\n", "gpu");
-        assert!(t.is_ok(), "{t:?}");
+        assert_eq!(t.unwrap().via, None);
+        // A loop is an error, not a hang.
+        let err = resolve_with("Host a\n  ProxyJump b\nHost b\n  ProxyJump a\n", "a").unwrap_err();
+        assert!(err.contains("nested ProxyJump"), "{err}");
+    }
+
+    #[test]
+    fn proxy_command_tokens_are_expanded_and_quotes_kept() {
+        let t = resolve_with(
+            "Host gpu\n  HostName 10.0.0.7\n  User u\n  ProxyCommand ssh -W '%h:%p' -l %r bastion # %n %%\n",
+            "gpu",
+        )
+        .unwrap();
+        assert_eq!(
+            t.via,
+            Some(Via::Command(
+                "ssh -W '10.0.0.7:22' -l u bastion # gpu %".into()
+            ))
+        );
+        let err = resolve_with("Host *\n  ProxyCommand nc %C\n", "gpu").unwrap_err();
+        assert!(err.contains("not %C"), "{err}");
     }
 
     #[test]
