@@ -619,7 +619,34 @@ impl Engine {
     /// Starts the agent if needed, connects and says hello.
     async fn link(&mut self) -> Result<(), SyncError> {
         self.shared.set_phase("connecting");
-        self.provider.ensure_agent().await?;
+        // A long start (an agent upload) says what it is doing.
+        {
+            let ensure = self.provider.ensure_agent();
+            tokio::pin!(ensure);
+            let mut activity = self.provider.activity();
+            loop {
+                let changed = async {
+                    match activity.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut ensure => {
+                        r?;
+                        break;
+                    }
+                    alive = changed => {
+                        let Some(rx) = activity.as_ref().filter(|_| alive) else {
+                            activity = None;
+                            continue;
+                        };
+                        let now = rx.borrow().clone();
+                        self.shared.set_phase(now.as_deref().unwrap_or("connecting"));
+                    }
+                }
+            }
+        }
         let channel = self.provider.connect().await?;
         let token = self
             .provider

@@ -163,6 +163,13 @@ pub trait Provider: Send + Sync {
     /// A gRPC channel over a fresh byte stream to the agent.
     fn connect(&self) -> BoxFuture<'_, Result<Channel, ProviderError>>;
 
+    /// What a long [`Provider::ensure_agent`] is doing ("uploading the agent
+    /// (31.2 MiB)"; `None` between such steps), for `bridge up`'s progress.
+    /// `None`: this provider has nothing to say.
+    fn activity(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        None
+    }
+
     /// Stops the agent this provider started.
     fn teardown(&self) -> BoxFuture<'_, Result<(), ProviderError>>;
 

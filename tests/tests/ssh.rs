@@ -39,7 +39,14 @@ fn the_whole_flow_over_ssh_and_the_agent_is_reused() {
         .map(|i| format!("step {i}: loss ok\n"))
         .collect();
     r.write("notes.txt", &notes);
-    s.up(sshd.port());
+    let o = s.up_with(sshd.port(), &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The upload is part of the progress (plain lines: not a terminal).
+    assert!(
+        stderr(&o).contains("uploading the agent ("),
+        "no upload progress: {}",
+        stderr(&o)
+    );
     let st = r.status();
     // Text is compressed on a link that is not local; random bytes are not.
     let sent = st["bytes_sent"].as_u64().unwrap();

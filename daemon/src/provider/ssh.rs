@@ -242,6 +242,8 @@ struct Inner {
     /// again only when the file changed (it is tens of MiB, and every
     /// reconnect asks).
     agent_hash: StdMutex<Option<(u64, std::time::SystemTime, String)>>,
+    /// What `ensure_agent` is doing, while it takes long (the upload).
+    activity: tokio::sync::watch::Sender<Option<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +287,7 @@ impl SshProvider {
                 info: OnceCell::new(),
                 token: StdMutex::new(None),
                 agent_hash: StdMutex::new(None),
+                activity: tokio::sync::watch::Sender::new(None),
             }),
         }
     }
@@ -966,7 +969,16 @@ impl Inner {
             self.label
         );
         let cmd = remote::command(remote::UPLOAD, &[dir, &tmp, &size, hash]);
-        let (code, _, err) = self.exec(&cmd, Some(Stdin::File(path))).await?;
+        let said = |what: Option<String>| {
+            self.activity.send_replace(what);
+        };
+        said(Some(format!(
+            "uploading the agent ({:.1} MiB)",
+            len as f64 / (1024.0 * 1024.0)
+        )));
+        let res = self.exec(&cmd, Some(Stdin::File(path))).await;
+        said(None);
+        let (code, _, err) = res?;
         self.script_result("upload the agent", code, &err)
     }
 
@@ -1109,6 +1121,10 @@ impl Provider for SshProvider {
         }
     }
 
+    fn activity(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        Some(self.inner.activity.subscribe())
+    }
+
     fn ensure_agent(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(self.inner.ensure_agent())
     }
@@ -1246,7 +1262,8 @@ mod tests {
     #[test]
     fn bad_hosts_and_proxies_fail_at_construction() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config"), "Host jump\n  ProxyJump b\n").unwrap();
+        // A jump host that names itself: a loop, not a link.
+        std::fs::write(dir.path().join("config"), "Host jump\n  ProxyJump jump\n").unwrap();
         for host in ["alice@", "jump"] {
             let mut cfg = SshConfig::new(host, "/x");
             cfg.ssh_dir = dir.path().to_path_buf();
