@@ -93,6 +93,8 @@ pub async fn follow_log(
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     let mut lines = json.then(|| JsonLines::new(id));
+    // Following on a terminal: an environment build is one live line.
+    let mut build = (follow && !json && crate::out::progress()).then(EnvBuild::default);
     loop {
         let req = LogsRequest {
             id: id.to_string(),
@@ -118,6 +120,10 @@ pub async fn follow_log(
                     offset = chunk.next_offset;
                     tail = 0;
                 }
+                Ok(Some(chunk)) if build.as_mut().is_some_and(|b| b.takes(&chunk)) => {
+                    offset = chunk.next_offset;
+                    tail = 0;
+                }
                 Ok(Some(chunk)) => {
                     match chunk.stream() {
                         LogStream::Stdout | LogStream::Unspecified => {
@@ -135,6 +141,9 @@ pub async fn follow_log(
                     if let Some(l) = lines.as_mut() {
                         l.finish(offset, &mut out)?;
                     }
+                    if let Some(b) = build.as_mut() {
+                        b.end(false);
+                    }
                     return Ok(offset);
                 }
                 Err(s) if gone(&s) => {
@@ -142,6 +151,68 @@ pub async fn follow_log(
                     break;
                 }
                 Err(s) => bail!("{}", s.message()),
+            }
+        }
+    }
+}
+
+/// On a terminal, an environment build's output (pip's hundreds of lines)
+/// is shown as one live line: the build's note, its elapsed time and the
+/// builder's last output line. When the build succeeds the line goes away
+/// (the full output stays in `bridge logs`); when it fails, the whole output
+/// is printed, so the error is there.
+#[derive(Default)]
+struct EnvBuild {
+    /// While a build runs: its live line and everything it printed.
+    running: Option<(indicatif::ProgressBar, Vec<u8>)>,
+}
+
+impl EnvBuild {
+    /// Handles `chunk` when it belongs to a build (or starts one); false
+    /// when it is for the normal path.
+    fn takes(&mut self, chunk: &bridge_proto::v1::LogChunk) -> bool {
+        let system = chunk.stream() == LogStream::System;
+        let text = String::from_utf8_lossy(&chunk.data);
+        match &mut self.running {
+            None if system && text.contains("building python env") => {
+                let _ = std::io::stderr().write_all(&chunk.data);
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.set_style(
+                    // wide_msg: cut to the terminal's width, never wrapped.
+                    indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
+                        .expect("valid template"),
+                );
+                bar.enable_steady_tick(Duration::from_millis(100));
+                self.running = Some((bar, Vec::new()));
+                true
+            }
+            None => false,
+            Some((bar, output)) if !system => {
+                output.extend_from_slice(&chunk.data);
+                let last = output
+                    .split(|b| *b == b'\n' || *b == b'\r')
+                    .rev()
+                    .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .unwrap_or_default();
+                bar.set_message(last);
+                true
+            }
+            Some(_) => {
+                // bridge's next line ends the build, one way or the other.
+                self.end(text.contains("python env built"));
+                false
+            }
+        }
+    }
+
+    /// Ends a running build's live line; the builder's output is printed
+    /// unless it `succeeded`.
+    fn end(&mut self, succeeded: bool) {
+        if let Some((bar, output)) = self.running.take() {
+            bar.finish_and_clear();
+            if !succeeded {
+                let _ = std::io::stderr().write_all(&output);
             }
         }
     }
@@ -532,7 +603,35 @@ pub async fn submit_and_follow(
     let id = info.id.clone();
     let run = async {
         follow_log(cwd, layout, &mut c, &id, 0, true, 0, false).await?;
-        wait(cwd, layout, &mut c, &id).await
+        let outputs = info.spec.as_ref().is_some_and(|s| !s.outputs.is_empty());
+        let waiting = wait(cwd, layout, &mut c, &id);
+        if !outputs {
+            return waiting.await;
+        }
+        // The job has ended; its outputs may still be on their way.
+        tokio::pin!(waiting);
+        tokio::select! {
+            r = &mut waiting => return r,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let bar = crate::out::progress().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .expect("valid template"),
+            );
+            b.set_message("bringing the job's outputs home");
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        if bar.is_none() {
+            crate::note!("bridge: bringing the job's outputs home");
+        }
+        let r = waiting.await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        r
     };
     tokio::select! {
         r = run => {

@@ -119,7 +119,7 @@ fn a_grid_runs_two_at_a_time_and_resume_reruns_only_the_failed_trial() {
         "a failed trial fails the run\n{out}\n{err}"
     );
     assert!(
-        err.contains("sweep s1 (grid): 6 trials (a grid over lr × depth)"),
+        err.contains("sweep s1 (grid) on local agent: 6 trials (a grid over lr × depth)"),
         "{err}"
     );
     assert!(err.contains("at most 2 at a time, 1 GPU each"), "{err}");

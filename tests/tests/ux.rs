@@ -93,7 +93,9 @@ fn json_outputs_have_their_documented_fields() {
     let r = Repo::new();
     r.write(
         "job.sh",
-        "echo one\necho two >&2\nprintf 'three'\nsleep 0.3\necho ' and more'\necho four\n",
+        // Pauses, so that the lines are records of their own (offsets
+        // between them), except "three", finished by the next record.
+        "echo one\nsleep 0.2\necho two >&2\nsleep 0.2\nprintf 'three'\nsleep 0.3\necho ' and more'\nsleep 0.2\necho four\n",
     );
     let env = [
         ("PATH", path_with_fake_gpus()),
