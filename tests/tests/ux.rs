@@ -622,3 +622,57 @@ fn doctor_names_each_broken_check_with_its_fix() {
         );
     }
 }
+
+/// Doctor reads the agent machine's clock over SSH and warns when it is off:
+/// the remote here is this machine, so its sessions get a `date` that runs
+/// an hour ahead (sshd's `SetEnv PATH`), standing in for a skewed clock.
+#[test]
+fn doctor_warns_of_a_skewed_agent_clock() {
+    require_sshd();
+    let fake = tempfile::tempdir().unwrap();
+    let date = fake.path().join("date");
+    std::fs::write(
+        &date,
+        "#!/bin/sh\nnow=$(/bin/date +%s)\necho $((now + 3600))\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&date, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sshd = Sshd::start_with(&format!(
+        "SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin",
+        fake.path().display()
+    ));
+    let s = SshRepo::new(&sshd, true);
+    s.repo.write(
+        "bridge.toml",
+        format!(
+            "provider = \"ssh\"\nhost = \"root@127.0.0.1:{}\"\nremote_dir = \"{}\"\n",
+            sshd.port(),
+            s.remote.display()
+        ),
+    );
+    let env = s.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = s.repo.bridge_env(&["doctor", "--json"], &env);
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&o.stdout), stderr(&o)));
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name}: {v}"))
+    };
+    assert_eq!(check("provider")["level"], "ok", "{v}");
+    let clock = check("clock");
+    assert_eq!(clock["level"], "warn", "{v}");
+    let detail = clock["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("+3600 s") || detail.contains("+3599 s") || detail.contains("+3601 s"),
+        "{clock}"
+    );
+    assert!(clock["fix"].as_str().unwrap().contains("NTP"), "{clock}");
+    // A warning does not block.
+    assert_eq!(o.status.code(), Some(0), "{v}");
+}
