@@ -2,8 +2,8 @@
 //! stderr (`bridge: …`), which `-q` silences (errors, warnings and a job's own
 //! output stay); progress bars only when stderr is a terminal and `-q` is not
 //! given (plain lines otherwise); and `-v`/`-vv` for bridge's own debug and
-//! trace log on stderr. bridge prints no colour, so `NO_COLOR` has nothing to
-//! turn off; the progress bars, its only terminal effects, follow the same rule.
+//! trace log on stderr, coloured only on a terminal without `NO_COLOR`.
+//! bridge's own lines have no colour.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
