@@ -21,6 +21,27 @@ fn maturin() -> PathBuf {
     m
 }
 
+/// The ELF program interpreter (dynamic loader) a binary asks for: `None`
+/// for a static one.
+fn interpreter(path: &Path) -> Option<String> {
+    let b = std::fs::read(path).expect("read binary");
+    assert_eq!(&b[..4], b"\x7fELF", "{} is not ELF", path.display());
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap()) as usize;
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    (0..phnum).find_map(|i| {
+        let h = phoff + i * phentsize;
+        let kind = u32::from_le_bytes(b[h..h + 4].try_into().unwrap());
+        // PT_INTERP: the path of the loader, NUL-terminated.
+        (kind == 3).then(|| {
+            let (off, size) = (u64_at(h + 8), u64_at(h + 32));
+            String::from_utf8_lossy(&b[off..off + size])
+                .trim_end_matches('\0')
+                .to_string()
+        })
+    })
+}
+
 fn run(c: &mut Command) -> String {
     let o = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
     assert!(
@@ -82,6 +103,10 @@ fn the_wheel_installs_both_binaries_and_runs_a_job_without_cargo() {
         .args(["install", "-q", "--no-index"])
         .arg(&wheel));
     let bin = venv.join("bin");
+    // Both static: the agent runs on any x86-64 Linux, whatever its glibc.
+    for b in ["bridge", "bridge-agent"] {
+        assert_eq!(interpreter(&bin.join(b)), None, "{b} is dynamically linked");
+    }
     // No cargo, no target/ directory: the venv, then the system's tools.
     let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
     let which = Command::new("sh")
@@ -128,4 +153,12 @@ fn the_wheel_installs_both_binaries_and_runs_a_job_without_cargo() {
         .output()
         .unwrap();
     assert!(o.status.success());
+}
+
+/// The check above tells a dynamic binary from a static one.
+#[test]
+fn the_interpreter_check_sees_a_dynamic_binary() {
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    let interp = interpreter(&sh).expect("/bin/sh is dynamically linked");
+    assert!(interp.contains("ld-linux"), "{interp}");
 }
