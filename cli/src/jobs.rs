@@ -176,14 +176,7 @@ impl EnvBuild {
         match &mut self.running {
             None if system && text.contains("building python env") => {
                 let _ = std::io::stderr().write_all(&chunk.data);
-                let bar = indicatif::ProgressBar::new_spinner();
-                bar.set_style(
-                    // wide_msg: cut to the terminal's width, never wrapped.
-                    indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
-                        .expect("valid template"),
-                );
-                bar.enable_steady_tick(Duration::from_millis(100));
-                self.running = Some((bar, Vec::new()));
+                self.running = Some((crate::out::spinner(""), Vec::new()));
                 true
             }
             None => false,
@@ -614,16 +607,8 @@ pub async fn submit_and_follow(
             r = &mut waiting => return r,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        let bar = crate::out::progress().then(|| {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
-                    .expect("valid template"),
-            );
-            b.set_message("bringing the job's outputs home");
-            b.enable_steady_tick(Duration::from_millis(100));
-            b
-        });
+        let bar =
+            crate::out::progress().then(|| crate::out::spinner("bringing the job's outputs home"));
         if bar.is_none() {
             crate::note!("bridge: bringing the job's outputs home");
         }

@@ -40,6 +40,19 @@ pub fn progress() -> bool {
     !quiet() && std::io::stderr().is_terminal()
 }
 
+/// A spinner on stderr with the elapsed time and a message cut to the
+/// terminal's width (never wrapped), ticking by itself.
+pub fn spinner(message: impl Into<std::borrow::Cow<'static, str>>) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
+            .expect("valid template"),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
+}
+
 /// Colour in stderr: a terminal, and no `NO_COLOR` (<https://no-color.org>).
 pub fn colour() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
