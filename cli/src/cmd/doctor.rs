@@ -322,7 +322,7 @@ fn aws_credentials(from: &str) -> Check {
 fn agent_binary(spec: Option<&ProviderSpec>) -> Check {
     let bin = client::agent_bin();
     let shown = bin.display().to_string();
-    let build = "cargo build --release -p bridge-agent (or reinstall bridge: `pip install bridge`, `cargo install --locked --path cli`), or set BRIDGE_AGENT_BIN";
+    let build = "cargo build --release -p bridge-agent (or reinstall bridge: `pip install .` or `cargo install --locked --path cli --features agent`), or set BRIDGE_AGENT_BIN";
     if !is_executable(&bin) {
         return Check::fail(
             "agent",
