@@ -67,3 +67,77 @@ macro_rules! note {
         }
     };
 }
+
+/// The terminal side of a provider's machine lifecycle (`bridge up`, `down`
+/// and `status` of AWS): notes, spinners, results and the launch question.
+pub struct Terminal;
+
+impl bridge_daemon::provider::machine::Ui for Terminal {
+    fn step(&self) -> Box<dyn bridge_daemon::provider::machine::Step + '_> {
+        Box::new(Step {
+            bar: progress().then(|| spinner("")),
+            last: String::new(),
+        })
+    }
+
+    fn note(&self, line: &str) {
+        crate::note!("{line}");
+    }
+
+    fn warn(&self, line: &str) {
+        eprintln!("{line}");
+    }
+
+    fn out(&self, line: &str) {
+        println!("{line}");
+    }
+
+    fn confirm(
+        &self,
+        lines: &[String],
+        question: &str,
+        yes: bool,
+        refusal: &str,
+    ) -> anyhow::Result<bool> {
+        use std::io::{BufRead, Write};
+        lines.iter().for_each(|l| eprintln!("{l}"));
+        if yes {
+            return Ok(true);
+        }
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("{refusal}");
+        }
+        eprint!("{question} [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+    }
+}
+
+/// A spinner on a terminal, one line per new message otherwise.
+struct Step {
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl bridge_daemon::provider::machine::Step for Step {
+    fn say(&mut self, message: String) {
+        if message == self.last {
+            return;
+        }
+        match &self.bar {
+            Some(b) => b.set_message(message.clone()),
+            None => crate::note!("bridge: {message}"),
+        }
+        self.last = message;
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -7,10 +7,16 @@
 //! - [`local`]: an agent process on this machine, over a Unix socket (the default).
 //! - [`ssh`]: a shared agent on a remote machine, over one multiplexed SSH connection.
 //! - [`aws`]: an EC2 instance bridge launches, then reaches like [`ssh`].
+//!
+//! A [`ProviderSpec`] (the choice `bridge up` saved) opens its provider for
+//! the daemon ([`ProviderSpec::open`]); one that owns a machine also has a
+//! lifecycle the command line drives ([`ProviderSpec::machine`],
+//! [`machine::Machine`]).
 
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod local;
+pub mod machine;
 #[cfg(feature = "ssh")]
 pub mod ssh;
 
@@ -100,6 +106,71 @@ impl ProviderSpec {
                 Some(i) => format!("aws {} ({}, {region})", i.id, launch.instance_type),
                 None => format!("aws {} in {region}", launch.instance_type),
             },
+        }
+    }
+}
+
+impl ProviderSpec {
+    /// The daemon's provider for this choice. `agent_bin`: the agent binary
+    /// to start or upload. `BRIDGE_SSH_DIR` stands in for `~/.ssh` (config,
+    /// known_hosts, default keys) and `BRIDGE_KNOWN_HOSTS` for bridge's own
+    /// known-hosts file (tests, and users who keep them apart).
+    pub fn open(self, agent_bin: PathBuf) -> Result<crate::ProviderConfig, String> {
+        Ok(match self {
+            ProviderSpec::Local => crate::ProviderConfig::Local { agent_bin },
+            #[cfg(feature = "aws")]
+            ProviderSpec::Aws {
+                launch, instance, ..
+            } => {
+                let Some(instance) = instance.filter(|i| !i.ssh.is_empty()) else {
+                    return Err("no AWS instance is up for this repository: run `bridge up`".into());
+                };
+                let mut c = aws::ssh_config(&launch, &instance, agent_bin);
+                if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
+                    c.ssh_dir = d.into();
+                }
+                crate::ProviderConfig::Ssh(c)
+            }
+            #[cfg(not(feature = "ssh"))]
+            ProviderSpec::Ssh { .. } => {
+                return Err(
+                    "this bridge was built without the SSH provider (cargo feature `ssh`)".into(),
+                );
+            }
+            #[cfg(feature = "ssh")]
+            ProviderSpec::Ssh {
+                host,
+                identity,
+                accept_new_host_key,
+                remote_dir,
+            } => {
+                let mut c = ssh::SshConfig::new(host, agent_bin);
+                c.identity = identity;
+                c.accept_new_host_key = accept_new_host_key;
+                c.remote_dir = remote_dir;
+                if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
+                    c.ssh_dir = d.into();
+                }
+                if let Some(f) = std::env::var_os("BRIDGE_KNOWN_HOSTS") {
+                    c.bridge_known_hosts = f.into();
+                }
+                crate::ProviderConfig::Ssh(c)
+            }
+        })
+    }
+
+    /// The machine this provider owns for the repository (AWS: its
+    /// instance); `None` for providers that reach a machine someone else
+    /// runs (local, SSH).
+    pub fn machine(&self, layout: &crate::repo::Layout) -> Option<Box<dyn machine::Machine>> {
+        match self {
+            #[cfg(feature = "aws")]
+            ProviderSpec::Aws { .. } => aws::lifecycle::AwsMachine::new(self, layout)
+                .map(|m| Box::new(m) as Box<dyn machine::Machine>),
+            _ => {
+                let _ = layout;
+                None
+            }
         }
     }
 }

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use bridge_daemon::Config;
 use bridge_daemon::provider::ProviderSpec;
-use bridge_daemon::{Config, ProviderConfig};
 
 use crate::client;
 
@@ -44,7 +44,9 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     let spec = ProviderSpec::load(&layout.provider)?.unwrap_or(ProviderSpec::Local);
     let config = Config {
         repo: layout.repo.clone(),
-        provider: provider_config(spec)?,
+        provider: spec
+            .open(client::agent_bin())
+            .map_err(|e| anyhow::anyhow!(e))?,
     };
     bridge_daemon::run(config, listener, async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -82,52 +84,4 @@ async fn log_heap() {
             );
         }
     }
-}
-
-/// The daemon's provider from the saved choice. `BRIDGE_SSH_DIR` stands in
-/// for `~/.ssh` (config, known_hosts, default keys) and `BRIDGE_KNOWN_HOSTS`
-/// for bridge's own known-hosts file (tests, and users who keep them apart).
-pub fn provider_config(spec: ProviderSpec) -> anyhow::Result<ProviderConfig> {
-    Ok(match spec {
-        ProviderSpec::Local => ProviderConfig::Local {
-            agent_bin: client::agent_bin(),
-        },
-        #[cfg(feature = "aws")]
-        ProviderSpec::Aws {
-            launch, instance, ..
-        } => {
-            let Some(instance) = instance.filter(|i| !i.ssh.is_empty()) else {
-                bail!("no AWS instance is up for this repository: run `bridge up`");
-            };
-            let mut c =
-                bridge_daemon::provider::aws::ssh_config(&launch, &instance, client::agent_bin());
-            if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
-                c.ssh_dir = d.into();
-            }
-            ProviderConfig::Ssh(c)
-        }
-        #[cfg(not(feature = "ssh"))]
-        ProviderSpec::Ssh { .. } => {
-            bail!("this bridge was built without the SSH provider (cargo feature `ssh`)")
-        }
-        #[cfg(feature = "ssh")]
-        ProviderSpec::Ssh {
-            host,
-            identity,
-            accept_new_host_key,
-            remote_dir,
-        } => {
-            let mut c = bridge_daemon::provider::ssh::SshConfig::new(host, client::agent_bin());
-            c.identity = identity;
-            c.accept_new_host_key = accept_new_host_key;
-            c.remote_dir = remote_dir;
-            if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
-                c.ssh_dir = d.into();
-            }
-            if let Some(f) = std::env::var_os("BRIDGE_KNOWN_HOSTS") {
-                c.bridge_known_hosts = f.into();
-            }
-            ProviderConfig::Ssh(c)
-        }
-    })
 }

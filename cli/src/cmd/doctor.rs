@@ -405,7 +405,7 @@ enum Host {
 impl Host {
     /// Reaches the machine; `Err((what happened, the fix))`.
     async fn open(spec: &ProviderSpec) -> Result<(Host, String), (String, String)> {
-        let config = crate::cmd::daemon::provider_config(spec.clone()).map_err(|e| {
+        let config = spec.clone().open(client::agent_bin()).map_err(|e| {
             (
                 format!("{e:#}"),
                 "run `bridge up` (it launches or finds the machine)".to_string(),

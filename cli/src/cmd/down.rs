@@ -50,9 +50,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     }
     let layout = client::repo(cwd)?;
     crate::cmd::up::UpFailed::clear(&layout);
-    #[allow(unused_mut)]
-    let mut spec = ProviderSpec::load(&layout.provider)?;
-    let cloud = spec.as_ref().is_some_and(|s| s.name() == "aws");
+    let spec = ProviderSpec::load(&layout.provider)?;
+    let mut machine = spec.as_ref().and_then(|s| s.machine(&layout));
+    let cloud = machine.is_some();
     match client::daemon(&layout).await {
         Some(c) if cloud => stop_before_terminate(&layout, c, args.force).await?,
         Some(mut c) => {
@@ -76,9 +76,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             println!("bridge was not running for {}", layout.repo.display());
         }
     }
-    #[cfg(feature = "aws")]
-    if let Some(spec) = spec.as_mut().filter(|_| cloud) {
-        crate::aws::down(&layout, spec).await?;
+    if let Some(m) = machine.as_mut() {
+        m.down(&crate::out::Terminal).await?;
     }
     Ok(())
 }
@@ -128,8 +127,9 @@ async fn down_all(cwd: &Path, args: &Args) -> anyhow::Result<()> {
         Some(l) => ProviderSpec::load(&l.provider)?,
         None => None,
     };
-    let acct = crate::aws::account_for(args.region.clone(), args.profile.clone(), spec.as_ref());
-    let ids = crate::aws::down_all(acct, args.yes).await?;
+    use bridge_daemon::provider::aws::lifecycle;
+    let acct = lifecycle::account_for(args.region.clone(), args.profile.clone(), spec.as_ref());
+    let ids = lifecycle::down_all(&crate::out::Terminal, acct, args.yes).await?;
     // This repository's instance may have been one of them.
     let Some(layout) = layout else {
         return Ok(());

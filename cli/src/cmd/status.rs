@@ -22,12 +22,23 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .json;
-    let cloud = cloud_status(&layout).await;
+    let spec = bridge_daemon::provider::ProviderSpec::load(&layout.provider)
+        .ok()
+        .flatten();
+    let machine = spec.as_ref().and_then(|s| s.machine(&layout));
+    let cloud = match &machine {
+        Some(m) => Some(match m.status().await {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        }),
+        None => None,
+    };
     if args.json {
         let mut all: serde_json::Value = serde_json::from_str(&json)?;
         all["schema_version"] = 1.into();
-        if let Some(v) = cloud {
-            all["aws"] = v;
+        if let (Some(v), Some(s)) = (cloud, &spec) {
+            // Under the provider's name: `aws`.
+            all[s.name()] = v;
         }
         println!("{all}");
         return Ok(());
@@ -55,9 +66,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             format!(", host {}", st.agent_host)
         }
     );
-    #[cfg(feature = "aws")]
-    if let Some(v) = &cloud {
-        println!("instance     {}", crate::aws::status_line(v));
+    if let (Some(v), Some(m)) = (&cloud, &machine) {
+        println!("{:<12} {}", m.noun(), m.status_line(v));
     }
     println!("mirror       {}", st.mirror_path);
     println!("connection   {conn}");
@@ -131,24 +141,6 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
 
 fn short(root: &str) -> &str {
     root.get(..16).unwrap_or(root)
-}
-
-/// The cloud instance's state (AWS: `DescribeInstances`), or why it is
-/// unknown; `None` for other providers.
-async fn cloud_status(layout: &bridge_daemon::repo::Layout) -> Option<serde_json::Value> {
-    #[cfg(feature = "aws")]
-    {
-        let spec = bridge_daemon::provider::ProviderSpec::load(&layout.provider).ok()??;
-        match crate::aws::status(&spec).await {
-            Ok(v) => v,
-            Err(e) => Some(serde_json::json!({ "error": format!("{e:#}") })),
-        }
-    }
-    #[cfg(not(feature = "aws"))]
-    {
-        let _ = layout;
-        None
-    }
 }
 
 /// One line on the agent's idle autostop.

@@ -65,6 +65,14 @@ impl Args {
         }
     }
 
+    /// `--yes`: launch a billed machine without asking.
+    fn yes(&self) -> bool {
+        #[cfg(feature = "aws")]
+        return self.aws.yes;
+        #[cfg(not(feature = "aws"))]
+        false
+    }
+
     /// Whether the flags name a provider (or its settings), rather than
     /// leaving the choice to what was saved.
     fn asks(&self) -> bool {
@@ -194,7 +202,6 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         args.fill_from(&project)?;
     }
     let failed = UpFailed::load(&layout);
-    #[allow(unused_mut)]
     let mut spec = match (&failed, args.asks()) {
         // A job command after a failed remote `up`: never the laptop instead.
         (Some(f), false) if args.quiet => bail!("{}", f.refusal()),
@@ -212,24 +219,24 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         }
     };
     let asked = spec.clone();
-    #[cfg(feature = "aws")]
-    let prepared = match crate::aws::prepare(&layout, &mut spec, args.aws.yes).await {
-        Ok(p) => p,
-        Err(e) => {
+    let ui = crate::out::Terminal;
+    let mut machine = spec.machine(&layout);
+    if let Some(m) = machine.as_mut() {
+        if let Err(e) = m.prepare(&ui, args.yes()).await {
             restore(&layout);
             UpFailed::record(&layout, &asked, &e);
             return Err(e);
         }
-    };
+        spec = m.spec().clone();
+    }
     spec.save(&layout.provider)
         .with_context(|| format!("cannot write {}", layout.provider.display()))?;
     let res = start(&layout, &args).await;
     match &res {
         Ok(()) => UpFailed::clear(&layout),
         Err(e) => {
-            #[cfg(feature = "aws")]
-            if let Some(launched) = &prepared.launched {
-                crate::aws::undo_launch(&mut spec, launched).await;
+            if let Some(m) = machine.as_mut() {
+                m.undo(&ui).await;
             }
             restore(&layout);
             UpFailed::record(&layout, &asked, e);

@@ -1,9 +1,10 @@
 //! The AWS EC2 provider: `bridge up --provider aws` launches a GPU instance,
 //! then the SSH provider takes over (agent install, tunnel, sync).
 //!
-//! Everything here runs in the `bridge` command (`up`, `down`, `status`),
-//! never in the daemon: the daemon only sees an SSH host, a key and a
-//! per-instance known-hosts file ([`ssh_config`]). The instance shuts itself
+//! The lifecycle ([`lifecycle::AwsMachine`], a [`super::machine::Machine`])
+//! runs in the `bridge` command (`up`, `down`, `status`), never in the
+//! daemon: the daemon only sees an SSH host, a key and a per-instance
+//! known-hosts file ([`ssh_config`]). The instance shuts itself
 //! down when idle (the agent's `--idle-timeout`), with the instance's
 //! shutdown behaviour set to terminate or stop, so a forgotten laptop does
 //! not keep a GPU billed.
@@ -14,11 +15,13 @@
 //!   messages.
 //! - [`access`]: the bridge key pair and the SSH security group.
 //! - [`instance`]: image lookup, launch, waits, status, terminate, cleanup.
+//! - [`lifecycle`]: what `bridge up`, `down` and `status` do with them.
 
 pub mod access;
 pub mod catalog;
 pub mod ec2;
 pub mod instance;
+pub mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
