@@ -43,9 +43,6 @@ pub struct UpArgs {
     /// AWS: what the idle instance does to itself: terminate (default) or stop (keeps its disk, billed for storage).
     #[arg(long, value_name = "ACTION", value_parser = ["terminate", "stop"])]
     pub on_idle: Option<String>,
-    /// AWS: shut down after this long with no job and no daemon connected (e.g. 30m, 2h).
-    #[arg(long, value_name = "DURATION")]
-    pub idle_timeout: Option<String>,
     /// AWS: allow SSH from this CIDR (default: this machine's public address /32).
     #[arg(long, value_name = "CIDR")]
     pub ssh_cidr: Option<String>,
@@ -64,7 +61,6 @@ impl UpArgs {
             || self.ami.is_some()
             || self.spot
             || self.on_idle.is_some()
-            || self.idle_timeout.is_some()
             || self.ssh_cidr.is_some()
     }
 
@@ -74,6 +70,7 @@ impl UpArgs {
         &self,
         gpus: Option<u32>,
         remote_dir: Option<String>,
+        idle_timeout: Option<&str>,
         saved: Option<ProviderSpec>,
     ) -> anyhow::Result<ProviderSpec> {
         let instance_type = match &self.instance_type {
@@ -98,7 +95,7 @@ impl UpArgs {
         if self.spot && on_idle == OnIdle::Stop {
             bail!("--spot instances cannot stop, only terminate: drop --on-idle stop or --spot");
         }
-        let idle_timeout = match &self.idle_timeout {
+        let idle_timeout = match idle_timeout {
             Some(t) => aws::parse_duration(t).map_err(|e| anyhow!("--idle-timeout: {e}"))?,
             None => DEFAULT_IDLE_TIMEOUT,
         };

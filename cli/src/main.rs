@@ -8,6 +8,8 @@ mod aws;
 mod client;
 mod cmd;
 mod jobs;
+#[cfg(feature = "k8s")]
+mod k8s;
 mod out;
 mod project;
 mod spec;

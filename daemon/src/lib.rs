@@ -66,6 +66,9 @@ pub enum ProviderConfig {
     /// An agent on a machine reached over SSH.
     #[cfg(feature = "ssh")]
     Ssh(provider::ssh::SshConfig),
+    /// An agent in a Kubernetes pod, through the API server's port-forward.
+    #[cfg(feature = "k8s")]
+    K8s(provider::k8s::K8sConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +105,8 @@ pub async fn run(
         )),
         #[cfg(feature = "ssh")]
         ProviderConfig::Ssh(c) => Arc::new(provider::ssh::SshProvider::new(c.clone())),
+        #[cfg(feature = "k8s")]
+        ProviderConfig::K8s(c) => Arc::new(provider::k8s::K8sProvider::new(c.clone())),
     };
     let status = status::Status::new(
         config.repo.display().to_string(),

@@ -7,6 +7,8 @@
 //! - [`local`]: an agent process on this machine, over a Unix socket (the default).
 //! - [`ssh`]: a shared agent on a remote machine, over one multiplexed SSH connection.
 //! - [`aws`]: an EC2 instance bridge launches, then reaches like [`ssh`].
+//! - [`k8s`]: a pod bridge creates on a Kubernetes cluster, reached through
+//!   the API server's port-forward.
 //!
 //! A [`ProviderSpec`] (the choice `bridge up` saved) opens its provider for
 //! the daemon ([`ProviderSpec::open`]); one that owns a machine also has a
@@ -15,6 +17,8 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod local;
 pub mod machine;
 #[cfg(feature = "ssh")]
@@ -62,6 +66,15 @@ pub enum ProviderSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         instance: Option<aws::Instance>,
     },
+    /// A pod bridge created (and deletes) on a Kubernetes cluster.
+    #[cfg(feature = "k8s")]
+    K8s {
+        /// How to make it (again, after `bridge down`).
+        launch: k8s::Launch,
+        /// The pod's name while it exists.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+    },
 }
 
 impl ProviderSpec {
@@ -87,6 +100,8 @@ impl ProviderSpec {
             ProviderSpec::Ssh { .. } => "ssh",
             #[cfg(feature = "aws")]
             ProviderSpec::Aws { .. } => "aws",
+            #[cfg(feature = "k8s")]
+            ProviderSpec::K8s { .. } => "k8s",
         }
     }
 
@@ -106,6 +121,18 @@ impl ProviderSpec {
                 Some(i) => format!("aws {} ({}, {region})", i.id, launch.instance_type),
                 None => format!("aws {} in {region}", launch.instance_type),
             },
+            #[cfg(feature = "k8s")]
+            ProviderSpec::K8s { launch, pod } => {
+                let ns = if launch.namespace.is_empty() {
+                    "default"
+                } else {
+                    &launch.namespace
+                };
+                match pod {
+                    Some(p) => format!("k8s pod {ns}/{p}"),
+                    None => format!("k8s, a new pod in {ns}"),
+                }
+            }
         }
     }
 }
@@ -130,6 +157,17 @@ impl ProviderSpec {
                     c.ssh_dir = d.into();
                 }
                 crate::ProviderConfig::Ssh(c)
+            }
+            #[cfg(feature = "k8s")]
+            ProviderSpec::K8s { launch, pod } => {
+                let Some(pod) = pod else {
+                    return Err("no pod is up for this repository: run `bridge up`".into());
+                };
+                crate::ProviderConfig::K8s(k8s::K8sConfig {
+                    context: launch.context,
+                    namespace: launch.namespace,
+                    pod,
+                })
             }
             #[cfg(not(feature = "ssh"))]
             ProviderSpec::Ssh { .. } => {
@@ -160,15 +198,23 @@ impl ProviderSpec {
     }
 
     /// The machine this provider owns for the repository (AWS: its
-    /// instance); `None` for providers that reach a machine someone else
-    /// runs (local, SSH).
-    pub fn machine(&self, layout: &crate::repo::Layout) -> Option<Box<dyn machine::Machine>> {
+    /// instance, Kubernetes: its pod); `None` for providers that reach a
+    /// machine someone else runs (local, SSH). `agent_bin`: the agent binary
+    /// to copy there, where the machine's provider does that itself.
+    pub fn machine(
+        &self,
+        layout: &crate::repo::Layout,
+        agent_bin: PathBuf,
+    ) -> Option<Box<dyn machine::Machine>> {
         match self {
             #[cfg(feature = "aws")]
             ProviderSpec::Aws { .. } => aws::lifecycle::AwsMachine::new(self, layout)
                 .map(|m| Box::new(m) as Box<dyn machine::Machine>),
+            #[cfg(feature = "k8s")]
+            ProviderSpec::K8s { .. } => k8s::lifecycle::K8sMachine::new(self, layout, agent_bin)
+                .map(|m| Box::new(m) as Box<dyn machine::Machine>),
             _ => {
-                let _ = layout;
+                let _ = (layout, agent_bin);
                 None
             }
         }

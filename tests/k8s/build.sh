@@ -30,8 +30,21 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v iptables >/dev/null || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
     echo "k8s/build.sh: installing ${need[*]}" >&2
+    # A temporary policy-rc.d keeps the packages from starting services
+    # (containerd, etcd): the test cluster runs its own, on its own sockets.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    if [ -n "$policy" ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 
 have_all() {

@@ -47,6 +47,8 @@ cleanup() {
     grep -o " $DIR/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     ip link del bridgek8s0 2>/dev/null || true
     ip link del bridgek8snode 2>/dev/null || true
+    [ "${BRIDGE_K8S_REMOVE:-}" = 1 ] && rm -rf "$DIR"
+    return 0
 }
 trap cleanup EXIT TERM INT
 

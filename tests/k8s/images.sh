@@ -4,12 +4,15 @@
 #   pause.tar         registry.k8s.io/pause:3.6, the kubernetes tree's pause.c
 #                     (built by build.sh), alone on an empty root
 #   python.tar        bridge-test/python:3.11, a minimal Debian bookworm with
-#                     python3 and venv (mmdebstrap)
+#                     python3 and venv (mmdebstrap), and the tests' stand-in
+#                     for nvidia-smi (tests/fixtures/nvidia-smi), which the
+#                     NVIDIA container runtime would put there on a GPU node
 # Prints the directory holding them on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BIN=$("$here/build.sh" | tail -n 1)
-CACHE=${BRIDGE_K8S_IMAGES:-$HOME/.cache/bridge/k8s-images-bookworm-1}
+key=$(cat "$here/images.sh" "$here/image.py" "$here/../fixtures/nvidia-smi" | sha256sum | cut -c1-12)
+CACHE=${BRIDGE_K8S_IMAGES:-$HOME/.cache/bridge/k8s-images-$key}
 mkdir -p "$CACHE"
 
 if [ ! -f "$CACHE/pause.tar" ]; then
@@ -27,6 +30,7 @@ if [ ! -f "$CACHE/python.tar" ]; then
     mmdebstrap --quiet --variant=minbase --include=python3-minimal,python3-venv \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --customize-hook="copy-in $here/../fixtures/nvidia-smi /usr/local/bin" \
         bookworm "$tmp/rootfs.tar" >&2
     python3 "$here/image.py" "$tmp/rootfs.tar" docker.io/bridge-test/python:3.11 "$CACHE/python.tar" /bin/sh
     rm -rf "$tmp"

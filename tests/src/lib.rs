@@ -16,6 +16,8 @@ pub use serde_json::Value;
 
 /// The Jupyter front end of the kernel tests: its venv and driver script.
 pub mod jupyter;
+/// A real one-node Kubernetes cluster (tests/k8s/cluster.sh).
+pub mod k8s;
 /// A real `mlflow server` on 127.0.0.1, standing for the laptop's.
 pub mod mlflow;
 /// A private EC2 API emulator (moto) and a fault-injecting proxy.

@@ -25,6 +25,9 @@ mod ignore;
 /// Jobs: exit codes, logs across restarts, snapshots, setup cache, GPUs,
 /// cancel, outputs, the quickstart example, bad input.
 mod jobs;
+/// The Kubernetes provider on a real one-node cluster built here: a GPU
+/// pod's whole flow, a port-forward cut, refusals, idle shutdown.
+mod k8s;
 /// `bridge kernel`: a real ipykernel on the agent driven by jupyter_client
 /// through its kernelspec, locally and over SSH through link cuts.
 mod kernel;

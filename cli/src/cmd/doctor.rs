@@ -400,6 +400,9 @@ enum Host {
     Here,
     #[cfg(feature = "ssh")]
     Ssh(Box<bridge_daemon::provider::ssh::SshProvider>),
+    /// The agent's pod, through the API server's exec.
+    #[cfg(feature = "k8s")]
+    Pod(Box<(kube::Api<k8s_openapi::api::core::v1::Pod>, String)>),
 }
 
 impl Host {
@@ -428,6 +431,35 @@ impl Host {
                     Err(_) => Err((
                         format!("no answer in {} s", REMOTE_LIMIT.as_secs()),
                         "check the host name and port, and that `ssh HOST` works".into(),
+                    )),
+                }
+            }
+            #[cfg(feature = "k8s")]
+            bridge_daemon::ProviderConfig::K8s(c) => {
+                use bridge_daemon::provider::k8s;
+                let fix = "check `kubectl get pod` there, then `bridge up`".to_string();
+                let (client, _) = k8s::client(c.context.as_deref())
+                    .await
+                    .map_err(|e| (e, fix.clone()))?;
+                let pods = kube::Api::namespaced(client, &c.namespace);
+                let pod = match pods.get_opt(&c.pod).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        return Err((
+                            format!("pod {}/{} is gone", c.namespace, c.pod),
+                            "run `bridge up` for a new one".into(),
+                        ));
+                    }
+                    Err(e) => return Err((k8s::api_error("read the pod", &c.namespace, &e), fix)),
+                };
+                match k8s::lifecycle::Phase::of(&pod) {
+                    k8s::lifecycle::Phase::Running => Ok((
+                        Host::Pod(Box::new((pods, c.pod.clone()))),
+                        format!("pod {}/{} is Running", c.namespace, c.pod),
+                    )),
+                    other => Err((
+                        format!("pod {}/{} is {}", c.namespace, c.pod, other.describe()),
+                        "run `bridge up` for a new one".into(),
                     )),
                 }
             }
@@ -463,6 +495,28 @@ impl Host {
                     String::from_utf8_lossy(&out).into_owned(),
                     String::from_utf8_lossy(&err).into_owned(),
                 ))
+            }
+            #[cfg(feature = "k8s")]
+            Host::Pod(pod) => {
+                let (pods, name) = &**pod;
+                let o = tokio::time::timeout(
+                    REMOTE_LIMIT,
+                    bridge_daemon::provider::k8s::exec(pods, name, cmd, None),
+                )
+                .await
+                .map_err(|_| anyhow!("`{cmd}` did not finish"))?
+                .map_err(|e| anyhow!(e))?;
+                // "command terminated with non-zero exit code: … 3"
+                let code = if o.ok {
+                    0
+                } else {
+                    o.status
+                        .rsplit(|c: char| !c.is_ascii_digit())
+                        .find(|w| !w.is_empty())
+                        .and_then(|w| w.parse().ok())
+                        .unwrap_or(1)
+                };
+                Ok((code, o.stdout, o.stderr))
             }
         }
     }

@@ -51,7 +51,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let layout = client::repo(cwd)?;
     crate::cmd::up::UpFailed::clear(&layout);
     let spec = ProviderSpec::load(&layout.provider)?;
-    let mut machine = spec.as_ref().and_then(|s| s.machine(&layout));
+    let mut machine = spec
+        .as_ref()
+        .and_then(|s| s.machine(&layout, client::agent_bin()));
     let cloud = machine.is_some();
     match client::daemon(&layout).await {
         Some(c) if cloud => stop_before_terminate(&layout, c, args.force).await?,

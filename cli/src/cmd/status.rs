@@ -25,7 +25,9 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let spec = bridge_daemon::provider::ProviderSpec::load(&layout.provider)
         .ok()
         .flatten();
-    let machine = spec.as_ref().and_then(|s| s.machine(&layout));
+    let machine = spec
+        .as_ref()
+        .and_then(|s| s.machine(&layout, client::agent_bin()));
     let cloud = match &machine {
         Some(m) => Some(match m.status().await {
             Ok(v) => v,

@@ -17,10 +17,10 @@ use crate::client::{self, human_bytes};
 #[derive(clap::Args)]
 pub struct Args {
     /// Where the agent runs: `local` (an agent process on this machine), `ssh`
-    /// (any machine you can SSH into) or `aws` (an EC2 GPU instance bridge
-    /// launches). Default: what the last `bridge up` here chose
-    /// (`.bridge/provider.toml`), else local.
-    #[arg(long, value_parser = ["local", "ssh", "aws"])]
+    /// (any machine you can SSH into), `aws` (an EC2 GPU instance bridge
+    /// launches) or `k8s` (a pod on a Kubernetes cluster). Default: what the
+    /// last `bridge up` here chose (`.bridge/provider.toml`), else local.
+    #[arg(long, value_parser = ["local", "ssh", "aws", "k8s"])]
     provider: Option<String>,
     /// SSH: `[user@]host[:port]`, or a Host alias from ~/.ssh/config (implies --provider ssh).
     #[arg(long, value_name = "[USER@]HOST[:PORT]")]
@@ -34,12 +34,18 @@ pub struct Args {
     /// SSH and AWS: where the agent keeps its files on the remote (default ~/.bridge).
     #[arg(long, value_name = "DIR")]
     remote_dir: Option<String>,
-    /// Fail unless the agent has at least N GPUs (AWS: launch a type with N GPUs; default 1).
+    /// Fail unless the agent has at least N GPUs (AWS: launch a type with N GPUs, default 1; Kubernetes: request N nvidia.com/gpu, default 0).
     #[arg(long, value_name = "N")]
     gpu: Option<u32>,
+    /// AWS and Kubernetes: the agent ends its machine (instance, pod) after this long with no job and no daemon connected (e.g. 30m, 2h; default 30m).
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
     #[cfg(feature = "aws")]
     #[command(flatten)]
     aws: crate::aws::UpArgs,
+    #[cfg(feature = "k8s")]
+    #[command(flatten)]
+    k8s: crate::k8s::PodArgs,
     /// Report on stderr (when a job command starts bridge: its stdout is the
     /// job's).
     #[arg(skip)]
@@ -56,11 +62,14 @@ impl Args {
             accept_new_host_key: false,
             remote_dir: None,
             gpu: None,
+            idle_timeout: None,
             #[cfg(feature = "aws")]
             aws: crate::aws::UpArgs {
                 disk: crate::aws::DEFAULT_DISK_GB,
                 ..Default::default()
             },
+            #[cfg(feature = "k8s")]
+            k8s: Default::default(),
             quiet: true,
         }
     }
@@ -80,11 +89,16 @@ impl Args {
         if self.aws.any() {
             return true;
         }
+        #[cfg(feature = "k8s")]
+        if self.k8s.any() {
+            return true;
+        }
         self.provider.is_some()
             || self.host.is_some()
             || self.identity.is_some()
             || self.accept_new_host_key
             || self.remote_dir.is_some()
+            || self.idle_timeout.is_some()
     }
 
     /// Takes the project config's provider settings as if they were flags
@@ -109,16 +123,31 @@ impl Args {
             self.aws.gpu_type = a.gpu_type.clone();
             self.aws.instance_type = a.instance_type.clone();
             self.aws.spot = a.spot.unwrap_or(false);
-            self.aws.idle_timeout = a.idle_timeout.clone();
         }
+        self.idle_timeout = p.aws.idle_timeout.clone();
         Ok(())
     }
 
     /// The provider this `up` uses: the flags, else the saved choice, else local.
     fn spec(&self, saved: Option<ProviderSpec>) -> anyhow::Result<ProviderSpec> {
+        if self.provider.as_deref() == Some("k8s") && !cfg!(feature = "k8s") {
+            bail!("this bridge was built without the Kubernetes provider (cargo feature `k8s`)");
+        }
+        if self.provider.as_deref() == Some("aws") && !cfg!(feature = "aws") {
+            bail!("this bridge was built without the AWS provider (cargo feature `aws`)");
+        }
+        #[cfg(feature = "k8s")]
+        if let Some(spec) = self.k8s_spec(&saved)? {
+            return Ok(spec);
+        }
         #[cfg(feature = "aws")]
         if let Some(spec) = self.aws_spec(&saved)? {
             return Ok(spec);
+        }
+        if self.idle_timeout.is_some() {
+            bail!(
+                "--idle-timeout is for --provider aws or k8s (an SSH host's agent keeps running)"
+            );
         }
         let ssh_flags =
             self.identity.is_some() || self.accept_new_host_key || self.remote_dir.is_some();
@@ -165,12 +194,47 @@ impl Args {
         if other || !(asked || self.aws.any() || saved_aws) {
             return Ok(None);
         }
-        if !asked && !self.aws.any() && self.gpu.is_none() {
+        if !asked && !self.aws.any() && self.gpu.is_none() && self.idle_timeout.is_none() {
             // A plain `bridge up` (or a job command) with AWS saved.
             return Ok(saved.clone());
         }
         self.aws
-            .spec(self.gpu, self.remote_dir.clone(), saved.clone())
+            .spec(
+                self.gpu,
+                self.remote_dir.clone(),
+                self.idle_timeout.as_deref(),
+                saved.clone(),
+            )
+            .map(Some)
+    }
+
+    /// The Kubernetes spec when `--provider k8s` or a Kubernetes flag asks
+    /// for it, or the saved choice is Kubernetes and no other provider is
+    /// asked for.
+    #[cfg(feature = "k8s")]
+    fn k8s_spec(&self, saved: &Option<ProviderSpec>) -> anyhow::Result<Option<ProviderSpec>> {
+        let asked = self.provider.as_deref() == Some("k8s");
+        let saved_k8s = matches!(saved, Some(ProviderSpec::K8s { .. }));
+        let other = self.host.is_some()
+            || self.identity.is_some()
+            || self.remote_dir.is_some()
+            || self.provider.as_deref().is_some_and(|p| p != "k8s");
+        #[cfg(feature = "aws")]
+        let other = other || self.aws.any();
+        if self.k8s.any() && other {
+            bail!(
+                "--context, --namespace, --image, --cpu, --memory, --node-selector, --toleration, --volume, --pull and --schedule-timeout are for --provider k8s"
+            );
+        }
+        if other || !(asked || self.k8s.any() || saved_k8s) {
+            return Ok(None);
+        }
+        if !asked && !self.k8s.any() && self.gpu.is_none() && self.idle_timeout.is_none() {
+            // A plain `bridge up` (or a job command) with Kubernetes saved.
+            return Ok(saved.clone());
+        }
+        self.k8s
+            .spec(self.gpu, self.idle_timeout.as_deref(), saved.clone())
             .map(Some)
     }
 }
@@ -220,7 +284,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     };
     let asked = spec.clone();
     let ui = crate::out::Terminal;
-    let mut machine = spec.machine(&layout);
+    let mut machine = spec.machine(&layout, client::agent_bin());
     if let Some(m) = machine.as_mut() {
         if let Err(e) = m.prepare(&ui, args.yes()).await {
             restore(&layout);

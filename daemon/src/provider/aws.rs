@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::machine::{human_duration, parse_duration};
 use super::ssh::SshConfig;
 
 /// Tag keys on everything bridge creates.
@@ -159,66 +160,9 @@ pub fn owner() -> String {
     format!("{user}@{host}")
 }
 
-/// `90s`, `30m`, `2h`, `1h30m` or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: use e.g. 90s, 30m, 2h or 1h30m");
-    let t = text.trim();
-    if t.is_empty() {
-        return Err(bad());
-    }
-    if let Ok(s) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(s));
-    }
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(bad()),
-        };
-        total = total.checked_add(n * unit).ok_or_else(bad)?;
-    }
-    if !num.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
-
-/// `1h 02m`, `12m 30s`, `45s`.
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
-        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        for bad in ["", "m", "30x", "5m3", "h1"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-        assert_eq!(human_duration(Duration::from_secs(750)), "12m 30s");
-        assert_eq!(human_duration(Duration::from_secs(3720)), "1h 02m");
-    }
 
     #[test]
     fn ssh_config_pins_the_instance() {

@@ -1,0 +1,813 @@
+//! The pod's lifecycle behind [`Machine`]: create it (and its volume claim),
+//! wait until it runs while surfacing what Kubernetes says (unschedulable,
+//! image pull failures, refusals), deliver the agent, reuse a running pod,
+//! replace an ended one, delete it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+
+use super::{
+    CONTAINER, LABEL_MANAGED, LABEL_REPO, Launch, MOUNT, agent_hash, api_error, claim_name, exec,
+    not_found, pod_manifest, pod_name, repo_hash,
+};
+use crate::provider::machine::{Machine, Ui, human_duration};
+use crate::provider::{BoxFuture, ProviderSpec};
+use crate::repo::Layout;
+
+/// Bounds on the waits of `bridge up` and `bridge down`.
+const RUNNING_LIMIT: Duration = Duration::from_secs(600);
+const AGENT_LIMIT: Duration = Duration::from_secs(30);
+const DELETE_LIMIT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(250);
+
+/// Container states that will not get better by waiting.
+const HOPELESS: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Where a pod stands, for people and for decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Not placed yet: why (the scheduler's message), if it said.
+    Pending {
+        unschedulable: Option<String>,
+        waiting: Option<(String, String)>,
+    },
+    Running,
+    /// Ended: the agent stopped when idle (Succeeded), or the pod failed
+    /// (evicted, killed, the agent exited with an error).
+    Ended {
+        succeeded: bool,
+        reason: String,
+    },
+    /// Being deleted.
+    Terminating,
+}
+
+impl Phase {
+    pub fn of(pod: &Pod) -> Phase {
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Phase::Terminating;
+        }
+        let Some(status) = &pod.status else {
+            return Phase::Pending {
+                unschedulable: None,
+                waiting: None,
+            };
+        };
+        let container = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == CONTAINER);
+        let terminated = container
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref());
+        match status.phase.as_deref() {
+            Some("Running") if terminated.is_none() => Phase::Running,
+            Some("Succeeded") | Some("Failed") | Some("Running") => {
+                let mut reason = Vec::new();
+                if let Some(r) = &status.reason {
+                    reason.push(r.clone());
+                }
+                if let Some(m) = &status.message {
+                    reason.push(m.trim().to_string());
+                }
+                if let Some(t) = terminated {
+                    reason.push(format!(
+                        "the agent exited with code {}{}",
+                        t.exit_code,
+                        t.reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ));
+                    if let Some(m) = t.message.as_ref().filter(|m| !m.trim().is_empty()) {
+                        reason.push(m.trim().to_string());
+                    }
+                }
+                Phase::Ended {
+                    succeeded: status.phase.as_deref() == Some("Succeeded"),
+                    reason: reason.join(": "),
+                }
+            }
+            _ => {
+                let unschedulable = status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .find(|c| {
+                        c.type_ == "PodScheduled"
+                            && c.status == "False"
+                            && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                    .map(|c| c.message.clone().unwrap_or_default());
+                let waiting = container
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.waiting.as_ref())
+                    .map(|w| {
+                        (
+                            w.reason.clone().unwrap_or_default(),
+                            w.message.clone().unwrap_or_default(),
+                        )
+                    });
+                Phase::Pending {
+                    unschedulable,
+                    waiting,
+                }
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Phase::Pending {
+                unschedulable: Some(m),
+                ..
+            } => format!("Pending, unschedulable: {m}"),
+            Phase::Pending {
+                waiting: Some((r, _)),
+                ..
+            } if !r.is_empty() => format!("Pending ({r})"),
+            Phase::Pending { .. } => "Pending".into(),
+            Phase::Running => "Running".into(),
+            Phase::Ended {
+                succeeded: true,
+                reason,
+            } => format!(
+                "Succeeded (ended{})",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            ),
+            Phase::Ended {
+                succeeded: false,
+                reason,
+            } => format!("Failed: {reason}"),
+            Phase::Terminating => "Terminating".into(),
+        }
+    }
+}
+
+/// The pod of one repository.
+pub struct K8sMachine {
+    layout: Layout,
+    spec: ProviderSpec,
+    /// The agent binary to copy into the pod.
+    agent_bin: std::path::PathBuf,
+    /// The pod the last `prepare` created.
+    created: Option<String>,
+}
+
+impl K8sMachine {
+    /// `None` unless `spec` is Kubernetes.
+    pub fn new(
+        spec: &ProviderSpec,
+        layout: &Layout,
+        agent_bin: std::path::PathBuf,
+    ) -> Option<K8sMachine> {
+        matches!(spec, ProviderSpec::K8s { .. }).then(|| K8sMachine {
+            layout: layout.clone(),
+            spec: spec.clone(),
+            agent_bin,
+            created: None,
+        })
+    }
+
+    fn parts(&mut self) -> (&mut Launch, &mut Option<String>) {
+        match &mut self.spec {
+            ProviderSpec::K8s { launch, pod } => (launch, pod),
+            _ => unreachable!("a K8sMachine holds a Kubernetes spec"),
+        }
+    }
+
+    fn launch(&self) -> &Launch {
+        match &self.spec {
+            ProviderSpec::K8s { launch, .. } => launch,
+            _ => unreachable!("a K8sMachine holds a Kubernetes spec"),
+        }
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        self.spec
+            .save(&self.layout.provider)
+            .with_context(|| format!("cannot write {}", self.layout.provider.display()))
+    }
+
+    async fn api(&mut self) -> anyhow::Result<(kube::Client, String)> {
+        let (client, default_ns) = super::client(self.launch().context.as_deref())
+            .await
+            .map_err(|e| anyhow!(e))?;
+        let (launch, _) = self.parts();
+        if launch.namespace.is_empty() {
+            launch.namespace = default_ns;
+        }
+        let ns = launch.namespace.clone();
+        Ok((client, ns))
+    }
+
+    async fn prepare(&mut self, ui: &dyn Ui) -> anyhow::Result<()> {
+        self.created = None;
+        crate::repo::ensure_token(&self.layout.token).with_context(|| {
+            format!(
+                "cannot write the agent token {}",
+                self.layout.token.display()
+            )
+        })?;
+        let bin = self.agent_bin.clone();
+        let (hash, len) = agent_hash(&bin).map_err(|e| anyhow!(e))?;
+        let (client, ns) = self.api().await?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let name = pod_name(&self.layout.repo);
+
+        let existing = pods
+            .get_opt(&name)
+            .await
+            .map_err(|e| anyhow!(api_error("read pods", &ns, &e)))?;
+        let mut replaced = false;
+        if let Some(p) = existing {
+            replaced = true;
+            let ours = p
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_REPO))
+                .is_some_and(|r| *r == repo_hash(&self.layout.repo));
+            if !ours {
+                return Err(anyhow!(
+                    "pod {ns}/{name} exists and is not this repository's (label {LABEL_REPO}); delete it or pick another --namespace"
+                ));
+            }
+            match Phase::of(&p) {
+                Phase::Running => {
+                    let have = exec(&pods, &name, &format!("cat {MOUNT}/run/agent.hash 2>/dev/null; test -e {MOUNT}/run/start && echo started"), None)
+                        .await
+                        .map_err(|e| anyhow!(e))?;
+                    let mut lines = have.stdout.lines();
+                    let running = lines.next().unwrap_or_default().trim().to_string();
+                    let started = lines.next() == Some("started");
+                    if started && running == hash {
+                        ui.note(&format!("bridge: reusing pod {ns}/{name}"));
+                        self.parts().1.replace(name);
+                        return self.save();
+                    } else if started {
+                        ui.note(&format!(
+                            "bridge: pod {ns}/{name} runs another agent build; replacing it"
+                        ));
+                        delete_and_wait(ui, &pods, &name).await?;
+                    } else {
+                        // A pod an interrupted `up` made: deliver the agent now.
+                        self.parts().1.replace(name.clone());
+                        self.save()?;
+                        self.deliver(ui, &pods, &name, &bin, &hash, len).await?;
+                        return self.wait_agent(ui, &pods, &name).await;
+                    }
+                }
+                Phase::Pending { .. } => {
+                    ui.note(&format!(
+                        "bridge: pod {ns}/{name} from an earlier `bridge up` never started; replacing it"
+                    ));
+                    delete_and_wait(ui, &pods, &name).await?;
+                }
+                Phase::Terminating => {
+                    delete_and_wait(ui, &pods, &name).await?;
+                }
+                ended @ Phase::Ended { .. } => {
+                    ui.note(&format!(
+                        "bridge: the previous pod {ns}/{name} is {}; starting a new one",
+                        ended.describe()
+                    ));
+                    delete_and_wait(ui, &pods, &name).await?;
+                }
+            }
+        }
+        if self.launch().volume.is_some() {
+            self.ensure_claim(ui, &client, &ns, &name).await?;
+        } else if replaced {
+            ui.note(
+                "bridge: the new pod starts empty (no --volume): the first sync sends the whole repository",
+            );
+        }
+        let manifest =
+            pod_manifest(&name, self.launch(), &self.layout.repo).map_err(|e| anyhow!(e))?;
+        pods.create(&PostParams::default(), &manifest)
+            .await
+            .map_err(|e| anyhow!(api_error("create a pod", &ns, &e)))?;
+        self.created = Some(name.clone());
+        self.parts().1.replace(name.clone());
+        let ready = async {
+            self.save()?;
+            wait_running(ui, &pods, &name, self.launch()).await?;
+            self.deliver(ui, &pods, &name, &bin, &hash, len).await?;
+            self.wait_agent(ui, &pods, &name).await
+        };
+        if let Err(e) = ready.await {
+            ui.warn(&format!("bridge: deleting pod {ns}/{name}: {e:#}"));
+            let _ = delete_and_wait(ui, &pods, &name).await;
+            self.created = None;
+            *self.parts().1 = None;
+            let _ = self.save();
+            return Err(e);
+        }
+        ui.note(&format!(
+            "bridge: pod {ns}/{name} runs the agent{}",
+            if self.launch().gpus > 0 {
+                format!(" with {} GPU(s)", self.launch().gpus)
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// The volume claim of `--volume`, made once and kept across pods.
+    async fn ensure_claim(
+        &self,
+        ui: &dyn Ui,
+        client: &kube::Client,
+        ns: &str,
+        pod: &str,
+    ) -> anyhow::Result<()> {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+        let name = claim_name(pod);
+        if claims
+            .get_opt(&name)
+            .await
+            .map_err(|e| anyhow!(api_error("read volume claims", ns, &e)))?
+            .is_some()
+        {
+            ui.note(&format!(
+                "bridge: the agent's files are on volume claim {ns}/{name} (kept from before)"
+            ));
+            return Ok(());
+        }
+        let size = self.launch().volume.clone().unwrap_or_default();
+        let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": name,
+                "labels": { LABEL_MANAGED: "true", LABEL_REPO: repo_hash(&self.layout.repo) },
+            },
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": { "requests": { "storage": size } },
+            },
+        }))?;
+        claims
+            .create(&PostParams::default(), &claim)
+            .await
+            .map_err(|e| anyhow!(api_error("create a volume claim", ns, &e)))?;
+        ui.note(&format!(
+            "bridge: made volume claim {ns}/{name} ({size}) for the agent's files"
+        ));
+        Ok(())
+    }
+
+    /// Copies the agent (unless this build is there) and the token into the
+    /// pod, then lets the container start it.
+    async fn deliver(
+        &self,
+        ui: &dyn Ui,
+        pods: &Api<Pod>,
+        name: &str,
+        bin: &std::path::Path,
+        hash: &str,
+        len: u64,
+    ) -> anyhow::Result<()> {
+        let have = exec(
+            pods,
+            name,
+            &format!("cat {MOUNT}/run/agent.hash 2>/dev/null"),
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!(e))?;
+        if have.stdout.trim() != hash {
+            let mut file = tokio::fs::File::open(bin)
+                .await
+                .with_context(|| format!("cannot read the agent binary {}", bin.display()))?;
+            let mib = len as f64 / (1024.0 * 1024.0);
+            let step = std::sync::Mutex::new(ui.step());
+            step.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .say(format!("copying the agent into pod {name} ({mib:.1} MiB)"));
+            let progress = |sent: u64| {
+                if sent % (8 << 20) < 256 * 1024 {
+                    step.lock().unwrap_or_else(|p| p.into_inner()).say(format!(
+                        "copying the agent into pod {name} ({:.1} of {mib:.1} MiB)",
+                        sent as f64 / (1024.0 * 1024.0)
+                    ));
+                }
+            };
+            let script = format!(
+                "set -e; mkdir -p {MOUNT}/bin {MOUNT}/run; t={MOUNT}/bin/.bridge-agent.$$; \
+                 head -c {len} > \"$t\"; \
+                 [ \"$(wc -c < \"$t\")\" -eq {len} ] || {{ echo \"short upload\" >&2; rm -f \"$t\"; exit 1; }}; \
+                 chmod 755 \"$t\"; mv \"$t\" {MOUNT}/bin/bridge-agent; echo {hash} > {MOUNT}/run/agent.hash"
+            );
+            let out = exec(pods, name, &script, Some((&mut file, &progress)))
+                .await
+                .map_err(|e| anyhow!(e))?;
+            drop(step);
+            if !out.ok {
+                return Err(anyhow!(
+                    "cannot copy the agent into pod {name}: {} {}",
+                    out.status,
+                    out.stderr.trim()
+                ));
+            }
+        }
+        let token = crate::repo::ensure_token(&self.layout.token)?;
+        let script = format!(
+            "set -e; umask 077; mkdir -p {MOUNT}/run; head -c {} > {MOUNT}/run/.token; mv {MOUNT}/run/.token {MOUNT}/run/token; touch {MOUNT}/run/start",
+            token.len()
+        );
+        let mut input = std::io::Cursor::new(token.into_bytes());
+        let out = exec(pods, name, &script, Some((&mut input, &|_| {})))
+            .await
+            .map_err(|e| anyhow!(e))?;
+        if !out.ok {
+            return Err(anyhow!(
+                "cannot start the agent in pod {name}: {} {}",
+                out.status,
+                out.stderr.trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent listens in the pod (its port in
+    /// `/proc/net/tcp`), or the container ended (the agent could not run
+    /// there: its last output says why).
+    async fn wait_agent(&self, ui: &dyn Ui, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
+        let port = format!(":{:04X} ", super::AGENT_PORT);
+        let script = format!(
+            "grep -q '{port}00000000:0000 0A' /proc/net/tcp 2>/dev/null || grep -q '0100007F{port}00000000:0000 0A' /proc/net/tcp"
+        );
+        let mut step = ui.step();
+        step.say(format!("starting the agent in pod {name}"));
+        let started = Instant::now();
+        loop {
+            let p = pods
+                .get(name)
+                .await
+                .map_err(|e| anyhow!(api_error("read the pod", "", &e)))?;
+            if let ended @ Phase::Ended { .. } = Phase::of(&p) {
+                let tail = pod_log_tail(pods, name).await;
+                return Err(anyhow!(
+                    "the agent did not start in pod {name}: {}{tail}",
+                    ended.describe()
+                ));
+            }
+            if let Ok(o) = exec(pods, name, &script, None).await
+                && o.ok
+            {
+                return Ok(());
+            }
+            if started.elapsed() > AGENT_LIMIT {
+                let tail = pod_log_tail(pods, name).await;
+                return Err(anyhow!(
+                    "the agent in pod {name} did not listen within {}s{tail}",
+                    AGENT_LIMIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn undo(&mut self, ui: &dyn Ui) {
+        let Some(name) = self.created.take() else {
+            return;
+        };
+        if let Ok((client, ns)) = self.api().await {
+            let pods: Api<Pod> = Api::namespaced(client, &ns);
+            ui.warn(&format!(
+                "bridge: deleting pod {ns}/{name}, made by this bridge up"
+            ));
+            if let Err(e) = delete_and_wait(ui, &pods, &name).await {
+                ui.warn(&format!(
+                    "bridge: could not delete pod {ns}/{name}: {e:#}; `kubectl delete pod -n {ns} {name}`"
+                ));
+            }
+        }
+        *self.parts().1 = None;
+    }
+
+    async fn down(&mut self, ui: &dyn Ui) -> anyhow::Result<()> {
+        let Some(name) = self.parts().1.clone() else {
+            ui.out(&format!("no pod is up for {}", self.layout.repo.display()));
+            return Ok(());
+        };
+        let (client, ns) = self.api().await?;
+        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let existed = delete_and_wait(ui, &pods, &name).await?;
+        *self.parts().1 = None;
+        self.save()?;
+        let kept = match &self.launch().volume {
+            Some(_) => format!(
+                "; kept volume claim {ns}/{} for the next pod (`kubectl delete pvc -n {ns} {}` frees it)",
+                claim_name(&name),
+                claim_name(&name)
+            ),
+            None => String::new(),
+        };
+        if existed {
+            ui.out(&format!("deleted pod {ns}/{name}{kept}"));
+        } else {
+            ui.out(&format!("pod {ns}/{name} was already gone{kept}"));
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let launch = self.launch();
+        let ProviderSpec::K8s { pod, .. } = &self.spec else {
+            unreachable!("a K8sMachine holds a Kubernetes spec")
+        };
+        let Some(name) = pod else {
+            return Ok(serde_json::json!({ "namespace": launch.namespace, "pod": null }));
+        };
+        let (client, _) = super::client(launch.context.as_deref())
+            .await
+            .map_err(|e| anyhow!(e))?;
+        let pods: Api<Pod> = Api::namespaced(client, &launch.namespace);
+        let p = pods
+            .get_opt(name)
+            .await
+            .map_err(|e| anyhow!(api_error("read the pod", &launch.namespace, &e)))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let (state, node, uptime_s) = match &p {
+            None => (
+                "gone (deleted, or its node was lost)".to_string(),
+                None,
+                None,
+            ),
+            Some(p) => {
+                let phase = Phase::of(p);
+                let started = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.start_time.as_ref())
+                    .map(|t| t.0.as_second());
+                let up = (phase == Phase::Running)
+                    .then_some(started)
+                    .flatten()
+                    .map(|s| (now - s).max(0) as u64);
+                (
+                    phase.describe(),
+                    p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                    up,
+                )
+            }
+        };
+        Ok(serde_json::json!({
+            "namespace": launch.namespace,
+            "pod": name,
+            "state": state,
+            "node": node,
+            "image": launch.image,
+            "gpus": launch.gpus,
+            "uptime_s": uptime_s,
+            "volume": launch.volume,
+            "idle_timeout_s": launch.idle_timeout_s,
+        }))
+    }
+}
+
+impl Machine for K8sMachine {
+    fn noun(&self) -> &'static str {
+        "pod"
+    }
+
+    fn spec(&self) -> &ProviderSpec {
+        &self.spec
+    }
+
+    fn prepare<'a>(&'a mut self, ui: &'a dyn Ui, _yes: bool) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.prepare(ui))
+    }
+
+    fn undo<'a>(&'a mut self, ui: &'a dyn Ui) -> BoxFuture<'a, ()> {
+        Box::pin(self.undo(ui))
+    }
+
+    fn down<'a>(&'a mut self, ui: &'a dyn Ui) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.down(ui))
+    }
+
+    fn status(&self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(self.status())
+    }
+
+    fn status_line(&self, v: &serde_json::Value) -> String {
+        status_line(v)
+    }
+}
+
+/// `bridge-x-1a2b in ml: Running on node-3, 1 GPU, up 5m`
+pub fn status_line(v: &serde_json::Value) -> String {
+    if let Some(e) = v["error"].as_str() {
+        return format!("unknown: {e}");
+    }
+    let ns = v["namespace"].as_str().unwrap_or("?");
+    let Some(pod) = v["pod"].as_str() else {
+        return format!("no pod (namespace {ns}); `bridge up` makes one");
+    };
+    let mut line = format!("{ns}/{pod} {}", v["state"].as_str().unwrap_or("?"));
+    if let Some(n) = v["node"].as_str() {
+        line += &format!(" on {n}");
+    }
+    if let Some(g) = v["gpus"].as_u64().filter(|g| *g > 0) {
+        line += &format!(", {g} GPU{}", if g == 1 { "" } else { "s" });
+    }
+    if let Some(s) = v["uptime_s"].as_u64() {
+        line += &format!(", up {}", human_duration(Duration::from_secs(s)));
+    }
+    line
+}
+
+/// Waits until the pod runs; fails at once on what waiting cannot fix (an
+/// image that cannot be pulled, a container that cannot be made), and when
+/// the scheduler has said "unschedulable" for longer than the launch allows.
+async fn wait_running(
+    ui: &dyn Ui,
+    pods: &Api<Pod>,
+    name: &str,
+    launch: &Launch,
+) -> anyhow::Result<()> {
+    let mut step = ui.step();
+    let started = Instant::now();
+    let mut unschedulable_since: Option<Instant> = None;
+    loop {
+        let p = pods
+            .get(name)
+            .await
+            .map_err(|e| anyhow!(api_error("read the pod", &launch.namespace, &e)))?;
+        let phase = Phase::of(&p);
+        step.say(format!("waiting for pod {name}: {}", phase.describe()));
+        match &phase {
+            Phase::Running => return Ok(()),
+            Phase::Ended { .. } | Phase::Terminating => {
+                let tail = pod_log_tail(pods, name).await;
+                return Err(anyhow!("pod {name} {}{tail}", phase.describe()));
+            }
+            Phase::Pending {
+                waiting: Some((reason, message)),
+                ..
+            } if HOPELESS.contains(&reason.as_str()) => {
+                return Err(anyhow!(
+                    "pod {name} cannot start: {reason}: {} (image {:?}; check its name and that the cluster can pull it)",
+                    message.trim(),
+                    launch.image
+                ));
+            }
+            Phase::Pending {
+                unschedulable: Some(why),
+                ..
+            } => {
+                let since = *unschedulable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(launch.schedule_timeout_s) {
+                    return Err(anyhow!(
+                        "pod {name} cannot be scheduled: {} (asked for {} GPU(s){}{}; waited {}s — ask for less, or pass --schedule-timeout to wait for a node)",
+                        why.trim(),
+                        launch.gpus,
+                        launch
+                            .cpu
+                            .as_ref()
+                            .map(|c| format!(", {c} CPU"))
+                            .unwrap_or_default(),
+                        launch
+                            .memory
+                            .as_ref()
+                            .map(|m| format!(", {m} memory"))
+                            .unwrap_or_default(),
+                        launch.schedule_timeout_s
+                    ));
+                }
+            }
+            Phase::Pending { .. } => unschedulable_since = None,
+        }
+        if started.elapsed() > RUNNING_LIMIT {
+            return Err(anyhow!(
+                "pod {name} is still {} after {}s",
+                phase.describe(),
+                RUNNING_LIMIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Deletes the pod and waits until it is gone; `false`: it was not there.
+async fn delete_and_wait(ui: &dyn Ui, pods: &Api<Pod>, name: &str) -> anyhow::Result<bool> {
+    match pods.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(e) if not_found(&e) => return Ok(false),
+        Err(e) => return Err(anyhow!(api_error("delete the pod", "", &e))),
+    }
+    let mut step = ui.step();
+    step.say(format!("deleting pod {name}"));
+    let started = Instant::now();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(None) => return Ok(true),
+            Ok(Some(_)) => {}
+            Err(e) => return Err(anyhow!(api_error("read the pod", "", &e))),
+        }
+        if started.elapsed() > DELETE_LIMIT {
+            return Err(anyhow!(
+                "pod {name} was still there {}s after its deletion",
+                DELETE_LIMIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `"; its last output: …"` (the container's last lines), or nothing.
+async fn pod_log_tail(pods: &Api<Pod>, name: &str) -> String {
+    let params = kube::api::LogParams {
+        container: Some(CONTAINER.into()),
+        tail_lines: Some(5),
+        ..Default::default()
+    };
+    match pods.logs(name, &params).await {
+        Ok(text) if !text.trim().is_empty() => {
+            format!("; its last output: {}", text.trim().replace('\n', " | "))
+        }
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn phases_say_what_kubernetes_said() {
+        let unsched = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}
+        }));
+        assert_eq!(
+            Phase::of(&unsched).describe(),
+            "Pending, unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+        );
+        let pull = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": "agent", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}}}]}
+        }));
+        assert!(
+            matches!(Phase::of(&pull), Phase::Pending { waiting: Some((r, _)), .. } if r == "ErrImageNeverPull")
+        );
+        let evicted = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+        }));
+        assert_eq!(
+            Phase::of(&evicted).describe(),
+            "Failed: Evicted: The node was low on resource: memory."
+        );
+        let idle = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Succeeded", "containerStatuses": [{
+                "name": "agent", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
+        }));
+        assert!(Phase::of(&idle).describe().starts_with("Succeeded"));
+    }
+
+    #[test]
+    fn status_lines() {
+        let v = serde_json::json!({"namespace": "ml", "pod": "bridge-x", "state": "Running",
+            "node": "n1", "gpus": 1, "uptime_s": 65});
+        assert_eq!(
+            status_line(&v),
+            "ml/bridge-x Running on n1, 1 GPU, up 1m 05s"
+        );
+        let v = serde_json::json!({"namespace": "ml", "pod": null});
+        assert!(status_line(&v).contains("`bridge up` makes one"));
+    }
+}

@@ -1,0 +1,364 @@
+//! The Kubernetes provider on a real one-node cluster built on this machine
+//! (tests/k8s/cluster.sh): a pod with a GPU request, the mirror under random
+//! edits, a job's log and outputs, `bridge down`; the port-forward cut by an
+//! API server restart during a job; what Kubernetes refuses, each in one
+//! line with no pod left; the agent's idle shutdown ending the pod.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use bridge_tests::k8s::{Cluster, K8sRepo};
+use bridge_tests::{Value, eventually, random_bytes, read_tree, read_tree_ignoring, tree_diff};
+
+fn err(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn out(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The one bridge pod in `default`.
+fn the_pod(c: &Cluster) -> Value {
+    let pods = c.bridge_pods("default");
+    assert_eq!(pods.len(), 1, "bridge pods: {pods:?}");
+    pods[0].clone()
+}
+
+/// Deterministic random edits: new files, rewrites, deletions, renames and
+/// directories, `n` of them.
+fn random_edits(r: &bridge_tests::Repo, n: usize, seed: u64) {
+    let mut s = seed;
+    let mut next = move |m: u64| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) % m
+    };
+    for i in 0..n {
+        let dir = format!("pkg{}", next(4));
+        let name = format!("{dir}/f{}.py", next(12));
+        let path = r.path(&name);
+        match next(5) {
+            0 | 1 => r.write(&name, format!("x = {i}\n").repeat(1 + next(300) as usize)),
+            2 if path.exists() => r.remove(&name),
+            3 if path.exists() => {
+                let to = format!("{dir}/moved{}.py", next(50));
+                r.rename(&name, &to);
+            }
+            _ => r.write(
+                &format!("{dir}/data{}.bin", next(3)),
+                random_bytes(1 + next(200_000) as usize, i as u64),
+            ),
+        }
+    }
+}
+
+/// Stops the repository's daemon with `signal`, leaving the pod.
+fn kill_daemon(k: &K8sRepo, signal: nix::sys::signal::Signal) {
+    let pid: i32 = fs::read_to_string(k.repo.path(".bridge/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+                || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
+        }),
+        "the daemon did not exit"
+    );
+}
+
+#[test]
+fn a_pod_with_a_gpu_runs_the_agent_mirror_jobs_and_outputs_and_down_deletes_it() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    let k = K8sRepo::new(c);
+    let r = &k.repo;
+    r.write(
+        "train.py",
+        "import os\nfor i in range(5):\n    print(f'step {i}', flush=True)\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/model.bin','wb').write(bytes(range(256))*1000)\n",
+    );
+    r.write(
+        "train.toml",
+        "run = \"python3 train.py\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    r.write("data/big.bin", random_bytes(2_000_000, 3));
+    let o = k.up(&["--gpu", "1"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains("copying the agent into pod"),
+        "no upload progress: {}",
+        err(&o)
+    );
+
+    // A Running pod with the GPU request, labelled as bridge's.
+    let pod = the_pod(c);
+    let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    assert_eq!(pod["status"]["phase"], "Running", "{pod}");
+    let limits = &pod["spec"]["containers"][0]["resources"]["limits"];
+    assert_eq!(limits["nvidia.com/gpu"], "1", "{pod}");
+    assert!(name.starts_with("bridge-repo-"), "{name}");
+    // The token is not in the pod's spec.
+    let token = fs::read_to_string(r.path(".bridge/token")).unwrap();
+    assert!(!pod.to_string().contains(token.trim()));
+
+    let st = k.status();
+    assert_eq!(st["provider"], "k8s");
+    assert_eq!(st["connection"], "connected");
+    assert_eq!(st["k8s"]["pod"], name.as_str(), "{st}");
+    assert_eq!(st["k8s"]["state"], "Running", "{st}");
+    let text = k.ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "pod          default/{name} Running on bridge-node, 1 GPU"
+        )),
+        "{text}"
+    );
+
+    // Random edits: the mirror (read on the node, in the pod's volume)
+    // equals the local tree, and the agent agrees on the root.
+    let mirror_in_pod = st["mirror_path"].as_str().unwrap().to_string();
+    let mirror = c.pod_path("default", &name, &mirror_in_pod);
+    for round in 0..3 {
+        random_edits(r, 60, round);
+        k.ok(&["sync", "--wait"]);
+        let local = read_tree(&r.root);
+        let remote = read_tree_ignoring(&mirror, &r.root);
+        assert!(
+            local == remote,
+            "round {round}:\n{}",
+            tree_diff(&local, &remote)
+        );
+    }
+
+    // A job streams its log and brings its outputs home.
+    let o = k.bridge(&["run", "train.toml"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(
+        out(&o),
+        "step 0\nstep 1\nstep 2\nstep 3\nstep 4\n",
+        "{}",
+        err(&o)
+    );
+    assert_eq!(
+        fs::read(r.path("outputs/model.bin")).unwrap(),
+        (0..=255u8).collect::<Vec<_>>().repeat(1000)
+    );
+
+    // The daemon dies; the next `up` finds the pod and its agent and
+    // reuses them (nothing copied again).
+    kill_daemon(&k, nix::sys::signal::Signal::SIGKILL);
+    let o = k.up(&["--gpu", "1"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains(&format!("reusing pod default/{name}")),
+        "{}",
+        err(&o)
+    );
+    assert!(!err(&o).contains("copying the agent"), "{}", err(&o));
+    assert_eq!(the_pod(c)["metadata"]["uid"], pod["metadata"]["uid"]);
+
+    let down = k.ok(&["down", "--force"]);
+    assert!(
+        down.contains(&format!("deleted pod default/{name}")),
+        "{down}"
+    );
+    assert!(
+        c.bridge_pods("default").is_empty(),
+        "the pod is still there"
+    );
+    assert!(c.get(&["pod", "-n", "default", &name]).is_none());
+    let o = k.bridge(&["status", "--json"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn a_port_forward_cut_by_an_api_server_restart_loses_no_log_line() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    let k = K8sRepo::new(c);
+    let r = &k.repo;
+    r.write(
+        "count.py",
+        "import time\nfor i in range(400):\n    print(f'line {i}', flush=True)\n    time.sleep(0.02)\nopen('outputs/done.txt','w').write('done\\n')\n",
+    );
+    r.write(
+        "count.toml",
+        "run = \"mkdir -p outputs && python3 count.py\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    let o = k.up(&[]);
+    assert!(o.status.success(), "{}", err(&o));
+    let kc = c.kubeconfig().to_string_lossy().into_owned();
+    let job = r.spawn(&["run", "count.toml"], &[("KUBECONFIG", &kc)], "count.out");
+    // Cut while lines flow.
+    let log = r.scratch("count.out");
+    assert!(
+        eventually(Duration::from_secs(30), || fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("line 50"))),
+        "the job did not start: {}",
+        fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+    );
+    c.restart_apiserver();
+    let mut job = job;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the job did not end"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+    );
+    let want: String = (0..400).map(|i| format!("line {i}\n")).collect();
+    assert!(text == want, "lines lost or repeated:\n{text}");
+    assert_eq!(
+        fs::read_to_string(r.path("outputs/done.txt")).unwrap(),
+        "done\n"
+    );
+    // The same pod all along.
+    assert_eq!(c.bridge_pods("default").len(), 1);
+}
+
+#[test]
+fn what_kubernetes_refuses_ends_up_in_one_line_and_leaves_no_pod() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    let k = K8sRepo::new(c);
+    k.repo.write("a.py", "print(1)\n");
+    let no_pod_left = |what: &str| {
+        for ns in ["default", "forbidden"] {
+            let pods = c.bridge_pods(ns);
+            assert!(pods.is_empty(), "{what}: pods left in {ns}: {pods:?}");
+        }
+        assert!(
+            !k.repo.path(".bridge/provider.toml").exists(),
+            "{what}: a provider was saved"
+        );
+    };
+
+    // More GPUs than any node has.
+    let e = err(&k.up(&["--gpu", "8", "--schedule-timeout", "3s"]));
+    assert!(
+        e.contains("cannot be scheduled: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu"),
+        "{e}"
+    );
+    no_pod_left("8 GPUs");
+
+    // An image that is not there (and may not be pulled).
+    let o = k.bridge(&[
+        "up",
+        "--provider",
+        "k8s",
+        "--image",
+        "bridge-test/no-such-image:1",
+        "--pull",
+        "Never",
+    ]);
+    let e = err(&o);
+    assert!(!o.status.success());
+    assert!(e.contains("ErrImageNeverPull"), "{e}");
+    assert!(e.contains("bridge-test/no-such-image:1"), "{e}");
+    no_pod_left("missing image");
+
+    // A namespace that does not exist.
+    let e = err(&k.up(&["--namespace", "nowhere"]));
+    assert!(e.contains("namespaces \"nowhere\" not found"), "{e}");
+    assert!(e.contains("kubectl create namespace nowhere"), "{e}");
+    no_pod_left("missing namespace");
+
+    // A user without the right to make pods there (RBAC).
+    let alice = K8sRepo::new(c).with_kubeconfig(c.alice());
+    alice.repo.write("a.py", "print(1)\n");
+    let e = err(&alice.up(&["--namespace", "forbidden"]));
+    assert!(e.contains("Kubernetes refused to"), "{e}");
+    assert!(e.contains("User \"alice\" cannot"), "{e}");
+    no_pod_left("RBAC");
+
+    // Flags checked before anything is sent.
+    for (flags, says) in [
+        (
+            &["--cpu", "lots"][..],
+            "--cpu \"lots\" is not a Kubernetes quantity",
+        ),
+        (&["--node-selector", "gpu"][..], "--node-selector \"gpu\""),
+        (&["--toleration", "a:Maybe"][..], "the effect must be"),
+        (&["--namespace", "Bad_NS"][..], "not a valid namespace name"),
+        (&["--host", "x"][..], "are for --provider k8s"),
+    ] {
+        let e = err(&k.up(flags));
+        assert!(e.contains(says), "{flags:?}: {e}");
+        assert_eq!(
+            e.trim().lines().count(),
+            1,
+            "{flags:?}: more than one line: {e}"
+        );
+        no_pod_left(&format!("{flags:?}"));
+    }
+}
+
+#[test]
+fn the_agents_idle_shutdown_ends_the_pod_and_a_new_up_makes_another() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    let k = K8sRepo::new(c);
+    k.repo.write("a.py", "print(1)\n");
+    let o = k.up(&["--gpu", "2", "--idle-timeout", "2s"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let first_pod = the_pod(c);
+    let first = first_pod["metadata"]["name"].as_str().unwrap().to_string();
+    let first_uid = first_pod["metadata"]["uid"].clone();
+    // The daemon goes (SIGTERM: its attachment ends with it); nothing holds
+    // the agent any more.
+    kill_daemon(&k, nix::sys::signal::Signal::SIGTERM);
+    let ended = eventually(Duration::from_secs(60), || {
+        c.get(&["pod", "-n", "default", &first])
+            .is_some_and(|p| p["status"]["phase"] == "Succeeded")
+    });
+    assert!(
+        ended,
+        "the pod did not complete: {:?}",
+        c.get(&["pod", "-n", "default", &first])
+    );
+    // Its GPUs are free while it is still there: a pod asking for all 4 is
+    // scheduled (the scheduler counts only pods that have not ended).
+    c.apply(
+        r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "four-gpus"},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c",
+              "image": "bridge-test/python:3.11", "imagePullPolicy": "Never",
+              "command": ["true"], "resources": {"limits": {"nvidia.com/gpu": "4"}}}]}}"#,
+    );
+    let scheduled = eventually(Duration::from_secs(30), || {
+        c.get(&["pod", "-n", "default", "four-gpus"])
+            .is_some_and(|p| p["spec"]["nodeName"].is_string())
+    });
+    let four = c.get(&["pod", "-n", "default", "four-gpus"]);
+    c.kubectl(&["delete", "pod", "four-gpus", "--wait=true"]);
+    assert!(scheduled, "4 GPUs were not free: {four:?}");
+    // (The test image's stand-in nvidia-smi shows 2 GPUs, whatever the pod
+    // was given: `--gpu` above 2 would fail bridge's own check.)
+    let o = k.up(&["--gpu", "2"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains("is Succeeded"),
+        "no word on the ended pod: {}",
+        err(&o)
+    );
+    let second = the_pod(c);
+    assert_eq!(second["status"]["phase"], "Running");
+    assert_eq!(
+        second["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "2"
+    );
+    assert_ne!(second["metadata"]["uid"], first_uid);
+}
