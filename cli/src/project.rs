@@ -20,12 +20,12 @@ use crate::spec::error::{Origin, SpecError};
 pub const FILE: &str = "bridge.toml";
 
 /// The providers a project may name.
-const PROVIDERS: [&str; 3] = ["local", "ssh", "aws"];
+const PROVIDERS: [&str; 4] = ["local", "ssh", "aws", "k8s"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Project {
-    /// `local`, `ssh` or `aws`.
+    /// `local`, `ssh`, `aws` or `k8s`.
     pub provider: Option<Spanned<String>>,
     /// SSH: `[user@]host[:port]` or a `Host` alias of `~/.ssh/config`.
     pub host: Option<String>,
@@ -42,6 +42,9 @@ pub struct Project {
     /// AWS defaults.
     #[serde(default)]
     pub aws: AwsDefaults,
+    /// Kubernetes defaults.
+    #[serde(default)]
+    pub k8s: K8sDefaults,
     /// Where it was read from (not a key).
     #[serde(skip)]
     pub path: PathBuf,
@@ -56,6 +59,30 @@ pub struct AwsDefaults {
     pub instance_type: Option<String>,
     pub spot: Option<bool>,
     pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sDefaults {
+    pub context: Option<String>,
+    pub namespace: Option<String>,
+    pub image: Option<String>,
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub volume: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+impl K8sDefaults {
+    pub fn any(&self) -> bool {
+        self.context.is_some()
+            || self.namespace.is_some()
+            || self.image.is_some()
+            || self.cpu.is_some()
+            || self.memory.is_some()
+            || self.volume.is_some()
+            || self.idle_timeout.is_some()
+    }
 }
 
 /// pyproject.toml, where only `[tool.bridge]` is bridge's.
@@ -128,6 +155,7 @@ impl Project {
             || self.identity.is_some()
             || self.remote_dir.is_some()
             || self.aws.any()
+            || self.k8s.any()
     }
 }
 
@@ -195,6 +223,22 @@ mod tests {
     }
 
     #[test]
+    fn the_k8s_section_gives_pod_defaults_and_refuses_unknown_keys() {
+        let d = repo(&[(
+            FILE,
+            "provider = \"k8s\"\n[k8s]\nnamespace = \"ml\"\nimage = \"pytorch/pytorch:2.5\"\nvolume = \"50Gi\"\n",
+        )]);
+        let p = Project::load(d.path()).unwrap();
+        assert_eq!(p.provider(), Some("k8s"));
+        assert_eq!(p.k8s.namespace.as_deref(), Some("ml"));
+        assert_eq!(p.k8s.volume.as_deref(), Some("50Gi"));
+        assert!(p.places());
+        let d = repo(&[(FILE, "[k8s]\nnamepsace = \"ml\"\n")]);
+        let e = Project::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("namepsace") && e.contains("bridge.toml:2:1"), "{e}");
+    }
+
+    #[test]
     fn pyproject_tool_bridge_is_read_and_other_tools_left_alone() {
         let d = repo(&[(
             "pyproject.toml",
@@ -219,7 +263,7 @@ mod tests {
         let d = repo(&[("pyproject.toml", "[tool.bridge]\nprovider = \"k9s\"\n")]);
         let e = Project::load(d.path()).unwrap_err().to_string();
         assert!(e.contains("pyproject.toml:2:12"), "{e}");
-        assert!(e.contains("one of local, ssh, aws"), "{e}");
+        assert!(e.contains("one of local, ssh, aws, k8s"), "{e}");
         let d = repo(&[(FILE, "gpus = \"two\"\n")]);
         let e = Project::load(d.path()).unwrap_err().to_string();
         assert!(e.contains("bridge.toml:1:8"), "{e}");

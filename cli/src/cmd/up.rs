@@ -115,16 +115,39 @@ impl Args {
         self.host = p.host.clone();
         self.identity = p.identity.as_deref().map(crate::project::expand_home);
         self.remote_dir = p.remote_dir.clone();
+        // Each section fills the flags only for its own provider (a team may
+        // keep defaults for both).
+        let named = p.provider();
+        let use_aws = named == Some("aws") || (named.is_none() && p.aws.any());
+        let use_k8s = named == Some("k8s") || (named.is_none() && !use_aws && p.k8s.any());
         #[cfg(feature = "aws")]
-        {
+        if use_aws {
             let a = &p.aws;
             self.aws.region = a.region.clone();
             self.aws.profile = a.profile.clone();
             self.aws.gpu_type = a.gpu_type.clone();
             self.aws.instance_type = a.instance_type.clone();
             self.aws.spot = a.spot.unwrap_or(false);
+            self.idle_timeout = a.idle_timeout.clone();
         }
-        self.idle_timeout = p.aws.idle_timeout.clone();
+        #[cfg(not(feature = "k8s"))]
+        if use_k8s {
+            bail!(
+                "{} asks for the Kubernetes provider, and this bridge was built without it (cargo feature `k8s`)",
+                p.path.display()
+            );
+        }
+        #[cfg(feature = "k8s")]
+        if use_k8s {
+            let k = &p.k8s;
+            self.k8s.context = k.context.clone();
+            self.k8s.namespace = k.namespace.clone();
+            self.k8s.image = k.image.clone();
+            self.k8s.cpu = k.cpu.clone();
+            self.k8s.memory = k.memory.clone();
+            self.k8s.volume = k.volume.clone();
+            self.idle_timeout = k.idle_timeout.clone();
+        }
         Ok(())
     }
 
