@@ -18,6 +18,7 @@
 //! - [`outputs`]: output manifests and chunk reads for the daemon's pulls.
 //! - [`service`]: the `bridge.v1.Jobs` gRPC service.
 
+mod container;
 pub mod outputs;
 mod runner;
 pub mod service;
@@ -87,6 +88,19 @@ pub struct Jobs {
     hostname: String,
     /// Rouses the poller at once when a shim exits.
     wake: Arc<Wake>,
+}
+
+/// The last lines of a job's `shim.log` (what the shim, or the container
+/// engine that ran it, printed), joined; `None` when it is empty.
+fn shim_log_tail(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join("shim.log")).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    (!tail.is_empty()).then_some(tail)
 }
 
 /// Wakes the job poller before its next tick (a shim exited: a sweep's next
@@ -368,6 +382,9 @@ impl Jobs {
             return Err(Status::invalid_argument("the job's `run` command is empty"));
         }
         self.check_gpus(spec.gpus)?;
+        if !spec.image.is_empty() {
+            container::plan(&spec.image)?;
+        }
         let workdir = rel(&spec.workdir, "workdir")?;
         if let Some(p) = &spec.python {
             rel(&p.file, "python file")?;
@@ -874,14 +891,36 @@ impl Jobs {
                     if dir.join("exit.json").exists() {
                         continue;
                     }
-                    self.finish(
-                        &mut inner,
-                        id,
-                        JobState::Lost,
-                        None,
-                        "the job's supervisor process vanished (killed, or the machine restarted)"
-                            .into(),
-                    );
+                    // A container that never ran (an image that cannot be
+                    // pulled, an engine refusing) said why in shim.log.
+                    let image = rec
+                        .info
+                        .as_ref()
+                        .and_then(|i| i.spec.as_ref())
+                        .map(|s| s.image.clone())
+                        .unwrap_or_default();
+                    let (state, reason) = match (image.is_empty(), shim_log_tail(&dir)) {
+                        (false, Some(tail)) => (
+                            JobState::Failed,
+                            format!("the container of image {image:?} did not run: {tail}"),
+                        ),
+                        _ => (
+                            JobState::Lost,
+                            "the job's supervisor process vanished (killed, or the machine restarted)"
+                                .to_string(),
+                        ),
+                    };
+                    if !image.is_empty()
+                        && let Ok(Some(engine)) = container::plan(&image)
+                    {
+                        container::remove(&engine, &dir);
+                    }
+                    if state == JobState::Failed
+                        && let Ok(w) = LogWriter::open(&dir.join("log"))
+                    {
+                        let _ = w.write(3, format!("bridge: {reason}\n").as_bytes());
+                    }
+                    self.finish(&mut inner, id, state, None, reason);
                     ended_any = true;
                 }
             }

@@ -235,7 +235,10 @@ mod tests {
         assert!(p.places());
         let d = repo(&[(FILE, "[k8s]\nnamepsace = \"ml\"\n")]);
         let e = Project::load(d.path()).unwrap_err().to_string();
-        assert!(e.contains("namepsace") && e.contains("bridge.toml:2:1"), "{e}");
+        assert!(
+            e.contains("namepsace") && e.contains("bridge.toml:2:1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,9 @@ mod agent_safety;
 mod aws;
 /// The command line's errors: outside a repository, `up` twice, `down`.
 mod cli;
+/// `image = "…"`: jobs in a container of their image (podman), cancel,
+/// a missing image, a missing engine.
+mod containers;
 /// `bridge run --debug` / `exec --debug`: debugpy on the agent, a DAP
 /// client attaching through the forward with local breakpoints.
 mod debugger;

@@ -362,3 +362,70 @@ fn the_agents_idle_shutdown_ends_the_pod_and_a_new_up_makes_another() {
     );
     assert_ne!(second["metadata"]["uid"], first_uid);
 }
+
+#[test]
+fn a_volume_keeps_the_agents_files_so_the_next_pod_starts_warm() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    // A statically provisioned volume (the test cluster has no provisioner),
+    // on this machine's disk.
+    let pv = format!("bridge-test-pv-{}", std::process::id());
+    let store = tempfile::tempdir().unwrap();
+    c.apply(&format!(
+        r#"{{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {{"name": "{pv}"}},
+            "spec": {{"capacity": {{"storage": "2Gi"}}, "accessModes": ["ReadWriteOnce"],
+              "persistentVolumeReclaimPolicy": "Retain",
+              "hostPath": {{"path": "{}", "type": "Directory"}}}}}}"#,
+        store.path().display()
+    ));
+    let k = K8sRepo::new(c);
+    let r = &k.repo;
+    r.write("data/weights.bin", random_bytes(3_000_000, 11));
+    r.write("train.py", "print('warm')\n");
+    let o = k.up(&["--volume", "1Gi"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains("made volume claim default/"),
+        "{}",
+        err(&o)
+    );
+    let first = the_pod(c);
+    let claim = format!("{}-data", first["metadata"]["name"].as_str().unwrap());
+    let sent = k.status()["bytes_sent"].as_u64().unwrap();
+    assert!(sent > 2_500_000, "{sent} bytes for 3 MB of random data");
+
+    let down = k.ok(&["down"]);
+    assert!(
+        down.contains(&format!("kept volume claim default/{claim}")),
+        "{down}"
+    );
+    assert!(c.get(&["pvc", "-n", "default", &claim]).is_some());
+
+    // A new pod on the same claim: the mirror and the chunk store are there.
+    let o = k.up(&["--volume", "1Gi"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).contains("kept from before"), "{}", err(&o));
+    let second = the_pod(c);
+    assert_ne!(second["metadata"]["uid"], first["metadata"]["uid"]);
+    let st = k.status();
+    let resent = st["bytes_sent"].as_u64().unwrap();
+    assert!(
+        resent < 100_000,
+        "{resent} bytes sent again to a warm volume: {st}"
+    );
+    let o = k.bridge(&["exec", "--", "python3", "train.py"]);
+    assert_eq!(out(&o), "warm\n", "{}", err(&o));
+
+    let down = k.ok(&["down", "--purge"]);
+    assert!(
+        down.contains(&format!("deleted volume claim default/{claim}")),
+        "{down}"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || c
+            .get(&["pvc", "-n", "default", &claim])
+            .is_none()),
+        "the claim is still there"
+    );
+    c.kubectl(&["delete", "pv", &pv, "--wait=true"]);
+}

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use bridge_proto::v1::{self, JobState};
 
-use super::{Inner, Jobs, grace_of, now_ms, start_ticks};
+use super::{Inner, Jobs, container, grace_of, now_ms, start_ticks};
 use crate::shim::{PythonKind, PythonSpec, SetupSpec, ShimSpec};
 
 impl Jobs {
@@ -129,9 +129,31 @@ impl Jobs {
             false,
         )?;
         let log = fs::File::create(dir.join("shim.log"))?;
-        let mut child = Command::new(&self.shim_exe)
-            .arg("shim")
-            .arg(&dir)
+        let engine = if spec.image.is_empty() {
+            None
+        } else {
+            container::plan(&spec.image).map_err(|s| io::Error::other(s.message().to_string()))?
+        };
+        let mut cmd = match &engine {
+            None => {
+                let mut c = Command::new(&self.shim_exe);
+                c.arg("shim").arg(&dir);
+                c
+            }
+            Some(engine) => {
+                let image_cache = container::cache_dir(&self.cache_dir, &spec.image);
+                fs::create_dir_all(&image_cache)?;
+                let mounts = container::Mounts {
+                    shim_exe: &self.shim_exe,
+                    job_dir: &dir,
+                    tree: &tree,
+                    cache_dir: &self.cache_dir,
+                    image_cache: &image_cache,
+                };
+                container::command(engine, &spec.image, &mounts, !gpus.is_empty())
+            }
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

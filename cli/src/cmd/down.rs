@@ -21,7 +21,8 @@ pub struct Args {
     #[arg(long)]
     force: bool,
     /// Stop the agent and remove everything it keeps (mirrors, jobs, cached
-    /// environments): `~/.bridge` on a remote, `.bridge/agent/` locally.
+    /// environments): `~/.bridge` on a remote, `.bridge/agent/` locally,
+    /// the pod's volume claim on Kubernetes.
     #[arg(long)]
     purge: bool,
     /// AWS: terminate every bridge instance of yours in the region (orphans
@@ -79,7 +80,7 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(m) = machine.as_mut() {
-        m.down(&crate::out::Terminal).await?;
+        m.down(&crate::out::Terminal, args.purge).await?;
     }
     Ok(())
 }

@@ -143,6 +143,23 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<Job, SpecError> {
         Some(r) => r.get_ref().clone(),
     };
 
+    let image = match &raw.image {
+        None => String::new(),
+        Some(i) => {
+            let v = i.get_ref();
+            if v.trim().is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ctx.invalid(
+                    &["image"],
+                    Some(i.span()),
+                    format!(
+                        "= {v:?} is not an image reference: give one like \"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime\""
+                    ),
+                ));
+            }
+            v.clone()
+        }
+    };
+
     let root = Norm::root();
     let workdir = match &raw.workdir {
         None => root.clone(),
@@ -460,6 +477,7 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<Job, SpecError> {
         outputs_local,
         forwards,
         live,
+        image,
         debug: None,
         mlflow_tracking_uri,
         kernel: None,

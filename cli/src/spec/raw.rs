@@ -18,6 +18,8 @@ pub struct RawSpec {
     pub name: Option<Spanned<String>>,
     pub run: Option<Spanned<String>>,
     pub workdir: Option<Spanned<String>>,
+    /// A container image to run the job in.
+    pub image: Option<Spanned<String>>,
     pub setup: Option<Spanned<String>>,
     #[serde(default)]
     pub setup_inputs: Vec<Spanned<String>>,
@@ -177,6 +179,7 @@ pub const STRING_KEYS: &[&str] = &[
     "name",
     "run",
     "workdir",
+    "image",
     "setup",
     "python.requirements",
     "python.pyproject",

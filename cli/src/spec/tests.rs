@@ -714,3 +714,23 @@ fn floats_read_back_as_the_same_number() {
     assert_eq!(float(3e-4), "0.0003");
     assert_eq!(float(0.1 + 0.2), "0.30000000000000004");
 }
+
+#[test]
+fn an_image_is_a_reference_or_an_error_with_its_line() {
+    let spec = parse(
+        "image = \"pytorch/pytorch:2.5\"\nrun = \"python t.py\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(spec.image, "pytorch/pytorch:2.5");
+    assert_eq!(parse("run = \"x\"\n", &[]).unwrap().image, "");
+    let e = error("run = \"x\"\nimage = \"\"\n", &[]);
+    assert!(
+        e.contains(":2:") && e.contains("image") && e.contains("not an image reference"),
+        "{e}"
+    );
+    let e = error("run = \"x\"\nimage = \"python 3\"\n", &[]);
+    assert!(e.contains("not an image reference"), "{e}");
+    let spec = parse("run = \"x\"\n", &["image=python:3.11"]).unwrap();
+    assert_eq!(spec.image, "python:3.11");
+}

@@ -253,7 +253,9 @@ pub fn pod_manifest(name: &str, launch: &Launch, repo: &Path) -> Result<Pod, Str
         "workingDir": MOUNT,
         "resources": { "limits": limits, "requests": requests },
         "volumeMounts": mounts,
-        "env": [{ "name": "BRIDGE_IN_KUBERNETES", "value": "1" }],
+        // A job asking for the pod's own image runs as is (see the agent's
+        // jobs::container).
+        "env": [{ "name": "BRIDGE_POD_IMAGE", "value": launch.image }],
     });
     if let Some(p) = &launch.pull {
         container["imagePullPolicy"] = p.clone().into();

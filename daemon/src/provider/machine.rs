@@ -62,8 +62,10 @@ pub trait Machine: Send {
 
     /// `bridge down`, after the daemon stopped: ends the machine, waits for
     /// it to be gone, removes what bridge created for it, and forgets it
-    /// (keeping how to launch it again). Idempotent.
-    fn down<'a>(&'a mut self, ui: &'a dyn Ui) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// (keeping how to launch it again). `purge` (`--purge`): also what
+    /// outlives the machine on purpose (a volume that keeps the agent's
+    /// files). Idempotent.
+    fn down<'a>(&'a mut self, ui: &'a dyn Ui, purge: bool) -> BoxFuture<'a, anyhow::Result<()>>;
 
     /// The machine's state for `bridge status --json` (under the provider's
     /// name).

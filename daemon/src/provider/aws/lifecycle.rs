@@ -310,7 +310,8 @@ impl Machine for AwsMachine {
         Box::pin(self.undo(ui))
     }
 
-    fn down<'a>(&'a mut self, ui: &'a dyn Ui) -> BoxFuture<'a, anyhow::Result<()>> {
+    /// The instance's disk goes with it: `purge` adds nothing.
+    fn down<'a>(&'a mut self, ui: &'a dyn Ui, _purge: bool) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.down(ui))
     }
 

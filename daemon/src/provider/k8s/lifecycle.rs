@@ -504,23 +504,33 @@ impl K8sMachine {
         *self.parts().1 = None;
     }
 
-    async fn down(&mut self, ui: &dyn Ui) -> anyhow::Result<()> {
-        let Some(name) = self.parts().1.clone() else {
+    async fn down(&mut self, ui: &dyn Ui, purge: bool) -> anyhow::Result<()> {
+        let name = pod_name(&self.layout.repo);
+        if self.parts().1.is_none() && !(purge && self.launch().volume.is_some()) {
             ui.out(&format!("no pod is up for {}", self.layout.repo.display()));
             return Ok(());
-        };
+        }
         let (client, ns) = self.api().await?;
-        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let existed = delete_and_wait(ui, &pods, &name).await?;
         *self.parts().1 = None;
         self.save()?;
-        let kept = match &self.launch().volume {
-            Some(_) => format!(
-                "; kept volume claim {ns}/{} for the next pod (`kubectl delete pvc -n {ns} {}` frees it)",
-                claim_name(&name),
-                claim_name(&name)
+        let claim = claim_name(&name);
+        let kept = match (&self.launch().volume, purge) {
+            (Some(_), false) => format!(
+                "; kept volume claim {ns}/{claim} for the next pod (`bridge down --purge` deletes it)"
             ),
-            None => String::new(),
+            (Some(_), true) => {
+                let claims: Api<PersistentVolumeClaim> = Api::namespaced(client, &ns);
+                match claims.delete(&claim, &DeleteParams::default()).await {
+                    Ok(_) => format!("; deleted volume claim {ns}/{claim}"),
+                    Err(e) if not_found(&e) => String::new(),
+                    Err(e) => {
+                        return Err(anyhow!(api_error("delete the volume claim", &ns, &e)));
+                    }
+                }
+            }
+            (None, _) => String::new(),
         };
         if existed {
             ui.out(&format!("deleted pod {ns}/{name}{kept}"));
@@ -605,8 +615,8 @@ impl Machine for K8sMachine {
         Box::pin(self.undo(ui))
     }
 
-    fn down<'a>(&'a mut self, ui: &'a dyn Ui) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(self.down(ui))
+    fn down<'a>(&'a mut self, ui: &'a dyn Ui, purge: bool) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.down(ui, purge))
     }
 
     fn status(&self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
