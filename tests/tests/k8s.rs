@@ -228,6 +228,26 @@ fn a_port_forward_cut_by_an_api_server_restart_loses_no_log_line() {
     );
     // The same pod all along.
     assert_eq!(c.bridge_pods("default").len(), 1);
+
+    // The pod's image is the job's: a job naming it runs as is, one naming
+    // another is refused, saying how to get a pod of it.
+    r.write(
+        "same.toml",
+        "image = \"bridge-test/python:3.11\"\nrun = \"echo same image\"\n",
+    );
+    r.write(
+        "other.toml",
+        "image = \"python:3.12\"\nrun = \"echo never\"\n",
+    );
+    let o = k.bridge(&["run", "same.toml"]);
+    assert_eq!(out(&o), "same image\n", "{}", err(&o));
+    let o = k.bridge(&["run", "other.toml"]);
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("`bridge up --provider k8s --image python:3.12` makes a pod of it"),
+        "{}",
+        err(&o)
+    );
 }
 
 #[test]
