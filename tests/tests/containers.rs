@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use bridge_tests::sshd::{SshRepo, Sshd, require_sshd};
 use bridge_tests::{Repo, Value, eventually};
 
 const IMAGE: &str = "bridge-test/python:3.11";
@@ -18,9 +19,13 @@ const IMAGE: &str = "bridge-test/python:3.11";
 /// the open-files limit (default_ulimits = []); and no registry is ever
 /// reached: docker.io resolves to a closed loopback port.
 fn podman_env(r: &Repo) -> Vec<(String, String)> {
-    let conf = r.scratch("containers.conf");
+    podman_env_in(&r.scratch(""))
+}
+
+fn podman_env_in(dir: &std::path::Path) -> Vec<(String, String)> {
+    let conf = dir.join("containers.conf");
     fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
-    let registries = r.scratch("registries.conf");
+    let registries = dir.join("registries.conf");
     fs::write(
         &registries,
         "unqualified-search-registries = [\"docker.io\"]\n\
@@ -194,4 +199,34 @@ fn a_missing_image_and_a_missing_engine_each_fail_in_one_clear_line() {
         "{err}"
     );
     assert!(r.ps_json(true).is_empty(), "a job was recorded");
+}
+
+#[test]
+fn over_ssh_the_remote_agent_runs_the_job_in_its_image() {
+    require_sshd();
+    let conf = tempfile::tempdir().unwrap();
+    let env = podman_env_in(conf.path());
+    let set_env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let sshd = Sshd::start_with(&format!("SetEnv {}\n", set_env.join(" ")));
+    let s = SshRepo::new(&sshd, true);
+    let r = &s.repo;
+    r.write(
+        "job.py",
+        "import os\nprint('in the image', os.path.exists('/usr/local/bin/nvidia-smi'))\n\
+         os.makedirs('outputs', exist_ok=True)\nopen('outputs/r.txt', 'w').write('over ssh\\n')\n",
+    );
+    r.write(
+        "train.toml",
+        format!(
+            "image = \"{IMAGE}\"\nrun = \"python3 job.py\"\n[outputs]\npaths = [\"outputs/\"]\n"
+        ),
+    );
+    s.up(sshd.port());
+    let o = r.bridge(&["run", "train.toml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "in the image True\n");
+    assert_eq!(
+        fs::read_to_string(r.path("outputs/r.txt")).unwrap(),
+        "over ssh\n"
+    );
 }
