@@ -21,7 +21,7 @@ use crate::repo::Layout;
 const RUNNING_LIMIT: Duration = Duration::from_secs(600);
 const AGENT_LIMIT: Duration = Duration::from_secs(30);
 const DELETE_LIMIT: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
 
 /// Container states that will not get better by waiting.
 const HOPELESS: [&str; 6] = [
@@ -269,8 +269,9 @@ impl K8sMachine {
                         // A pod an interrupted `up` made: deliver the agent now.
                         self.parts().1.replace(name.clone());
                         self.save()?;
-                        self.deliver(ui, &pods, &name, &bin, &hash, len).await?;
-                        return self.wait_agent(ui, &pods, &name).await;
+                        return self
+                            .deliver(ui, &pods, &name, &bin, &hash, len, false)
+                            .await;
                     }
                 }
                 Phase::Pending { .. } => {
@@ -308,8 +309,7 @@ impl K8sMachine {
         let ready = async {
             self.save()?;
             wait_running(ui, &pods, &name, self.launch()).await?;
-            self.deliver(ui, &pods, &name, &bin, &hash, len).await?;
-            self.wait_agent(ui, &pods, &name).await
+            self.deliver(ui, &pods, &name, &bin, &hash, len, true).await
         };
         if let Err(e) = ready.await {
             ui.warn(&format!("bridge: deleting pod {ns}/{name}: {e:#}"));
@@ -376,6 +376,7 @@ impl K8sMachine {
 
     /// Copies the agent (unless this build is there) and the token into the
     /// pod, then lets the container start it.
+    #[allow(clippy::too_many_arguments)]
     async fn deliver(
         &self,
         ui: &dyn Ui,
@@ -384,16 +385,22 @@ impl K8sMachine {
         bin: &std::path::Path,
         hash: &str,
         len: u64,
+        fresh: bool,
     ) -> anyhow::Result<()> {
-        let have = exec(
-            pods,
-            name,
-            &format!("cat {MOUNT}/run/agent.hash 2>/dev/null"),
-            None,
-        )
-        .await
-        .map_err(|e| anyhow!(e))?;
-        if have.stdout.trim() != hash {
+        let there = if fresh {
+            String::new()
+        } else {
+            exec(
+                pods,
+                name,
+                &format!("cat {MOUNT}/run/agent.hash 2>/dev/null"),
+                None,
+            )
+            .await
+            .map_err(|e| anyhow!(e))?
+            .stdout
+        };
+        if there.trim() != hash {
             let mut file = tokio::fs::File::open(bin)
                 .await
                 .with_context(|| format!("cannot read the agent binary {}", bin.display()))?;
@@ -428,61 +435,43 @@ impl K8sMachine {
                 ));
             }
         }
+        // The token, the start marker, and the wait until the agent listens
+        // (its port in /proc/net/tcp), in one exec: every exec is a round
+        // trip through the API server and the kubelet.
         let token = crate::repo::ensure_token(&self.layout.token)?;
+        let port = format!(":{:04X} 00000000:0000 0A", super::AGENT_PORT);
+        let polls = AGENT_LIMIT.as_millis() / 50;
         let script = format!(
-            "set -e; umask 077; mkdir -p {MOUNT}/run; head -c {} > {MOUNT}/run/.token; mv {MOUNT}/run/.token {MOUNT}/run/token; touch {MOUNT}/run/start",
+            "set -e; umask 077; mkdir -p {MOUNT}/run; head -c {} > {MOUNT}/run/.token; \
+             mv {MOUNT}/run/.token {MOUNT}/run/token; touch {MOUNT}/run/start; i=0; \
+             while ! grep -q '{port}' /proc/net/tcp 2>/dev/null; do \
+               i=$((i+1)); [ $i -le {polls} ] || {{ echo 'the agent did not listen' >&2; exit 3; }}; sleep 0.05; \
+             done",
             token.len()
-        );
-        let mut input = std::io::Cursor::new(token.into_bytes());
-        let out = exec(pods, name, &script, Some((&mut input, &|_| {})))
-            .await
-            .map_err(|e| anyhow!(e))?;
-        if !out.ok {
-            return Err(anyhow!(
-                "cannot start the agent in pod {name}: {} {}",
-                out.status,
-                out.stderr.trim()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Waits until the agent listens in the pod (its port in
-    /// `/proc/net/tcp`), or the container ended (the agent could not run
-    /// there: its last output says why).
-    async fn wait_agent(&self, ui: &dyn Ui, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-        let port = format!(":{:04X} ", super::AGENT_PORT);
-        let script = format!(
-            "grep -q '{port}00000000:0000 0A' /proc/net/tcp 2>/dev/null || grep -q '0100007F{port}00000000:0000 0A' /proc/net/tcp"
         );
         let mut step = ui.step();
         step.say(format!("starting the agent in pod {name}"));
-        let started = Instant::now();
-        loop {
-            let p = pods
-                .get(name)
-                .await
-                .map_err(|e| anyhow!(api_error("read the pod", "", &e)))?;
-            if let ended @ Phase::Ended { .. } = Phase::of(&p) {
+        let mut input = std::io::Cursor::new(token.into_bytes());
+        let out = exec(pods, name, &script, Some((&mut input, &|_| {}))).await;
+        drop(step);
+        match out {
+            Ok(o) if o.ok => Ok(()),
+            other => {
+                let why = match other {
+                    Ok(o) => format!("{} {}", o.status, o.stderr.trim()),
+                    Err(e) => e,
+                };
+                let phase = pods
+                    .get(name)
+                    .await
+                    .map(|p| Phase::of(&p).describe())
+                    .unwrap_or_default();
                 let tail = pod_log_tail(pods, name).await;
-                return Err(anyhow!(
-                    "the agent did not start in pod {name}: {}{tail}",
-                    ended.describe()
-                ));
+                Err(anyhow!(
+                    "the agent did not start in pod {name} ({}): {why}{tail}",
+                    if phase.is_empty() { "?" } else { &phase }
+                ))
             }
-            if let Ok(o) = exec(pods, name, &script, None).await
-                && o.ok
-            {
-                return Ok(());
-            }
-            if started.elapsed() > AGENT_LIMIT {
-                let tail = pod_log_tail(pods, name).await;
-                return Err(anyhow!(
-                    "the agent in pod {name} did not listen within {}s{tail}",
-                    AGENT_LIMIT.as_secs()
-                ));
-            }
-            tokio::time::sleep(POLL).await;
         }
     }
 
