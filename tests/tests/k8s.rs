@@ -161,6 +161,28 @@ fn a_pod_with_a_gpu_runs_the_agent_mirror_jobs_and_outputs_and_down_deletes_it()
     assert!(!err(&o).contains("copying the agent"), "{}", err(&o));
     assert_eq!(the_pod(c)["metadata"]["uid"], pod["metadata"]["uid"]);
 
+    // The pod is lost (deleted behind bridge's back, as an eviction or a
+    // lost node would): `bridge status` says so in one line, and `bridge
+    // up` makes a new one although the daemon still runs.
+    c.kubectl(&["delete", "pod", "-n", "default", &name, "--wait=true"]);
+    let text = k.ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "pod          default/{name} gone (deleted, or its node was lost)"
+        )),
+        "{text}"
+    );
+    let o = k.up(&["--gpu", "1"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains("stopping its daemon and making a new one"),
+        "{}",
+        err(&o)
+    );
+    let third = the_pod(c);
+    assert_ne!(third["metadata"]["uid"], pod["metadata"]["uid"]);
+    assert_eq!(k.status()["connection"], "connected");
+
     let down = k.ok(&["down", "--force"]);
     assert!(
         down.contains(&format!("deleted pod default/{name}")),

@@ -264,6 +264,7 @@ impl Args {
 
 pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
     let layout = client::repo(cwd)?;
+    replace_lost_machine(&layout).await;
     if let Some(mut c) = client::daemon(&layout).await {
         let pid = c
             .status(bridge_proto::v1::StatusRequest {})
@@ -330,6 +331,35 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
         }
     }
     res
+}
+
+/// A daemon whose machine is gone for good (its pod deleted or evicted)
+/// serves nothing: stop it, so that this `up` makes a new machine.
+async fn replace_lost_machine(layout: &bridge_daemon::repo::Layout) {
+    let Some(mut c) = client::daemon(layout).await else {
+        return;
+    };
+    let Some(spec) = ProviderSpec::load(&layout.provider).ok().flatten() else {
+        return;
+    };
+    let Some(machine) = spec.machine(layout, client::agent_bin()) else {
+        return;
+    };
+    let Ok(st) = machine.status().await else {
+        return;
+    };
+    if !machine.gone(&st) {
+        return;
+    }
+    crate::note!(
+        "bridge: {} {}; stopping its daemon and making a new one",
+        machine.noun(),
+        machine.status_line(&st)
+    );
+    let _ = c
+        .shutdown(bridge_proto::v1::ShutdownRequest::default())
+        .await;
+    crate::cmd::down::wait_gone(layout).await;
 }
 
 /// `.bridge/up-failed.toml`: the remote provider the last `bridge up` was

@@ -186,7 +186,7 @@ fn unknown_keys_suggest_the_known_one() {
     // Nothing close: the list of keys instead.
     assert_eq!(
         error("run = \"x\"\ncolour = \"blue\"\n", &[]),
-        "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, setup, \
+        "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, image, setup, \
          setup_inputs, env, python, resources, outputs, mode, forward, mlflow, sweep)\n 2 | colour = \"blue\"\n   | ^^^^^^"
     );
 }

@@ -73,6 +73,13 @@ pub trait Machine: Send {
 
     /// [`Machine::status`]'s value as one line of `bridge status`.
     fn status_line(&self, status: &serde_json::Value) -> String;
+
+    /// Whether [`Machine::status`] says the machine is gone for good (a
+    /// deleted or evicted pod): then `bridge up` replaces it even while the
+    /// daemon still runs (stopping that daemon first).
+    fn gone(&self, _status: &serde_json::Value) -> bool {
+        false
+    }
 }
 
 /// `90s`, `30m`, `2h`, `1h30m` or plain seconds.

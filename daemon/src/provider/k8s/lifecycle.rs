@@ -615,6 +615,12 @@ impl Machine for K8sMachine {
     fn status_line(&self, v: &serde_json::Value) -> String {
         status_line(v)
     }
+
+    fn gone(&self, v: &serde_json::Value) -> bool {
+        v["state"].as_str().is_some_and(|s| {
+            s.starts_with("gone") || s.starts_with("Succeeded") || s.starts_with("Failed")
+        })
+    }
 }
 
 /// `bridge-x-1a2b in ml: Running on node-3, 1 GPU, up 5m`
