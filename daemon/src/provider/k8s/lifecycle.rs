@@ -249,6 +249,12 @@ impl K8sMachine {
                 ));
             }
             match Phase::of(&p) {
+                Phase::Running if let Some(what) = differs(&p, self.launch()) => {
+                    ui.note(&format!(
+                        "bridge: pod {ns}/{name} was made with {what}; replacing it"
+                    ));
+                    delete_and_wait(ui, &pods, &name).await?;
+                }
                 Phase::Running => {
                     let have = exec(&pods, &name, &format!("cat {MOUNT}/run/agent.hash 2>/dev/null; test -e {MOUNT}/run/start && echo started"), None)
                         .await
@@ -623,6 +629,45 @@ impl Machine for K8sMachine {
     }
 }
 
+/// What the running pod was made with that this launch asks otherwise
+/// (image, GPUs, CPU, memory), for people; `None` when it fits.
+fn differs(pod: &Pod, launch: &Launch) -> Option<String> {
+    let c = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == CONTAINER)?;
+    let limit = |key: &str| {
+        c.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get(key))
+            .map(|q| q.0.clone())
+    };
+    let gpus = limit("nvidia.com/gpu").unwrap_or_else(|| "0".into());
+    let mut what = Vec::new();
+    if c.image.as_deref() != Some(launch.image.as_str()) {
+        what.push(format!("image {}", c.image.as_deref().unwrap_or("?")));
+    }
+    if gpus != launch.gpus.to_string() {
+        what.push(format!("{gpus} GPU(s)"));
+    }
+    if limit("cpu") != launch.cpu {
+        what.push(format!(
+            "cpu {}",
+            limit("cpu").unwrap_or_else(|| "unset".into())
+        ));
+    }
+    if limit("memory") != launch.memory {
+        what.push(format!(
+            "memory {}",
+            limit("memory").unwrap_or_else(|| "unset".into())
+        ));
+    }
+    (!what.is_empty()).then(|| what.join(", "))
+}
+
 /// `bridge-x-1a2b in ml: Running on node-3, 1 GPU, up 5m`
 pub fn status_line(v: &serde_json::Value) -> String {
     if let Some(e) = v["error"].as_str() {
@@ -802,6 +847,35 @@ mod tests {
                 "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
         }));
         assert!(Phase::of(&idle).describe().starts_with("Succeeded"));
+    }
+
+    #[test]
+    fn a_pod_made_otherwise_is_told_apart() {
+        let launch = Launch {
+            context: None,
+            namespace: "ml".into(),
+            image: "img:1".into(),
+            gpus: 1,
+            cpu: None,
+            memory: Some("4Gi".into()),
+            node_selector: Default::default(),
+            tolerations: Vec::new(),
+            volume: None,
+            pull: None,
+            idle_timeout_s: 60,
+            schedule_timeout_s: 60,
+        };
+        let pod = super::super::pod_manifest("p", &launch, std::path::Path::new("/r")).unwrap();
+        assert_eq!(differs(&pod, &launch), None);
+        let more = Launch {
+            gpus: 2,
+            image: "img:2".into(),
+            ..launch.clone()
+        };
+        assert_eq!(
+            differs(&pod, &more).as_deref(),
+            Some("image img:1, 1 GPU(s)")
+        );
     }
 
     #[test]
