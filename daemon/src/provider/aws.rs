@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::machine::{human_duration, parse_duration};
+pub use super::machine::{human_duration, owner, parse_duration};
 use super::ssh::SshConfig;
 
 /// Tag keys on everything bridge creates.
@@ -145,19 +145,6 @@ pub fn ssh_config(launch: &Launch, instance: &Instance, agent_bin: PathBuf) -> S
         launch.idle_command.clone(),
     ];
     c
-}
-
-/// `user@host`, the owner tag: who launched it, from where.
-pub fn owner() -> String {
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "unknown".into());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
-    format!("{user}@{host}")
 }
 
 #[cfg(test)]

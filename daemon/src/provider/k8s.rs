@@ -174,15 +174,8 @@ pub fn repo_hash(repo: &Path) -> String {
 
 /// `user@host` as a label value (at most 63 of `[A-Za-z0-9._-]`).
 pub fn owner_label() -> String {
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "unknown".into());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
-    let v: String = format!("{user}_at_{host}")
+    let v: String = super::machine::owner()
+        .replace('@', "_at_")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {

@@ -126,6 +126,19 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// `user@host`, who starts a machine, from where: the owner tag (AWS) or label (Kubernetes).
+pub fn owner() -> String {
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{user}@{host}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
