@@ -98,52 +98,77 @@ impl PodArgs {
                 "--namespace {ns:?} is not a valid namespace name (lower-case letters, digits and '-')"
             );
         }
-        let idle = match idle_timeout {
-            Some(t) => parse_duration(t).map_err(|e| anyhow!("--idle-timeout: {e}"))?,
-            None => DEFAULT_IDLE_TIMEOUT,
+        // What the last `bridge up` here chose stays unless a flag changes
+        // it (`bridge up --gpu 2` keeps the image, context, namespace, …).
+        let (base, pod) = match saved {
+            Some(ProviderSpec::K8s { launch, pod }) => (Some(launch), pod),
+            _ => (None, None),
+        };
+        let idle = match (idle_timeout, &base) {
+            (Some(t), _) => parse_duration(t).map_err(|e| anyhow!("--idle-timeout: {e}"))?,
+            (None, Some(b)) => Duration::from_secs(b.idle_timeout_s),
+            (None, None) => DEFAULT_IDLE_TIMEOUT,
         };
         if idle < Duration::from_secs(1) {
             bail!("--idle-timeout must be at least 1s");
         }
-        let schedule = parse_duration(
-            self.schedule_timeout
-                .as_deref()
-                .unwrap_or(DEFAULT_SCHEDULE_TIMEOUT),
-        )
-        .map_err(|e| anyhow!("--schedule-timeout: {e}"))?;
-        let (saved_launch, pod) = match saved {
-            Some(ProviderSpec::K8s { launch, pod }) => (Some(launch), pod),
-            _ => (None, None),
+        let schedule = match (&self.schedule_timeout, &base) {
+            (Some(t), _) => parse_duration(t).map_err(|e| anyhow!("--schedule-timeout: {e}"))?,
+            (None, Some(b)) => Duration::from_secs(b.schedule_timeout_s),
+            (None, None) => parse_duration(DEFAULT_SCHEDULE_TIMEOUT).expect("valid default"),
         };
+        let b = base.clone();
         let launch = Launch {
-            context: self.context.clone(),
-            namespace: self.namespace.clone().unwrap_or_default(),
+            context: self
+                .context
+                .clone()
+                .or(b.as_ref().and_then(|b| b.context.clone())),
+            namespace: self
+                .namespace
+                .clone()
+                .or(b.as_ref().map(|b| b.namespace.clone()))
+                .unwrap_or_default(),
             image: self
                 .image
                 .clone()
+                .or(b.as_ref().map(|b| b.image.clone()))
                 .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
-            gpus: gpus.unwrap_or(0),
-            cpu: self.cpu.clone(),
-            memory: self.memory.clone(),
-            node_selector,
-            tolerations: self.tolerations.clone(),
-            volume: self.volume.clone(),
-            pull: self.pull.clone(),
+            gpus: gpus.or(b.as_ref().map(|b| b.gpus)).unwrap_or(0),
+            cpu: self.cpu.clone().or(b.as_ref().and_then(|b| b.cpu.clone())),
+            memory: self
+                .memory
+                .clone()
+                .or(b.as_ref().and_then(|b| b.memory.clone())),
+            node_selector: if node_selector.is_empty() {
+                b.as_ref()
+                    .map(|b| b.node_selector.clone())
+                    .unwrap_or_default()
+            } else {
+                node_selector
+            },
+            tolerations: if self.tolerations.is_empty() {
+                b.as_ref()
+                    .map(|b| b.tolerations.clone())
+                    .unwrap_or_default()
+            } else {
+                self.tolerations.clone()
+            },
+            volume: self
+                .volume
+                .clone()
+                .or(b.as_ref().and_then(|b| b.volume.clone())),
+            pull: self
+                .pull
+                .clone()
+                .or(b.as_ref().and_then(|b| b.pull.clone())),
             idle_timeout_s: idle.as_secs(),
             schedule_timeout_s: schedule.as_secs(),
         };
         // The saved pod stays ours only where the new launch puts it too.
-        let same_place = saved_launch.as_ref().is_some_and(|s| {
+        let same_place = base.as_ref().is_some_and(|s| {
             s.context == launch.context
                 && (launch.namespace.is_empty() || s.namespace == launch.namespace)
         });
-        let launch = match saved_launch {
-            Some(s) if same_place && launch.namespace.is_empty() => Launch {
-                namespace: s.namespace,
-                ..launch
-            },
-            _ => launch,
-        };
         Ok(ProviderSpec::K8s {
             launch,
             pod: pod.filter(|_| same_place),
@@ -163,6 +188,47 @@ fn is_dns_label(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_up_keeps_what_no_flag_changes() {
+        let first = PodArgs {
+            context: Some("team".into()),
+            namespace: Some("ml".into()),
+            image: Some("pytorch/pytorch:2.5".into()),
+            volume: Some("50Gi".into()),
+            ..Default::default()
+        };
+        let ProviderSpec::K8s { launch, .. } = first.spec(Some(1), Some("10m"), None).unwrap()
+        else {
+            panic!("not k8s")
+        };
+        let saved = ProviderSpec::K8s {
+            launch,
+            pod: Some("bridge-x-1".into()),
+        };
+        let ProviderSpec::K8s { launch, pod } = PodArgs::default()
+            .spec(Some(2), None, Some(saved.clone()))
+            .unwrap()
+        else {
+            panic!("not k8s")
+        };
+        assert_eq!(launch.gpus, 2);
+        assert_eq!(launch.image, "pytorch/pytorch:2.5");
+        assert_eq!(launch.context.as_deref(), Some("team"));
+        assert_eq!(launch.namespace, "ml");
+        assert_eq!(launch.volume.as_deref(), Some("50Gi"));
+        assert_eq!(launch.idle_timeout_s, 600);
+        assert_eq!(pod.as_deref(), Some("bridge-x-1"));
+        // Another namespace: the saved pod is not this launch's.
+        let elsewhere = PodArgs {
+            namespace: Some("other".into()),
+            ..Default::default()
+        };
+        let ProviderSpec::K8s { pod, .. } = elsewhere.spec(None, None, Some(saved)).unwrap() else {
+            panic!("not k8s")
+        };
+        assert!(pod.is_none());
+    }
 
     #[test]
     fn flags_become_a_launch_and_bad_ones_are_refused() {
