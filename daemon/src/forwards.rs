@@ -535,7 +535,13 @@ impl Forwards {
             .filter(|f| f.reverse())
             .map(|f| f.key.clone())
             .collect();
-        drop(gone);
+        // Wait until each task has ended, so a local listener is closed
+        // when the caller hears the forward is gone (an abort alone only
+        // schedules the task's end).
+        for mut f in gone {
+            f.task.abort();
+            let _ = (&mut f.task).await;
+        }
         self.save();
         if !keys.is_empty()
             && let Some(link) = self.relay.current_link()
