@@ -33,6 +33,8 @@ pub mod durable;
 pub mod http;
 pub mod index;
 pub mod jobs;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod oldfiles;
 pub mod path;
 pub mod scan;

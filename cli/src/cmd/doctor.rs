@@ -501,7 +501,13 @@ impl Host {
                 let (pods, name) = &**pod;
                 let o = tokio::time::timeout(
                     REMOTE_LIMIT,
-                    bridge_daemon::provider::k8s::exec(pods, name, cmd, None),
+                    bridge_daemon::provider::k8s::exec(
+                        pods,
+                        name,
+                        bridge_daemon::provider::k8s::CONTAINER,
+                        cmd,
+                        None,
+                    ),
                 )
                 .await
                 .map_err(|_| anyhow!("`{cmd}` did not finish"))?

@@ -24,22 +24,16 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, AttachParams};
+use kube::api::Api;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{BoxFuture, Provider, ProviderError};
 
-/// Where the pod keeps bridge's files: `bin/bridge-agent`, `run/` (token,
-/// the agent's hash, the start marker) and `agent/` (the agent's root:
-/// mirrors, chunk store, jobs, environments; a volume claim with
-/// `--volume`).
-pub const MOUNT: &str = "/bridge";
+pub use bridge_proto::k8s::{CONTAINER, Input, MOUNT, Output, client_for, exec};
+
 /// The agent's port inside the pod (on the pod's loopback only).
 pub const AGENT_PORT: u16 = 7431;
-/// The container's name.
-pub const CONTAINER: &str = "agent";
 /// `--image`'s default: Python, which the jobs need.
 pub const DEFAULT_IMAGE: &str = "python:3.11-slim";
 /// The default `--idle-timeout`.
@@ -196,20 +190,12 @@ pub fn claim_name(pod: &str) -> String {
 }
 
 /// What the container runs: wait for `bridge up` to deliver the agent and
-/// its token (10 minutes at most, then fail: no pod waits forever), then
-/// become the agent. Its idle command ends it (`kill` of its parent, the
-/// agent), so the pod completes and frees its GPUs.
+/// its token, then become the agent. Its idle command ends it (`kill` of
+/// its parent, the agent), so the pod completes and frees its GPUs.
 fn entrypoint(idle_timeout_s: u64) -> String {
-    format!(
-        r#"mkdir -p {MOUNT}/bin {MOUNT}/run {MOUNT}/agent
-i=0
-while [ ! -e {MOUNT}/run/start ]; do
-  i=$((i+1)); [ $i -le 6000 ] || {{ echo "bridge up did not deliver the agent within 10 minutes" >&2; exit 1; }}
-  sleep 0.1
-done
-exec {MOUNT}/bin/bridge-agent serve --root {MOUNT}/agent --listen tcp:127.0.0.1:{AGENT_PORT} --token-file {MOUNT}/run/token --idle-timeout {idle_timeout_s} --idle-command 'kill -TERM $PPID'
-"#
-    )
+    bridge_proto::k8s::wait_then(&format!(
+        "mkdir -p {MOUNT}/agent\nexec {MOUNT}/bin/bridge-agent serve --root {MOUNT}/agent --listen tcp:127.0.0.1:{AGENT_PORT} --token-file {MOUNT}/run/token --idle-timeout {idle_timeout_s} --idle-command 'kill -TERM $PPID'"
+    ))
 }
 
 /// The repository's pod as the API takes it.
@@ -300,32 +286,6 @@ pub async fn client(context: Option<&str>) -> Result<(kube::Client, String), Str
     Ok((client, namespace))
 }
 
-/// kube's own client stack (base URI, authentication with token refresh
-/// and exec plugins, extra headers, rustls with ring), on TCP connections
-/// with Nagle's algorithm off: a port-forward carries gRPC as small
-/// websocket frames, and with Nagle on each request waited for the API
-/// server's delayed ACK (40 ms), ~10x the warm `bridge run` -> first line.
-fn client_for(config: &kube::Config) -> Result<kube::Client, kube::Error> {
-    use kube::client::ConfigExt;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(config.connect_timeout);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper_client: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https);
-    let service = tower::ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(|e: hyper_util::client::legacy::Error| {
-            Box::new(e) as Box<dyn std::error::Error + Send + Sync>
-        })
-        .service(hyper_client);
-    Ok(kube::Client::new(service, config.default_namespace.clone()))
-}
-
 /// An API error as one line: what Kubernetes said, with what to do for the
 /// common refusals.
 pub fn api_error(what: &str, namespace: &str, e: &kube::Error) -> String {
@@ -346,87 +306,6 @@ pub fn api_error(what: &str, namespace: &str, e: &kube::Error) -> String {
 /// Whether `e` says the object does not exist.
 pub fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
-}
-
-/// What an `exec` printed and how it ended.
-pub struct Output {
-    pub ok: bool,
-    pub stdout: String,
-    pub stderr: String,
-    /// "command terminated with exit code 3", when it failed.
-    pub status: String,
-}
-
-/// What an `exec` feeds the command: the bytes, and a callback told how
-/// many were sent so far.
-pub type Input<'a> = (
-    &'a mut (dyn AsyncRead + Send + Unpin),
-    &'a (dyn Fn(u64) + Sync),
-);
-
-/// Runs `sh -c script` in the pod's container; `stdin`: bytes to feed it
-/// (the v4 exec protocol cannot close stdin, so scripts read a known length
-/// with `head -c`).
-pub async fn exec(
-    pods: &Api<Pod>,
-    pod: &str,
-    script: &str,
-    stdin: Option<Input<'_>>,
-) -> Result<Output, String> {
-    let params = AttachParams::default()
-        .container(CONTAINER)
-        .stdin(stdin.is_some())
-        .stdout(true)
-        .stderr(true);
-    let mut p = pods
-        .exec(pod, ["/bin/sh", "-c", script], &params)
-        .await
-        .map_err(|e| format!("cannot run a command in pod {pod}: {e}"))?;
-    let status = p.take_status().expect("status taken once");
-    let mut out = p.stdout().expect("stdout requested");
-    let mut err = p.stderr().expect("stderr requested");
-    let read_out = async {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s).await;
-        s
-    };
-    let read_err = async {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s).await;
-        s
-    };
-    let feed = async {
-        if let (Some((input, progress)), Some(mut w)) = (stdin, p.stdin()) {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut sent = 0u64;
-            loop {
-                let n = input
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| format!("cannot read what to send: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                w.write_all(&buf[..n])
-                    .await
-                    .map_err(|e| format!("the upload to pod {pod} broke: {e}"))?;
-                sent += n as u64;
-                progress(sent);
-            }
-            let _ = w.flush().await;
-        }
-        Ok::<_, String>(())
-    };
-    let (o, e, fed, st) = tokio::join!(read_out, read_err, feed, status);
-    fed?;
-    let st = st.ok_or_else(|| format!("the command in pod {pod} ended without a status"))?;
-    let ok = st.status.as_deref() == Some("Success");
-    Ok(Output {
-        ok,
-        stdout: String::from_utf8_lossy(&o).into_owned(),
-        stderr: String::from_utf8_lossy(&e).into_owned(),
-        status: st.message.unwrap_or_default(),
-    })
 }
 
 /// What the daemon needs to reach the pod's agent.

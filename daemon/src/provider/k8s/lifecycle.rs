@@ -256,7 +256,7 @@ impl K8sMachine {
                     delete_and_wait(ui, &pods, &name).await?;
                 }
                 Phase::Running => {
-                    let have = exec(&pods, &name, &format!("cat {MOUNT}/run/agent.hash 2>/dev/null; test -e {MOUNT}/run/start && echo started"), None)
+                    let have = exec(&pods, &name, CONTAINER, &format!("cat {MOUNT}/run/agent.hash 2>/dev/null; test -e {MOUNT}/run/start && echo started"), None)
                         .await
                         .map_err(|e| anyhow!(e))?;
                     let mut lines = have.stdout.lines();
@@ -399,6 +399,7 @@ impl K8sMachine {
             exec(
                 pods,
                 name,
+                CONTAINER,
                 &format!("cat {MOUNT}/run/agent.hash 2>/dev/null"),
                 None,
             )
@@ -423,13 +424,8 @@ impl K8sMachine {
                     ));
                 }
             };
-            let script = format!(
-                "set -e; mkdir -p {MOUNT}/bin {MOUNT}/run; t={MOUNT}/bin/.bridge-agent.$$; \
-                 head -c {len} > \"$t\"; \
-                 [ \"$(wc -c < \"$t\")\" -eq {len} ] || {{ echo \"short upload\" >&2; rm -f \"$t\"; exit 1; }}; \
-                 chmod 755 \"$t\"; mv \"$t\" {MOUNT}/bin/bridge-agent; echo {hash} > {MOUNT}/run/agent.hash"
-            );
-            let out = exec(pods, name, &script, Some((&mut file, &progress)))
+            let script = bridge_proto::k8s::upload_script(len, hash);
+            let out = exec(pods, name, CONTAINER, &script, Some((&mut file, &progress)))
                 .await
                 .map_err(|e| anyhow!(e))?;
             drop(step);
@@ -448,17 +444,16 @@ impl K8sMachine {
         let port = format!(":{:04X} 00000000:0000 0A", super::AGENT_PORT);
         let polls = AGENT_LIMIT.as_millis() / 50;
         let script = format!(
-            "set -e; umask 077; mkdir -p {MOUNT}/run; head -c {} > {MOUNT}/run/.token; \
-             mv {MOUNT}/run/.token {MOUNT}/run/token; touch {MOUNT}/run/start; i=0; \
+            "{}; touch {MOUNT}/run/start; i=0; \
              while ! grep -q '{port}' /proc/net/tcp 2>/dev/null; do \
                i=$((i+1)); [ $i -le {polls} ] || {{ echo 'the agent did not listen' >&2; exit 3; }}; sleep 0.05; \
              done",
-            token.len()
+            bridge_proto::k8s::secret_script("token", token.len())
         );
         let mut step = ui.step();
         step.say(format!("starting the agent in pod {name}"));
         let mut input = std::io::Cursor::new(token.into_bytes());
-        let out = exec(pods, name, &script, Some((&mut input, &|_| {}))).await;
+        let out = exec(pods, name, CONTAINER, &script, Some((&mut input, &|_| {}))).await;
         drop(step);
         match out {
             Ok(o) if o.ok => Ok(()),
