@@ -15,7 +15,10 @@
 # counts them like a device plugin's). `DIR/apiserver.pid` holds the API
 # server's pid: kill it and it is started again (port-forward cut tests).
 # Users: `admin` (system:masters, admin.kubeconfig) and `alice` (no rights,
-# alice.kubeconfig) for the RBAC refusals.
+# alice.kubeconfig) for the RBAC refusals. Pods get service-account tokens
+# and reach the API server at the `kubernetes` Service's address (10.0.0.1:443,
+# what in-cluster clients dial): one nftables DNAT rule stands in for
+# kube-proxy for that one Service; pods have a route to 10.0.0.0/24 only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 DIR=$(realpath -m "${1:?usage: cluster.sh DIR}")
@@ -47,6 +50,9 @@ cleanup() {
     grep -o " $DIR/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     ip link del bridgek8s0 2>/dev/null || true
     ip link del bridgek8snode 2>/dev/null || true
+    iptables -t nat -D PREROUTING -i bridgek8s0 -j BRIDGEK8S 2>/dev/null || true
+    iptables -t nat -F BRIDGEK8S 2>/dev/null || true
+    iptables -t nat -X BRIDGEK8S 2>/dev/null || true
     [ "${BRIDGE_K8S_REMOVE:-}" = 1 ] && rm -rf "$DIR"
     return 0
 }
@@ -64,7 +70,7 @@ if [ ! -f "$PKI/ca.crt" ]; then
         -keyout "$PKI/ca.key" -out "$PKI/ca.crt" 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver \
         -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default\n' >"$PKI/san.ext"
+    printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n' >"$PKI/san.ext"
     openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
         -CAcreateserial -days 3650 -extfile "$PKI/san.ext" -out "$PKI/apiserver.crt" 2>/dev/null
     openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
@@ -119,7 +125,7 @@ pids+=($!)
             --authorization-mode=Node,RBAC --allow-privileged=true \
             --service-account-issuer=https://kubernetes.default.svc \
             --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
-            --service-cluster-ip-range=10.0.0.0/24 --disable-admission-plugins=ServiceAccount \
+            --service-cluster-ip-range=10.0.0.0/24 \
             --kubelet-preferred-address-types=InternalIP --endpoint-reconciler-type=none \
             >>"$DIR/apiserver.log" 2>&1 &
         echo $! >"$DIR/apiserver.pid"
@@ -140,7 +146,8 @@ kc get --raw /readyz >/dev/null || { log "the API server did not become ready: $
     >"$DIR/scheduler.log" 2>&1 &
 pids+=($!)
 "$BIN/kube-controller-manager" --kubeconfig="$KC" --leader-elect=false --port=0 --secure-port=0 \
-    --use-service-account-credentials=false --controllers='*,-serviceaccount-token,-serviceaccount' \
+    --use-service-account-credentials=false \
+    --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
     >"$DIR/controller-manager.log" 2>&1 &
 pids+=($!)
@@ -159,7 +166,7 @@ cat >"$DIR/cni/10-bridge.conflist" <<CNI
   "plugins": [{
     "type": "bridge", "bridge": "bridgek8s0", "isGateway": true, "ipMasq": false,
     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.7.0/24"}]],
-             "dataDir": "$DIR/cni-ipam"}
+             "routes": [{"dst": "10.0.0.0/24"}], "dataDir": "$DIR/cni-ipam"}
   }, {"type": "loopback"}]
 }
 CNI
@@ -202,6 +209,18 @@ ip link set bridgek8snodep up
 ip addr add $NODE_IP/32 dev bridgek8snode
 ip link set bridgek8snode up
 
+# The pods' bridge, made before the CNI plugin takes it, so that the API
+# server on 127.0.0.1 can be reached from it (route_localnet), and the one
+# Service pods dial: the API server's.
+ip link del bridgek8s0 2>/dev/null || true
+ip link add bridgek8s0 type bridge
+ip link set bridgek8s0 up
+echo 1 >/proc/sys/net/ipv4/conf/bridgek8s0/route_localnet
+iptables -t nat -D PREROUTING -i bridgek8s0 -j BRIDGEK8S 2>/dev/null || true
+iptables -t nat -F BRIDGEK8S 2>/dev/null || iptables -t nat -N BRIDGEK8S
+iptables -t nat -A BRIDGEK8S -d 10.0.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "127.0.0.1:$API_PORT"
+iptables -t nat -A PREROUTING -i bridgek8s0 -j BRIDGEK8S
+
 mkdir -p "$DIR/kubelet"
 "$BIN/kubelet" --kubeconfig="$KC" --container-runtime=remote \
     --container-runtime-endpoint="unix://$DIR/containerd.sock" --image-service-endpoint="unix://$DIR/containerd.sock" \
@@ -229,8 +248,13 @@ for _ in $(seq 300); do
 done
 [ "$(kc get node $NODE -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] || {
     log "the node is not Ready: $(tail -5 "$DIR/kubelet.log")"; exit 1; }
-# The default namespace's service account exists before any pod asks.
 kc create namespace forbidden >/dev/null 2>&1 || true
+# The default namespace's service account and its token exist before any pod
+# asks (the admission plugin refuses pods until then).
+for _ in $(seq 300); do
+    [ -n "$(kc get serviceaccount default -o jsonpath='{.secrets[0].name}' 2>/dev/null)" ] && break
+    sleep 0.2
+done
 
 echo "KUBECONFIG=$KC"
 echo "ready"
