@@ -387,6 +387,35 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<Job, SpecError> {
         ));
     }
     let forwards = forwards(ctx, &raw.forward)?;
+    let placement = match &raw.placement {
+        None => String::new(),
+        Some(p) => match p.get_ref().trim() {
+            "" | "agent" => String::new(),
+            "cluster" => {
+                let refuse = |why: &str| ctx.invalid(&["placement"], Some(p.span()), why.into());
+                if live {
+                    return Err(refuse(
+                        "= \"cluster\" but mode = \"live\": a live job runs in the agent's mirror; use one or the other",
+                    ));
+                }
+                if !forwards.is_empty() {
+                    return Err(refuse(
+                        "= \"cluster\" with [[forward]]: forwards reach the agent's pod, not the job's; drop one or the other",
+                    ));
+                }
+                "cluster".to_string()
+            }
+            other => {
+                return Err(ctx.invalid(
+                    &["placement"],
+                    Some(p.span()),
+                    format!(
+                        "= {other:?}: use \"agent\" (the default: the job runs on the agent) or \"cluster\" (a Kubernetes Job of its own, with an agent on Kubernetes)"
+                    ),
+                ));
+            }
+        },
+    };
     let mlflow_tracking_uri = match &raw.mlflow.tracking_uri {
         None => String::new(),
         Some(u) => {
@@ -478,6 +507,7 @@ pub fn convert(raw: RawSpec, ctx: &Ctx) -> Result<Job, SpecError> {
         forwards,
         live,
         image,
+        placement,
         debug: None,
         mlflow_tracking_uri,
         kernel: None,

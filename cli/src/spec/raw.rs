@@ -32,6 +32,8 @@ pub struct RawSpec {
     pub outputs: RawOutputs,
     /// "snapshot" (the default) or "live".
     pub mode: Option<Spanned<String>>,
+    /// "agent" (the default) or "cluster": a Kubernetes Job per job or trial.
+    pub placement: Option<Spanned<String>>,
     /// `[[forward]]` tables.
     #[serde(default)]
     pub forward: Vec<Spanned<RawForward>>,
@@ -186,6 +188,7 @@ pub const STRING_KEYS: &[&str] = &[
     "python.conda",
     "outputs.local",
     "mode",
+    "placement",
     "mlflow.tracking_uri",
     "sweep.method",
     "sweep.report",

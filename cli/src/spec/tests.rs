@@ -187,7 +187,7 @@ fn unknown_keys_suggest_the_known_one() {
     assert_eq!(
         error("run = \"x\"\ncolour = \"blue\"\n", &[]),
         "train.toml:2:1: unknown key `colour` (known keys: name, run, workdir, image, setup, \
-         setup_inputs, env, python, resources, outputs, mode, forward, mlflow, sweep)\n 2 | colour = \"blue\"\n   | ^^^^^^"
+         setup_inputs, env, python, resources, outputs, mode, placement, forward, mlflow, sweep)\n 2 | colour = \"blue\"\n   | ^^^^^^"
     );
 }
 
