@@ -244,6 +244,36 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
     serde_json::from_slice(&fs::read(p).ok()?).ok()
 }
 
+/// What a `placement = "cluster"` job cannot have: its pod is not this
+/// agent, so nothing that lives here (the mirror, this agent's ports, a
+/// debugger, a kernel) reaches it.
+fn check_cluster(spec: &v1::JobSpec) -> Result<(), Status> {
+    if let Some(why) = crate::cluster::unavailable() {
+        return Err(Status::failed_precondition(why));
+    }
+    let refuse = |what: &str| {
+        Err(Status::invalid_argument(format!(
+            "placement = \"cluster\" runs the job in a pod of its own, so it cannot {what}"
+        )))
+    };
+    if spec.live {
+        return refuse("run live in the agent's mirror (mode = \"live\")");
+    }
+    if spec.kernel.is_some() {
+        return refuse("be a notebook kernel");
+    }
+    if spec
+        .debug
+        .is_some_and(|d| d.kind() != v1::debug_spec::Kind::None)
+    {
+        return refuse("run under a debugger: debug it with placement = \"agent\"");
+    }
+    if !spec.forwards.is_empty() {
+        return refuse("have [[forward]]s (they reach the agent's pod)");
+    }
+    Ok(())
+}
+
 fn rel(s: &str, what: &str) -> Result<Option<RelPath>, Status> {
     let s = s.trim_matches('/');
     if s.is_empty() || s == "." {
@@ -381,9 +411,19 @@ impl Jobs {
         if spec.run.trim().is_empty() {
             return Err(Status::invalid_argument("the job's `run` command is empty"));
         }
-        self.check_gpus(spec.gpus)?;
-        if !spec.image.is_empty() {
-            container::plan(&spec.image)?;
+        match spec.placement.as_str() {
+            "" => {
+                self.check_gpus(spec.gpus)?;
+                if !spec.image.is_empty() {
+                    container::plan(&spec.image)?;
+                }
+            }
+            crate::cluster::CLUSTER => check_cluster(spec)?,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "placement {other:?}: use \"\" (this agent) or \"cluster\""
+                )));
+            }
         }
         let workdir = rel(&spec.workdir, "workdir")?;
         if let Some(p) = &spec.python {
@@ -702,11 +742,13 @@ impl Jobs {
             if inner.repairs.contains_key(&id) {
                 continue;
             }
+            // A cluster job's GPUs are its pod's, counted by Kubernetes.
             let want = inner.records[&id]
                 .info
                 .as_ref()
-                .map_or(0, |i| i.spec.as_ref().map_or(0, |s| s.gpus))
-                as usize;
+                .and_then(|i| i.spec.as_ref())
+                .filter(|s| s.placement != crate::cluster::CLUSTER)
+                .map_or(0, |s| s.gpus) as usize;
             let mut gpus = Vec::new();
             if want > 0 {
                 if gpu_blocked {

@@ -34,6 +34,7 @@
 //! environments and setup markers), `agent.lock` (one agent per root).
 
 pub mod apply;
+pub mod cluster;
 pub mod debugger;
 pub mod envcache;
 pub mod gpu;

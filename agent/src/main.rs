@@ -54,6 +54,21 @@ enum Cmd {
         /// The job's directory, holding spec.json.
         job_dir: PathBuf,
     },
+    /// Run one `placement = "cluster"` job as a Kubernetes Job (spawned by
+    /// the shim).
+    #[command(hide = true)]
+    ClusterRun {
+        /// The job's directory, holding spec.json.
+        job_dir: PathBuf,
+    },
+    /// The pod side of a `placement = "cluster"` job (delivered into the
+    /// pod by its head agent).
+    #[command(hide = true)]
+    Worker {
+        /// The pod's bridge directory (run/worker.json, run/key).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// List the GPUs this machine reports.
     Gpus,
 }
@@ -88,6 +103,8 @@ fn main() -> anyhow::Result<()> {
         // Before any runtime: the shim wants to be the only thread when it
         // sets up its signal mask.
         Cmd::Shim { job_dir } => std::process::exit(bridge_agent::shim::run(&job_dir)),
+        Cmd::ClusterRun { job_dir } => std::process::exit(bridge_agent::cluster::run(&job_dir)),
+        Cmd::Worker { dir } => std::process::exit(bridge_agent::cluster::worker::run(&dir)),
         Cmd::Gpus => {
             use bridge_agent::gpu::{GpuError, GpuInventory, NvidiaSmi};
             match NvidiaSmi::default().discover() {

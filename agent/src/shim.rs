@@ -91,6 +91,11 @@ pub struct ShimSpec {
     /// command is ipykernel's, and it is never restarted.
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// `placement = "cluster"`: the main step is `bridge-agent cluster-run`,
+    /// which runs the job (its environment, setup and command) in a
+    /// Kubernetes Job's pod ([`crate::cluster`]).
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterSpec>,
 }
 
 /// A live command that failed is started again after 1 s, then twice as
@@ -298,6 +303,9 @@ fn run_job(
             ShimExit::new(Phase::Setup, e.outcome(), e.to_string())
         }
     };
+    if spec.cluster.is_some() {
+        return run_cluster(&mut steps, job_dir, &spec, &env);
+    }
     let mut python = None;
     if let Some(p) = &spec.python {
         match cache.ensure_python(p, &env, &spec.cwd, &mut steps) {
@@ -404,6 +412,43 @@ fn run_job(
             std::thread::sleep(Duration::from_millis(50));
         }
         backoff = (backoff * 2).min(LIVE_BACKOFF);
+    }
+}
+
+/// A `placement = "cluster"` job: its pod builds the environment and runs
+/// the setup; here the main step is `cluster-run`, which writes the pod's
+/// log into this one and exits with the command's code.
+fn run_cluster(
+    steps: &mut Steps,
+    job_dir: &Path,
+    spec: &ShimSpec,
+    env: &crate::envcache::Env,
+) -> ShimExit {
+    steps.phase = Phase::Running;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            let reason = format!("cannot find the agent's executable: {e}");
+            steps.system(&reason);
+            return ShimExit::new(Phase::Running, None, reason);
+        }
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("cluster-run")
+        .arg(job_dir)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .envs(env);
+    match steps.run_step(cmd, true) {
+        Ok(outcome) if steps.cancelled() => {
+            ShimExit::new(Phase::Running, Some(outcome), "cancelled")
+        }
+        Ok(outcome) => ShimExit::new(Phase::Running, Some(outcome), describe(outcome)),
+        Err(e) => {
+            let reason = format!("cannot start the job's Kubernetes Job: {e}");
+            steps.system(&reason);
+            ShimExit::new(Phase::Running, None, reason)
+        }
     }
 }
 

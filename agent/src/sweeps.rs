@@ -249,7 +249,7 @@ impl Sweeps {
             .ok_or_else(|| Status::invalid_argument("a sweep without its job"))?;
         check_template(&job, &spec.trials)?;
         job.trial = None;
-        self.placement.check(job.gpus)?;
+        self.placement.check(&job)?;
         let n = {
             let mut inner = self.lock()?;
             let n = inner.next;
@@ -275,8 +275,7 @@ impl Sweeps {
         let max_parallel = if spec.max_parallel > 0 {
             spec.max_parallel
         } else {
-            self.placement
-                .capacity(job.gpus, spec.cpus_per_trial.max(1))
+            self.placement.capacity(&job, spec.cpus_per_trial.max(1))
         };
         let trials: Vec<TrialInfo> = std::mem::take(&mut spec.trials)
             .into_iter()

@@ -27,15 +27,15 @@ pub struct Engine {
 /// The label naming the job's directory on every job container.
 pub const LABEL_JOB_DIR: &str = "bridge.job-dir";
 
+/// Set in a Kubernetes agent's pod: the pod's image.
+pub const POD_IMAGE_VAR: &str = "BRIDGE_POD_IMAGE";
+
 /// Where the agent's binary appears inside the container.
 const SHIM_IN_CONTAINER: &str = "/.bridge-shim";
 
 /// How a job with `image` runs here: `None` as is (the pod's own image).
 pub fn plan(image: &str) -> Result<Option<Engine>, Status> {
-    if let Some(pod_image) = std::env::var("BRIDGE_POD_IMAGE")
-        .ok()
-        .filter(|i| !i.is_empty())
-    {
+    if let Some(pod_image) = std::env::var(POD_IMAGE_VAR).ok().filter(|i| !i.is_empty()) {
         if same_image(&pod_image, image) {
             return Ok(None);
         }

@@ -50,13 +50,7 @@ impl Outputs {
         defer: bool,
     ) -> Vec<v1::OutputEntry> {
         self.deferred.clear();
-        let mut found = Vec::new();
-        for d in declared {
-            let rel = d.trim_end_matches('/');
-            walk(cwd, rel, &mut found);
-        }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        found.dedup_by(|a, b| a.0 == b.0);
+        let found = walk_declared(cwd, declared);
         let settled_before = now_ns() - SETTLE.as_nanos() as i64;
         let mut out = Vec::with_capacity(found.len());
         for (rel, st) in found {
@@ -259,6 +253,17 @@ impl<R: Read> Read for Stoppable<'_, R> {
 
 /// Appends `rel` (relative to `cwd`) and, for a directory, everything below it.
 /// Paths that do not exist (yet) are skipped; symlinks are not followed.
+/// Everything under the `declared` outputs (relative to `cwd`), sorted.
+pub fn walk_declared(cwd: &Path, declared: &[String]) -> Vec<(String, Stat)> {
+    let mut found = Vec::new();
+    for d in declared {
+        walk(cwd, d.trim_end_matches('/'), &mut found);
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.dedup_by(|a, b| a.0 == b.0);
+    found
+}
+
 fn walk(cwd: &Path, rel: &str, out: &mut Vec<(String, Stat)>) {
     let Ok(st) = Stat::lstat(&cwd.join(rel)) else {
         return;

@@ -120,6 +120,21 @@ impl Jobs {
                 .kernel
                 .is_some()
                 .then(|| dir.join(crate::kernel::CONNECTION_FILE)),
+            cluster: (spec.placement == crate::cluster::CLUSTER).then(|| {
+                crate::cluster::ClusterSpec {
+                    gpus: spec.gpus,
+                    image: if spec.image.is_empty() {
+                        std::env::var(container::POD_IMAGE_VAR).unwrap_or_default()
+                    } else {
+                        spec.image.clone()
+                    },
+                    outputs: spec.outputs.clone(),
+                    // A sweep retries a trial as a new job (an attempt of
+                    // its own), so Kubernetes does not retry it again.
+                    retries: 0,
+                    name: info.name.clone(),
+                }
+            }),
         };
         // Not fsynced: the shim reads it at once, and a machine crash ends
         // the job anyway (see `store::Store::save`).
@@ -129,7 +144,7 @@ impl Jobs {
             false,
         )?;
         let log = fs::File::create(dir.join("shim.log"))?;
-        let engine = if spec.image.is_empty() {
+        let engine = if spec.image.is_empty() || spec.placement == crate::cluster::CLUSTER {
             None
         } else {
             container::plan(&spec.image).map_err(|s| io::Error::other(s.message().to_string()))?

@@ -63,6 +63,7 @@ impl Job {
             live: false,
             debugpy_port: None,
             kernel: None,
+            cluster: None,
         }
     }
 

@@ -4,10 +4,10 @@
 //! *when* (its order, `max_parallel`, retries, fail-fast, cancellation); a
 //! [`Placement`] decides *where* and reports back through the job it
 //! started. Today trials are jobs on this agent ([`LocalJobs`]), given GPUs
-//! by the agent's FIFO queue like any job. A cluster placement (a
-//! Kubernetes Job per trial, its pod fetching the snapshot from this agent)
-//! implements the same trait and still shows each trial as a job of this
-//! agent, with its log and outputs.
+//! by the agent's FIFO queue like any job; with `placement = "cluster"` each
+//! trial's job runs as a Kubernetes Job whose pod fetches the snapshot from
+//! this agent ([`crate::cluster`]), and still shows as a job of this agent,
+//! with its log and outputs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,13 +19,13 @@ use crate::jobs::Jobs;
 
 /// Starts, follows and stops trials.
 pub trait Placement: Send + Sync {
-    /// Refuses at submit a trial size that can never run here (more GPUs
-    /// than exist), with the count.
-    fn check(&self, gpus_per_trial: u32) -> Result<(), Status>;
+    /// Refuses at submit a trial (`job`, the template) that can never run
+    /// (more GPUs than exist, a placement this agent cannot do), saying why.
+    fn check(&self, job: &JobSpec) -> Result<(), Status>;
 
-    /// How many trials of this size fit at once when nothing else runs
+    /// How many trials of `job`'s size fit at once when nothing else runs
     /// (the default `max_parallel`).
-    fn capacity(&self, gpus_per_trial: u32, cpus_per_trial: u32) -> u32;
+    fn capacity(&self, job: &JobSpec, cpus_per_trial: u32) -> u32;
 
     /// Starts one attempt of a trial: `spec` (its command expanded, its
     /// `trial` set) on a tree made from the sweep's snapshot `base` of
@@ -50,14 +50,25 @@ pub trait Placement: Send + Sync {
     fn attempts(&self, sweep: &str) -> Vec<JobInfo>;
 }
 
-/// Trials as jobs of this agent: its GPUs, handed out by its queue.
+/// The default `max_parallel` of a sweep on the cluster.
+pub const CLUSTER_PARALLEL: u32 = 256;
+
+/// Trials as jobs of this agent: its GPUs, handed out by its queue; or,
+/// with `placement = "cluster"`, jobs of this agent that each run as a
+/// Kubernetes Job ([`crate::cluster`]).
 pub struct LocalJobs {
     pub jobs: Arc<Jobs>,
 }
 
 impl Placement for LocalJobs {
-    fn check(&self, gpus_per_trial: u32) -> Result<(), Status> {
-        self.jobs.check_gpus(gpus_per_trial).map_err(|s| {
+    fn check(&self, job: &JobSpec) -> Result<(), Status> {
+        if job.placement == crate::cluster::CLUSTER {
+            return match crate::cluster::unavailable() {
+                Some(why) => Err(Status::failed_precondition(why)),
+                None => Ok(()),
+            };
+        }
+        self.jobs.check_gpus(job.gpus).map_err(|s| {
             Status::failed_precondition(
                 s.message()
                     .replace("the job asks for", "each trial asks for")
@@ -66,8 +77,13 @@ impl Placement for LocalJobs {
         })
     }
 
-    fn capacity(&self, gpus_per_trial: u32, cpus_per_trial: u32) -> u32 {
-        if let Some(n) = (self.jobs.gpu_count() as u32).checked_div(gpus_per_trial) {
+    fn capacity(&self, job: &JobSpec, cpus_per_trial: u32) -> u32 {
+        if job.placement == crate::cluster::CLUSTER {
+            // Kubernetes queues what does not fit yet (its pods wait,
+            // Pending, for GPUs); `max_parallel` bounds it when asked to.
+            return CLUSTER_PARALLEL;
+        }
+        if let Some(n) = (self.jobs.gpu_count() as u32).checked_div(job.gpus) {
             return n.max(1);
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;

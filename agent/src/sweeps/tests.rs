@@ -17,7 +17,8 @@ struct Fake {
 }
 
 impl Placement for Arc<Fake> {
-    fn check(&self, gpus: u32) -> Result<(), Status> {
+    fn check(&self, job: &v1::JobSpec) -> Result<(), Status> {
+        let gpus = job.gpus;
         if gpus > 4 {
             return Err(Status::failed_precondition(format!(
                 "each trial asks for {gpus} GPU(s) but this agent has 4"
@@ -25,8 +26,8 @@ impl Placement for Arc<Fake> {
         }
         Ok(())
     }
-    fn capacity(&self, gpus: u32, _: u32) -> u32 {
-        4u32.checked_div(gpus).unwrap_or(8)
+    fn capacity(&self, job: &v1::JobSpec, _: u32) -> u32 {
+        4u32.checked_div(job.gpus).unwrap_or(8)
     }
     fn launch(&self, _: &str, _: &str, _: &Path, spec: v1::JobSpec) -> Result<v1::JobInfo, Status> {
         let mut jobs = self.jobs.lock().unwrap();
@@ -144,7 +145,7 @@ fn add(s: &Setup, n: usize, spec: v1::SweepSpec) -> String {
     let max_parallel = if spec.max_parallel > 0 {
         spec.max_parallel
     } else {
-        s.sweeps.placement.capacity(0, 1)
+        s.sweeps.placement.capacity(&v1::JobSpec::default(), 1)
     };
     let info = SweepInfo {
         id: "s1".into(),
