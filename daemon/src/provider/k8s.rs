@@ -199,7 +199,15 @@ fn entrypoint(idle_timeout_s: u64) -> String {
 }
 
 /// The repository's pod as the API takes it.
-pub fn pod_manifest(name: &str, launch: &Launch, repo: &Path) -> Result<Pod, String> {
+/// `account`: the service account `bridge up` made for the pod (see
+/// [`lifecycle`]'s `ensure_account`), whose token lets its agent run
+/// `placement = "cluster"` jobs; `None`: no token in the pod.
+pub fn pod_manifest(
+    name: &str,
+    launch: &Launch,
+    repo: &Path,
+    account: Option<&str>,
+) -> Result<Pod, String> {
     let mut limits = serde_json::Map::new();
     let mut requests = serde_json::Map::new();
     if launch.gpus > 0 {
@@ -233,8 +241,13 @@ pub fn pod_manifest(name: &str, launch: &Launch, repo: &Path) -> Result<Pod, Str
         "resources": { "limits": limits, "requests": requests },
         "volumeMounts": mounts,
         // A job asking for the pod's own image runs as is (see the agent's
-        // jobs::container).
-        "env": [{ "name": "BRIDGE_POD_IMAGE", "value": launch.image }],
+        // jobs::container); the name and address are for the pods of
+        // `placement = "cluster"` jobs, which connect back to this one.
+        "env": [
+            { "name": "BRIDGE_POD_IMAGE", "value": launch.image },
+            { "name": "BRIDGE_POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+            { "name": "BRIDGE_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+        ],
     });
     if let Some(p) = &launch.pull {
         container["imagePullPolicy"] = p.clone().into();
@@ -254,7 +267,8 @@ pub fn pod_manifest(name: &str, launch: &Launch, repo: &Path) -> Result<Pod, Str
         "spec": {
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 30,
-            "automountServiceAccountToken": false,
+            "automountServiceAccountToken": account.is_some(),
+            "serviceAccountName": account,
             "enableServiceLinks": false,
             "containers": [container],
             "volumes": volumes,
@@ -504,7 +518,7 @@ mod tests {
 
     #[test]
     fn the_pod_asks_for_what_the_flags_say() {
-        let pod = pod_manifest("bridge-x-1", &launch(), Path::new("/r/x")).unwrap();
+        let pod = pod_manifest("bridge-x-1", &launch(), Path::new("/r/x"), None).unwrap();
         let v = serde_json::to_value(&pod).unwrap();
         let c = &v["spec"]["containers"][0];
         assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "2");
@@ -542,6 +556,6 @@ mod tests {
         assert!(toleration("=v").unwrap_err().contains("KEY"));
         let mut l = launch();
         l.tolerations = vec!["x:Never".into()];
-        assert!(pod_manifest("p", &l, Path::new("/r")).is_err());
+        assert!(pod_manifest("p", &l, Path::new("/r"), None).is_err());
     }
 }

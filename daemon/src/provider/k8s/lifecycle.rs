@@ -305,8 +305,17 @@ impl K8sMachine {
                 "bridge: the new pod starts empty (no --volume): the first sync sends the whole repository",
             );
         }
-        let manifest =
-            pod_manifest(&name, self.launch(), &self.layout.repo).map_err(|e| anyhow!(e))?;
+        let account = match ensure_account(&client, &ns, &name, &self.layout.repo).await {
+            Ok(()) => Some(name.as_str()),
+            Err(e) => {
+                ui.note(&format!(
+                    "bridge: jobs with placement = \"cluster\" will not run from this pod: {e}"
+                ));
+                None
+            }
+        };
+        let manifest = pod_manifest(&name, self.launch(), &self.layout.repo, account)
+            .map_err(|e| anyhow!(e))?;
         pods.create(&PostParams::default(), &manifest)
             .await
             .map_err(|e| anyhow!(api_error("create a pod", &ns, &e)))?;
@@ -503,6 +512,7 @@ impl K8sMachine {
         let (client, ns) = self.api().await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let existed = delete_and_wait(ui, &pods, &name).await?;
+        delete_account(&client, &ns, &name).await;
         *self.parts().1 = None;
         self.save()?;
         let claim = claim_name(&name);
@@ -758,6 +768,100 @@ async fn wait_running(
 }
 
 /// Deletes the pod and waits until it is gone; `false`: it was not there.
+/// What the head pod's agent may do in its namespace, for
+/// `placement = "cluster"`: run Jobs and reach into their pods (to deliver
+/// itself), nothing else.
+fn account_rules() -> serde_json::Value {
+    serde_json::json!([
+        { "apiGroups": ["batch"], "resources": ["jobs"],
+          "verbs": ["create", "get", "list", "watch", "delete"] },
+        { "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] },
+        { "apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"] },
+    ])
+}
+
+/// The pod's service account (named as the pod), with a Role of
+/// [`account_rules`] bound to it; kept when they exist. Fails when the user
+/// may not create them (RBAC): the pod then runs without a token.
+async fn ensure_account(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    repo: &std::path::Path,
+) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let metadata = serde_json::json!({
+        "name": name,
+        "labels": { LABEL_MANAGED: "true", LABEL_REPO: super::repo_hash(repo) },
+    });
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": metadata }))
+            .map_err(|e| e.to_string())?;
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": metadata,
+        "rules": account_rules(),
+    }))
+    .map_err(|e| e.to_string())?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": metadata,
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name },
+        "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": ns }],
+    }))
+    .map_err(|e| e.to_string())?;
+    async fn create<K>(api: Api<K>, obj: &K, what: &str, ns: &str) -> Result<(), String>
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        match api.create(&PostParams::default(), obj).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(api_error(what, ns, &e)),
+        }
+    }
+    create(
+        Api::namespaced(client.clone(), ns),
+        &account,
+        "create a service account",
+        ns,
+    )
+    .await?;
+    create(
+        Api::namespaced(client.clone(), ns),
+        &role,
+        "create a role",
+        ns,
+    )
+    .await?;
+    create(
+        Api::namespaced(client.clone(), ns),
+        &binding,
+        "create a role binding",
+        ns,
+    )
+    .await
+}
+
+/// Deletes what [`ensure_account`] made (best effort: they hold no data).
+async fn delete_account(client: &kube::Client, ns: &str, name: &str) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let dp = DeleteParams::default();
+    let _ = Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<Role>::namespaced(client.clone(), ns)
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .delete(name, &dp)
+        .await;
+}
+
 async fn delete_and_wait(ui: &dyn Ui, pods: &Api<Pod>, name: &str) -> anyhow::Result<bool> {
     match pods.delete(name, &DeleteParams::default()).await {
         Ok(_) => {}
@@ -860,7 +964,8 @@ mod tests {
             idle_timeout_s: 60,
             schedule_timeout_s: 60,
         };
-        let pod = super::super::pod_manifest("p", &launch, std::path::Path::new("/r")).unwrap();
+        let pod =
+            super::super::pod_manifest("p", &launch, std::path::Path::new("/r"), None).unwrap();
         assert_eq!(differs(&pod, &launch), None);
         let more = Launch {
             gpus: 2,
