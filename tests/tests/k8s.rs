@@ -471,3 +471,186 @@ fn a_volume_keeps_the_agents_files_so_the_next_pod_starts_warm() {
     );
     c.kubectl(&["delete", "pv", &pv, "--wait=true"]);
 }
+
+/// The start and end (unix ns) a trial printed, from its log.
+fn span(log: &str) -> (u128, u128) {
+    let at = |what: &str| -> u128 {
+        log.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .unwrap_or_else(|| panic!("no {what:?} in the log:\n{log}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (at("start "), at("end "))
+}
+
+/// `placement = "cluster"`: a job and a sweep's trials each run as a
+/// Kubernetes Job of their own, in pods that fetch the code from the head
+/// pod's agent (the laptop uploads it once); logs and outputs come home
+/// through the head as for any job; the GPUs are counted by Kubernetes'
+/// scheduler (3 trials × 2 GPUs on 4: two at once, the third Pending until
+/// one ends, and its log says why); a failed command fails the job with its
+/// code; cancel deletes the Kubernetes Job.
+#[test]
+fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
+    let c = Cluster::shared();
+    let _one = c.lock();
+    let k = K8sRepo::new(c);
+    let r = &k.repo;
+    r.write(
+        "job.py",
+        "import os, socket, sys, time\n\
+         print('start', time.time_ns(), flush=True)\n\
+         print('host', socket.gethostname(), flush=True)\n\
+         print('code', open('lib/data.txt').read().strip(), flush=True)\n\
+         x = sys.argv[1]\n\
+         os.makedirs(f'outputs/{x}', exist_ok=True)\n\
+         open(f'outputs/{x}/result.txt', 'w').write(f'result {x}\\n' * 1000)\n\
+         for i in range(200):\n    print(f'line {x} {i}', flush=True)\n\
+         time.sleep(float(os.environ.get('HOLD', '0')))\n\
+         print('end', time.time_ns(), flush=True)\n\
+         sys.exit(int(os.environ.get('EXIT', '0')))\n",
+    );
+    r.write("lib/data.txt", "v1\n");
+    r.write(
+        "one.toml",
+        "run = \"python3 job.py one\"\nplacement = \"cluster\"\n\
+         [resources]\ngpus = 1\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    let o = k.up(&[]);
+    assert!(o.status.success(), "{}", err(&o));
+    let head = the_pod(c)["metadata"]["name"].as_str().unwrap().to_string();
+
+    let o = k.bridge(&["run", "one.toml"]);
+    let (so, se) = (out(&o), err(&o));
+    assert!(o.status.success(), "{so}\n{se}");
+    assert!(se.contains("running as Kubernetes Job"), "{se}");
+    let lines: Vec<&str> = so.lines().filter(|l| l.starts_with("line one ")).collect();
+    assert_eq!(lines.len(), 200, "{so}");
+    assert!(so.contains("code v1"), "{so}");
+    // It ran in the Job's pod, not the head.
+    let host = so.lines().find_map(|l| l.strip_prefix("host ")).unwrap();
+    assert_ne!(host, head);
+    assert!(host.starts_with(&head), "{host}");
+    let jobs = c.get(&["jobs", "-l", "bridge/managed=true"]).unwrap();
+    let job = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| host.starts_with(j["metadata"]["name"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("no Kubernetes Job for pod {host}: {jobs}"));
+    assert_eq!(job["metadata"]["ownerReferences"][0]["name"], head.as_str());
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+    assert_eq!(
+        fs::read_to_string(r.path("outputs/one/result.txt")).unwrap(),
+        "result one\n".repeat(1000)
+    );
+
+    // A failing command fails the job with its code.
+    r.write("lib/data.txt", "v2\n");
+    let o = k.bridge(&["run", "one.toml", "--set", "env.EXIT=3"]);
+    assert!(!o.status.success());
+    assert!(out(&o).contains("code v2"), "the new code: {}", out(&o));
+    assert!(
+        err(&o).contains("exit 3") || err(&o).contains("exit code 3"),
+        "{}",
+        err(&o)
+    );
+
+    // A sweep: 3 trials of 2 GPUs on the node's 4.
+    r.write(
+        "sweep.toml",
+        "run = \"python3 job.py {x}\"\nplacement = \"cluster\"\n\
+         [env]\nHOLD = \"6\"\n[resources]\ngpus = 2\n[outputs]\npaths = [\"outputs/\"]\n\
+         [sweep]\n[sweep.params]\nx = [\"a\", \"b\", \"c\"]\n",
+    );
+    let o = k.bridge(&["run", "sweep.toml"]);
+    let (so, se) = (out(&o), err(&o));
+    assert!(o.status.success(), "{so}\n{se}");
+    assert!(se.contains("3 of 3 trials succeeded"), "{se}");
+    // Output and bridge's own lines (stderr).
+    let logs: Vec<String> = (0..3)
+        .map(|i| {
+            let o = k.bridge(&["logs", &format!("s1/{i}")]);
+            format!("{}{}", out(&o), err(&o))
+        })
+        .collect();
+    let spans: Vec<(u128, u128)> = logs.iter().map(|l| span(l)).collect();
+    let mut most = 0;
+    for &(s, _) in &spans {
+        let at_once = spans.iter().filter(|&&(a, b)| a <= s && s < b).count();
+        most = most.max(at_once);
+    }
+    assert_eq!(most, 2, "two trials of 2 GPUs fit on 4 at once: {spans:?}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("Insufficient nvidia.com/gpu")),
+        "the trial that waited says why: {logs:?}"
+    );
+    for (i, x) in ["a", "b", "c"].iter().enumerate() {
+        assert_eq!(logs[i].matches(&format!("line {x} ")).count(), 200);
+        // Each trial's outputs/ came home apart, under outputs/s1/<trial>/.
+        assert_eq!(
+            fs::read_to_string(r.path(&format!("outputs/s1/{i}/{x}/result.txt"))).unwrap(),
+            format!("result {x}\n").repeat(1000)
+        );
+    }
+
+    // Cancel deletes the Kubernetes Job.
+    let o = k.bridge(&["run", "one.toml", "--set", "env.HOLD=300", "--detach"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let id = out(&o).trim().to_string();
+    assert!(
+        eventually(Duration::from_secs(60), || k
+            .ok(&["logs", &id])
+            .contains("line one 199")),
+        "the long job did not start"
+    );
+    let count = || {
+        c.get(&["jobs", "-l", "bridge/managed=true"]).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count();
+    k.ok(&["cancel", &id]);
+    assert!(
+        eventually(Duration::from_secs(30), || count() == before - 1),
+        "the cancelled job's Kubernetes Job is still there"
+    );
+
+    // `down` deletes the head pod; the Jobs it owns go with it.
+    k.ok(&["down"]);
+    assert!(
+        eventually(Duration::from_secs(60), || count() == 0),
+        "Kubernetes Jobs left after down"
+    );
+}
+
+/// `placement = "cluster"` on an agent that is not in a Kubernetes pod: one
+/// clear line, nothing run.
+#[test]
+fn cluster_placement_off_kubernetes_is_a_clear_error() {
+    let r = bridge_tests::Repo::new();
+    r.write("t.toml", "run = \"echo ran\"\nplacement = \"cluster\"\n");
+    r.up();
+    let o = r.bridge(&["run", "t.toml"]);
+    assert!(!o.status.success());
+    let e = err(&o);
+    assert!(
+        e.contains("not in a Kubernetes pod") && e.contains("--provider k8s"),
+        "{e}"
+    );
+    assert!(!out(&o).contains("ran"));
+    r.write("t.toml", "run = \"echo ran\"\nplacement = \"moon\"\n");
+    let o = r.bridge(&["run", "t.toml"]);
+    assert!(
+        err(&o).contains("t.toml:2") && err(&o).contains("\"cluster\""),
+        "{}",
+        err(&o)
+    );
+}
