@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::ClusterSpec;
 use super::wire::{self, Entry, EntryKind, Exit, Hello, Kind, Welcome};
 use super::worker::{Config, read_data, write_data};
-use crate::joblog::{LogWriter, SYSTEM};
+use crate::joblog::{LogWriter, STDOUT, SYSTEM};
 use crate::shim::{self, ShimSpec};
 
 /// The container of a job's pod.
@@ -30,6 +30,8 @@ const HOPELESS: [&str; 4] = [
     "CreateContainerConfigError",
     "CreateContainerError",
 ];
+/// Deliveries into one pod before the job fails.
+const DELIVERY_TRIES: u32 = 5;
 /// Pull failures get this long (a registry may be slow or briefly down).
 const PULL_PATIENCE: Duration = Duration::from_secs(120);
 
@@ -159,6 +161,7 @@ async fn run_async(job_dir: &Path, log: Arc<LogWriter>) -> anyhow::Result<i32> {
     let hash = exe_hash(&exe)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut delivered: HashSet<String> = HashSet::new();
+    let mut failures: HashMap<String, u32> = HashMap::new();
     let mut ended: HashSet<String> = HashSet::new();
     let mut said: HashSet<String> = HashSet::new();
     let started = tokio::time::Instant::now();
@@ -237,13 +240,26 @@ async fn run_async(job_dir: &Path, log: Arc<LogWriter>) -> anyhow::Result<i32> {
                 }
             }
             if phase == "Running" && !delivered.contains(&pname) {
-                delivered.insert(pname.clone());
                 let config = Config {
                     head: format!("{head_ip}:{port}"),
                     pod: pname.clone(),
                 };
-                if let Err(e) = deliver(&pods, &pname, &exe, &hash, &key, &config).await {
-                    say(&log, &format!("cannot start the job in pod {pname}: {e:#}"));
+                match deliver(&pods, &pname, &exe, &hash, &key, &config).await {
+                    Ok(()) => {
+                        delivered.insert(pname.clone());
+                    }
+                    Err(e) => {
+                        // Tried again at the next poll, a few times (the
+                        // API server may be restarting).
+                        let n = failures.entry(pname.clone()).or_insert(0);
+                        *n += 1;
+                        if *n >= DELIVERY_TRIES {
+                            say(&log, &format!("cannot start the job in pod {pname}: {e:#}"));
+                            delete_job(&jobs, &name).await;
+                            break 'watch 1;
+                        }
+                        tracing::warn!(pod = %pname, error = %format!("{e:#}"), "delivery failed; trying again");
+                    }
                 }
             }
             if (phase == "Failed" || phase == "Succeeded") && ended.insert(pname.clone()) {
@@ -549,6 +565,9 @@ async fn worker_session(stream: TcpStream, shared: &Shared) -> anyhow::Result<()
                     bail!("a short log frame");
                 }
                 let stream = f.payload[0];
+                if !(STDOUT..=SYSTEM).contains(&stream) {
+                    bail!("a log frame of stream {stream}");
+                }
                 let next = u64::from_le_bytes(f.payload[1..9].try_into().expect("8 bytes"));
                 shared.log.write(stream, &f.payload[9..])?;
                 shared
@@ -573,6 +592,12 @@ async fn worker_session(stream: TcpStream, shared: &Shared) -> anyhow::Result<()
             }
             Kind::Exit => {
                 let e: Exit = f.json()?;
+                if !e.reason.is_empty() {
+                    let _ = shared.log.write(
+                        SYSTEM,
+                        format!("bridge: in pod {pod}: {}\n", e.reason).as_bytes(),
+                    );
+                }
                 shared
                     .exits
                     .lock()

@@ -49,12 +49,54 @@ pub fn run(dir: &Path) -> i32 {
             return 2;
         }
     };
-    match rt.block_on(Worker::new(dir).and_then_run()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bridge worker: {e:#}");
-            2
+    let job_dir = dir.join("job");
+    rt.block_on(async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("bridge worker: {e}");
+                    return 2;
+                }
+            };
+        tokio::select! {
+            r = Worker::new(dir).and_then_run() => match r {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("bridge worker: {e:#}");
+                    2
+                }
+            },
+            // The pod is being deleted (the job was cancelled, the head
+            // pod went): the job stops as a cancelled one does, within its
+            // grace, and the pod ends at once instead of at the kill.
+            _ = term.recv() => {
+                stop_shim(&job_dir).await;
+                143
+            }
         }
+    })
+}
+
+/// Cancels the job's shim (as the agent does: the cancel file, then SIGTERM)
+/// and waits for it to end (its grace bounds that).
+async fn stop_shim(job_dir: &Path) {
+    let _ = std::fs::write(job_dir.join(shim::CANCEL_FILE), b"");
+    let pid = std::fs::read(job_dir.join(shim::STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["shim_pid"].as_i64());
+    let Some(pid) = pid else { return };
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    for _ in 0..600 {
+        // The shim is our child: reaped here once it has ended.
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -139,6 +181,9 @@ impl Worker {
         };
         wire::write_json(&mut w, Kind::Hello, &hello).await?;
         let welcome: Welcome = wire::expect(&mut r, Kind::Welcome).await?.json()?;
+        // What an earlier connection sent may not have arrived: every output
+        // goes again (the log resumes at the head's offset instead).
+        p.sent.clear();
         if p.job.is_none() {
             let job = receive_tree(&mut r, &job_dir.join("tree")).await?;
             write_spec(job_dir, &job)?;
