@@ -316,9 +316,23 @@ impl K8sMachine {
         };
         let manifest = pod_manifest(&name, self.launch(), &self.layout.repo, account)
             .map_err(|e| anyhow!(e))?;
-        pods.create(&PostParams::default(), &manifest)
-            .await
-            .map_err(|e| anyhow!(api_error("create a pod", &ns, &e)))?;
+        // A service account made just now has no token yet on clusters that
+        // make token Secrets (before 1.24), and the admission plugin refuses
+        // its pods until it has: try again for a while.
+        let mut tries = 0;
+        loop {
+            match pods.create(&PostParams::default(), &manifest).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(s))
+                    if s.message.contains("No API token found for service account")
+                        && tries < 100 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => return Err(anyhow!(api_error("create a pod", &ns, &e))),
+            }
+        }
         self.created = Some(name.clone());
         self.parts().1.replace(name.clone());
         let ready = async {
