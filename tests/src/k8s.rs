@@ -136,11 +136,18 @@ impl Cluster {
         Some(serde_json::from_slice(&o.stdout).expect("kubectl JSON"))
     }
 
-    /// The pods bridge made (label `bridge/managed`) in `namespace`.
+    /// The repositories' pods bridge made (label `bridge/managed`) in
+    /// `namespace`; not the pods of `placement = "cluster"` jobs.
     pub fn bridge_pods(&self, namespace: &str) -> Vec<Value> {
-        self.get(&["pods", "-n", namespace, "-l", "bridge/managed=true"])
-            .and_then(|v| v["items"].as_array().cloned())
-            .unwrap_or_default()
+        self.get(&[
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "bridge/managed=true,!bridge/job",
+        ])
+        .and_then(|v| v["items"].as_array().cloned())
+        .unwrap_or_default()
     }
 
     /// Where `path` inside the pod's `bridge` emptyDir lies on this machine

@@ -504,6 +504,7 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
          print('start', time.time_ns(), flush=True)\n\
          print('host', socket.gethostname(), flush=True)\n\
          print('code', open('lib/data.txt').read().strip(), flush=True)\n\
+         print('blob', os.path.getsize('data/blob.bin'), flush=True)\n\
          x = sys.argv[1]\n\
          os.makedirs(f'outputs/{x}', exist_ok=True)\n\
          open(f'outputs/{x}/result.txt', 'w').write(f'result {x}\\n' * 1000)\n\
@@ -513,6 +514,7 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
          sys.exit(int(os.environ.get('EXIT', '0')))\n",
     );
     r.write("lib/data.txt", "v1\n");
+    r.write("data/blob.bin", random_bytes(3_000_000, 7));
     r.write(
         "one.toml",
         "run = \"python3 job.py one\"\nplacement = \"cluster\"\n\
@@ -521,6 +523,12 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
     let o = k.up(&[]);
     assert!(o.status.success(), "{}", err(&o));
     let head = the_pod(c)["metadata"]["name"].as_str().unwrap().to_string();
+    let sent = || k.status()["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent() >= 3_000_000,
+        "the code went to the head pod: {}",
+        sent()
+    );
 
     let o = k.bridge(&["run", "one.toml"]);
     let (so, se) = (out(&o), err(&o));
@@ -568,10 +576,47 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
          [env]\nHOLD = \"6\"\n[resources]\ngpus = 2\n[outputs]\npaths = [\"outputs/\"]\n\
          [sweep]\n[sweep.params]\nx = [\"a\", \"b\", \"c\"]\n",
     );
+    let sent_before = sent();
+    // The pods as Kubernetes has them, every 200 ms while the sweep runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut most, mut waited) = (0, false);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(pods) = c.get(&["pods", "-l", "bridge/job"]) {
+                    let phase = |p: &str| {
+                        pods["items"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter(|x| x["status"]["phase"] == p)
+                            .count()
+                    };
+                    let (running, pending) = (phase("Running"), phase("Pending"));
+                    most = most.max(running);
+                    waited |= running == 2 && pending == 1;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (most, waited)
+        })
+    };
     let o = k.bridge(&["run", "sweep.toml"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most_running, one_waited) = watcher.join().unwrap();
     let (so, se) = (out(&o), err(&o));
     assert!(o.status.success(), "{so}\n{se}");
     assert!(se.contains("3 of 3 trials succeeded"), "{se}");
+    assert_eq!(most_running, 2, "at most two pods of 2 GPUs run on 4");
+    assert!(
+        one_waited,
+        "the third pod was never seen Pending beside two Running"
+    );
+    // Each trial's pod had the 3 MB file, and the laptop sent (almost)
+    // nothing more: the pods got the code from the head pod.
+    let more = sent() - sent_before;
+    assert!(more < 100_000, "the laptop sent {more} bytes for the sweep");
     // Output and bridge's own lines (stderr).
     let logs: Vec<String> = (0..3)
         .map(|i| {
@@ -593,6 +638,7 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
     );
     for (i, x) in ["a", "b", "c"].iter().enumerate() {
         assert_eq!(logs[i].matches(&format!("line {x} ")).count(), 200);
+        assert!(logs[i].contains("blob 3000000"), "{}", logs[i]);
         // Each trial's outputs/ came home apart, under outputs/s1/<trial>/.
         assert_eq!(
             fs::read_to_string(r.path(&format!("outputs/s1/{i}/{x}/result.txt"))).unwrap(),
@@ -628,6 +674,15 @@ fn cluster_placement_runs_jobs_and_trials_as_kubernetes_jobs() {
     assert!(
         eventually(Duration::from_secs(60), || count() == 0),
         "Kubernetes Jobs left after down"
+    );
+    // And their pods (the cancelled one stops at its SIGTERM, not at the
+    // kill after its grace), so no GPU stays held.
+    assert!(
+        eventually(Duration::from_secs(60), || c
+            .get(&["pods", "-l", "bridge/job"])
+            .is_some_and(|p| p["items"].as_array().unwrap().is_empty())),
+        "pods of Kubernetes Jobs left after down: {:?}",
+        c.get(&["pods", "-l", "bridge/job"])
     );
 }
 
