@@ -242,6 +242,40 @@ pub enum DialError {
     Link(String),
 }
 
+/// A gRPC channel over the streams `open` makes (an SSH channel, a
+/// port-forward): the first is opened now, so that its failure is reported
+/// precisely, as the error; tonic's reconnects open new ones. The inner
+/// result is tonic's connect on that first stream.
+pub async fn channel_over<S, F, Fut>(
+    uri: &'static str,
+    timeout: std::time::Duration,
+    open: F,
+) -> Result<Result<Channel, tonic::transport::Error>, ProviderError>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, ProviderError>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let first = open().await?;
+    let first = std::sync::Arc::new(std::sync::Mutex::new(Some(first)));
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let open = open.clone();
+        let first = first.clone();
+        async move {
+            let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let stream = match ready {
+                Some(s) => s,
+                None => open().await?,
+            };
+            Ok::<_, ProviderError>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(tonic::transport::Endpoint::from_static(uri)
+        .connect_timeout(timeout)
+        .connect_with_connector(connector)
+        .await)
+}
+
 /// A provider failure; `retryable` tells the connection manager whether to try
 /// again with backoff or to stop and report.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,17 @@ pub const MOUNT: &str = "/bridge";
 /// The head pod's container.
 pub const CONTAINER: &str = "agent";
 
+/// Container states that will not get better by waiting (a pull failure
+/// may, after a while: a registry briefly down).
+pub const HOPELESS: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
 /// A container's command: wait (10 minutes at most, then fail: no pod waits
 /// forever) until the agent and its start marker were delivered, then run
 /// `then` (`exec`).

@@ -58,3 +58,15 @@ pub const AUTH_HEADER: &str = "authorization";
 /// Largest gRPC message either side accepts: a plan for a 100 GiB file lists
 /// ~1.6M chunk refs.
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+
+/// A binary's identity for "is this build already there": the first 16 hex
+/// digits of its BLAKE3 hash, and its length (the agent that the SSH and
+/// Kubernetes providers upload, and that a head agent copies into the pods
+/// of its cluster jobs).
+pub fn binary_hash(path: &std::path::Path) -> std::io::Result<(String, u64)> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file)?;
+    Ok((hasher.finalize().to_hex()[..16].to_string(), len))
+}

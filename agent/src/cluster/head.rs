@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use bridge_proto::k8s::{MOUNT, exec, secret_script, upload_script, wait_then};
+use bridge_proto::k8s::{HOPELESS, MOUNT, exec, secret_script, upload_script, wait_then};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
@@ -23,13 +23,6 @@ use crate::shim::{self, ShimSpec};
 const CONTAINER: &str = "job";
 /// How often the Job and its pods are looked at.
 const POLL: Duration = Duration::from_millis(500);
-/// Container states that will not get better by waiting.
-const HOPELESS: [&str; 4] = [
-    "ErrImageNeverPull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-];
 /// Deliveries into one pod before the job fails.
 const DELIVERY_TRIES: u32 = 5;
 /// Pull failures get this long (a registry may be slow or briefly down).
@@ -158,7 +151,7 @@ async fn run_async(job_dir: &Path, log: Arc<LogWriter>) -> anyhow::Result<i32> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let hash = exe_hash(&exe)?;
+    let (hash, _) = bridge_proto::binary_hash(&exe)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut delivered: HashSet<String> = HashSet::new();
     let mut failures: HashMap<String, u32> = HashMap::new();
@@ -223,7 +216,7 @@ async fn run_async(job_dir: &Path, log: Arc<LogWriter>) -> anyhow::Result<i32> {
                 if let Some(w) = waiting {
                     let reason = w.reason.unwrap_or_default();
                     let pulling = reason == "ErrImagePull" || reason == "ImagePullBackOff";
-                    if HOPELESS.contains(&reason.as_str())
+                    if (HOPELESS.contains(&reason.as_str()) && !pulling)
                         || (pulling && started.elapsed() > PULL_PATIENCE)
                     {
                         say(
@@ -309,13 +302,6 @@ async fn run_async(job_dir: &Path, log: Arc<LogWriter>) -> anyhow::Result<i32> {
     };
     serving.abort();
     Ok(code)
-}
-
-/// The binary's hash, to tell builds apart in a pod.
-fn exe_hash(exe: &Path) -> anyhow::Result<String> {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(exe)?)?;
-    Ok(h.finalize().to_hex()[..32].to_string())
 }
 
 /// The Kubernetes Job's name: the head pod's plus the job id, a DNS label

@@ -18,15 +18,14 @@
 pub mod lifecycle;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::{BoxFuture, Provider, ProviderError};
 
@@ -415,29 +414,16 @@ impl Provider for K8sProvider {
 
     fn connect(&self) -> BoxFuture<'_, Result<Channel, ProviderError>> {
         Box::pin(async move {
-            let first = self.stream().await?;
-            let first = Arc::new(StdMutex::new(Some(first)));
-            let this = K8sProvider {
+            let this = Arc::new(K8sProvider {
                 config: self.config.clone(),
                 client: self.client.clone(),
-            };
-            let this = Arc::new(this);
-            let connector = tower::service_fn(move |_: Uri| {
-                let this = this.clone();
-                let first = first.clone();
-                async move {
-                    let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let stream = match ready {
-                        Some(s) => s,
-                        None => this.stream().await?,
-                    };
-                    Ok::<_, ProviderError>(TokioIo::new(stream))
-                }
             });
-            Endpoint::from_static("http://agent.k8s")
-                .connect_timeout(Duration::from_secs(20))
-                .connect_with_connector(connector)
-                .await
+            let open = move || {
+                let this = this.clone();
+                async move { this.stream().await }
+            };
+            super::channel_over("http://agent.k8s", Duration::from_secs(20), open)
+                .await?
                 .map_err(|e| {
                     ProviderError::retryable(format!(
                         "cannot reach the agent in pod {}: {e}",
@@ -463,18 +449,14 @@ impl Provider for K8sProvider {
 }
 
 /// The agent binary's hash (blake3, 16 hex digits) and length.
-pub fn agent_hash(bin: &PathBuf) -> Result<(String, u64), String> {
+pub fn agent_hash(bin: &Path) -> Result<(String, u64), String> {
     let unreadable = |e: std::io::Error| {
         format!(
             "cannot read the agent binary {}: {e} (build it with `cargo build --release -p bridge-agent`, or set BRIDGE_AGENT_BIN)",
             bin.display()
         )
     };
-    let file = std::fs::File::open(bin).map_err(unreadable)?;
-    let len = file.metadata().map_err(unreadable)?.len();
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(file).map_err(unreadable)?;
-    Ok((hasher.finalize().to_hex()[..16].to_string(), len))
+    bridge_proto::binary_hash(bin).map_err(unreadable)
 }
 
 #[cfg(test)]

@@ -32,12 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use russh::client::{self, Handle, Msg};
 use russh::{ChannelMsg, ChannelOpenFailure, ChannelStream, Disconnect, Preferred};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, OnceCell};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::{BoxFuture, Provider, ProviderError};
 use auth::{AuthError, Credentials};
@@ -867,11 +866,7 @@ impl Inner {
         {
             return Ok(hash.clone());
         }
-        let mut hasher = blake3::Hasher::new();
-        hasher
-            .update_reader(std::fs::File::open(bin).map_err(unreadable)?)
-            .map_err(unreadable)?;
-        let hash = hasher.finalize().to_hex()[..16].to_string();
+        let (hash, _) = bridge_proto::binary_hash(bin).map_err(unreadable)?;
         *cache = Some((key.0, key.1, hash.clone()));
         Ok(hash)
     }
@@ -1131,27 +1126,13 @@ impl Provider for SshProvider {
 
     fn connect(&self) -> BoxFuture<'_, Result<Channel, ProviderError>> {
         Box::pin(async move {
-            // The first stream is opened here, so its failure is reported
-            // precisely; tonic's reconnects open new ones.
-            let first = self.inner.agent_stream().await?;
-            let first = Arc::new(StdMutex::new(Some(first)));
             let inner = self.inner.clone();
-            let connector = tower::service_fn(move |_: Uri| {
+            let open = move || {
                 let inner = inner.clone();
-                let first = first.clone();
-                async move {
-                    let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let stream = match ready {
-                        Some(s) => s,
-                        None => inner.agent_stream().await?,
-                    };
-                    Ok::<_, ProviderError>(TokioIo::new(stream))
-                }
-            });
-            Endpoint::from_static("http://agent.ssh")
-                .connect_timeout(self.inner.config.connect_timeout)
-                .connect_with_connector(connector)
-                .await
+                async move { inner.agent_stream().await }
+            };
+            super::channel_over("http://agent.ssh", self.inner.config.connect_timeout, open)
+                .await?
                 .map_err(|e| {
                     self.inner
                         .retryable(format!("cannot reach the agent over SSH: {e}"))

@@ -23,15 +23,7 @@ const AGENT_LIMIT: Duration = Duration::from_secs(30);
 const DELETE_LIMIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
 
-/// Container states that will not get better by waiting.
-const HOPELESS: [&str; 6] = [
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "ErrImageNeverPull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-];
+use bridge_proto::k8s::HOPELESS;
 
 /// Where a pod stands, for people and for decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
