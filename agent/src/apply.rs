@@ -1006,3 +1006,6 @@ mod tests {
         assert!(trusted_run(&chunks, &store, &mirror).is_none());
     }
 }
+
+#[cfg(test)]
+mod properties;

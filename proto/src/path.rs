@@ -234,3 +234,35 @@ mod tests {
         assert!(resolve_link_target(&l, "").is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer sends, an accepted path joined to a root stays
+        /// under it, component by component (no `..`, no root, no prefix).
+        #[test]
+        fn accepted_paths_stay_under_the_root(
+            s in prop::collection::vec(
+                prop_oneof![
+                    Just("..".to_string()), Just(".".to_string()), Just("".to_string()),
+                    Just("/".to_string()), Just("\0".to_string()), Just("a".to_string()),
+                    "[a-z./\\\\\u{0}-\u{1f}\u{e9}]{0,6}",
+                ],
+                0..8,
+            ).prop_map(|parts| parts.join("/"))
+        ) {
+            let root = Path::new("/srv/mirror");
+            if let Ok(p) = RelPath::new(s.clone()) {
+                let joined = p.to_fs(root);
+                prop_assert!(joined.starts_with(root), "{s:?} -> {joined:?}");
+                for c in joined.strip_prefix(root).unwrap().components() {
+                    prop_assert!(matches!(c, std::path::Component::Normal(_)), "{s:?} -> {joined:?}");
+                }
+                prop_assert!(!s.contains('\0'));
+            }
+        }
+    }
+}
