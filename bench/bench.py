@@ -260,6 +260,8 @@ def main() -> int:
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    # A --workdir that does not exist yet is made (with its parents).
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     results["machine"] = machine_info(bridge_exe, os.path.realpath(args.workdir))
     work = Path(tempfile.mkdtemp(prefix="bridge-bench-", dir=args.workdir))
     lab = Lab(work, bridge_exe, args.delay_ms, args.log)
