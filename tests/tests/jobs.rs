@@ -407,6 +407,55 @@ fn outputs_arrive_while_the_job_runs_and_completely_at_the_end() {
     assert_eq!(fs::read_to_string(&first).unwrap(), "first\n");
 }
 
+/// A hostile job cannot write outside the repository through what comes
+/// home: a symlink planted where the pull writes its temporary file, or one
+/// pointing out of the repository, is refused, and the real output still
+/// arrives whole.
+#[test]
+fn outputs_never_write_through_links_out_of_the_repository() {
+    let r = Repo::new();
+    let victim = r.scratch("victim.txt");
+    fs::write(&victim, "precious\n").unwrap();
+    r.write(
+        "job.sh",
+        "mkdir -p outputs/sub\n\
+         ln -s ../../victim.txt outputs/.model.bin.bridge-pull\n\
+         ln -s ../../../victim.txt outputs/sub/.deep.bin.bridge-pull\n\
+         ln -s ../../victim.txt outputs/escape\n\
+         ln -s model.bin outputs/inside\n\
+         echo hacked > outputs/model.bin\necho deep > outputs/sub/deep.bin\n",
+    );
+    r.write(
+        "out.toml",
+        "run = \"sh job.sh\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    r.up();
+    let o = r.bridge(&["run", "out.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+    let model = r.path("outputs/model.bin");
+    assert!(
+        !fs::symlink_metadata(&model)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read_to_string(&model).unwrap(), "hacked\n");
+    assert_eq!(
+        fs::read_to_string(r.path("outputs/sub/deep.bin")).unwrap(),
+        "deep\n"
+    );
+    assert!(
+        fs::symlink_metadata(r.path("outputs/escape")).is_err(),
+        "a link out of the repository came home"
+    );
+    assert_eq!(
+        fs::read_link(r.path("outputs/inside")).unwrap(),
+        std::path::Path::new("model.bin"),
+        "a link inside the repository comes home"
+    );
+}
+
 #[test]
 fn setup_runs_once_per_hash_and_a_failed_setup_is_not_cached() {
     let r = Repo::new();

@@ -41,6 +41,9 @@ pub(super) struct Puller {
     written: HashMap<String, Cached>,
     /// Where replaced big versions wait for their unlink (`.bridge/gone/`).
     gone: PathBuf,
+    /// The repository: no output lands outside it, or in its `.git/` or
+    /// `.bridge/` (the agent's word on where outputs go is not trusted).
+    repo: PathBuf,
     /// The job's workdir on the agent's machine: MLflow file stores that
     /// come home name it, and are made to name `base` instead
     /// ([`crate::mlflow::relocate_meta`]).
@@ -52,6 +55,7 @@ impl Puller {
         let spec = info.spec.clone().unwrap_or_default();
         let dest = destination(&spec, &info.id);
         Puller {
+            repo: repo.to_path_buf(),
             base: if dest.is_empty() {
                 repo.to_path_buf()
             } else {
@@ -139,7 +143,11 @@ impl Puller {
                 continue;
             }
             let dest = self.dest(&e.path);
-            if let Err(why) = no_symlink_between(&self.base, &dest) {
+            if let Err(why) = inside_repo(&self.repo, &dest) {
+                tracing::warn!(path = %dest.display(), why, "output not written");
+                continue;
+            }
+            if let Err(why) = no_symlink_between(&self.repo, &dest) {
                 tracing::warn!(path = %dest.display(), why, "output not written");
                 continue;
             }
@@ -148,8 +156,15 @@ impl Puller {
                     fs::create_dir_all(&dest).map_err(|err| io_status(&dest, err))?;
                 }
                 v1::Kind::Symlink => {
-                    if e.target.starts_with('/') {
-                        tracing::warn!(path = %e.path, "absolute symlink target in outputs; ignored");
+                    // A link home may not point out of the repository
+                    // (nor be absolute): later writes would follow it.
+                    let stays = dest
+                        .strip_prefix(&self.repo)
+                        .ok()
+                        .and_then(|r| RelPath::new(r.to_string_lossy().into_owned()).ok())
+                        .and_then(|r| bridge_proto::path::resolve_link_target(&r, &e.target));
+                    if stays.is_none() {
+                        tracing::warn!(path = %e.path, target = %e.target, "an output symlink pointing out of the repository; ignored");
                         continue;
                     }
                     if fs::read_link(&dest).is_ok_and(|t| t == Path::new(&e.target)) {
@@ -222,7 +237,7 @@ impl Puller {
             }
         }
         let tmp = tmp_beside(dest)?;
-        let mut out = File::create(&tmp).map_err(|err| io_status(&tmp, err))?;
+        let mut out = create_tmp(&tmp).map_err(|err| io_status(&tmp, err))?;
         let old = local.as_ref().and_then(|_| File::open(dest).ok());
         let mut received = 0u64;
         let result: Result<(), Status> = async {
@@ -317,7 +332,7 @@ impl Puller {
         let have = local.as_ref().map(chunk_offsets).unwrap_or_default();
         let tmp = tmp_beside(dest)?;
         let writer = TmpWriter {
-            file: File::create(&tmp).map_err(|err| io_status(&tmp, err))?,
+            file: create_tmp(&tmp).map_err(|err| io_status(&tmp, err))?,
             old: local.as_ref().and_then(|_| File::open(dest).ok()),
             path: tmp.clone(),
             have: have.clone(),
@@ -530,6 +545,45 @@ fn tmp_beside(dest: &Path) -> Result<PathBuf, Status> {
     Ok(parent.join(format!(".{name}.bridge-pull")))
 }
 
+/// Creates the temporary file a pull writes, new: whatever is at its path
+/// (a stale one, or a symlink a job sent home to redirect the write) is
+/// removed first, and the file is opened with `O_EXCL | O_NOFOLLOW`, so the
+/// write never goes through a link.
+fn create_tmp(tmp: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if Stat::lstat(tmp).is_ok_and(|s| s.kind != FileKind::Dir) {
+        fs::remove_file(tmp)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(tmp)
+}
+
+/// Whether `dest` is inside the repository and outside its `.git/` and
+/// `.bridge/` (where a file would be a hook or bridge's own state).
+fn inside_repo(repo: &Path, dest: &Path) -> Result<(), &'static str> {
+    let Ok(rest) = dest.strip_prefix(repo) else {
+        return Err("outside the repository");
+    };
+    let mut comps = rest.components();
+    if !rest
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err("outside the repository");
+    }
+    match comps.next() {
+        None => Err("the repository itself"),
+        Some(c) if c.as_os_str() == ".git" || c.as_os_str() == ".bridge" => {
+            Err("inside .git/ or .bridge/")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Puts a pulled output (`tmp`, beside it) at `dest`. An older version there
 /// is swapped out rather than renamed over, and unlinked, in the background
 /// from `gone` when big: a rename over a 1 GiB file cost 0.2–0.4 s on ext4
@@ -576,6 +630,40 @@ mod tests {
     use super::*;
     use bridge_proto::chunking::chunk_bytes;
     use tonic::Code;
+
+    /// Where the agent says outputs go is checked here: never out of the
+    /// repository, never into its `.git/` or `.bridge/`.
+    #[test]
+    fn outputs_land_inside_the_repository_only() {
+        let repo = Path::new("/home/me/proj");
+        assert!(inside_repo(repo, &repo.join("outputs/m.pt")).is_ok());
+        for bad in [
+            "../x",
+            "outputs/../../x",
+            ".git/hooks/pre-commit",
+            ".bridge/token",
+            "",
+        ] {
+            assert!(inside_repo(repo, &repo.join(bad)).is_err(), "{bad:?}");
+        }
+        assert!(inside_repo(repo, Path::new("/etc/passwd")).is_err());
+    }
+
+    /// The pull's temporary file is made anew: a link planted at its name
+    /// is replaced, and what it pointed at is untouched.
+    #[test]
+    fn the_temporary_file_never_goes_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let tmp = d.path().join(".out.bridge-pull");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut f = create_tmp(&tmp).unwrap();
+        f.write_all(b"new").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!fs::symlink_metadata(&tmp).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&tmp).unwrap(), "new");
+    }
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
         bridge_proto::chunking::pseudo_random(n, seed)
