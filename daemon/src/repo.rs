@@ -56,6 +56,8 @@ impl Layout {
             .recursive(true)
             .mode(0o700)
             .create(&self.state)?;
+        // It holds the token and the control socket: its owner's alone.
+        check_private(&self.state, 0o700)?;
         let gi = self.state.join(".gitignore");
         if !gi.exists() {
             std::fs::write(gi, "*\n")?;
@@ -138,8 +140,40 @@ pub fn exclude_lines(repo: &Path) -> Vec<String> {
     lines
 }
 
+/// Refuses `path` (the token, `.bridge/`) when it is a symlink or others
+/// may read or enter it: one line saying what to run.
+pub fn check_private(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if m.file_type().is_symlink() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is a symlink; bridge keeps its token and socket only in a directory of its own: remove the link",
+                path.display()
+            ),
+        ));
+    }
+    let have = m.permissions().mode() & 0o777;
+    if have & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is open to other users (mode {have:o}); it holds the agent's token: `chmod {mode:o} {}`",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the agent token, generating a new random one (mode 0600) if missing.
+/// A token file others may read is refused, not used.
 pub fn ensure_token(path: &Path) -> io::Result<String> {
+    check_private(path, 0o600)?;
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -188,5 +222,29 @@ mod tests {
             0o600
         );
         assert_eq!(ensure_token(&p).unwrap(), t);
+    }
+
+    #[test]
+    fn a_token_or_state_directory_open_to_others_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        ensure_token(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ensure_token(&p).unwrap_err().to_string();
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(
+            ensure_token(&link)
+                .unwrap_err()
+                .to_string()
+                .contains("symlink")
+        );
+        let repo = d.path().join("repo");
+        std::fs::create_dir_all(repo.join(".bridge")).unwrap();
+        std::fs::set_permissions(repo.join(".bridge"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let e = Layout::new(&repo).create().unwrap_err().to_string();
+        assert!(e.contains("chmod 700"), "{e}");
     }
 }

@@ -160,3 +160,30 @@ fn up_without_an_agent_binary_fails_clearly_and_leaves_nothing_running() {
     r.up();
     r.assert_mirror_exact();
 }
+
+/// The token and `.bridge/` are their owner's alone: opened to others, they
+/// are refused with the command that fixes them, and nothing starts.
+#[test]
+fn a_token_or_state_directory_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Repo::new();
+    r.up();
+    r.ok(&["down"]);
+    let mode = |p: &str, m: u32| {
+        std::fs::set_permissions(r.path(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(".bridge/token", 0o644);
+    let o = r.bridge(&["up"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+    assert!(!r.path(".bridge/daemon.sock").exists());
+    mode(".bridge/token", 0o600);
+    mode(".bridge", 0o755);
+    let o = r.bridge(&["up"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(e.contains("chmod 700"), "{e}");
+    mode(".bridge", 0o700);
+    r.up();
+}
