@@ -679,7 +679,19 @@ fn place_output(cwd: &Path, declared: &[String], e: &Entry, bytes: &[u8]) -> Res
         ".{}.bridge-tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
     ));
-    std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+    // New, never through a link at that name.
+    let _ = std::fs::remove_file(&tmp);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| e.to_string())?;
+        f.write_all(bytes).map_err(|e| e.to_string())?;
+    }
     let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(e.mode & 0o777));
     std::fs::rename(&tmp, &path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
