@@ -40,6 +40,12 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&layout.control);
     let listener = tokio::net::UnixListener::bind(&layout.control)
         .with_context(|| format!("cannot listen on {}", layout.control.display()))?;
+    // Its owner's alone, whatever the umask (`.bridge/` is 0700 as well).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&layout.control, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", layout.control.display()))?;
+    }
     std::fs::write(&layout.daemon_pid, std::process::id().to_string())?;
     let spec = ProviderSpec::load(&layout.provider)?.unwrap_or(ProviderSpec::Local);
     let config = Config {

@@ -21,6 +21,9 @@ pub struct HostSpec {
     pub port: Option<u16>,
 }
 
+/// Characters no host or user name bridge takes may hold.
+const SHELL_META: &str = "'`\"$\\;&<>|(){}";
+
 impl HostSpec {
     pub fn parse(spec: &str) -> Result<HostSpec, String> {
         let s = spec.trim();
@@ -56,6 +59,18 @@ impl HostSpec {
         }
         if host.chars().any(|c| c.is_whitespace() || c == '/') {
             return Err(format!("invalid host name {host:?}"));
+        }
+        // They may reach a shell: an ssh_config `ProxyCommand`'s %h, %r and
+        // %n. Refused as OpenSSH (9.6) refuses them.
+        for (what, v) in [("host name", Some(host)), ("user name", user.as_deref())] {
+            if let Some(v) = v
+                && (v.starts_with('-')
+                    || v.chars().any(|c| c.is_control() || SHELL_META.contains(c)))
+            {
+                return Err(format!(
+                    "invalid {what} {v:?}: shell metacharacters ({SHELL_META}) and a leading '-' are refused"
+                ));
+            }
         }
         let port = match port {
             None => None,
@@ -494,6 +509,24 @@ mod tests {
             host: host.to_string(),
             port,
         }
+    }
+
+    #[test]
+    fn names_that_could_reach_a_shell_are_refused() {
+        for bad in [
+            "h;touch",
+            "$(id)@h",
+            "`id`",
+            "u@h|x",
+            "-oProxyCommand=x",
+            "a&b",
+            "h'x",
+        ] {
+            let e = HostSpec::parse(bad).unwrap_err();
+            assert!(e.contains("shell metacharacters"), "{bad}: {e}");
+        }
+        assert!(HostSpec::parse("me@gpu-box.example.com:2222").is_ok());
+        assert!(HostSpec::parse("[::1]:22").is_ok());
     }
 
     #[test]
