@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::ClusterSpec;
 use super::wire::{self, Entry, EntryKind, Exit, Hello, Kind, Welcome};
-use super::worker::{Config, read_data, write_data};
+use super::worker::{Config, copy_data, send_file};
 use crate::joblog::{LogWriter, STDOUT, SYSTEM};
 use crate::shim::{self, ShimSpec};
 
@@ -564,8 +564,7 @@ async fn worker_session(stream: TcpStream, shared: &Shared) -> anyhow::Result<()
             }
             Kind::Output => {
                 let e: Entry = f.json()?;
-                let bytes = read_data(&mut r, e.size).await?;
-                if let Err(why) = place_output(&shared.cwd, &shared.outputs, &e, &bytes) {
+                if let Err(why) = receive_output(&mut r, &shared.cwd, &shared.outputs, &e).await? {
                     let _ = shared.log.write(
                         SYSTEM,
                         format!(
@@ -630,20 +629,24 @@ async fn send_tree<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, tree: &Path) -> 
                 entry.target = std::fs::read_link(e.path())?.to_string_lossy().into_owned();
                 wire::write_json(w, Kind::Entry, &entry).await?;
             } else if meta.is_file() {
-                let bytes = std::fs::read(e.path())?;
-                entry.size = bytes.len() as u64;
+                entry.size = meta.len();
                 wire::write_json(w, Kind::Entry, &entry).await?;
-                write_data(w, &bytes).await?;
+                send_file(w, &e.path(), meta.len()).await?;
             }
         }
     }
     Ok(())
 }
 
-/// Writes an output a worker sent into the job's snapshot, where the daemon
-/// fetches outputs from: only under a declared output, never through a
-/// symlink, whole or not at all.
-fn place_output(cwd: &Path, declared: &[String], e: &Entry, bytes: &[u8]) -> Result<(), String> {
+/// Where an output a worker sends goes in the job's snapshot (where the
+/// daemon fetches outputs from): only under a declared output, never
+/// through a symlink. Returns the path and its temporary file, created anew
+/// (`O_EXCL | O_NOFOLLOW`), for the bytes to be written to.
+fn open_output(
+    cwd: &Path,
+    declared: &[String],
+    e: &Entry,
+) -> Result<(PathBuf, PathBuf, std::fs::File), String> {
     if e.kind != EntryKind::File || !wire::safe_relative(&e.path) {
         return Err("not a relative file path inside the job's directory".into());
     }
@@ -674,28 +677,63 @@ fn place_output(cwd: &Path, declared: &[String], e: &Entry, bytes: &[u8]) -> Res
     if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err("it is a symlink here".into());
     }
-    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_file_name(format!(
         ".{}.bridge-tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
     ));
-    // New, never through a link at that name.
     let _ = std::fs::remove_file(&tmp);
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(|e| e.to_string())?;
-        f.write_all(bytes).map_err(|e| e.to_string())?;
-    }
-    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(e.mode & 0o777));
-    std::fs::rename(&tmp, &path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| e.to_string())?;
+    Ok((path, tmp, file))
+}
+
+/// Puts a written output's temporary file in place, with its mode.
+fn finish_output(path: &Path, tmp: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode & 0o777));
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
         e.to_string()
+    })
+}
+
+/// Receives one output's bytes (as `Data` frames) into the snapshot, a
+/// frame at a time: a checkpoint never sits in memory whole. A refused
+/// output's bytes are read and dropped; the reason is returned.
+async fn receive_output<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    cwd: &Path,
+    declared: &[String],
+    e: &Entry,
+) -> anyhow::Result<Result<(), String>> {
+    let mut target = open_output(cwd, declared, e);
+    let mut sink = match &mut target {
+        Ok((_, _, f)) => Some(f),
+        Err(_) => None,
+    };
+    let mut failed = None;
+    copy_data(r, e.size, |bytes| {
+        if let Some(f) = sink.as_mut()
+            && let Err(err) = std::io::Write::write_all(f, bytes)
+        {
+            failed = Some(err.to_string());
+            sink = None;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(match target {
+        Err(why) => Err(why),
+        Ok((_, tmp, _)) if failed.is_some() => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(failed.unwrap_or_default())
+        }
+        Ok((path, tmp, _)) => finish_output(&path, &tmp, e.mode),
     })
 }
 
@@ -768,9 +806,14 @@ mod tests {
             size: 2,
             target: String::new(),
         };
-        place_output(cwd, &declared, &file("runs/a/b.txt"), b"hi").unwrap();
+        let place = |cwd: &Path, declared: &[String], e: &Entry, bytes: &[u8]| {
+            let (path, tmp, mut f) = open_output(cwd, declared, e)?;
+            std::io::Write::write_all(&mut f, bytes).unwrap();
+            finish_output(&path, &tmp, e.mode)
+        };
+        place(cwd, &declared, &file("runs/a/b.txt"), b"hi").unwrap();
         assert_eq!(std::fs::read(cwd.join("runs/a/b.txt")).unwrap(), b"hi");
-        place_output(cwd, &declared, &file("m.json"), b"{}").unwrap();
+        place(cwd, &declared, &file("m.json"), b"{}").unwrap();
         for bad in [
             "src/x.py",
             "../x",
@@ -779,10 +822,7 @@ mod tests {
             "evil/x",
             "runsx/y",
         ] {
-            assert!(
-                place_output(cwd, &declared, &file(bad), b"no").is_err(),
-                "{bad}"
-            );
+            assert!(place(cwd, &declared, &file(bad), b"no").is_err(), "{bad}");
         }
         assert!(!Path::new("/tmp/x").exists() || std::fs::read("/tmp/x").unwrap() != b"no");
     }

@@ -287,8 +287,8 @@ async fn receive_tree<R: tokio::io::AsyncRead + Unpin>(
                     EntryKind::Dir => std::fs::create_dir_all(&path)?,
                     EntryKind::Symlink => std::os::unix::fs::symlink(&e.target, &path)?,
                     EntryKind::File => {
-                        let bytes = read_data(r, e.size).await?;
-                        std::fs::write(&path, bytes)?;
+                        let mut f = std::fs::File::create(&path)?;
+                        copy_data(r, e.size, |b| Ok(std::io::Write::write_all(&mut f, b)?)).await?;
                         use std::os::unix::fs::PermissionsExt;
                         std::fs::set_permissions(
                             &path,
@@ -302,29 +302,47 @@ async fn receive_tree<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Reads `size` bytes sent as `Data` frames.
-pub async fn read_data<R: tokio::io::AsyncRead + Unpin>(
+/// Reads `size` bytes sent as `Data` frames, handing each frame's bytes to
+/// `each` as it arrives (nothing is held whole).
+pub async fn copy_data<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
     size: u64,
-) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = Vec::with_capacity(size.min(64 << 20) as usize);
-    while (bytes.len() as u64) < size {
+    mut each: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut got = 0u64;
+    while got < size {
         let d = wire::expect(r, Kind::Data).await?;
-        bytes.extend_from_slice(&d.payload);
+        got += d.payload.len() as u64;
+        each(&d.payload)?;
     }
-    if bytes.len() as u64 != size {
-        bail!("{} bytes where {size} were announced", bytes.len());
+    if got != size {
+        bail!("{got} bytes where {size} were announced");
     }
-    Ok(bytes)
+    Ok(())
 }
 
-/// Sends `bytes` as `Data` frames.
-pub async fn write_data<W: tokio::io::AsyncWrite + Unpin>(
+/// Sends the `size` bytes of `path` as `Data` frames, read a frame at a
+/// time; a file that shrank meanwhile is an error (the connection is made
+/// again and the file sent anew).
+pub async fn send_file<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    for part in bytes.chunks(wire::MAX_FRAME) {
-        wire::write(w, Kind::Data, part).await?;
+    path: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; wire::MAX_FRAME.min(size.max(1) as usize)];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = f.read(&mut buf[..want]).await?;
+        if n == 0 {
+            bail!("{} shrank while it was sent", path.display());
+        }
+        wire::write(w, Kind::Data, &buf[..n]).await?;
+        left -= n as u64;
     }
     Ok(())
 }
@@ -402,18 +420,15 @@ async fn send_outputs<W: tokio::io::AsyncWrite + Unpin>(
         if sent.get(&rel) == Some(&now) || (!complete && mtime > settled_before) {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
         let entry = Entry {
             path: rel.clone(),
             kind: EntryKind::File,
             mode: meta.mode(),
-            size: bytes.len() as u64,
+            size: meta.len(),
             target: String::new(),
         };
         wire::write_json(w, Kind::Output, &entry).await?;
-        write_data(w, &bytes).await?;
+        send_file(w, &path, meta.len()).await?;
         sent.insert(rel, now);
     }
     Ok(())
