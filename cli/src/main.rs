@@ -12,13 +12,13 @@ mod jobs;
 mod k8s;
 mod out;
 mod project;
-mod spec;
 mod sweeps;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bridge_cli::spec;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
