@@ -25,6 +25,8 @@ use crate::scan::Stat;
 use crate::tree::Tree;
 
 const MAGIC: &[u8; 8] = b"BRIDGIX2";
+/// Bytes of one chunk ref in an entry: its id and its length.
+const CHUNK_REF_BYTES: usize = 32 + 4;
 
 /// An mtime this close to the start of the hashing cannot be trusted to
 /// change on the next write, on a file system with whole-second (or coarser)
@@ -129,6 +131,24 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Decodes [`Index::encode`]'s form; an error says what is wrong with
+    /// the bytes (what [`Index::load`] logs before it starts empty).
+    pub fn decode(bytes: &[u8]) -> io::Result<Index> {
+        let mut entries = HashMap::new();
+        read_entries(bytes, |p, c| _ = entries.insert(RelPath::trusted(p), c))?;
+        Ok(Index { entries })
+    }
+}
+
+/// Decodes [`encode_tree`]'s form (or [`Index::encode`]'s) into a [`Tree`],
+/// as [`Index::load_tree`] does from a file.
+pub fn decode_tree(bytes: &[u8]) -> io::Result<Tree> {
+    let mut t = Tree::new();
+    read_entries(bytes, |p, c| t.push_hashed(p, c))?;
+    Ok(t)
+}
+
 /// Reads an index file, passing each entry (its path checked) to `each`; a
 /// missing file reads as empty, a corrupt one is an error (logged).
 fn read_file(path: &Path, each: impl FnMut(&str, Cached)) -> Result<(), ()> {
@@ -173,7 +193,8 @@ fn read_entries(mut r: &[u8], mut each: impl FnMut(&str, Cached)) -> io::Result<
         r.read_exact(&mut flags)?;
         let hash = read_hash(r)?;
         let nchunks = read_u32(r)? as usize;
-        let mut chunks = Vec::with_capacity(nchunks.min(1 << 20));
+        // At most what the bytes left can hold: a corrupt count allocates nothing.
+        let mut chunks = Vec::with_capacity(nchunks.min(r.len() / CHUNK_REF_BYTES));
         for _ in 0..nchunks {
             let id = read_hash(r)?;
             chunks.push(ChunkRef {
@@ -577,6 +598,30 @@ mod tests {
         fs::write(&ip, b"BRIDGIX1\xff\xff\xff").unwrap();
         assert!(Index::load(&ip).entries.is_empty());
         assert!(Index::load(&d.path().join("missing")).entries.is_empty());
+    }
+
+    /// Found by the `index` fuzz target: an entry claiming 2^32 - 1 chunks
+    /// made the decoder reserve room for a million (36 MB) before finding
+    /// that the bytes end. The reservation is now bounded by the bytes left.
+    #[test]
+    fn a_corrupt_chunk_count_is_an_error_and_reserves_nothing_it_cannot_fill() {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.push(b'a');
+        b.extend_from_slice(&[0u8; 8 * 4 + 1 + 32]);
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = Index::decode(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(decode_tree(&b).is_err());
+        // A valid one decodes to what was encoded.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("y"), b"abc").unwrap();
+        let st = stat_of(&d.path().join("y"));
+        let mut i = Index::default();
+        let p = RelPath::new("x/y").unwrap();
+        i.entries.insert(p, Cached::new(&st, chunk_bytes(b"abc")));
+        assert_eq!(Index::decode(&i.encode()).unwrap().entries, i.entries);
     }
 
     #[test]
