@@ -1,0 +1,131 @@
+//! `.gitignore` and `.bridgeignore` handling: with any rules in the root's
+//! and a subdirectory's ignore files, bridge's own walk lists exactly what
+//! the `ignore` crate's matchers (git's rules, as bridge's walk once used
+//! them) keep: a path is synced when no ancestor directory is ignored and it
+//! is not ignored itself; `.bridgeignore` rules win over `.gitignore` ones,
+//! deeper files over shallower; `.git`, `.bridge` and editor temporaries
+//! never appear.
+#![no_main]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arbitrary::Arbitrary;
+use bridge_proto::scan::{Side, is_always_excluded, walk};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+struct Input<'a> {
+    root_git: &'a str,
+    root_bridge: &'a str,
+    sub_git: Option<&'a str>,
+    sub_bridge: Option<&'a str>,
+}
+
+const FILES: &[&str] = &[
+    "a.py",
+    "b.log",
+    "build/x.o",
+    "build/keep.log",
+    "sub/c.py",
+    "sub/d.tmp",
+    "sub/build/y.o",
+    "sub/deep/e.txt",
+    "sub/deep/f.log",
+    ".hidden",
+    "4913",
+    "a.py~",
+    "ünï.txt",
+    "[x]",
+    "a b",
+    "empty/",
+    ".git/HEAD",
+];
+
+/// One directory's rules: its `.bridgeignore` and its `.gitignore`.
+struct Level {
+    dir: PathBuf,
+    bridge: Gitignore,
+    git: Gitignore,
+}
+
+fn level(dir: &Path) -> Level {
+    let build = |name: &str| {
+        let mut b = GitignoreBuilder::new(dir);
+        let f = dir.join(name);
+        if f.exists() {
+            let _ = b.add(f);
+        }
+        b.build().unwrap_or_else(|_| Gitignore::empty())
+    };
+    Level {
+        dir: dir.to_path_buf(),
+        bridge: build(".bridgeignore"),
+        git: build(".gitignore"),
+    }
+}
+
+/// Whether `path` is ignored by its own name (not its parents'), as the
+/// `ignore` crate decides: the deepest `.bridgeignore` with a matching rule,
+/// else the deepest `.gitignore` with one.
+fn ignored(levels: &[Level], path: &Path, is_dir: bool) -> bool {
+    let picks: [fn(&Level) -> &Gitignore; 2] = [|l| &l.bridge, |l| &l.git];
+    for pick in picks {
+        for l in levels.iter().rev() {
+            if path.starts_with(&l.dir) && path != l.dir {
+                let m = pick(l).matched(path, is_dir);
+                if !m.is_none() {
+                    return m.is_ignore();
+                }
+            }
+        }
+    }
+    false
+}
+
+fuzz_target!(|input: Input| {
+    let root = bridge_fuzz::fresh("ignore_rules").canonicalize().unwrap();
+    for f in FILES {
+        let p = root.join(f);
+        if let Some(dir) = f.strip_suffix('/') {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        } else {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, f).unwrap();
+        }
+    }
+    fs::write(root.join(".gitignore"), input.root_git).unwrap();
+    fs::write(root.join(".bridgeignore"), input.root_bridge).unwrap();
+    if let Some(t) = input.sub_git {
+        fs::write(root.join("sub/.gitignore"), t).unwrap();
+    }
+    if let Some(t) = input.sub_bridge {
+        fs::write(root.join("sub/.bridgeignore"), t).unwrap();
+    }
+    let levels = [level(&root), level(&root.join("sub"))];
+
+    // What git's rules keep, path by path.
+    let mut expected = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let name = e.file_name();
+            let is_dir = e.file_type().unwrap().is_dir();
+            if is_always_excluded(&name.to_string_lossy()) || ignored(&levels, &p, is_dir) {
+                continue;
+            }
+            if is_dir {
+                stack.push(p.clone());
+            }
+            expected.push(p.strip_prefix(&root).unwrap().display().to_string());
+        }
+    }
+    expected.sort();
+
+    let (found, _bad) = walk(&root, None, None, Side::Agent);
+    let mut got: Vec<String> = found.iter().map(|f| f.path.as_str().to_string()).collect();
+    got.sort();
+    assert_eq!(got, expected, "rules {input:?}");
+});
