@@ -185,14 +185,8 @@ impl Control for ControlService {
             // A shared agent: its jobs may belong to other repositories too.
             let running = self.relay.list_all_mirrors().await?;
             if !running.is_empty() && !req.force {
-                let ids: Vec<String> = running
-                    .iter()
-                    .map(|j| format!("{} ({})", j.id, j.name))
-                    .collect();
-                return Err(Status::failed_precondition(format!(
-                    "{} job(s) still running on the agent: {}; wait for them, cancel them, or add --force to cancel them",
-                    running.len(),
-                    ids.join(", ")
+                return Err(Status::failed_precondition(crate::down::still_running(
+                    &running,
                 )));
             }
             stop.cancel_jobs = !running.is_empty();

@@ -349,6 +349,16 @@ type Client = AgentClient<InterceptedService<Channel, Auth>>;
 #[derive(Clone)]
 pub struct Auth(MetadataValue<tonic::metadata::Ascii>);
 
+impl Auth {
+    /// The `authorization: Bearer TOKEN` header; `None` for a token that
+    /// is not ASCII.
+    pub fn bearer(token: &str) -> Option<Auth> {
+        MetadataValue::try_from(format!("Bearer {token}"))
+            .ok()
+            .map(Auth)
+    }
+}
+
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, GrpcStatus> {
         req.metadata_mut().insert(AUTH_HEADER, self.0.clone());
@@ -652,9 +662,8 @@ impl Engine {
             .provider
             .agent_token()
             .unwrap_or_else(|| self.repo.token.clone());
-        let token = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| SyncError::Protocol("the token is not valid ASCII".into()))?;
-        let auth = Auth(token);
+        let auth = Auth::bearer(&token)
+            .ok_or_else(|| SyncError::Protocol("the token is not valid ASCII".into()))?;
         let link = AgentLink {
             channel: channel.clone(),
             auth: auth.clone(),

@@ -426,74 +426,22 @@ impl Relay {
         .await
     }
 
-    /// Cancels this repository's (or, with `all_mirrors`, every) active job
-    /// and waits (bounded) for them to end: `bridge down` leaves nothing
-    /// running on an agent it stops.
+    /// Cancels this repository's (or, with `all_mirrors`, every) sweep and
+    /// active job and waits (bounded) for them to end: `bridge down` leaves
+    /// nothing running on an agent it stops.
     pub async fn cancel_all(&self, all_mirrors: bool) {
-        // First the sweeps, or they would start trials as their jobs end.
-        self.cancel_sweeps(all_mirrors).await;
-        let Some(link) = self.shared.agent.borrow().clone() else {
+        let Some(link) = self.current_link() else {
             return;
         };
-        let mirror = if all_mirrors {
-            String::new()
-        } else {
-            self.mirror.clone()
-        };
-        let Ok(list) = link
-            .jobs()
-            .list(v1::ListRequest {
-                mirror,
-                all: false,
-                unsettled: false,
-            })
-            .await
-        else {
-            return;
-        };
-        let active = list.into_inner().jobs;
-        for j in &active {
-            let _ = link.jobs().cancel(v1::JobRef { id: j.id.clone() }).await;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        for j in &active {
-            while tokio::time::Instant::now() < deadline {
-                match link.jobs().get(v1::JobRef { id: j.id.clone() }).await {
-                    Ok(r) if !is_terminal(r.get_ref().state()) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await
-                    }
-                    _ => break,
-                }
-            }
-        }
-        if !active.is_empty() {
-            tracing::info!(
-                jobs = active.len(),
-                "cancelled the running jobs before stopping the agent"
-            );
-        }
+        let mirror = (!all_mirrors).then_some(self.mirror.as_str());
+        crate::down::cancel_all(&link, mirror).await;
     }
 
     /// Cancels this repository's live jobs (`bridge down` on an agent that
     /// keeps running): a dev server serves the laptop that started it.
     pub async fn cancel_live(&self) {
-        let Some(link) = self.current_link() else {
-            return;
-        };
-        let mut jobs = link.jobs();
-        let list = jobs.list(v1::ListRequest {
-            mirror: self.mirror.clone(),
-            all: false,
-            unsettled: false,
-        });
-        let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), list).await else {
-            return;
-        };
-        for j in list.into_inner().jobs {
-            if j.spec.as_ref().is_some_and(|s| s.live) {
-                let _ = link.jobs().cancel(v1::JobRef { id: j.id.clone() }).await;
-                tracing::info!(job = %j.id, "live job cancelled by down");
-            }
+        if let Some(link) = self.current_link() {
+            crate::down::cancel_live(&link, &self.mirror).await;
         }
     }
 

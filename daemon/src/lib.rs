@@ -25,6 +25,8 @@
 //! - [`attach`]: presence for the agent's idle autostop — one pinged
 //!   `Attach` stream on the current link, its answers in the status.
 //! - [`control`]: the control server the CLI talks to.
+//! - [`down`]: what `bridge down` does to the agent's jobs, with or without
+//!   a daemon.
 //! - [`status`]: the `bridge status --json` schema.
 //!
 //! [`run`] takes a bound control listener and a shutdown future, so tests and
@@ -32,6 +34,7 @@
 
 pub mod attach;
 pub mod control;
+pub mod down;
 pub mod engine;
 pub mod forwards;
 pub mod jobs;
@@ -85,6 +88,20 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// The provider `config` names, for the repository laid out as `layout`.
+pub fn provider_for(config: &ProviderConfig, layout: &Layout) -> Arc<dyn Provider> {
+    match config {
+        ProviderConfig::Local { agent_bin } => Arc::new(LocalProvider::in_state_dir(
+            &layout.state,
+            agent_bin.clone(),
+        )),
+        #[cfg(feature = "ssh")]
+        ProviderConfig::Ssh(c) => Arc::new(provider::ssh::SshProvider::new(c.clone())),
+        #[cfg(feature = "k8s")]
+        ProviderConfig::K8s(c) => Arc::new(provider::k8s::K8sProvider::new(c.clone())),
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves or a client asks it to stop
 /// (`bridge down`: see [`control::Stop`] for what else stops).
 pub async fn run(
@@ -98,16 +115,7 @@ pub async fn run(
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Error::NoToken(layout.token.clone()))?;
-    let provider: Arc<dyn Provider> = match &config.provider {
-        ProviderConfig::Local { agent_bin } => Arc::new(LocalProvider::in_state_dir(
-            &layout.state,
-            agent_bin.clone(),
-        )),
-        #[cfg(feature = "ssh")]
-        ProviderConfig::Ssh(c) => Arc::new(provider::ssh::SshProvider::new(c.clone())),
-        #[cfg(feature = "k8s")]
-        ProviderConfig::K8s(c) => Arc::new(provider::k8s::K8sProvider::new(c.clone())),
-    };
+    let provider = provider_for(&config.provider, &layout);
     let status = status::Status::new(
         config.repo.display().to_string(),
         provider.name().to_string(),

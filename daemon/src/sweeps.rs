@@ -152,29 +152,4 @@ impl Relay {
             tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
         }
     }
-
-    /// Cancels this repository's (or, with `all_mirrors`, every) active
-    /// sweep, so that no trial starts while `bridge down` stops its jobs.
-    pub async fn cancel_sweeps(&self, all_mirrors: bool) {
-        let Some(link) = self.current_link() else {
-            return;
-        };
-        let mirror = if all_mirrors {
-            String::new()
-        } else {
-            self.mirror().to_string()
-        };
-        let mut client = link.sweeps();
-        let list = client.list(v1::SweepListRequest { mirror, all: false });
-        let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), list).await else {
-            return;
-        };
-        for s in list.into_inner().sweeps {
-            let _ = link
-                .sweeps()
-                .cancel(v1::SweepRef { id: s.id.clone() })
-                .await;
-            tracing::info!(sweep = %s.id, "sweep cancelled by down");
-        }
-    }
 }
