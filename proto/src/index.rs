@@ -273,14 +273,35 @@ fn encode_entry(w: &mut Vec<u8>, p: &RelPath, c: &Cached, chunks: &[ChunkRef]) {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename.
+///
+/// The temporary file's name is this writer's own (pid and a counter), so
+/// two processes or threads writing the same file at once each rename a
+/// whole file of theirs: the last rename wins, neither fails. (With one
+/// shared `.tmp` name, two `bridge up`s at once truncated each other's
+/// temporary and the second rename found it gone.) It is created with
+/// `O_EXCL`, never through a link, and removed when the write fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)
+    written
 }
 
 /// Saves an index to its file, optionally on a background thread so the
@@ -622,6 +643,31 @@ mod tests {
         let p = RelPath::new("x/y").unwrap();
         i.entries.insert(p, Cached::new(&st, chunk_bytes(b"abc")));
         assert_eq!(Index::decode(&i.encode()).unwrap().entries, i.entries);
+    }
+
+    /// Two writers of one file at once each rename a whole file of their
+    /// own (found by the fault suite: two `bridge up`s at once).
+    #[test]
+    fn concurrent_atomic_writes_of_one_file_never_fail_or_mix() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("provider.toml");
+        std::thread::scope(|s| {
+            for b in [b'a', b'b'] {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(p, &[b; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let got = fs::read(&p).unwrap();
+        assert!(got == [b'a'; 4096] || got == [b'b'; 4096]);
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temporaries left"
+        );
     }
 
     #[test]
