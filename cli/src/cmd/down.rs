@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use bridge_daemon::provider::local::LocalProvider;
-use bridge_daemon::provider::{Provider, ProviderSpec};
+use bridge_daemon::down;
+use bridge_daemon::provider::ProviderSpec;
 use tonic::Code;
 
 use crate::client;
@@ -69,18 +69,58 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<()> {
             wait_gone(&layout).await;
             println!("bridge is down for {}", layout.repo.display());
         }
-        None if cloud => {}
-        None => {
-            // No daemon, but a local agent may be left from a crash.
-            LocalProvider::in_state_dir(&layout.state, client::agent_bin())
-                .teardown()
-                .await?;
-            let _ = std::fs::remove_file(&layout.control);
-            println!("bridge was not running for {}", layout.repo.display());
-        }
+        None => down_without_daemon(&layout, spec, &args, cloud).await?,
     }
     if let Some(m) = machine.as_mut() {
         m.down(&crate::out::Terminal, args.purge).await?;
+    }
+    Ok(())
+}
+
+/// `bridge down` with no daemon (it crashed, or was killed): the agent may
+/// still run this repository's jobs, so the command reaches it itself and
+/// does what the daemon would have done (see `bridge_daemon::down`).
+async fn down_without_daemon(
+    layout: &bridge_daemon::repo::Layout,
+    spec: Option<ProviderSpec>,
+    args: &Args,
+    cloud: bool,
+) -> anyhow::Result<()> {
+    let want = down::Down {
+        remote: args.remote,
+        force: args.force,
+        purge: args.purge && !cloud,
+        machine_goes: cloud,
+    };
+    let config = spec
+        .unwrap_or(ProviderSpec::Local)
+        .open(client::agent_bin())
+        .ok()
+        .map(|provider| bridge_daemon::Config {
+            repo: layout.repo.clone(),
+            provider,
+        });
+    let done = match &config {
+        Some(config) => down::offline(config, want).await.map_err(|e| {
+            let e = e.replace("add --force", "run `bridge down --force`");
+            if cloud {
+                anyhow!("{e}; nothing was stopped")
+            } else {
+                anyhow!("{e}")
+            }
+        })?,
+        // A machine that is not up has no agent to reach.
+        None => down::Done::default(),
+    };
+    let _ = std::fs::remove_file(&layout.control);
+    if done.cancelled > 0 {
+        println!(
+            "bridge: cancelled {} job(s) the stopped daemon had left running",
+            done.cancelled
+        );
+    }
+    if !cloud {
+        println!("bridge was not running for {}", layout.repo.display());
     }
     Ok(())
 }
