@@ -296,6 +296,15 @@ impl Repo {
         fs::read_to_string(self.path(".bridge/agent.log")).unwrap_or_default()
     }
 
+    /// The running daemon's pid (from `.bridge/daemon.pid`).
+    pub fn daemon_pid(&self) -> i32 {
+        fs::read_to_string(self.path(".bridge/daemon.pid"))
+            .expect("a daemon runs")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
     pub fn agent_pid(&self) -> Option<i32> {
         fs::read_to_string(self.path(".bridge/agent.pid"))
             .ok()?

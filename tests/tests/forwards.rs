@@ -32,14 +32,6 @@ fn site(r: &Repo, name: &str) -> (std::path::PathBuf, Vec<u8>) {
     (dir, big)
 }
 
-fn daemon_pid(r: &Repo) -> i32 {
-    fs::read_to_string(r.path(".bridge/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Every socket `pid` listens on is a loopback one.
 fn assert_loopback_only(pid: i32, who: &str) -> usize {
     let l = listening(pid);
@@ -125,7 +117,7 @@ fn forwards_carry_http_both_ways_and_bad_input_is_clear() {
     );
 
     // Only loopback listens, on both processes.
-    assert!(assert_loopback_only(daemon_pid(&r), "the daemon") >= 1);
+    assert!(assert_loopback_only(r.daemon_pid(), "the daemon") >= 1);
     assert!(assert_loopback_only(r.agent_pid().unwrap(), "the agent") >= 1);
 
     // Nothing listens on the agent's port: the client's connection closes
@@ -211,7 +203,7 @@ fn forwards_outlive_a_daemon_restart() {
     // The daemon dies (not `down`): the next one sets the forward up again,
     // on the agent port it had, which a running job may be using.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon_pid(&r)),
+        nix::unistd::Pid::from_raw(r.daemon_pid()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
@@ -363,7 +355,7 @@ fn forwards_over_ssh(tunnel_only: bool) {
         http_get(agent_port, "/hello.txt", Duration::from_secs(10)).unwrap(),
         b"hello from laptop-site\n"
     );
-    assert_loopback_only(daemon_pid(r), "the daemon");
+    assert_loopback_only(r.daemon_pid(), "the daemon");
     // The agent serves on a Unix socket: its one TCP listener is the reverse
     // forward's.
     assert_eq!(
@@ -443,7 +435,7 @@ fn forwards_over_ssh(tunnel_only: bool) {
         at - healed
     );
     assert!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon_pid(r)), None).is_ok(),
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.daemon_pid()), None).is_ok(),
         "the daemon died"
     );
     assert_eq!(forwards(r).len(), 3);

@@ -16,6 +16,9 @@ mod containers;
 mod debugger;
 /// Editors' save strategies: atomic rename, vim, JetBrains; torn writes.
 mod editors;
+/// The fault suite: daemons and agents killed mid-work, `down` with no
+/// daemon, two daemons and two runs at once.
+mod faults;
 /// Port forwards both ways, a job's own, over SSH through a cut link; only
 /// loopback listens.
 mod forwards;

@@ -4,16 +4,8 @@ use bridge_tests::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-fn daemon_pid(r: &Repo) -> i32 {
-    std::fs::read_to_string(r.path(".bridge/daemon.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn stop_daemon(r: &Repo) {
-    let pid = daemon_pid(r);
+    let pid = r.daemon_pid();
     kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || kill(Pid::from_raw(pid), None)

@@ -1,0 +1,262 @@
+//! The fault suite: processes killed at the worst moment, two of everything
+//! at once. Each test does the damage to real processes and then checks
+//! what survived.
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bridge_tests::{Repo, bridge_bin, eventually, random_bytes};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn alive(pid: i32) -> bool {
+    // A zombie has ended; only a reaper is missing.
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn kill9(pid: i32) {
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(pid)),
+        "{pid} outlived SIGKILL"
+    );
+}
+
+/// Pids of processes whose command line has every one of `needles`.
+fn pids_with(needles: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if needles.iter().all(|n| cmd.contains(n)) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A daemon killed with SIGKILL leaves its job running on the agent;
+/// `bridge down` with no daemon still cancels it (the job and its
+/// children end) and stops the local agent, and the next `up` reports the
+/// job as cancelled.
+#[test]
+fn down_with_no_daemon_cancels_the_jobs_and_stops_the_agent() {
+    let r = Repo::new();
+    let pids = r.scratch("pids");
+    r.write(
+        "spawn.sh",
+        format!(
+            "echo $$ >> {p}\nsleep 1000 &\necho $! >> {p}\nwait\n",
+            p = pids.display()
+        ),
+    );
+    r.write("spawn.toml", "run = \"sh spawn.sh\"\n");
+    r.up();
+    let id = r.ok(&["run", "spawn.toml", "--detach"]).trim().to_string();
+    assert!(eventually(Duration::from_secs(20), || {
+        fs::read_to_string(&pids).is_ok_and(|s| s.lines().count() == 2)
+    }));
+    let pids: Vec<i32> = fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let agent = r.agent_pid().expect("agent pid");
+    kill9(r.daemon_pid());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        pids.iter().all(|&p| alive(p)),
+        "the job died with the daemon"
+    );
+
+    let out = r.ok(&["down"]);
+    assert!(
+        out.contains("cancelled 1 job(s)") && out.contains("was not running"),
+        "{out}"
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || pids.iter().all(|&p| !alive(p))),
+        "the job outlived `bridge down`"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(agent)),
+        "the agent outlived `bridge down`"
+    );
+    assert!(!r.path(".bridge/daemon.sock").exists());
+
+    r.up();
+    let jobs = r.ps_json(true);
+    let job = jobs
+        .iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("the job");
+    assert_eq!(job["state"], "cancelled", "{job}");
+    // Nothing to cancel the second time: a plain stop.
+    r.ok(&["down"]);
+    let out = r.ok(&["down"]);
+    assert!(
+        !out.contains("cancelled") && out.contains("was not running"),
+        "{out}"
+    );
+}
+
+/// Two `bridge up`s started at the same instant: one daemon wins, the other
+/// command succeeds against it or says bridge is already up (as a second
+/// `up` does), one agent runs. Then two `bridge run`s at
+/// the same instant in a repository with nothing running: both jobs run
+/// to the end with their own output.
+#[test]
+fn two_daemons_at_once_one_wins_and_two_runs_at_once_both_run() {
+    let r = Repo::new();
+    for i in 0..200 {
+        r.write(&format!("src/f{i}.py"), format!("x = {i}\n"));
+    }
+    let start = |args: &[&str]| {
+        Command::new(bridge_bin())
+            .arg("-C")
+            .arg(&r.root)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(&["up"]), start(&["up"]));
+    let mut won = 0;
+    for o in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        // The loser either finds the winner's daemon ready or says, as a
+        // second `up` does, that bridge is already up (and whose it is).
+        if o.status.success() {
+            won += 1;
+        } else {
+            assert!(
+                err.contains("already up") && err.contains(&r.daemon_pid().to_string()),
+                "{err}\n{}",
+                r.daemon_log()
+            );
+        }
+    }
+    assert!(won >= 1, "neither `up` succeeded:\n{}", r.daemon_log());
+    let root = r.root.display().to_string();
+    assert_eq!(pids_with(&["bridge", " daemon", &root]).len(), 1, "daemons");
+    assert_eq!(
+        pids_with(&["bridge-agent", &root]).len(),
+        1,
+        "agents: {:?}",
+        pids_with(&["bridge-agent", &root])
+    );
+    r.assert_mirror_exact();
+    r.ok(&["down"]);
+
+    // Nothing runs: each `run` would start bridge itself.
+    r.write("a.toml", "run = \"echo job-a; sleep 0.5; echo a-done\"\n");
+    r.write("b.toml", "run = \"echo job-b; sleep 0.5; echo b-done\"\n");
+    let (a, b) = (start(&["run", "a.toml"]), start(&["run", "b.toml"]));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for (o, want) in [(&a, "job-a\na-done\n"), (&b, "job-b\nb-done\n")] {
+        assert!(
+            o.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            r.daemon_log()
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+    }
+    assert_eq!(pids_with(&["bridge", " daemon", &root]).len(), 1, "daemons");
+    let jobs = r.ps_json(true);
+    assert_eq!(
+        jobs.iter().filter(|j| j["state"] == "succeeded").count(),
+        2,
+        "{jobs:?}"
+    );
+}
+
+/// The agent killed with SIGKILL while it applies a large update (5,000
+/// files and one of 32 MB, all changed): at that moment every file in the
+/// mirror is whole, its old content or its new one, never a mix, a
+/// truncation or a visible temporary; the restarted agent converges.
+#[test]
+fn an_agent_killed_mid_update_leaves_every_file_old_or_new() {
+    let r = Repo::new();
+    let n = 5000;
+    let name = |i: usize| format!("d{:02}/f{i:04}.txt", i % 50);
+    let body = |era: &str, i: usize| format!("{era} {i}\n").repeat(40);
+    for i in 0..n {
+        r.write(&name(i), body("old", i));
+    }
+    let old_big = random_bytes(32 << 20, 1);
+    r.write("big.bin", &old_big);
+    r.up();
+    r.sync_wait();
+    let mirror = r.mirror();
+
+    let new_big = random_bytes(32 << 20, 2);
+    for i in 0..n {
+        r.write(&name(i), body("new", i));
+    }
+    r.write("big.bin", &new_big);
+    // Kill as soon as the first new file lands: the rest is being applied.
+    let first = mirror.join(name(0));
+    let landed = eventually(Duration::from_secs(30), || {
+        fs::read_to_string(&first).is_ok_and(|s| s.starts_with("new"))
+    });
+    assert!(landed, "the update never started");
+    let agent = r.agent_pid().expect("agent pid");
+    kill9(agent);
+
+    let (mut old, mut new) = (0, 0);
+    for i in 0..n {
+        let got = fs::read_to_string(mirror.join(name(i))).unwrap();
+        if got == body("old", i) {
+            old += 1;
+        } else if got == body("new", i) {
+            new += 1;
+        } else {
+            panic!("{} is neither old nor new: {got:?}", name(i));
+        }
+    }
+    let big = fs::read(mirror.join("big.bin")).unwrap();
+    assert!(big == old_big || big == new_big, "big.bin is torn");
+    // Nothing but the repository's own names is visible in the mirror
+    // (and `.git/info/exclude`, the agent's copy of the ignore rules).
+    for d in fs::read_dir(&mirror).unwrap().flatten() {
+        let f = d.file_name().to_string_lossy().into_owned();
+        if f == ".git" {
+            continue;
+        }
+        assert!(f.starts_with('d') || f == "big.bin", "{f} in the mirror");
+        if d.file_type().unwrap().is_dir() {
+            for e in fs::read_dir(d.path()).unwrap().flatten() {
+                let e = e.file_name().to_string_lossy().into_owned();
+                assert!(e.starts_with('f') && e.ends_with(".txt"), "{f}/{e}");
+            }
+        }
+    }
+    eprintln!("killed with {new} of {n} files new, {old} old");
+    assert!(old > 0, "the kill came after the whole update ({new} new)");
+
+    // The daemon starts the agent again and the mirror converges.
+    assert!(
+        eventually(Duration::from_secs(30), || r
+            .agent_pid()
+            .is_some_and(|p| p != agent && alive(p))),
+        "the agent was not started again:\n{}",
+        r.daemon_log()
+    );
+    r.sync_wait();
+    r.assert_mirror_exact();
+    assert_eq!(
+        fs::read_dir(r.path(".bridge/agent/tmp")).unwrap().count(),
+        0,
+        "temporary files left behind"
+    );
+}
