@@ -26,7 +26,7 @@ use bridge_proto::oldfiles;
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::tree::Node;
-use bridge_proto::{splice, v1};
+use bridge_proto::{human_bytes, splice, v1};
 
 use crate::mirror::Mirror;
 use crate::store::{FileCache, Store};
@@ -54,11 +54,17 @@ pub enum RoundError {
 enum OpError {
     Refused(String),
     Failed(String),
+    /// The file system is full (or the user's quota spent): the op fails
+    /// until space is freed, and the daemon says so instead of retrying.
+    NoSpace(String),
 }
 
 impl From<io::Error> for OpError {
     fn from(e: io::Error) -> Self {
-        OpError::Failed(e.to_string())
+        match e.raw_os_error() {
+            Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => OpError::NoSpace(e.to_string()),
+            _ => OpError::Failed(e.to_string()),
+        }
     }
 }
 
@@ -86,7 +92,7 @@ struct Active {
     tmp: PathBuf,
     /// `None` once the op failed (remaining bodies are still consumed).
     file: Option<File>,
-    failed: Option<String>,
+    failed: Option<OpError>,
     /// Chunks already in `tmp`, for repeats within the file.
     written: HashMap<Hash, u64>,
     offset: u64,
@@ -206,7 +212,7 @@ impl<'a> Round<'a> {
         self.pending.remove(&expect.id);
         if let Some(f) = a.file.as_mut() {
             if let Err(e) = f.write_all(&data) {
-                a.failed = Some(e.to_string());
+                a.failed = Some(e.into());
                 a.file = None;
             } else {
                 a.written.entry(expect.id).or_insert(a.offset);
@@ -296,7 +302,14 @@ impl<'a> Round<'a> {
                         .open(&tmp);
                     let (file, failed) = match created {
                         Ok(f) => (Some(f), None),
-                        Err(e) => (None, Some(format!("cannot create temporary file: {e}"))),
+                        Err(e) => {
+                            let m = format!("cannot create temporary file: {e}");
+                            let failed = match OpError::from(e) {
+                                OpError::NoSpace(_) => OpError::NoSpace(m),
+                                _ => OpError::Failed(m),
+                            };
+                            (None, Some(failed))
+                        }
                     };
                     self.active = Some(Active {
                         path,
@@ -319,11 +332,17 @@ impl<'a> Round<'a> {
                     "the version of {p} this change was made against is not in the mirror"
                 ))),
             };
-            self.op_result(&path, res)?;
+            self.op_result(&path, 0, res)?;
         }
     }
 
-    fn op_result(&mut self, path: &RelPath, res: Result<(), OpError>) -> Result<(), RoundError> {
+    /// Records how the op on `path` (a file of `bytes`, else 0) went.
+    fn op_result(
+        &mut self,
+        path: &RelPath,
+        bytes: u64,
+        res: Result<(), OpError>,
+    ) -> Result<(), RoundError> {
         match res {
             Ok(()) => Ok(()),
             Err(OpError::Refused(m)) => Err(RoundError::Refused(m)),
@@ -332,6 +351,24 @@ impl<'a> Round<'a> {
                 self.failures.push(v1::Failure {
                     path: path.to_string(),
                     message: m,
+                    no_space_bytes: 0,
+                });
+                Ok(())
+            }
+            Err(OpError::NoSpace(m)) => {
+                // A directory or a link needs a block at least.
+                let needs = bytes.max(4096);
+                let message = format!(
+                    "{m}: {path} needs {}, {} free in {}",
+                    human_bytes(needs),
+                    free_bytes(&self.mirror.root).map_or("?".into(), human_bytes),
+                    self.mirror.root.display()
+                );
+                tracing::warn!(%path, error = %message, "op failed: no space");
+                self.failures.push(v1::Failure {
+                    path: path.to_string(),
+                    message,
+                    no_space_bytes: needs,
                 });
                 Ok(())
             }
@@ -373,8 +410,10 @@ impl<'a> Round<'a> {
                     // Changed while it was copied: the op fails, and is
                     // sent again.
                     Ok(()) => {
-                        a.failed =
-                            Some(format!("{} changed while it was read", run.file.display()));
+                        a.failed = Some(OpError::Failed(format!(
+                            "{} changed while it was read",
+                            run.file.display()
+                        )));
                         a.file = None;
                         return true;
                     }
@@ -386,7 +425,7 @@ impl<'a> Round<'a> {
                         if let Err(e) = f.set_len(a.offset).and_then(|()| {
                             std::io::Seek::seek(f, std::io::SeekFrom::Start(a.offset)).map(|_| ())
                         }) {
-                            a.failed = Some(e.to_string());
+                            a.failed = Some(e.into());
                             a.file = None;
                             return true;
                         }
@@ -430,15 +469,15 @@ impl<'a> Round<'a> {
             }
             for ((body, verify), c) in bodies.into_iter().zip(&batch) {
                 let res = match body {
-                    Some(b) => f.write_all(&b).map_err(|e| e.to_string()),
+                    Some(b) => f.write_all(&b).map_err(OpError::from),
                     None => {
                         if verify {
                             self.store.forget(&c.id);
                         }
-                        Err(format!(
+                        Err(OpError::Failed(format!(
                             "chunk {} is no longer available on the agent",
                             c.id.to_hex()
-                        ))
+                        )))
                     }
                 };
                 if let Err(m) = res {
@@ -455,15 +494,16 @@ impl<'a> Round<'a> {
 
     fn finish_put(&mut self, a: Active) -> Result<(), RoundError> {
         let path = a.path.clone();
+        let bytes = a.chunks.iter().map(|c| u64::from(c.len)).sum();
         let res = self.install_file(a);
-        self.op_result(&path, res)
+        self.op_result(&path, bytes, res)
     }
 
     fn install_file(&mut self, a: Active) -> Result<(), OpError> {
         let tmp = a.tmp.clone();
         let res = (|| {
-            if let Some(m) = a.failed {
-                return Err(OpError::Failed(m));
+            if let Some(e) = a.failed {
+                return Err(e);
             }
             let f = a.file.expect("file present when not failed");
             f.set_permissions(Permissions::from_mode(if a.exec { 0o755 } else { 0o644 }))?;
@@ -1009,3 +1049,9 @@ mod tests {
 
 #[cfg(test)]
 mod properties;
+
+/// Bytes free to this user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}

@@ -73,6 +73,10 @@ pub enum SyncError {
     Protocol(String),
     #[error("the mirror did not converge: {0}")]
     Diverged(String),
+    /// The agent's disk is full: retried (with the backoff) until space is
+    /// freed there, and told to whoever waits for the sync meanwhile.
+    #[error("the agent's disk is full: {0}")]
+    NoSpace(String),
 }
 
 impl SyncError {
@@ -87,7 +91,7 @@ impl SyncError {
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::InvalidArgument
             ),
-            SyncError::Protocol(_) | SyncError::Diverged(_) => true,
+            SyncError::Protocol(_) | SyncError::Diverged(_) | SyncError::NoSpace(_) => true,
         }
     }
 }
@@ -1138,7 +1142,9 @@ impl Engine {
                         self.shared.progress.send_modify(|p| p.error = msg.clone());
                     }
                     self.conn = None;
-                    if !e.retryable() {
+                    // A full disk is retried, but not in silence: a
+                    // `sync --wait` or a `run` fails now with the reason.
+                    if !e.retryable() || matches!(e, SyncError::NoSpace(_)) {
                         for w in waiters.drain(..) {
                             w.fail(msg.clone());
                         }

@@ -49,6 +49,22 @@ pub mod v1 {
     tonic::include_proto!("bridge.v1");
 }
 
+/// Formats a byte count for people: `512 B`, `7.6 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Version of the daemon ↔ agent protocol; both sides refuse a peer with another.
 pub const PROTOCOL_VERSION: u32 = 3;
 

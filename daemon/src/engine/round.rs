@@ -194,6 +194,21 @@ impl Engine {
             // The agent's state for those paths is unknown: ask it.
             self.fetch_manifest().await?;
         }
+        let full: Vec<&v1::Failure> = done
+            .failures
+            .iter()
+            .filter(|f| f.no_space_bytes > 0)
+            .collect();
+        if let Some(first) = full.first() {
+            // Sending it again changes nothing until space is freed.
+            let needs: u64 = full.iter().map(|f| f.no_space_bytes).sum();
+            return Err(SyncError::NoSpace(format!(
+                "{} file(s) need {} ({}); free space on the agent and sync again (the daemon retries meanwhile)",
+                full.len(),
+                bridge_proto::human_bytes(needs),
+                first.message
+            )));
+        }
         Ok((agent_root, skipped_all))
     }
 }
