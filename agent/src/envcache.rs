@@ -830,13 +830,20 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Resul
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.{}.tmp", file_name(path), std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    if durable {
-        f.sync_data()?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        if durable {
+            f.sync_data()?;
+        }
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // A full disk leaves no temporary behind.
+        let _ = fs::remove_file(&tmp);
     }
-    drop(f);
-    fs::rename(&tmp, path)
+    written
 }
 
 #[cfg(test)]

@@ -52,6 +52,11 @@ struct WriterState {
     finished: bool,
     /// Bytes appended since the background sync was last woken.
     unsynced: u64,
+    /// Data bytes that could not be appended (a full disk), and why.
+    lost: u64,
+    lost_error: Option<String>,
+    /// The last loss was a full disk (or a spent quota).
+    lost_full: bool,
 }
 
 impl LogWriter {
@@ -63,6 +68,9 @@ impl LogWriter {
                 file,
                 finished: false,
                 unsynced: 0,
+                lost: 0,
+                lost_error: None,
+                lost_full: false,
             }),
             behind: None,
         })
@@ -95,6 +103,11 @@ impl LogWriter {
 
     /// Appends `data` as one record per `MAX_RECORD` bytes, stamped now.
     /// Empty data writes nothing: readers never see empty records.
+    ///
+    /// A record that does not fit (the disk is full) is cut off again, so
+    /// the log never holds a torn record that later ones would follow (a
+    /// reader would stop there for good); its bytes count as lost
+    /// ([`LogWriter::lost`]).
     pub fn write(&self, stream: u8, data: &[u8]) -> io::Result<()> {
         let ts = now_ns();
         let mut st = self.file.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,13 +115,21 @@ impl LogWriter {
             return Err(io::Error::other("job log already finished"));
         }
         let mut buf = Vec::with_capacity(HEADER_LEN + data.len().min(MAX_RECORD));
-        for part in data.chunks(MAX_RECORD) {
+        for (i, part) in data.chunks(MAX_RECORD).enumerate() {
             buf.clear();
             buf.push(stream);
             buf.extend_from_slice(&ts.to_le_bytes());
             buf.extend_from_slice(&(part.len() as u32).to_le_bytes());
             buf.extend_from_slice(part);
-            st.file.write_all(&buf)?;
+            if let Err(e) = append_record(&mut st.file, &buf) {
+                st.lost += (data.len() - i * MAX_RECORD) as u64;
+                st.lost_error = Some(e.to_string());
+                st.lost_full = matches!(
+                    e.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                );
+                return Err(e);
+            }
         }
         if let Some((every, wake)) = &self.behind {
             st.unsynced += data.len() as u64;
@@ -128,11 +149,60 @@ impl LogWriter {
         st.file.sync_data()
     }
 
+    /// Output the job printed that is not in its log: the data bytes that
+    /// could not be written, the last error, and whether it was a full disk.
+    pub fn lost(&self) -> Lost {
+        let st = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        Lost {
+            bytes: st.lost,
+            error: st.lost_error.clone(),
+            disk_full: st.lost_full,
+        }
+    }
+
     /// Syncs the log and refuses every later write.
     pub fn finish(&self) -> io::Result<()> {
         let mut st = self.file.lock().unwrap_or_else(|e| e.into_inner());
         st.finished = true;
         st.file.sync_data()
+    }
+}
+
+/// What [`LogWriter::lost`] reports.
+#[derive(Debug, Clone, Default)]
+pub struct Lost {
+    pub bytes: u64,
+    pub error: Option<String>,
+    pub disk_full: bool,
+}
+
+/// Appends one whole record with one `write` (the file is `O_APPEND`), or
+/// none: a short write (a full disk) is cut off again, unless another
+/// writer appended behind it meanwhile (a cluster job's head shares the log).
+fn append_record(file: &mut File, record: &[u8]) -> io::Result<()> {
+    use std::io::Seek;
+    let mut done = 0;
+    while done < record.len() {
+        match file.write(&record[done..]) {
+            Ok(0) => {
+                return Err(cut(file, done, io::ErrorKind::WriteZero.into()));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cut(file, done, e)),
+        }
+    }
+    return Ok(());
+
+    /// Removes the `done` bytes of a record that could not be finished.
+    fn cut(file: &mut File, done: usize, e: io::Error) -> io::Error {
+        if done > 0
+            && let Ok(end) = file.stream_position()
+            && file.metadata().is_ok_and(|m| m.len() == end)
+        {
+            let _ = file.set_len(end - done as u64);
+        }
+        e
     }
 }
 

@@ -80,6 +80,11 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log on a full disk must not take the process down: by default a
+        // failed write is reported with `eprintln!`, which panics when
+        // stderr itself cannot be written (a shim's stderr is `shim.log`,
+        // on the disk a job may fill).
+        .log_internal_errors(false)
         .init();
     match Cli::parse().cmd {
         Cmd::Serve {

@@ -59,6 +59,10 @@ pub const CANCEL_FILE: &str = "cancel";
 /// The log is written back to disk in the background every this many bytes,
 /// so the sync before `exit.json` has little left to do.
 const SYNC_BEHIND: u64 = 4 * 1024 * 1024;
+/// Kept aside in the job directory while the job runs, freed for its last
+/// words (see [`run`]).
+const RESERVE_FILE: &str = ".reserve";
+const RESERVE_BYTES: usize = 256 * 1024;
 
 /// What to run, written by the agent as `spec.json`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -194,12 +198,19 @@ pub fn run(job_dir: &Path) -> i32 {
         // runs, its direct descendants are still cleaned up.
         tracing::warn!("cannot become a child subreaper: {e}");
     }
+    // Room for the job's last words (a note in its log, `exit.json`) kept
+    // aside while it runs: a job that fills the disk still ends with its
+    // reason recorded instead of vanishing.
+    let reserve = job_dir.join(RESERVE_FILE);
+    let _ = fs::write(&reserve, vec![0u8; RESERVE_BYTES]);
     let log = LogWriter::open(&job_dir.join(LOG_FILE)).and_then(|w| w.sync_behind(SYNC_BEHIND));
     let exit = match log {
         Ok(log) => {
             let log = Arc::new(log);
             let metrics = Arc::new(std::sync::Mutex::new(metrics::MetricScan::default()));
-            let exit = run_job(job_dir, log.clone(), current_pgid, metrics.clone());
+            let mut exit = run_job(job_dir, log.clone(), current_pgid, metrics.clone());
+            let _ = fs::remove_file(&reserve);
+            note_lost_output(&log, &mut exit);
             if let Err(e) = log.finish() {
                 tracing::warn!("cannot sync the job log: {e}");
             }
@@ -217,6 +228,7 @@ pub fn run(job_dir: &Path) -> i32 {
         }
         Err(e) => ShimExit::new(Phase::Setup, None, format!("cannot open the job log: {e}")),
     };
+    let _ = fs::remove_file(&reserve);
     let json = serde_json::to_vec_pretty(&exit).expect("exit serializes");
     if let Err(e) = write_atomic(&job_dir.join(EXIT_FILE), &json, true) {
         tracing::error!(job_dir = %job_dir.display(), "cannot write {EXIT_FILE}: {e}");
@@ -224,6 +236,29 @@ pub fn run(job_dir: &Path) -> i32 {
     }
     exit.code
         .unwrap_or(if exit.reason.is_empty() { 0 } else { 1 })
+}
+
+/// Says in the log, and in a failed job's reason, that some of the job's
+/// output is not in its log (the disk filled up), and how much.
+fn note_lost_output(log: &LogWriter, exit: &mut ShimExit) {
+    let lost = log.lost();
+    if lost.bytes == 0 {
+        return;
+    }
+    let what = format!(
+        "{} of the job's output could not be written to its log ({})",
+        bridge_proto::human_bytes(lost.bytes),
+        lost.error.as_deref().unwrap_or("write failed")
+    );
+    let line = if lost.disk_full {
+        format!("bridge: the agent's disk is full: {what}; free space there\n")
+    } else {
+        format!("bridge: {what}\n")
+    };
+    let _ = log.write(crate::joblog::SYSTEM, line.as_bytes());
+    if !exit.reason.is_empty() && lost.disk_full {
+        exit.reason = format!("{}; the agent's disk is full", exit.reason);
+    }
 }
 
 /// Turns SIGTERM/SIGINT to the shim into a cancellation (the `cancel` file,

@@ -18,6 +18,8 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // `.bridge/daemon.log` on a full disk must not panic the daemon.
+        .log_internal_errors(false)
         .init();
     // Freed pages go back to the system within seconds even while the
     // daemon sits idle (without it, only on later allocations).
