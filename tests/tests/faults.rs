@@ -260,3 +260,134 @@ fn an_agent_killed_mid_update_leaves_every_file_old_or_new() {
         "temporary files left behind"
     );
 }
+
+/// A tmpfs mounted for a test, unmounted (lazily: the agent may still hold
+/// it) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(
+            ok,
+            "cannot mount a tmpfs at {} (the suite runs as root)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn free(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        st.blocks_available() as u64 * st.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The agent's disk full (a small tmpfs as its root): a sync says so, with
+/// the file and the space it needs; no mirror file is truncated or torn;
+/// once space is freed the daemon finishes the sync by itself. A job that
+/// fills the disk fails with the reason in its log and its result, and the
+/// agent keeps serving.
+#[test]
+fn a_full_agent_disk_is_a_clear_error_truncates_nothing_and_heals_by_itself() {
+    let r = Repo::new();
+    let mut old = Vec::new();
+    for i in 0..10 {
+        let body = random_bytes(200_000, i);
+        r.write(&format!("f{i}.bin"), &body);
+        old.push(body);
+    }
+    fs::create_dir_all(r.path(".bridge")).unwrap();
+    fs::set_permissions(
+        r.path(".bridge"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let disk = Tmpfs::mount(&r.path(".bridge/agent"), "24m");
+    r.up();
+    let mirror = r.mirror();
+    // Leave 1 MiB free.
+    let ballast = r.path(".bridge/agent/ballast");
+    fs::write(&ballast, vec![0u8; (disk.free() - (1 << 20)) as usize]).unwrap();
+
+    let new0 = random_bytes(200_000, 100);
+    r.write("f0.bin", &new0);
+    let big = random_bytes(4 << 20, 101);
+    r.write("big.bin", &big);
+    let err = r.fails(&["sync", "--wait"]);
+    assert!(
+        err.contains("the agent's disk is full")
+            && err.contains("big.bin needs 4.0 MiB")
+            && err.contains("free in"),
+        "{err}"
+    );
+    let status = r.status();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disk is full")),
+        "{status}"
+    );
+    // Every mirror file is whole: its old content or its new one.
+    let f0 = fs::read(mirror.join("f0.bin")).unwrap();
+    assert!(f0 == old[0] || f0 == new0, "f0.bin is torn");
+    for (i, body) in old.iter().enumerate().skip(1) {
+        assert_eq!(&fs::read(mirror.join(format!("f{i}.bin"))).unwrap(), body);
+    }
+    assert!(
+        fs::read(mirror.join("big.bin")).map_or(true, |b| b == big),
+        "big.bin is torn"
+    );
+
+    // Space freed: the daemon's retry finishes the sync, nobody asks.
+    fs::remove_file(&ballast).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || fs::read(mirror.join("big.bin"))
+            .is_ok_and(|b| b == big)),
+        "the sync did not finish by itself after space was freed:\n{}",
+        r.daemon_log()
+    );
+    r.sync_wait();
+    r.assert_mirror_exact();
+
+    // A job that fills the disk fails, and says why.
+    r.write(
+        "fill.toml",
+        "run = \"head -c 100000000 /dev/zero > fill.bin\"\n",
+    );
+    let o = r.bridge(&["run", "fill.toml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // The note comes from the log, after the writes that failed: no torn
+    // record stopped the reader there.
+    assert!(
+        err.contains("the agent's disk is full")
+            && err.contains("of the job's output could not be written to its log")
+            && err.contains("failed"),
+        "{err}"
+    );
+    let jobs = r.ps_json(true);
+    let job = jobs.iter().find(|j| j["name"] == "fill").expect("the job");
+    assert_eq!(job["state"], "failed", "{job}");
+    // The agent keeps serving.
+    let o = r.bridge(&["exec", "--", "true"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    r.ok(&["down"]);
+}
