@@ -202,6 +202,31 @@ pub async fn wait_gone(layout: &bridge_daemon::repo::Layout) {
         if !layout.control.exists() {
             return;
         }
+        if !daemon_alive(layout) {
+            // Killed: it never removed its socket.
+            let _ = std::fs::remove_file(&layout.control);
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Whether the process in `.bridge/daemon.pid` still runs (a zombie does
+/// not count); true when the file cannot be read (a daemon still starting).
+pub fn daemon_alive(layout: &bridge_daemon::repo::Layout) -> bool {
+    let Some(pid) = std::fs::read_to_string(&layout.daemon_pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return true;
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or_else(
+        // No /proc (macOS): ask the kernel.
+        |_| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(),
+        |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        },
+    )
 }

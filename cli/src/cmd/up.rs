@@ -532,13 +532,15 @@ async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Res
         Err(e) => {
             // Leave nothing half-up: stop the daemon and its agent, and wait
             // for the daemon to be gone.
-            let _ = c
+            let stopped = c
                 .shutdown(bridge_proto::v1::ShutdownRequest::default())
                 .await;
             crate::cmd::down::wait_gone(&layout).await;
-            Err(e.context(
-                "bridge up failed; the daemon was stopped (its log is in .bridge/daemon.log)",
-            ))
+            Err(e.context(if stopped.is_ok() {
+                "bridge up failed; the daemon was stopped (its log is in .bridge/daemon.log)"
+            } else {
+                "bridge up failed: the daemon died while it synced (killed?); its log is in .bridge/daemon.log"
+            }))
         }
     }
 }
