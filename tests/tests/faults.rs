@@ -391,3 +391,99 @@ fn a_full_agent_disk_is_a_clear_error_truncates_nothing_and_heals_by_itself() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     r.ok(&["down"]);
 }
+
+/// The daemon killed with SIGKILL mid-sync, then mid-job: the next `up`
+/// reports the truth and repairs the mirror; the job, which ended while
+/// no daemon ran, is reported as it ended, its log is whole and its outputs
+/// come home byte-exact.
+#[test]
+fn a_daemon_killed_mid_sync_and_mid_job_loses_nothing() {
+    let r = Repo::new();
+    for i in 0..3000 {
+        r.write(
+            &format!("p{}/f{i}.txt", i % 30),
+            format!("{i}\n").repeat(50),
+        );
+    }
+    for i in 0..2 {
+        r.write(&format!("blobs/b{i}.bin"), random_bytes(16 << 20, 10 + i));
+    }
+    let up = r.spawn(&["up"], &[], "up.out");
+    let mirrors = r.path(".bridge/agent/mirrors");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            fs::read_dir(&mirrors)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|m| m.ok())
+                .is_some_and(|m| fs::read_dir(m.path()).map(|d| d.count()).unwrap_or(0) > 3)
+        }),
+        "the initial sync never started"
+    );
+    let first = r.daemon_pid();
+    kill9(first);
+    // `up` notices at once (it used to wait 30 s for the socket to go).
+    let t = std::time::Instant::now();
+    let status = { up }.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let err = fs::read_to_string(r.scratch("up.err")).unwrap();
+    assert!(
+        status.success() || err.contains("the daemon died while it synced"),
+        "{err}"
+    );
+    r.up();
+    assert_ne!(r.daemon_pid(), first);
+    let st = r.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    r.assert_mirror_exact();
+
+    let release = r.scratch("release");
+    r.write(
+        "job.sh",
+        format!(
+            "mkdir -p outputs\nhead -c 1000000 /dev/urandom > outputs/a.bin\necho started\n\
+             while [ ! -e {} ]; do sleep 0.05; done\n\
+             head -c 3000000 /dev/urandom > outputs/b.bin\nseq 1 5000\n",
+            release.display()
+        ),
+    );
+    r.write(
+        "job.toml",
+        "run = \"sh job.sh\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    let id = r.ok(&["run", "job.toml", "--detach"]).trim().to_string();
+    let tree = r.path(&format!(".bridge/agent/jobs/{id}/tree"));
+    assert!(
+        eventually(Duration::from_secs(20), || tree
+            .join("outputs/a.bin")
+            .exists()),
+        "the job never started"
+    );
+    kill9(r.daemon_pid());
+    // The job ends while no daemon runs.
+    fs::write(&release, "").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || r
+            .path(&format!(".bridge/agent/jobs/{id}/exit.json"))
+            .exists()),
+        "the job did not end on its own"
+    );
+    r.up();
+    let home = eventually(Duration::from_secs(30), || {
+        ["a.bin", "b.bin"].iter().all(|f| {
+            fs::read(r.path(&format!("outputs/{f}"))).ok()
+                == fs::read(tree.join(format!("outputs/{f}"))).ok()
+        })
+    });
+    assert!(home, "the outputs did not come home:\n{}", r.daemon_log());
+    let jobs = r.ps_json(true);
+    let job = jobs
+        .iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("the job");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let want: String = std::iter::once("started\n".to_string())
+        .chain((1..=5000).map(|i| format!("{i}\n")))
+        .collect();
+    assert_eq!(r.ok(&["logs", &id]), want);
+}
