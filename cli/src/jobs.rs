@@ -410,6 +410,13 @@ pub fn summary(j: &JobInfo) -> String {
             })
             .collect();
         s.push_str(&format!("; outputs in {}", outs.join(", ")));
+        if !j.outputs_kept_local.is_empty() {
+            s.push_str(&format!(
+                "; kept {} file(s) you changed here since the job was submitted, the job's versions are beside them: {}",
+                j.outputs_kept_local.len(),
+                j.outputs_kept_local.join(", ")
+            ));
+        }
     }
     s
 }

@@ -304,6 +304,7 @@ impl Control for ControlService {
             files: got.files,
             bytes_received: got.bytes,
             destinations: vec![if dest.is_empty() { ".".into() } else { dest }],
+            kept_local: got.conflicts,
         }))
     }
 

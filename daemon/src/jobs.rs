@@ -8,7 +8,10 @@
 //!
 //! # Layout
 //! - [`puller`]: one job's outputs brought home, chunk by chunk.
+//! - [`ledger`]: what pulls wrote, so a user's later edit is never
+//!   overwritten.
 
+mod ledger;
 mod puller;
 
 use std::collections::HashSet;
@@ -49,13 +52,20 @@ pub struct Relay {
     /// Jobs whose outputs can no longer be pulled (the agent deleted their
     /// tree): waiting for them would never end.
     unpullable: Mutex<HashSet<String>>,
+    /// What pulls wrote (`.bridge/pulled.json`).
+    ledger: Arc<ledger::Ledger>,
+    /// Per job: local edits kept, the job's version beside them
+    /// (`outputs/m.pt → outputs/m.job-7.pt`), for its result.
+    kept: Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 /// What one pull brought back.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Pulled {
     pub files: u64,
     pub bytes: u64,
+    /// Local edits kept, each with where the job's version went instead.
+    pub conflicts: Vec<String>,
 }
 
 /// Where a job's outputs land locally, relative to the repository: the
@@ -149,7 +159,12 @@ impl Relay {
         mirror: String,
         cmds: mpsc::Sender<Command>,
     ) -> Relay {
+        let ledger = Arc::new(ledger::Ledger::open(
+            &crate::repo::Layout::new(&repo).pulled,
+        ));
         Relay {
+            ledger,
+            kept: Mutex::new(Default::default()),
             shared,
             repo,
             mirror,
@@ -201,12 +216,18 @@ impl Relay {
         env_later: Option<crate::engine::EnvLater>,
     ) -> Result<JobInfo, Status> {
         let outputs = excluded_paths(&spec)?;
+        let has_outputs = !spec.outputs.is_empty();
+        // Before the barrier: an edit made while it waits is not in the job.
+        let at = bridge_proto::index::now_ns();
         let submitted = self
             .barrier(Submission::Job(Box::new(spec)), outputs, env_later)
             .await?;
         let Submitted::Job(info) = submitted else {
             return Err(Status::internal("the barrier answered a sweep for a job"));
         };
+        if has_outputs {
+            self.ledger.submitted(&info.id, at);
+        }
         self.ensure_puller(&info);
         Ok(info)
     }
@@ -462,14 +483,27 @@ impl Relay {
     /// Returns once the job has ended and its outputs are back.
     pub async fn wait(self: &Arc<Self>, id: &str) -> Result<JobInfo, Status> {
         loop {
-            let info = self.get(id).await?;
+            let mut info = self.get(id).await?;
             if self.home(&info) {
+                if let Some(k) = self.kept.lock().expect("kept").get(id) {
+                    info.outputs_kept_local = k.iter().cloned().collect();
+                }
                 return Ok(info);
             }
             if is_terminal(info.state()) {
                 self.ensure_puller(&info);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Remembers the local edits a pull of job `id` kept.
+    fn keep(&self, id: &str, got: &Pulled) {
+        if !got.conflicts.is_empty() {
+            let mut kept = self.kept.lock().expect("kept");
+            kept.entry(id.to_string())
+                .or_default()
+                .extend(got.conflicts.iter().cloned());
         }
     }
 
@@ -483,13 +517,14 @@ impl Relay {
             )));
         }
         let link = self.link().await?;
-        let mut puller = Puller::new(&self.repo, &info);
+        let mut puller = Puller::new(&self.repo, &info, self.ledger.clone());
         let manifest = link
             .jobs()
             .outputs(outputs_request(id, Duration::ZERO))
             .await?
             .into_inner();
         let got = puller.apply(&link, &manifest).await?;
+        self.keep(id, &got);
         Ok((got, destination(&spec, &info.id)))
     }
 
@@ -517,7 +552,7 @@ impl Relay {
     /// Pulls while the job runs, then once more from the final manifest, and
     /// tells the agent the outputs are back.
     async fn pull_until_done(&self, info: JobInfo) {
-        let mut puller = Puller::new(&self.repo, &info);
+        let mut puller = Puller::new(&self.repo, &info, self.ledger.clone());
         let job = v1::JobRef {
             id: info.id.clone(),
         };
@@ -532,6 +567,7 @@ impl Relay {
                     .into_inner();
                 let listed = t0.elapsed();
                 let got = puller.apply(&link, &manifest).await?;
+                self.keep(&job.id, &got);
                 if got.files > 0 {
                     tracing::debug!(job = %job.id, files = got.files, bytes = got.bytes,
                         complete = manifest.complete, manifest_ms = listed.as_millis() as u64,

@@ -26,6 +26,8 @@ pub struct Layout {
     /// Old versions of pulled outputs waiting for their background unlink
     /// (`bridge_proto::oldfiles::remove`); emptied when a daemon starts.
     pub gone: PathBuf,
+    /// What output pulls wrote into the repository (`jobs::ledger`).
+    pub pulled: PathBuf,
     /// The last `bridge up` for a remote provider that failed, and why: job
     /// commands then refuse to fall back to the local agent.
     pub up_failed: PathBuf,
@@ -45,6 +47,7 @@ impl Layout {
             provider: state.join("provider.toml"),
             forwards: state.join("forwards.json"),
             gone: state.join("gone"),
+            pulled: state.join("pulled.json"),
             up_failed: state.join("up-failed.toml"),
             state,
         }

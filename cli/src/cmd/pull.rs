@@ -27,5 +27,8 @@ pub async fn run(cwd: &Path, args: Args) -> anyhow::Result<u8> {
         human_bytes(r.bytes_received),
         r.destinations.join(", ")
     );
+    for k in &r.kept_local {
+        eprintln!("bridge: kept your local edit: {k} (changed here since the job was submitted)");
+    }
     Ok(0)
 }

@@ -3,7 +3,10 @@
 //! writes a temporary file beside the destination and renames it into place.
 //! A pull only adds and replaces files: outputs of several jobs (an MLflow
 //! `mlruns/`) merge into one local directory. Symlinked parents and paths
-//! outside the declared outputs are refused.
+//! outside the declared outputs are refused. A file the user changed since
+//! the job was submitted (not by a pull: see [`super::ledger`]) is kept,
+//! and the job's version lands beside it (`model.job-7.pt`), said in the
+//! job's result and by `bridge pull`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -19,6 +22,7 @@ use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::v1::{self, JobInfo};
 use tonic::Status;
 
+use super::ledger::Ledger;
 use super::{Pulled, destination};
 use crate::engine::AgentLink;
 
@@ -48,12 +52,24 @@ pub(super) struct Puller {
     /// come home name it, and are made to name `base` instead
     /// ([`crate::mlflow::relocate_meta`]).
     agent_base: String,
+    /// What pulls wrote, shared by every job's puller.
+    ledger: std::sync::Arc<Ledger>,
+    /// The job, for the names of the versions put beside local edits.
+    job: String,
+    /// When the job was submitted (ns): a local file changed after that,
+    /// not by a pull, is the user's.
+    since_ns: i64,
 }
 
 impl Puller {
-    pub(super) fn new(repo: &Path, info: &JobInfo) -> Puller {
+    pub(super) fn new(repo: &Path, info: &JobInfo, ledger: std::sync::Arc<Ledger>) -> Puller {
         let spec = info.spec.clone().unwrap_or_default();
         let dest = destination(&spec, &info.id);
+        // The laptop's own clock when it submitted the job; else (a job it
+        // did not submit: a sweep's trial) the agent's.
+        let since = ledger
+            .submitted_at(&info.id)
+            .unwrap_or((info.submitted_ms as i64).saturating_mul(1_000_000));
         Puller {
             repo: repo.to_path_buf(),
             base: if dest.is_empty() {
@@ -70,6 +86,9 @@ impl Puller {
             done: HashMap::new(),
             written: HashMap::new(),
             gone: crate::repo::Layout::new(repo).gone,
+            ledger,
+            job: info.id.clone(),
+            since_ns: since,
             agent_base: if info.tree_path.is_empty() {
                 String::new()
             } else {
@@ -155,6 +174,12 @@ impl Puller {
                 v1::Kind::Dir => {
                     fs::create_dir_all(&dest).map_err(|err| io_status(&dest, err))?;
                 }
+                v1::Kind::Symlink if self.changed_by_user(&dest) => {
+                    let rel = self.rel(&dest);
+                    tracing::warn!(path = %rel, "a local edit kept: the job's symlink was not made");
+                    got.conflicts
+                        .push(format!("{rel} (the job's symlink was not made)"));
+                }
                 v1::Kind::Symlink => {
                     // A link home may not point out of the repository
                     // (nor be absolute): later writes would follow it.
@@ -180,8 +205,10 @@ impl Puller {
                         .map_err(|err| io_status(&dest, err))?;
                 }
                 v1::Kind::File if e.unhashed => {
+                    let dest = self.landing(e, dest, &mut got).await;
                     let bytes = self.pull_whole(link, &job, e, &dest).await?;
                     self.fixup(&dest);
+                    self.note_pulled(&dest);
                     got.files += 1;
                     got.bytes += bytes;
                 }
@@ -189,8 +216,10 @@ impl Puller {
                     if self.done.get(&e.path).is_some_and(|h| h[..] == e.hash[..]) {
                         continue;
                     }
+                    let dest = self.landing(e, dest, &mut got).await;
                     let bytes = self.pull_file(link, &job, e, &dest).await?;
                     self.fixup(&dest);
+                    self.note_pulled(&dest);
                     self.done.insert(e.path.clone(), e.hash.to_vec());
                     got.files += 1;
                     got.bytes += bytes;
@@ -198,7 +227,55 @@ impl Puller {
                 v1::Kind::Unspecified => {}
             }
         }
+        if got.files > 0 {
+            self.ledger.save();
+        }
         Ok(got)
+    }
+
+    /// `dest` relative to the repository, as the ledger keys it.
+    fn rel(&self, dest: &Path) -> String {
+        dest.strip_prefix(&self.repo)
+            .unwrap_or(dest)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Whether the file at `dest` was changed since the job was submitted,
+    /// and not by a pull (its change time: see [`Ledger::is_pulled`]).
+    fn changed_by_user(&self, dest: &Path) -> bool {
+        Stat::lstat(dest).is_ok_and(|st| {
+            st.kind == FileKind::File
+                && st.ctime_ns > self.since_ns
+                && !self.ledger.is_pulled(&self.rel(dest), &st)
+        })
+    }
+
+    /// Where the output `e` lands: `dest`, or beside it when the user
+    /// changed the file there since the job was submitted and it differs
+    /// from the job's (`a/model.job-7.pt`), which `got` then reports.
+    async fn landing(&self, e: &v1::OutputEntry, dest: PathBuf, got: &mut Pulled) -> PathBuf {
+        if !self.changed_by_user(&dest) {
+            return dest;
+        }
+        if !e.unhashed
+            && let Some(c) = self.local_chunks(&e.path, &dest).await
+            && c.hash.as_bytes()[..] == e.hash[..]
+        {
+            return dest;
+        }
+        let copy = beside(&dest, &self.job);
+        let (rel, copy_rel) = (self.rel(&dest), self.rel(&copy));
+        tracing::warn!(path = %rel, copy = %copy_rel, "changed locally since the job was submitted: kept; the job's version goes beside it");
+        got.conflicts.push(format!("{rel} → {copy_rel}"));
+        copy
+    }
+
+    /// Records in the ledger that a pull installed the file at `dest`.
+    fn note_pulled(&self, dest: &Path) {
+        if let Ok(st) = Stat::lstat(dest) {
+            self.ledger.wrote(&self.rel(dest), &st);
+        }
     }
 
     /// Writes one output file: chunks the local file already has are copied
@@ -451,6 +528,18 @@ impl Puller {
     }
 }
 
+/// The name of job `job`'s version of `dest` when the user's stays:
+/// `model.pt` → `model.job-7.pt`, `notes` → `notes.job-7`.
+fn beside(dest: &Path, job: &str) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tag = format!("job-{}", job.replace('/', "-"));
+    let new = match name.rfind('.') {
+        Some(i) if i > 0 => format!("{}.{tag}{}", &name[..i], &name[i..]),
+        _ => format!("{name}.{tag}"),
+    };
+    dest.with_file_name(new)
+}
+
 /// Bytes of a whole read handed to the writer at once.
 const WRITE_BATCH: usize = 8 * 1024 * 1024;
 
@@ -628,6 +717,19 @@ fn no_symlink_between(base: &Path, dest: &Path) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_ledger() -> std::sync::Arc<Ledger> {
+        std::sync::Arc::new(Ledger::open(Path::new("/nonexistent/pulled.json")))
+    }
+
+    #[test]
+    fn the_jobs_version_goes_beside_a_kept_file() {
+        let b = |p: &str| beside(Path::new(p), "7").display().to_string();
+        assert_eq!(b("out/model.pt"), "out/model.job-7.pt");
+        assert_eq!(b("out/notes"), "out/notes.job-7");
+        assert_eq!(b("out/.env"), "out/.env.job-7");
+        assert_eq!(b("out/a.tar.gz"), "out/a.tar.job-7.gz");
+    }
     use bridge_proto::chunking::chunk_bytes;
     use tonic::Code;
 
@@ -718,7 +820,7 @@ mod tests {
             ..Default::default()
         };
         let repo = Path::new("/repo");
-        let p = Puller::new(repo, &info);
+        let p = Puller::new(repo, &info, no_ledger());
         assert_eq!(p.dest("outputs/m.pt"), Path::new("/repo/outputs/s2/4/m.pt"));
         assert_eq!(p.dest("outputs/a/b"), Path::new("/repo/outputs/s2/4/a/b"));
         assert_eq!(p.dest("outputs"), Path::new("/repo/outputs/s2/4"));
@@ -733,7 +835,7 @@ mod tests {
             ..info
         };
         assert_eq!(
-            Puller::new(repo, &plain).dest("outputs/m.pt"),
+            Puller::new(repo, &plain, no_ledger()).dest("outputs/m.pt"),
             Path::new("/repo/outputs/m.pt")
         );
     }
