@@ -732,3 +732,72 @@ fn ctrl_c_detaches_and_overrides_apply() {
     let e = r.fails(&["run", "msg.toml", "--set", "env=1"]);
     assert!(e.contains("--set env=1"), "{e}");
 }
+
+/// Outputs never overwrite a file the user changed locally after the job
+/// was submitted: it is kept, the job's version lands beside it, and the
+/// result says so. Files the user left alone, and files an earlier pull of
+/// the same job wrote, are replaced as before.
+#[test]
+fn a_local_edit_made_while_the_job_ran_is_kept_and_the_jobs_version_goes_beside_it() {
+    let r = Repo::new();
+    r.write("outputs/untouched.txt", "before\n");
+    r.write("outputs/edited.txt", "before\n");
+    let (started, release) = (r.scratch("started"), r.scratch("release"));
+    r.write(
+        "job.sh",
+        format!(
+            "mkdir -p outputs\necho one > outputs/twice.txt\ntouch {}\n\
+             while [ ! -e {} ]; do sleep 0.05; done\n\
+             for f in untouched edited fresh; do echo job > outputs/$f.txt; done\n\
+             echo two > outputs/twice.txt\n",
+            started.display(),
+            release.display()
+        ),
+    );
+    r.write(
+        "out.toml",
+        "run = \"sh job.sh\"\n[outputs]\npaths = [\"outputs/\"]\n",
+    );
+    r.up();
+    let mut run = r.spawn(&["run", "out.toml"], &[], "run.out");
+    assert!(eventually(Duration::from_secs(20), || started.exists()));
+    // The first version of twice.txt comes home while the job runs.
+    assert!(eventually(Duration::from_secs(20), || {
+        fs::read_to_string(r.path("outputs/twice.txt")).is_ok_and(|s| s == "one\n")
+    }));
+    r.write("outputs/edited.txt", "mine\n");
+    fs::write(&release, "").unwrap();
+    let status = run.wait().unwrap();
+    let err = fs::read_to_string(r.scratch("run.err")).unwrap();
+    assert!(status.success(), "{err}");
+    let id = job_id_from(&err);
+    let read = |p: &str| fs::read_to_string(r.path(p)).unwrap();
+    assert_eq!(
+        read("outputs/edited.txt"),
+        "mine\n",
+        "the local edit was overwritten"
+    );
+    assert_eq!(read(&format!("outputs/edited.job-{id}.txt")), "job\n");
+    assert_eq!(read("outputs/untouched.txt"), "job\n");
+    assert_eq!(read("outputs/fresh.txt"), "job\n");
+    assert_eq!(
+        read("outputs/twice.txt"),
+        "two\n",
+        "an earlier pull's file was kept"
+    );
+    assert!(
+        err.contains(&format!(
+            "kept 1 file(s) you changed here since the job was submitted, the job's versions are beside them: outputs/edited.txt → outputs/edited.job-{id}.txt"
+        )),
+        "{err}"
+    );
+    // Pulling again keeps it too, and says so.
+    let o = r.bridge(&["pull", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kept your local edit: outputs/edited.txt"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(read("outputs/edited.txt"), "mine\n");
+}
