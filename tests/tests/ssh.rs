@@ -482,6 +482,95 @@ for block in range(1000):
     eprintln!("{cuts} cuts during a million lines in {:?}", t.elapsed());
 }
 
+/// Fault suite: the agent's clock hours ahead of the laptop's, then hours
+/// behind (libfaketime in every session of the agent's sshd, by its
+/// `SetEnv`; file times stay the kernel's). Sync, a rewrite of the same size
+/// in the same second, jobs, their logs and outputs work as with one clock,
+/// and a local edit made while a job ran is still told from a file nobody
+/// touched (the laptop keeps its own submission time).
+#[test]
+fn an_agent_clock_hours_ahead_or_behind_changes_nothing() {
+    require_sshd();
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        Path::new(lib).exists(),
+        "{lib} is missing (tests/run installs libfaketime)"
+    );
+    for (skew, secs) in [("+5h", 5 * 3600i64), ("-5h", -5 * 3600)] {
+        let sshd = Sshd::start_with(&format!("SetEnv LD_PRELOAD={lib} FAKETIME={skew}\n"));
+        let s = SshRepo::new(&sshd, true);
+        let r = &s.repo;
+        for i in 0..50 {
+            r.write(&format!("src/f{i}.py"), format!("x = {i}\n"));
+        }
+        r.write("outputs/untouched.txt", "before\n");
+        r.write("outputs/edited.txt", "before\n");
+        s.up(sshd.port());
+        r.sync_wait();
+        r.assert_mirror_exact();
+        // The agent's clock really is off.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let theirs: i64 = r.ok(&["exec", "--", "date", "+%s"]).trim().parse().unwrap();
+        assert!(
+            (theirs - now - secs).abs() < 120,
+            "{skew}: the agent's clock says {theirs}, ours {now}"
+        );
+        // Rewrites of the same size within one second.
+        for body in ["aaaa\n", "bbbb\n", "cccc\n"] {
+            r.write("racy.txt", body);
+            r.sync_wait();
+            assert_eq!(
+                fs::read_to_string(r.mirror().join("racy.txt")).unwrap(),
+                body
+            );
+        }
+        r.assert_mirror_exact();
+
+        let (started, release) = (r.scratch("started"), r.scratch("release"));
+        r.write(
+            "job.sh",
+            format!(
+                "mkdir -p outputs\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\n\
+                 for f in untouched edited; do echo job > outputs/$f.txt; done\nseq 1 20000\n",
+                started.display(),
+                release.display()
+            ),
+        );
+        r.write(
+            "job.toml",
+            "run = \"sh job.sh\"\n[outputs]\npaths = [\"outputs/\"]\n",
+        );
+        let mut run = r.spawn(&["run", "job.toml"], &[], "run.out");
+        assert!(eventually(Duration::from_secs(30), || started.exists()));
+        r.write("outputs/edited.txt", "mine\n");
+        fs::write(&release, "").unwrap();
+        let status = run.wait().unwrap();
+        let err = fs::read_to_string(r.scratch("run.err")).unwrap();
+        assert!(status.success(), "{skew}: {err}");
+        let want: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+        assert_eq!(
+            fs::read_to_string(r.scratch("run.out")).unwrap(),
+            want,
+            "{skew}"
+        );
+        let read = |p: &str| fs::read_to_string(r.path(p)).unwrap();
+        assert_eq!(read("outputs/untouched.txt"), "job\n", "{skew}: {err}");
+        assert_eq!(
+            read("outputs/edited.txt"),
+            "mine\n",
+            "{skew}: the edit was lost"
+        );
+        assert!(
+            err.contains("kept 1 file(s) you changed here"),
+            "{skew}: {err}"
+        );
+        r.ok(&["down", "--remote", "--force"]);
+    }
+}
+
 /// `~/.ssh/config`'s ProxyJump and ProxyCommand: a target sshd in a network
 /// namespace that only the jump host's namespace can reach. bridge gets there
 /// through the bastion (russh's `direct-tcpip` channel, host keys of both
