@@ -71,6 +71,11 @@ enum Cmd {
     },
     /// List the GPUs this machine reports.
     Gpus,
+    /// Print the tree root of DIR as the agent computes a mirror's (what a
+    /// job's `BRIDGE_GENERATION` names): a job can check that its snapshot
+    /// is exactly its generation (bench/load_bench.py does).
+    #[command(hide = true)]
+    TreeRoot { dir: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,6 +115,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Shim { job_dir } => std::process::exit(bridge_agent::shim::run(&job_dir)),
         Cmd::ClusterRun { job_dir } => std::process::exit(bridge_agent::cluster::run(&job_dir)),
         Cmd::Worker { dir } => std::process::exit(bridge_agent::cluster::worker::run(&dir)),
+        Cmd::TreeRoot { dir } => {
+            println!("{}", bridge_agent::mirror::tree_root(&dir)?);
+            Ok(())
+        }
         Cmd::Gpus => {
             use bridge_agent::gpu::{GpuError, GpuInventory, NvidiaSmi};
             match NvidiaSmi::default().discover() {

@@ -69,6 +69,45 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// The tree root of `dir` as a mirror holding the same files would have it
+/// (hex): a mirror is a repository root, so no ignore file above `dir`
+/// applies. Computed on a copy made of hard links (beside `dir`, on its
+/// file system), with its `.git`, removed after.
+pub fn tree_root(dir: &Path) -> io::Result<String> {
+    let dir = dir.canonicalize()?;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let scratch = parent.join(format!(".bridge-tree-root-{}", std::process::id()));
+    let root = (|| {
+        let tree = scratch.join("mirrors/tree");
+        link_copy(&dir, &tree)?;
+        fs::create_dir_all(tree.join(".git"))?;
+        let mut store = Store::open(&scratch.join("store"), 0)?;
+        let m = Mirror::open(&scratch, "tree", &mut store)?;
+        Ok(bridge_proto::tree::hex(&m.tree.root()))
+    })();
+    let _ = fs::remove_dir_all(&scratch);
+    root
+}
+
+/// Copies the tree `from` to `to` (new) with hard links for files, links
+/// as links.
+fn link_copy(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let t = e.file_type()?;
+        if t.is_dir() {
+            link_copy(&src, &dst)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else {
+            fs::hard_link(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
 impl Mirror {
     pub fn open(agent_root: &Path, name: &str, store: &mut Store) -> io::Result<Mirror> {
         let root = agent_root.join("mirrors").join(name);
