@@ -531,6 +531,31 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
+/// Whether process `pid` runs (a zombie has ended; only a reaper is missing).
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The pids a job wrote to `file`, one per line, once there are `n`.
+pub fn wait_pids(file: &Path, n: usize) -> Vec<i32> {
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            fs::read_to_string(file).is_ok_and(|s| s.lines().count() == n)
+        }),
+        "the job never wrote its {n} pids to {}",
+        file.display()
+    );
+    fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().expect("a pid"))
+        .collect()
+}
+
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let t = Instant::now();
     while t.elapsed() < timeout {

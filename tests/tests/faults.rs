@@ -6,18 +6,9 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bridge_tests::{Repo, bridge_bin, eventually, random_bytes};
+use bridge_tests::{Repo, alive, bridge_bin, eventually, random_bytes, wait_pids};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-fn alive(pid: i32) -> bool {
-    // A zombie has ended; only a reaper is missing.
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
 
 fn kill9(pid: i32) {
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
@@ -61,14 +52,7 @@ fn down_with_no_daemon_cancels_the_jobs_and_stops_the_agent() {
     r.write("spawn.toml", "run = \"sh spawn.sh\"\n");
     r.up();
     let id = r.ok(&["run", "spawn.toml", "--detach"]).trim().to_string();
-    assert!(eventually(Duration::from_secs(20), || {
-        fs::read_to_string(&pids).is_ok_and(|s| s.lines().count() == 2)
-    }));
-    let pids: Vec<i32> = fs::read_to_string(&pids)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let pids = wait_pids(&pids, 2);
     let agent = r.agent_pid().expect("agent pid");
     kill9(r.daemon_pid());
     std::thread::sleep(Duration::from_millis(300));

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use bridge_tests::{Repo, Value, eventually, path_with_fake_gpus, wheelhouse};
+use bridge_tests::{Repo, Value, alive, eventually, path_with_fake_gpus, wait_pids, wheelhouse};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -34,15 +34,6 @@ fn job(r: &Repo, id: &str) -> Value {
 fn wait_state(r: &Repo, id: &str, state: &str) {
     let ok = eventually(Duration::from_secs(30), || job(r, id)["state"] == state);
     assert!(ok, "job {id} never became {state}: {}", job(r, id));
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie has ended; only a reaper is missing.
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
 }
 
 fn up_with_gpus(r: &Repo, n: &str) {
@@ -327,14 +318,7 @@ fn cancel_kills_the_whole_job_including_daemonized_grandchildren() {
     r.write("spawn.toml", "run = \"sh spawn.sh\"\n");
     r.up();
     let id = submit(&r, "spawn.toml");
-    assert!(eventually(Duration::from_secs(20), || {
-        fs::read_to_string(&pids).is_ok_and(|s| s.lines().count() == 2)
-    }));
-    let pids: Vec<i32> = fs::read_to_string(&pids)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let pids = wait_pids(&pids, 2);
     assert!(pids.iter().all(|&p| alive(p)));
     r.ok(&["cancel", &id]);
     assert_eq!(job(&r, &id)["state"], "cancelled");

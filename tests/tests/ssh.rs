@@ -9,15 +9,7 @@ use std::time::{Duration, Instant};
 
 use bridge_tests::proxy::Proxy;
 use bridge_tests::sshd::{SshRepo, Sshd, require_sshd};
-use bridge_tests::{eventually, random_bytes};
-
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
+use bridge_tests::{alive, eventually, random_bytes};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
