@@ -147,12 +147,19 @@ impl ProviderSpec {
             ProviderSpec::Local => crate::ProviderConfig::Local { agent_bin },
             #[cfg(feature = "aws")]
             ProviderSpec::Aws {
-                launch, instance, ..
+                region,
+                profile,
+                launch,
+                instance,
             } => {
                 let Some(instance) = instance.filter(|i| !i.ssh.is_empty()) else {
                     return Err("no AWS instance is up for this repository: run `bridge up`".into());
                 };
-                let mut c = aws::ssh_config(&launch, &instance, agent_bin);
+                let account = aws::ec2::Account {
+                    profile,
+                    region: Some(region),
+                };
+                let mut c = aws::ssh_config(account, &launch, &instance, agent_bin);
                 if let Some(d) = std::env::var_os("BRIDGE_SSH_DIR") {
                     c.ssh_dir = d.into();
                 }

@@ -4,7 +4,10 @@
 //! The lifecycle ([`lifecycle::AwsMachine`], a [`super::machine::Machine`])
 //! runs in the `bridge` command (`up`, `down`, `status`), never in the
 //! daemon: the daemon only sees an SSH host, a key and a per-instance
-//! known-hosts file ([`ssh_config`]). The instance shuts itself
+//! known-hosts file ([`ssh_config`]), and, when `bridge up` found the
+//! laptop's public address itself, the security group rule to keep pointed
+//! at it ([`FollowAddress`]): a laptop that moves to another network is let
+//! in again. The instance shuts itself
 //! down when idle (the agent's `--idle-timeout`), with the instance's
 //! shutdown behaviour set to terminate or stop, so a forgotten laptop does
 //! not keep a GPU billed.
@@ -46,6 +49,68 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Test hook: `[user@]host:port` to reach instead of the instance's public
 /// address (the EC2 emulator's addresses are made up).
 pub const SSH_ENDPOINT_ENV: &str = "BRIDGE_AWS_SSH_ENDPOINT";
+
+/// How often an unreachable instance makes the daemon look at the laptop's
+/// public address again, at most.
+const FOLLOW_EVERY: Duration = Duration::from_secs(15);
+
+/// The SSH rule of the bridge security group, kept pointed at this
+/// machine's public address by the daemon when `bridge up` looked that
+/// address up itself (no `--ssh-cidr`). When the instance stops answering
+/// (the laptop moved to another network, so the group drops its packets),
+/// [`FollowAddress::check`] looks the address up again and, when it
+/// changed, moves the rule there (the old one is revoked); the next
+/// reconnect gets in.
+#[derive(Debug, Clone)]
+pub struct FollowAddress {
+    account: ec2::Account,
+    owner: String,
+    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl FollowAddress {
+    pub fn new(account: ec2::Account) -> FollowAddress {
+        FollowAddress {
+            account,
+            owner: owner(),
+            last: Default::default(),
+        }
+    }
+
+    /// The instance could not be reached: at most every [`FOLLOW_EVERY`],
+    /// makes the group's SSH rule allow the current public address.
+    pub async fn check(&self) {
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < FOLLOW_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let cidr = match access::public_cidr().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the instance is unreachable; cannot check this machine's address");
+                return;
+            }
+        };
+        let ec2 = match ec2::connect(&self.account).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update the bridge security group");
+                return;
+            }
+        };
+        match access::follow_address(&ec2, &cidr, &self.owner).await {
+            Ok(true) => tracing::info!(
+                %cidr,
+                "this machine's public address changed: the bridge security group now allows SSH from it"
+            ),
+            Ok(false) => tracing::debug!(%cidr, "the security group already allows this machine"),
+            Err(e) => tracing::warn!(error = %e, "cannot update the bridge security group"),
+        }
+    }
+}
 
 /// What `--on-idle` does to the instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -130,7 +195,12 @@ pub fn known_hosts_path(dir: &Path, instance_id: &str) -> PathBuf {
 }
 
 /// The SSH provider's configuration for a launched instance.
-pub fn ssh_config(launch: &Launch, instance: &Instance, agent_bin: PathBuf) -> SshConfig {
+pub fn ssh_config(
+    account: ec2::Account,
+    launch: &Launch,
+    instance: &Instance,
+    agent_bin: PathBuf,
+) -> SshConfig {
     let dir = config_dir();
     let mut c = SshConfig::new(instance.ssh.clone(), agent_bin);
     c.identity = Some(key_path(&dir));
@@ -144,6 +214,9 @@ pub fn ssh_config(launch: &Launch, instance: &Instance, agent_bin: PathBuf) -> S
         "--idle-command".into(),
         launch.idle_command.clone(),
     ];
+    if launch.ssh_cidr.is_none() {
+        c.follow_address = Some(FollowAddress::new(account));
+    }
     c
 }
 
@@ -169,7 +242,7 @@ mod tests {
             ssh: "ubuntu@1.2.3.4:22".into(),
             security_group: "sg-1".into(),
         };
-        let c = ssh_config(&launch, &inst, "/bin/agent".into());
+        let c = ssh_config(ec2::Account::default(), &launch, &inst, "/bin/agent".into());
         assert!(c.accept_new_host_key && !c.user_known_hosts);
         assert!(c.bridge_known_hosts.ends_with("known_hosts/i-0abc"));
         assert_eq!(c.agent_args[1], "1800");

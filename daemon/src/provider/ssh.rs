@@ -97,6 +97,10 @@ pub struct SshConfig {
     /// Extra `bridge-agent serve` arguments (the idle autostop of a cloud
     /// instance). An agent started with other ones is restarted.
     pub agent_args: Vec<String>,
+    /// An AWS instance's security group rule to keep pointed at this
+    /// machine's address, looked at when the host cannot be reached.
+    #[cfg(feature = "aws")]
+    pub follow_address: Option<super::aws::FollowAddress>,
 }
 
 impl SshConfig {
@@ -118,6 +122,8 @@ impl SshConfig {
             connect_timeout: Duration::from_secs(10),
             user_known_hosts: true,
             agent_args: Vec::new(),
+            #[cfg(feature = "aws")]
+            follow_address: None,
         }
     }
 }
@@ -422,8 +428,19 @@ impl Inner {
 
     async fn open_session(&self) -> Result<Handle<Client>, ProviderError> {
         let t = self.target()?;
-        self.open_to(t, self.config.identity.as_deref(), &self.label)
-            .await
+        let opened = self
+            .open_to(t, self.config.identity.as_deref(), &self.label)
+            .await;
+        // A cloud instance that stopped answering may only have stopped
+        // letting this machine in (its address changed): the next attempt
+        // finds the rule moved.
+        #[cfg(feature = "aws")]
+        if let (Err(e), Some(f)) = (&opened, &self.config.follow_address)
+            && e.retryable
+        {
+            f.check().await;
+        }
+        opened
     }
 
     /// Opens an SSH session to `t`: the link (direct, through its

@@ -268,6 +268,39 @@ pub async fn delete_group_if_unused(ec2: &Ec2, group: &str) -> Result<bool, AwsE
     }
 }
 
+/// Points the SSH rule of the caller's bridge security group at `cidr`,
+/// revoking the other SSH rules bridge put there ([`ensure_security_group`]
+/// with the group found by name and owner); returns whether it changed.
+/// No group (the instance is gone): nothing to do.
+pub async fn follow_address(ec2: &Ec2, cidr: &str, owner: &str) -> Result<bool, AwsError> {
+    let found = ec2
+        .client
+        .describe_security_groups()
+        .filters(filter("group-name", &[SECURITY_GROUP]))
+        .filters(filter(&format!("tag:{TAG_OWNER}"), &[owner]))
+        .send()
+        .await
+        .map_err(|e| describe("list security groups", &e))?;
+    let Some(g) = found.security_groups().first() else {
+        return Ok(false);
+    };
+    let allowed = g
+        .ip_permissions()
+        .iter()
+        .filter(|r| r.from_port() == Some(22))
+        .flat_map(|r| r.ip_ranges())
+        .any(|r| r.cidr_ip() == Some(cidr));
+    if allowed {
+        return Ok(false);
+    }
+    ensure_security_group(ec2, cidr, "", owner).await?;
+    Ok(true)
+}
+
+/// Test hook: `host:port` answering as checkip.amazonaws.com does (the
+/// address in the body), instead of it.
+pub const CHECKIP_ENV: &str = "BRIDGE_AWS_CHECKIP";
+
 /// This machine's public IPv4 address as `a.b.c.d/32`, from
 /// checkip.amazonaws.com (plain HTTP: a forged answer only opens the group
 /// to a wrong address, and `--ssh-cidr` avoids the lookup).
@@ -278,7 +311,10 @@ pub async fn public_cidr() -> Result<String, AwsError> {
         ))
     };
     let ask = async {
-        let mut s = tokio::net::TcpStream::connect(("checkip.amazonaws.com", 80)).await?;
+        let mut s = match std::env::var(CHECKIP_ENV) {
+            Ok(at) => tokio::net::TcpStream::connect(at).await?,
+            Err(_) => tokio::net::TcpStream::connect(("checkip.amazonaws.com", 80)).await?,
+        };
         s.write_all(b"GET / HTTP/1.0\r\nHost: checkip.amazonaws.com\r\n\r\n")
             .await?;
         let mut body = String::new();
