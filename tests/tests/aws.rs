@@ -10,6 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use bridge_tests::moto::Moto;
+use bridge_tests::proxy::Proxy;
 use bridge_tests::sshd::Sshd;
 use bridge_tests::{Repo, eventually, fixtures_dir};
 
@@ -519,4 +520,124 @@ fn stopped_instance_starts_again() {
     assert_eq!(state.trim(), "running");
     a.ok(&moto, &["down"]);
     assert!(moto.live_instances(REGION).is_empty());
+}
+
+/// Answers as checkip.amazonaws.com does, with an address the test sets.
+struct CheckIp {
+    port: u16,
+    ip: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl CheckIp {
+    fn start(ip: &str) -> CheckIp {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(ip.to_string()));
+        let answer = shared.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let ip = answer.lock().unwrap().clone();
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{ip}\n"
+                );
+            }
+        });
+        CheckIp { port, ip: shared }
+    }
+
+    fn set(&self, ip: &str) {
+        *self.ip.lock().unwrap() = ip.to_string();
+    }
+}
+
+/// Fault suite: the laptop's public address changes while the instance is
+/// up (`bridge up` looked it up itself: no `--ssh-cidr`). The security
+/// group, played by a proxy in front of the instance's sshd, lets in only
+/// the address its SSH rule names: the daemon notices the instance no
+/// longer answers, moves the rule it owns to the new address (the old one
+/// revoked), and reconnects by itself.
+#[test]
+fn a_new_laptop_address_is_let_in_and_the_daemon_reconnects() {
+    let moto = Moto::start();
+    let sshd = Sshd::start();
+    let proxy = Proxy::start(sshd.port());
+    let checkip = CheckIp::start("198.51.100.7");
+    let mut a = AwsRepo::new().with_sshd(&sshd);
+    a.extra_env.retain(|(k, _)| k != "BRIDGE_AWS_SSH_ENDPOINT");
+    a.extra_env.push((
+        "BRIDGE_AWS_SSH_ENDPOINT".into(),
+        format!("root@127.0.0.1:{}", proxy.port()),
+    ));
+    a.extra_env.push((
+        "BRIDGE_AWS_CHECKIP".into(),
+        format!("127.0.0.1:{}", checkip.port),
+    ));
+    a.repo.write("before.txt", "here\n");
+    let remote = a.remote_str.clone();
+    a.ok(
+        &moto,
+        &[
+            "up",
+            "--provider",
+            "aws",
+            "--region",
+            REGION,
+            "--remote-dir",
+            &remote,
+            "--yes",
+        ],
+    );
+    let rules = || {
+        moto.boto(
+            REGION,
+            "print(sorted(r['CidrIp'] for g in ec2.describe_security_groups(\
+             Filters=[{'Name': 'group-name', 'Values': ['bridge-ssh']}])['SecurityGroups'] \
+             for p in g['IpPermissions'] if p.get('FromPort') == 22 for r in p['IpRanges']))",
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(rules(), "['198.51.100.7/32']");
+
+    // The laptop moves to another network: the group drops its packets.
+    checkip.set("198.51.100.8");
+    proxy.set_down(true);
+    proxy.cut();
+    let moved = eventually(Duration::from_secs(90), || {
+        rules().contains("198.51.100.8/32")
+    });
+    assert!(
+        moved,
+        "the rule was not moved: {}\ndaemon log:\n{}",
+        rules(),
+        a.repo.daemon_log()
+    );
+    assert_eq!(
+        rules(),
+        "['198.51.100.8/32']",
+        "the old address is still allowed"
+    );
+    // The group now lets the laptop in: the daemon reconnects by itself.
+    proxy.set_down(false);
+    a.repo.write("after.txt", "moved\n");
+    let mirror = a.repo.mirror();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            fs::read_to_string(mirror.join("after.txt")).is_ok_and(|s| s == "moved\n")
+        }),
+        "the daemon did not reconnect:\n{}",
+        a.repo.daemon_log()
+    );
+    assert!(
+        a.repo
+            .daemon_log()
+            .contains("the bridge security group now allows SSH from it"),
+        "{}",
+        a.repo.daemon_log()
+    );
+    a.ok(&moto, &["down", "--force"]);
 }
