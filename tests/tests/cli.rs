@@ -187,3 +187,50 @@ fn a_token_or_state_directory_open_to_others_is_refused() {
     mode(".bridge", 0o700);
     r.up();
 }
+
+/// The agent token never shows: not in any process's arguments or
+/// environment (daemon, agent, shim, the job's own), not in what a job can
+/// print of its environment, not in `bridge status --json`, not in the logs
+/// (at debug level).
+#[test]
+fn the_token_never_appears_in_arguments_environments_logs_or_status() {
+    let r = Repo::new();
+    r.write("a.txt", "a");
+    r.write("job.toml", "run = \"env; sleep 2\"\n");
+    r.ok_env(&["up"], &[("BRIDGE_LOG", "debug")]);
+    let token = std::fs::read_to_string(r.path(".bridge/token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token.len() >= 32, "{token}");
+    let mut run = r.spawn(&["run", "job.toml"], &[], "run.out");
+    // While the job runs, every process on the machine.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let mut looked = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        for f in ["cmdline", "environ"] {
+            if let Ok(b) = std::fs::read(e.path().join(f)) {
+                looked += 1;
+                assert!(
+                    !String::from_utf8_lossy(&b).contains(&token),
+                    "the token is in /proc/{}/{f}",
+                    e.file_name().to_string_lossy()
+                );
+            }
+        }
+    }
+    assert!(looked > 10);
+    assert!(run.wait().unwrap().success());
+    let printed = std::fs::read_to_string(r.scratch("run.out")).unwrap();
+    assert!(printed.contains("BRIDGE_JOB_ID="), "{printed}");
+    assert!(
+        !printed.contains(&token),
+        "the job's environment holds the token"
+    );
+    assert!(!r.ok(&["status", "--json"]).contains(&token));
+    assert!(!r.daemon_log().contains(&token), "daemon.log");
+    assert!(!r.agent_log().contains(&token), "agent.log");
+}
