@@ -150,23 +150,38 @@ pub struct Done {
 /// `bridge down` with no daemon: reaches the agent itself and does what the
 /// daemon's shutdown would — cancel this repository's jobs on an agent that
 /// stops with it (the local one), refuse to stop or lose a shared or
-/// disappearing agent's running jobs without `force`, cancel this
-/// repository's live jobs on one that keeps running — then stops the agent
-/// when asked. An agent that cannot be reached has nothing to cancel; the
-/// local one is then stopped as before.
+/// disappearing agent's running jobs without `force` — then stops the agent
+/// when asked. It reaches only an agent that may have work to stop: the
+/// local one when it runs or a job may (never started just to be stopped),
+/// a remote one only to stop it or its machine (one that keeps running
+/// keeps its jobs). An agent that cannot be reached has nothing to cancel;
+/// the local one is then stopped as before.
 pub async fn offline(config: &Config, want: Down) -> Result<Done, String> {
     let layout = Layout::new(&config.repo);
     let provider = crate::provider_for(&config.provider, &layout);
     let local = provider.down_stops_agent();
     let stop_agent = local || want.remote || want.purge;
+    let reach = match &config.provider {
+        crate::ProviderConfig::Local { agent_bin } => {
+            crate::provider::local::LocalProvider::in_state_dir(&layout.state, agent_bin.clone())
+                .may_have_work()
+        }
+        #[allow(unreachable_patterns)]
+        _ => stop_agent || want.machine_goes,
+    };
     let mut done = Done::default();
-    match link_to(provider.as_ref(), &layout).await {
+    let link = if reach {
+        link_to(provider.as_ref(), &layout).await
+    } else {
+        Err("no agent with work to stop".to_string())
+    };
+    match link {
         Ok(link) => {
             done.reached = true;
             let mirror = repo::mirror_name(&config.repo);
             if local {
                 done.cancelled = cancel_all(&link, Some(&mirror)).await;
-            } else if stop_agent || want.machine_goes {
+            } else {
                 let running = active_jobs(&link, None)
                     .await
                     .map_err(|s| s.message().to_string())?;
@@ -174,8 +189,6 @@ pub async fn offline(config: &Config, want: Down) -> Result<Done, String> {
                     return Err(still_running(&running));
                 }
                 done.cancelled = cancel_all(&link, None).await;
-            } else {
-                done.cancelled = cancel_live(&link, &mirror).await;
             }
         }
         Err(e) => tracing::info!(error = %e, "no agent to reach: nothing to cancel"),

@@ -90,6 +90,16 @@ fn down_with_no_daemon_cancels_the_jobs_and_stops_the_agent() {
         !out.contains("cancelled") && out.contains("was not running"),
         "{out}"
     );
+    // Where nothing ever ran, `down` starts nothing to stop it.
+    let fresh = Repo::new();
+    fresh.write("a.txt", "a");
+    let out = fresh.ok(&["down"]);
+    assert!(out.contains("was not running"), "{out}");
+    assert!(
+        !fresh.path(".bridge/agent").exists(),
+        "down started an agent"
+    );
+    assert!(fresh.agent_pid().is_none());
 }
 
 /// Two `bridge up`s started at the same instant: one daemon wins, the other

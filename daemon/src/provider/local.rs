@@ -41,6 +41,18 @@ impl LocalProvider {
         }
     }
 
+    /// Whether the agent may still have work to stop: it runs, or a job's
+    /// directory has no exit record yet (its shim may run without it).
+    pub fn may_have_work(&self) -> bool {
+        self.pid().is_some()
+            || std::fs::read_dir(self.root.join("jobs")).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    let dir = e.path();
+                    dir.join("spec.json").exists() && !dir.join("exit.json").exists()
+                })
+            })
+    }
+
     /// The agent's pid, if the pid file names a live `bridge-agent` (a stale
     /// file may name a recycled pid: never signal that).
     fn pid(&self) -> Option<Pid> {
