@@ -19,6 +19,9 @@ use crate::{Config, repo};
 const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// How long a list of jobs or sweeps may take before `down` goes on without.
 const LIST_WAIT: Duration = Duration::from_secs(5);
+/// How long `down` with no daemon tries to reach the agent (a machine that
+/// is going anyway should not keep it waiting).
+const REACH_WAIT: Duration = Duration::from_secs(15);
 
 /// The mirror a listing is for: `mirror`, or every mirror with `None`.
 fn mirror_of(mirror: Option<&str>) -> String {
@@ -211,9 +214,9 @@ async fn link_to(provider: &dyn Provider, layout: &Layout) -> Result<AgentLink, 
         provider.ensure_agent().await.map_err(|e| e.to_string())?;
         provider.connect().await.map_err(|e| e.to_string())
     };
-    let channel = tokio::time::timeout(Duration::from_secs(30), reach)
+    let channel = tokio::time::timeout(REACH_WAIT, reach)
         .await
-        .map_err(|_| "the agent did not answer within 30 s".to_string())??;
+        .map_err(|_| "the agent did not answer within 15 s".to_string())??;
     let token = match provider.agent_token() {
         Some(t) => t,
         None => std::fs::read_to_string(&layout.token)
