@@ -198,12 +198,14 @@ fn an_agent_killed_mid_update_leaves_every_file_old_or_new() {
         r.write(&name(i), body("new", i));
     }
     r.write("big.bin", &new_big);
-    // Kill as soon as the first new file lands: the rest is being applied.
+    // Kill as soon as the first new file lands (looked at every 0.2 ms):
+    // the rest is being applied.
     let first = mirror.join(name(0));
-    let landed = eventually(Duration::from_secs(30), || {
-        fs::read_to_string(&first).is_ok_and(|s| s.starts_with("new"))
-    });
-    assert!(landed, "the update never started");
+    let t = std::time::Instant::now();
+    while !fs::read_to_string(&first).is_ok_and(|s| s.starts_with("new")) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the update never started");
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let agent = r.agent_pid().expect("agent pid");
     kill9(agent);
 
