@@ -15,6 +15,10 @@ use std::sync::Mutex;
 use bridge_proto::scan::Stat;
 use serde::{Deserialize, Serialize};
 
+/// How long a job's submission time is kept (its outputs are pulled long
+/// before; the agent keeps only recent jobs' trees anyway).
+const KEEP_SUBMITTED: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// A file as a pull left it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Mark {
@@ -50,11 +54,20 @@ pub struct Ledger {
 
 impl Ledger {
     /// The ledger in `path`; empty when there is none (or it is corrupt).
+    /// What no longer matters is dropped: files changed or gone since a pull
+    /// left them (paths relative to the directory above `path`'s, the
+    /// repository), and jobs submitted more than [`KEEP_SUBMITTED`] ago.
     pub fn open(path: &Path) -> Ledger {
-        let book = std::fs::read(path)
+        let mut book: Book = std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        if let Some(repo) = path.parent().and_then(Path::parent) {
+            book.files
+                .retain(|rel, m| Stat::lstat(&repo.join(rel)).is_ok_and(|st| Mark::of(&st) == *m));
+        }
+        let horizon = bridge_proto::index::now_ns() - KEEP_SUBMITTED.as_nanos() as i64;
+        book.submitted.retain(|_, at| *at > horizon);
         Ledger {
             path: path.to_path_buf(),
             book: Mutex::new(book),
@@ -104,23 +117,31 @@ mod tests {
     #[test]
     fn a_pulled_file_is_known_until_it_changes_and_across_a_reopen() {
         let d = tempfile::tempdir().unwrap();
+        let state = d.path().join(".bridge");
+        std::fs::create_dir(&state).unwrap();
+        let ledger = state.join("pulled.json");
         let f = d.path().join("m.pt");
         std::fs::write(&f, b"job").unwrap();
-        let l = Ledger::open(&d.path().join("pulled.json"));
+        std::fs::write(d.path().join("gone.pt"), b"job").unwrap();
+        let now = bridge_proto::index::now_ns();
+        let l = Ledger::open(&ledger);
         l.wrote("m.pt", &Stat::lstat(&f).unwrap());
-        l.submitted("7", 42);
-        let l = Ledger::open(&d.path().join("pulled.json"));
+        l.wrote("gone.pt", &Stat::lstat(&d.path().join("gone.pt")).unwrap());
+        l.submitted("7", now);
+        l.submitted("old", 42);
+        std::fs::remove_file(d.path().join("gone.pt")).unwrap();
+        let l = Ledger::open(&ledger);
         assert!(l.is_pulled("m.pt", &Stat::lstat(&f).unwrap()));
-        assert_eq!(l.submitted_at("7"), Some(42));
-        assert_eq!(l.submitted_at("8"), None);
         assert!(!l.is_pulled("other", &Stat::lstat(&f).unwrap()));
+        assert_eq!(l.submitted_at("7"), Some(now));
+        assert_eq!(l.submitted_at("8"), None);
+        // Dropped at open: a file gone since, a submission long ago.
+        assert_eq!(l.submitted_at("old"), None);
+        assert!(!l.lock().files.contains_key("gone.pt"));
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&f, b"mine").unwrap();
         assert!(!l.is_pulled("m.pt", &Stat::lstat(&f).unwrap()));
-        std::fs::write(d.path().join("pulled.json"), b"{not json").unwrap();
-        assert!(
-            !Ledger::open(&d.path().join("pulled.json"))
-                .is_pulled("m.pt", &Stat::lstat(&f).unwrap())
-        );
+        std::fs::write(&ledger, b"{not json").unwrap();
+        assert!(!Ledger::open(&ledger).is_pulled("m.pt", &Stat::lstat(&f).unwrap()));
     }
 }
