@@ -203,7 +203,10 @@ fn an_agent_killed_mid_update_leaves_every_file_old_or_new() {
     let first = mirror.join(name(0));
     let t = std::time::Instant::now();
     while !fs::read_to_string(&first).is_ok_and(|s| s.starts_with("new")) {
-        assert!(t.elapsed() < Duration::from_secs(30), "the update never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the update never started"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
     let agent = r.agent_pid().expect("agent pid");
