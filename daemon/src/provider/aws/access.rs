@@ -146,6 +146,19 @@ pub async fn ensure_security_group(
     repo: &str,
     owner: &str,
 ) -> Result<String, AwsError> {
+    let (id, rules) = match find_group(ec2, owner).await? {
+        Some(g) => g,
+        None => (create_group(ec2, repo, owner).await?, Vec::new()),
+    };
+    point_ssh_rule(ec2, &id, &rules, cidr).await?;
+    Ok(id)
+}
+
+/// The caller's bridge security group: its id and its ingress rules.
+async fn find_group(
+    ec2: &Ec2,
+    owner: &str,
+) -> Result<Option<(String, Vec<IpPermission>)>, AwsError> {
     let found = ec2
         .client
         .describe_security_groups()
@@ -154,15 +167,26 @@ pub async fn ensure_security_group(
         .send()
         .await
         .map_err(|e| describe("list security groups", &e))?;
-    let (id, rules) = match found.security_groups().first() {
-        Some(g) => (
+    Ok(found.security_groups().first().map(|g| {
+        (
             g.group_id().unwrap_or_default().to_string(),
             g.ip_permissions().to_vec(),
-        ),
-        None => (create_group(ec2, repo, owner).await?, Vec::new()),
-    };
+        )
+    }))
+}
+
+/// Makes group `id` (now holding `rules`) allow TCP 22 from `cidr` only:
+/// every other range is revoked, `cidr` added when missing. Returns whether
+/// anything changed.
+async fn point_ssh_rule(
+    ec2: &Ec2,
+    id: &str,
+    rules: &[IpPermission],
+    cidr: &str,
+) -> Result<bool, AwsError> {
+    let mut changed = false;
     let mut have = false;
-    for rule in &rules {
+    for rule in rules {
         for range in rule.ip_ranges() {
             let other = range.cidr_ip() != Some(cidr) || rule.from_port() != Some(22);
             if !other {
@@ -177,11 +201,12 @@ pub async fn ensure_security_group(
                 .build();
             ec2.client
                 .revoke_security_group_ingress()
-                .group_id(&id)
+                .group_id(id)
                 .ip_permissions(stale)
                 .send()
                 .await
                 .map_err(|e| describe("update the bridge security group", &e))?;
+            changed = true;
         }
     }
     if !have {
@@ -199,17 +224,17 @@ pub async fn ensure_security_group(
         let res = ec2
             .client
             .authorize_security_group_ingress()
-            .group_id(&id)
+            .group_id(id)
             .ip_permissions(rule)
             .send()
             .await;
         match res {
-            Ok(_) => {}
+            Ok(_) => changed = true,
             Err(e) if code(&e) == Some("InvalidPermission.Duplicate") => {}
             Err(e) => return Err(describe("allow SSH in the bridge security group", &e)),
         }
     }
-    Ok(id)
+    Ok(changed)
 }
 
 async fn create_group(ec2: &Ec2, repo: &str, owner: &str) -> Result<String, AwsError> {
@@ -269,32 +294,13 @@ pub async fn delete_group_if_unused(ec2: &Ec2, group: &str) -> Result<bool, AwsE
 }
 
 /// Points the SSH rule of the caller's bridge security group at `cidr`,
-/// revoking the other SSH rules bridge put there ([`ensure_security_group`]
-/// with the group found by name and owner); returns whether it changed.
-/// No group (the instance is gone): nothing to do.
+/// revoking the other SSH rules bridge put there; returns whether it
+/// changed. No group (the instance is gone): nothing to do.
 pub async fn follow_address(ec2: &Ec2, cidr: &str, owner: &str) -> Result<bool, AwsError> {
-    let found = ec2
-        .client
-        .describe_security_groups()
-        .filters(filter("group-name", &[SECURITY_GROUP]))
-        .filters(filter(&format!("tag:{TAG_OWNER}"), &[owner]))
-        .send()
-        .await
-        .map_err(|e| describe("list security groups", &e))?;
-    let Some(g) = found.security_groups().first() else {
-        return Ok(false);
-    };
-    let allowed = g
-        .ip_permissions()
-        .iter()
-        .filter(|r| r.from_port() == Some(22))
-        .flat_map(|r| r.ip_ranges())
-        .any(|r| r.cidr_ip() == Some(cidr));
-    if allowed {
-        return Ok(false);
+    match find_group(ec2, owner).await? {
+        Some((id, rules)) => point_ssh_rule(ec2, &id, &rules, cidr).await,
+        None => Ok(false),
     }
-    ensure_security_group(ec2, cidr, "", owner).await?;
-    Ok(true)
 }
 
 /// Test hook: `host:port` answering as checkip.amazonaws.com does (the
