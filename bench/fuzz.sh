@@ -13,6 +13,8 @@
 # fuzz/artifacts/TARGET/ and makes the script exit 1: turn it into a
 # regression test, fix it, rerun.
 #
+# FUZZ_RESULTS=FILE writes the table there instead (relative to fuzz/).
+#
 # Needs nightly Rust and cargo-fuzz (`cargo +nightly install cargo-fuzz
 # --locked`: installed when missing). Built without a sanitizer (`-s
 # none`): the code under test is safe Rust, and libFuzzer runs 2–5 times
@@ -25,7 +27,7 @@ shift 2 2>/dev/null || shift $#
 command -v cargo-fuzz >/dev/null || cargo +nightly install cargo-fuzz --locked
 TARGETS=${*:-$(cargo +nightly fuzz list)}
 cargo +nightly fuzz build -O -s none
-OUT=../bench/results/fuzz.md
+OUT=${FUZZ_RESULTS:-../bench/results/fuzz.md}
 LOGS=../target/fuzz-logs
 mkdir -p "$LOGS"
 {

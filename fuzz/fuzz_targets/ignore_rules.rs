@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use bridge_proto::scan::{Side, is_always_excluded, walk};
@@ -84,25 +85,43 @@ fn ignored(levels: &[Level], path: &Path, is_dir: bool) -> bool {
     false
 }
 
-fuzz_target!(|input: Input| {
-    let root = bridge_fuzz::fresh("ignore_rules").canonicalize().unwrap();
-    for f in FILES {
-        let p = root.join(f);
-        if let Some(dir) = f.strip_suffix('/') {
-            fs::create_dir_all(root.join(dir)).unwrap();
-        } else {
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(&p, f).unwrap();
+/// The tree, made once per process: only the ignore files change between
+/// runs (each run writes all four, removing the subdirectory's when the input
+/// has none), so every run sees the same tree with its own rules.
+fn tree() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = bridge_fuzz::fresh("ignore_rules").canonicalize().unwrap();
+        for f in FILES {
+            let p = root.join(f);
+            if let Some(dir) = f.strip_suffix('/') {
+                fs::create_dir_all(root.join(dir)).unwrap();
+            } else {
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, f).unwrap();
+            }
         }
+        root
+    })
+}
+
+fn put(path: PathBuf, text: Option<&str>) {
+    match text {
+        Some(t) => fs::write(path, t).unwrap(),
+        None => match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("{}: {e}", path.display()),
+        },
     }
-    fs::write(root.join(".gitignore"), input.root_git).unwrap();
-    fs::write(root.join(".bridgeignore"), input.root_bridge).unwrap();
-    if let Some(t) = input.sub_git {
-        fs::write(root.join("sub/.gitignore"), t).unwrap();
-    }
-    if let Some(t) = input.sub_bridge {
-        fs::write(root.join("sub/.bridgeignore"), t).unwrap();
-    }
+}
+
+fuzz_target!(|input: Input| {
+    let root = tree().to_path_buf();
+    put(root.join(".gitignore"), Some(input.root_git));
+    put(root.join(".bridgeignore"), Some(input.root_bridge));
+    put(root.join("sub/.gitignore"), input.sub_git);
+    put(root.join("sub/.bridgeignore"), input.sub_bridge);
     let levels = [level(&root), level(&root.join("sub"))];
 
     // What git's rules keep, path by path.
