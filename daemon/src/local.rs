@@ -90,6 +90,8 @@ pub struct Local {
     pub previous: HashMap<RelPath, Previous>,
     previous_refs: usize,
     index_dirty: bool,
+    /// Ignore rules from above a rescanned directory, kept between rescans.
+    rules: scan::RuleCache,
 }
 
 /// A file version the agent may still hold.
@@ -129,6 +131,7 @@ impl Local {
             previous: HashMap::new(),
             previous_refs: 0,
             index_dirty: false,
+            rules: scan::RuleCache::default(),
         }
     }
 
@@ -243,11 +246,17 @@ impl Local {
                 return self.rescan(d.parent().as_ref(), false, ch);
             }
         }
-        let (mut found, bad) = scan::walk(
+        if recursive {
+            // An ignore file may have changed (its change rescans the
+            // subtree): the rules above are read again.
+            self.rules.clear();
+        }
+        let (mut found, bad) = scan::walk_cached(
             &self.root,
             dir,
             if recursive { None } else { Some(1) },
             Side::Daemon,
+            &mut self.rules,
         );
         self.join_prior();
         if !self.outputs.is_empty() {
@@ -545,11 +554,16 @@ fn parent_str(p: &RelPath) -> &str {
 
 /// Hashes `files` on up to as many threads as there are cores.
 fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<HashOutcome>)> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if files.len() < 8 || threads == 1 {
+    // (Cores are counted only for a batch worth threads: counting reads
+    // three cgroup files.)
+    let threads = || {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8)
+    };
+    let threads = if files.len() < 8 { 1 } else { threads() };
+    if threads == 1 {
         return files
             .into_iter()
             .map(|f| {
