@@ -878,6 +878,11 @@ impl Engine {
         let mut pending: BTreeSet<Dirty> = BTreeSet::new();
         let mut first_event: Option<Instant> = None;
         let mut last_event = Instant::now();
+        // The quiet time that ends the current burst: none or short while its
+        // events left whole files (see `watcher::QUIET`, `SETTLE_WINDOW`).
+        let mut window = watcher::DEBOUNCE_WINDOW;
+        // When the last burst was taken for a rescan.
+        let mut last_taken = Instant::now();
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut barriers: Vec<(u64, BarrierReply)> = Vec::new();
         let mut markers = Markers::default();
@@ -945,8 +950,7 @@ impl Engine {
             let now = Instant::now();
             let mut deadline = next_racy.min(last_index_save + INDEX_SAVE_INTERVAL);
             if let Some(f) = first_event {
-                deadline = deadline
-                    .min((last_event + watcher::DEBOUNCE_WINDOW).min(f + watcher::DEBOUNCE_CAP));
+                deadline = deadline.min((last_event + window).min(f + watcher::DEBOUNCE_CAP));
             }
             if matches!(self.watcher.mode, Mode::Polling(_)) {
                 deadline = deadline.min(next_poll);
@@ -963,12 +967,30 @@ impl Engine {
                 deadline = now;
             }
 
+            // Biased: the events already queued are taken before a deadline
+            // that has passed, so a burst synced at once holds all of them.
             tokio::select! {
+                biased;
                 _ = shutdown.changed() => break,
                 Some(m) = self.watch_rx.recv() => {
                     match m {
-                        WatchMsg::Dirty(d) => { pending.insert(d); }
-                        WatchMsg::Overflow => { pending.insert(Dirty::Tree(None)); }
+                        WatchMsg::Dirty(d, settled) => {
+                            pending.insert(d);
+                            let starts = first_event.is_none();
+                            window = if !settled {
+                                watcher::DEBOUNCE_WINDOW
+                            } else if (starts && last_taken.elapsed() >= watcher::QUIET)
+                                || (!starts && window.is_zero())
+                            {
+                                Duration::ZERO
+                            } else {
+                                watcher::SETTLE_WINDOW
+                            };
+                        }
+                        WatchMsg::Overflow => {
+                            pending.insert(Dirty::Tree(None));
+                            window = watcher::DEBOUNCE_WINDOW;
+                        }
                         WatchMsg::Marker => {
                             markers.arrived(&self.repo.root);
                             if pending.is_empty() {
@@ -1072,13 +1094,13 @@ impl Engine {
                     l.save_index(true);
                 }
             }
-            let burst_over = first_event.is_some_and(|f| {
-                now >= last_event + watcher::DEBOUNCE_WINDOW || now >= f + watcher::DEBOUNCE_CAP
-            });
+            let burst_over = first_event
+                .is_some_and(|f| now >= last_event + window || now >= f + watcher::DEBOUNCE_CAP);
             // Edit-to-mirror latency is measured from the first event of a
             // burst that this iteration syncs.
             let started = if burst_over { first_event } else { None };
             if burst_over {
+                last_taken = now;
                 let dirty = std::mem::take(&mut pending);
                 markers.rescanned = markers.seen;
                 first_event = None;

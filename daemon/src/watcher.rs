@@ -3,7 +3,7 @@
 //! One non-recursive inotify watch per synced directory: ignored directories
 //! are never walked, so they cost no watch (a 200k-file `.venv` costs nothing).
 //! Events become [`Dirty`] scopes; the engine debounces them (see
-//! [`DEBOUNCE_WINDOW`] and [`DEBOUNCE_CAP`]).
+//! [`QUIET`], [`SETTLE_WINDOW`], [`DEBOUNCE_WINDOW`] and [`DEBOUNCE_CAP`]).
 //!
 //! When the kernel refuses more watches (`fs.inotify.max_user_watches`), the
 //! watcher says so once, clearly, and the engine falls back to a periodic full
@@ -22,8 +22,21 @@ use tokio::sync::mpsc;
 use crate::local::Dirty;
 
 /// Trailing-edge debounce: a burst is processed once no event arrived for this
-/// long. Editors' atomic saves (write temp, rename over) land well inside it.
+/// long, while its last event leaves a file being written (a creation, a
+/// write). Editors' atomic saves (write temp, rename over) land well inside it.
 pub const DEBOUNCE_WINDOW: Duration = Duration::from_millis(8);
+
+/// The same when every event of the burst so far left a whole file in place
+/// (a close after writing, a rename into the tree, a change of mode or
+/// times, a new directory): only the rest of a save storm is waited for,
+/// whose steps follow each other within microseconds.
+pub const SETTLE_WINDOW: Duration = Duration::from_millis(1);
+
+/// A burst that starts with such an event after this long without one is
+/// synced at once, with the events already queued: a single save (most of an
+/// edit's latency was the 8 ms window before, issue 25). Bursts that follow
+/// within it (the rest of a `git checkout`) are coalesced by the windows.
+pub const QUIET: Duration = Duration::from_millis(50);
 
 /// Upper bound on how long a continuous burst may delay a sync.
 pub const DEBOUNCE_CAP: Duration = Duration::from_millis(100);
@@ -34,7 +47,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// What the watcher tells the engine.
 #[derive(Debug)]
 pub enum WatchMsg {
-    Dirty(Dirty),
+    /// A scope to look at again, and whether its event ends a change (see
+    /// [`SETTLE_WINDOW`]).
+    Dirty(Dirty, bool),
     /// The barrier's marker (see [`touch_marker`]): every event before it
     /// has been sent.
     Marker,
@@ -87,8 +102,9 @@ impl Watcher {
                     let _ = tx.send(WatchMsg::Marker);
                     return;
                 }
+                let settled = settles(&ev.kind);
                 for d in classify(&r, &ev) {
-                    let _ = tx.send(WatchMsg::Dirty(d));
+                    let _ = tx.send(WatchMsg::Dirty(d, settled));
                 }
             }
             Err(e) => {
@@ -213,6 +229,21 @@ pub fn touch_marker(root: &Path) -> std::io::Result<()> {
     )
 }
 
+/// Whether an event leaves a whole file in place: a close after writing, a
+/// rename into the tree, a change of mode or times, a new directory. A
+/// creation or a write of a file still open does not, nor a removal or a
+/// rename away, which an editor's save often follows with the new version.
+fn settles(kind: &EventKind) -> bool {
+    use notify::event::{CreateKind, RenameMode};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+            | EventKind::Modify(ModifyKind::Metadata(_))
+            | EventKind::Create(CreateKind::Folder)
+    )
+}
+
 /// Maps one event to the scopes to look at again.
 fn classify(root: &Path, ev: &Event) -> Vec<Dirty> {
     let mut out = Vec::new();
@@ -304,5 +335,28 @@ mod tests {
             classify(r, &ev(open, ".gitignore")).is_empty(),
             "our own reads"
         );
+    }
+
+    #[test]
+    fn a_whole_file_in_place_settles_and_one_still_open_or_gone_does_not() {
+        use notify::event::RemoveKind;
+        assert!(settles(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(settles(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(!settles(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::Both
+        ))));
+        assert!(!settles(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::From
+        ))));
+        assert!(!settles(&EventKind::Remove(RemoveKind::File)));
+        assert!(settles(&EventKind::Create(CreateKind::Folder)));
+        assert!(!settles(&EventKind::Create(CreateKind::File)));
+        assert!(!settles(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
     }
 }
