@@ -915,6 +915,7 @@ mod tests {
                     ..Default::default()
                 })),
             }],
+            eager: false,
         }
     }
 

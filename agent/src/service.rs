@@ -5,7 +5,7 @@
 //! from `Begin` to `Commit`, so rounds on one agent are serialised. `Attach`
 //! (presence for the idle autostop) touches none of that: see [`crate::idle`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -268,20 +268,53 @@ fn run_round(
         .map_err(|_| Status::internal("agent state poisoned"))?;
     let (mirror, store) = mirror_of(&mut st, &begin.mirror)?;
     let mut round = Round::new(tmp, mirror, store);
+    // After an eager plan: the bodies still to come, and which the round needs.
+    let mut eager: Option<Eager> = None;
     while let Some(m) = rx.blocking_recv() {
         let reply = match m.msg {
-            Some(sync_up::Msg::Plan(p)) => Some(v1::sync_down::Msg::Need(
-                round.on_plan(p).map_err(round_status)?,
-            )),
+            Some(sync_up::Msg::Plan(p)) => {
+                if eager.is_some() {
+                    return Err(Status::invalid_argument(
+                        "protocol violation: a plan after an eager plan",
+                    ));
+                }
+                if p.eager {
+                    let counts = Eager::counts(&p)?;
+                    let need = round.on_plan(p).map_err(round_status)?;
+                    eager = Some(Eager::new(&counts, &need));
+                    None
+                } else {
+                    Some(v1::sync_down::Msg::Need(
+                        round.on_plan(p).map_err(round_status)?,
+                    ))
+                }
+            }
             Some(sync_up::Msg::Chunk(c)) => {
-                round.on_chunk(c).map_err(round_status)?;
+                let wanted = match eager.as_mut() {
+                    Some(e) => e.next()?,
+                    None => true,
+                };
+                if wanted {
+                    round.on_chunk(c).map_err(round_status)?;
+                }
                 None
             }
             Some(sync_up::Msg::Skip(_)) => {
-                round.on_skip().map_err(round_status)?;
+                let waiting = match eager.as_mut() {
+                    Some(e) => e.skip()?,
+                    None => true,
+                };
+                if waiting {
+                    round.on_skip().map_err(round_status)?;
+                }
                 None
             }
             Some(sync_up::Msg::Commit(c)) => {
+                if eager.as_ref().is_some_and(|e| !e.ops.is_empty()) {
+                    return Err(Status::invalid_argument(
+                        "protocol violation: commit before the eager plan's chunk bodies",
+                    ));
+                }
                 let done = round.on_commit(c.generation).map_err(round_status)?;
                 let _ = tx.blocking_send(Ok(v1::SyncDown {
                     msg: Some(v1::sync_down::Msg::Done(done)),
@@ -305,4 +338,126 @@ fn run_round(
     // The daemon went away mid-round: every op applied so far is complete;
     // the one in progress is dropped with the round.
     Ok(())
+}
+
+/// The chunk bodies an eager plan announced (see `Plan.eager`): for each of
+/// its `Put`s with chunks, in order, whether the round needs each chunk still
+/// to come. The others are dropped as they arrive.
+#[derive(Debug)]
+struct Eager {
+    ops: VecDeque<VecDeque<bool>>,
+}
+
+impl Eager {
+    /// Each op's chunk count; refuses a splice, whose list the daemon would
+    /// have to send as the agent resolves it.
+    fn counts(plan: &v1::Plan) -> Result<Vec<usize>, Status> {
+        plan.ops
+            .iter()
+            .map(|op| match &op.op {
+                Some(v1::op::Op::Put(p)) if !p.base.is_empty() || !p.splice.is_empty() => Err(
+                    Status::invalid_argument("protocol violation: a splice in an eager plan"),
+                ),
+                Some(v1::op::Op::Put(p)) => Ok(p.chunks.len()),
+                _ => Ok(0),
+            })
+            .collect()
+    }
+
+    fn new(counts: &[usize], need: &v1::Need) -> Eager {
+        let ops = counts
+            .iter()
+            .zip(&need.ops)
+            .filter(|(n, _)| **n > 0)
+            .map(|(&n, need)| {
+                let mut wanted = vec![false; n];
+                for &i in &need.chunks {
+                    if let Some(w) = wanted.get_mut(i as usize) {
+                        *w = true;
+                    }
+                }
+                wanted.into()
+            })
+            .collect();
+        Eager { ops }
+    }
+
+    /// Whether the round needs the body that just arrived.
+    fn next(&mut self) -> Result<bool, Status> {
+        while let Some(op) = self.ops.front_mut() {
+            if let Some(wanted) = op.pop_front() {
+                if op.is_empty() {
+                    self.ops.pop_front();
+                }
+                return Ok(wanted);
+            }
+            self.ops.pop_front();
+        }
+        Err(Status::invalid_argument(
+            "protocol violation: more chunk bodies than the eager plan holds",
+        ))
+    }
+
+    /// The daemon gave up on the current `Put`: whether the round is still
+    /// waiting for one of its bodies (else it already wrote the file).
+    fn skip(&mut self) -> Result<bool, Status> {
+        match self.ops.pop_front() {
+            Some(rest) => Ok(rest.contains(&true)),
+            None => Err(Status::invalid_argument(
+                "protocol violation: skip with no file in progress",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eager_stream_is_matched_to_its_puts_in_order() {
+        // Put of 3 chunks needing 0 and 2, a mkdir, Put of 1 held chunk,
+        // Put of 2 chunks needing 1.
+        let need = |c: &[u32]| v1::OpNeed { chunks: c.to_vec() };
+        let mut e = Eager::new(
+            &[3, 0, 1, 2],
+            &v1::Need {
+                ops: vec![need(&[0, 2]), need(&[]), need(&[]), need(&[1])],
+            },
+        );
+        let got: Vec<bool> = (0..6).map(|_| e.next().unwrap()).collect();
+        assert_eq!(got, [true, false, true, false, false, true]);
+        assert!(e.ops.is_empty());
+        assert!(e.next().is_err(), "a body too many");
+
+        // A skip drops the rest of the current Put only, and says whether
+        // the round still waits on it.
+        let mut e = Eager::new(
+            &[2, 2, 1],
+            &v1::Need {
+                ops: vec![need(&[1]), need(&[0]), need(&[0])],
+            },
+        );
+        assert!(!e.next().unwrap());
+        assert!(e.skip().unwrap(), "chunk 1 of the first Put was awaited");
+        assert!(e.next().unwrap());
+        assert!(!e.skip().unwrap(), "the second Put is already whole");
+        assert!(e.next().unwrap());
+        assert!(e.skip().is_err(), "nothing left to skip");
+    }
+
+    #[test]
+    fn an_eager_plan_with_a_splice_is_refused() {
+        let put = |base: &[u8]| v1::Op {
+            op: Some(v1::op::Op::Put(v1::Put {
+                path: "a".into(),
+                base: base.to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        let plan = |ops| v1::Plan { ops, eager: true };
+        assert_eq!(Eager::counts(&plan(vec![put(b"")])).unwrap(), [0]);
+        let e = Eager::counts(&plan(vec![put(b""), put(&[7; 32])])).unwrap_err();
+        assert!(e.message().contains("splice"), "{e:?}");
+    }
 }

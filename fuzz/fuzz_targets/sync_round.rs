@@ -125,6 +125,7 @@ fn round(
     let mut round = Round::new(tmp, mirror, store);
     let plan = v1::Plan {
         ops: edits.iter().map(|e| op(e, outside)).collect(),
+        eager: false,
     };
     let Ok(need) = round.on_plan(plan) else {
         return;

@@ -66,7 +66,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// Version of the daemon ↔ agent protocol; both sides refuse a peer with another.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Metadata key carrying the agent token (`Bearer <token>`).
 pub const AUTH_HEADER: &str = "authorization";

@@ -131,9 +131,12 @@ where
     })))
     .await
     .unwrap();
-    tx.send(msg(sync_up::Msg::Plan(v1::Plan { ops: ops.clone() })))
-        .await
-        .unwrap();
+    tx.send(msg(sync_up::Msg::Plan(v1::Plan {
+        ops: ops.clone(),
+        eager: false,
+    })))
+    .await
+    .unwrap();
     let mut down = c
         .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
@@ -461,5 +464,135 @@ async fn spliced_puts_apply_against_the_held_version_only() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("past the end"), "{}", e.message());
     assert_eq!(std::fs::read(mirror.join("big.bin")).unwrap(), new.concat());
+    assert!(files_under(&a.root().join("tmp")).is_empty());
+}
+
+/// One eager round (`Plan.eager`): the plan, then every body of every Put in
+/// op order (`bodies`, one per Put here), then a commit, sent without waiting
+/// for anything; the agent answers Done only.
+async fn eager_round<T>(
+    c: &mut AgentClient<T>,
+    ops: Vec<v1::Op>,
+    bodies: &[&[u8]],
+    commit: bool,
+) -> Result<v1::Done, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: tonic::transport::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::transport::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let mut up = vec![
+        msg(sync_up::Msg::Begin(v1::Begin {
+            mirror: "m".into(),
+            generation: 1,
+        })),
+        msg(sync_up::Msg::Plan(v1::Plan { ops, eager: true })),
+    ];
+    for b in bodies {
+        up.push(msg(sync_up::Msg::Chunk(v1::ChunkData {
+            id: blake3::hash(b).as_bytes().to_vec().into(),
+            compression: 0,
+            data: b.to_vec().into(),
+        })));
+    }
+    if commit {
+        up.push(msg(sync_up::Msg::Commit(v1::Commit { generation: 1 })));
+    }
+    let mut down = c.sync(tokio_stream::iter(up)).await?.into_inner();
+    match down.message().await? {
+        Some(v1::SyncDown {
+            msg: Some(sync_down::Msg::Done(d)),
+        }) => Ok(d),
+        None => Err(tonic::Status::aborted("the round ended without Done")),
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+/// An eager round lands in one trip: bodies the agent lacks are used, those it
+/// holds are dropped, no Need is sent; a body too many, a commit before the
+/// last body, or a splice in an eager plan is refused and writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_eager_round_uses_the_bodies_it_lacks_and_refuses_a_wrong_stream() {
+    let a = Agent::start();
+    let mut c = a.client(Some("right-token")).await;
+    c.hello(hello("m")).await.unwrap();
+    let mirror = a.root().join("mirrors/m");
+    round(&mut c, vec![put("held.py", b"held")], &[b"held"])
+        .await
+        .unwrap();
+
+    let mkdir = v1::Op {
+        op: Some(v1::op::Op::Mkdir(v1::Mkdir { path: "d".into() })),
+    };
+    let done = eager_round(
+        &mut c,
+        vec![put("d/copy.py", b"held"), mkdir, put("d/new.py", b"new")],
+        &[b"held", b"new"],
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(done.failures.is_empty(), "{:?}", done.failures);
+    assert_eq!(std::fs::read(mirror.join("d/copy.py")).unwrap(), b"held");
+    assert_eq!(std::fs::read(mirror.join("d/new.py")).unwrap(), b"new");
+    let root = c
+        .root(v1::RootRequest { mirror: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(root.root, done.root);
+    assert_eq!(root.files, 3);
+
+    // A body more than the plan holds: refused. The Put before it is whole
+    // (its only body came first), as every op of a broken round is whole or
+    // absent.
+    let e = eager_round(
+        &mut c,
+        vec![put("extra.py", b"extra")],
+        &[b"extra", b"more"],
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("more chunk bodies"), "{}", e.message());
+    assert_eq!(std::fs::read(mirror.join("extra.py")).unwrap(), b"extra");
+    // A commit before the bodies: refused, nothing written.
+    let e = eager_round(&mut c, vec![put("early.py", b"early")], &[], true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("commit before"), "{}", e.message());
+    assert!(!mirror.join("early.py").exists());
+    // A daemon gone before its bodies: no Done, nothing written.
+    let e = eager_round(&mut c, vec![put("gone.py", b"gone")], &[], false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    assert!(!mirror.join("gone.py").exists());
+    let spliced = v1::Op {
+        op: Some(v1::op::Op::Put(v1::Put {
+            path: "held.py".into(),
+            base: blake3::hash(b"held").as_bytes().to_vec().into(),
+            splice: vec![v1::Splice {
+                skip: 0,
+                insert: vec![],
+                copy: 1,
+            }],
+            ..Default::default()
+        })),
+    };
+    let e = eager_round(&mut c, vec![spliced], &[], true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("splice in an eager plan"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(std::fs::read(mirror.join("held.py")).unwrap(), b"held");
     assert!(files_under(&a.root().join("tmp")).is_empty());
 }

@@ -63,6 +63,7 @@ fn apply(
     let mut round = Round::new(tmp, mirror, store);
     let plan = v1::Plan {
         ops: edits.iter().map(op).collect(),
+        eager: false,
     };
     let need = round.on_plan(plan).map_err(|e| e.to_string())?;
     for (e, n) in edits.iter().zip(&need.ops) {
