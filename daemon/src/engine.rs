@@ -406,6 +406,11 @@ pub struct Engine {
     early_verify: Option<(u64, tokio::task::JoinHandle<Result<Hash, SyncError>>)>,
     /// Whether rounds compress chunk bodies (`None`: a local link, never).
     compression: Option<Arc<Mutex<compress::Adaptive>>>,
+    /// The next round syncs a save taken at once after quiet (see
+    /// `watcher::QUIET`): it may go eager (`round::EAGER_BYTES`). Rounds of a
+    /// longer burst (a `git checkout`) wait for the agent's Need, which skips
+    /// what it already holds.
+    eager: bool,
 }
 
 /// How recent a verification must be to answer a covered `sync --wait`.
@@ -443,6 +448,7 @@ impl Engine {
             touched: BTreeSet::new(),
             full_diff: true,
             rules_changed: false,
+            eager: false,
             full_scan_began: None,
             verified: None,
             early_verify: None,
@@ -1101,6 +1107,8 @@ impl Engine {
             let started = if burst_over { first_event } else { None };
             if burst_over {
                 last_taken = now;
+                self.eager = window.is_zero();
+                window = watcher::DEBOUNCE_WINDOW;
                 let dirty = std::mem::take(&mut pending);
                 markers.rescanned = markers.seen;
                 first_event = None;
@@ -1128,6 +1136,7 @@ impl Engine {
             let t = Instant::now();
             let rescanned = markers.rescanned;
             let res = self.converge().await;
+            self.eager = false;
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "converge");
             match res {
                 Ok(skipped) => {

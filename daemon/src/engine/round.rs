@@ -29,13 +29,13 @@ const PLAN_OPS: usize = 1024;
 /// Chunk refs per plan message (keeps messages well under the size limit).
 const PLAN_CHUNKS: usize = 64 * 1024;
 
-/// A round of puts holding at most this many bytes goes eager (see
-/// `Plan.eager` in agent.proto): its bodies follow the plan without waiting
-/// for the agent's `Need`, so an edit lands one trip after it left instead of
-/// three (issue 25: 164 ms over a link of 50 ms each way). What it may cost is
-/// bodies the agent already holds (a file copied or put back): at most this
-/// much, 21 ms at 100 Mbit/s, less than the round trip it saves on any link
-/// worth saving it on.
+/// A save synced at once (`Engine::eager`) whose round puts at most this many
+/// bytes goes eager (see `Plan.eager` in agent.proto): its bodies follow the
+/// plan without waiting for the agent's `Need`, so an edit lands one trip
+/// after it left instead of three (issue 25: 164 ms over a link of 50 ms each
+/// way). What it may cost is bodies the agent already holds (a file copied or
+/// put back): at most this much per burst, 21 ms at 100 Mbit/s, less than the
+/// round trip it saves on any link worth saving it on.
 const EAGER_BYTES: u64 = 256 * 1024;
 
 /// Whether a batch can go eager: it puts something, and no put is a splice.
@@ -111,7 +111,8 @@ impl Engine {
         if !cur.is_empty() {
             batches.push(cur);
         }
-        let eager = batches.len() == 1 && bytes_total <= EAGER_BYTES && is_eager(&batches[0]);
+        let eager =
+            self.eager && batches.len() == 1 && bytes_total <= EAGER_BYTES && is_eager(&batches[0]);
         let plan_msg = |b: &Vec<PlannedOp>| {
             sync_up::Msg::Plan(v1::Plan {
                 ops: b.iter().map(PlannedOp::to_wire).collect(),
