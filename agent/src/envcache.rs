@@ -237,29 +237,52 @@ impl KeyHasher {
 
 /// What a version-manager shim (pyenv, asdf) decides by: the environment
 /// (minus what differs per job) and the version files that apply to `cwd`.
+/// Variables that differ from job to job and that no version manager reads:
+/// bridge's own, the devices a job is given, MLflow's (its run context names
+/// the job), the shell's directory. One of them in the key made every job ask
+/// the shim again (~0.2 s a job through pyenv, issue 25).
+fn per_job(name: &str) -> bool {
+    name.starts_with("BRIDGE_")
+        || name.starts_with("MLFLOW_")
+        || name.ends_with("_VISIBLE_DEVICES")
+        || matches!(name, "PWD" | "OLDPWD" | "SHLVL" | "_")
+}
+
 fn shim_inputs(h: &mut KeyHasher, env: &Env, cwd: &Path) {
     for (k, v) in env {
         let name = k.to_string_lossy();
-        if name.starts_with("BRIDGE_") || name.ends_with("_VISIBLE_DEVICES") {
+        if per_job(&name) {
             continue;
         }
         h.field(k.as_bytes());
         h.field(v.as_bytes());
     }
-    let mut files: Vec<PathBuf> = cwd
+    // The version files that apply to `cwd` count by their level above it,
+    // not their path: a job's directory (its snapshot) is new for every job.
+    let mut files: Vec<(String, PathBuf)> = cwd
         .ancestors()
-        .flat_map(|d| [d.join(".python-version"), d.join(".tool-versions")])
+        .enumerate()
+        .flat_map(|(up, d)| {
+            [".python-version", ".tool-versions"].map(|n| (format!("{up}:{n}"), d.join(n)))
+        })
         .collect();
     let home = env.get(std::ffi::OsStr::new("HOME")).map(PathBuf::from);
     let pyenv_root = env
         .get(std::ffi::OsStr::new("PYENV_ROOT"))
         .map(PathBuf::from)
         .or_else(|| home.as_ref().map(|h| h.join(".pyenv")));
-    files.extend(pyenv_root.map(|r| r.join("version")));
-    files.extend(home.map(|h| h.join(".tool-versions")));
-    for f in files {
+    for f in [
+        pyenv_root.map(|r| r.join("version")),
+        home.map(|h| h.join(".tool-versions")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        files.push((f.display().to_string(), f));
+    }
+    for (label, f) in files {
         if let Ok(bytes) = fs::read(&f) {
-            h.field(f.as_os_str().as_bytes());
+            h.field(label.as_bytes());
             h.field(&bytes);
         }
     }
@@ -1055,5 +1078,60 @@ mod tests {
         assert!(requirements_empty("  \n# c\n"));
         assert!(!requirements_empty("numpy\n"));
         assert!(!requirements_empty("-r other.txt\n"));
+    }
+
+    /// A shim on PATH (a script, like pyenv's) is asked once for every
+    /// job's directory and per-job variable, and again once a version file
+    /// that applies changes.
+    #[test]
+    fn a_python_shim_is_asked_once_across_jobs() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        // The interpreter itself (not a pyenv shim, which would find this
+        // one again on PATH).
+        let real = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap();
+        let real = String::from_utf8(real.stdout).unwrap();
+        let bin = tmp.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let asked = tmp.path().join("asked");
+        let shim = bin.join("python3");
+        fs::write(
+            &shim,
+            format!(
+                "#!/bin/sh\necho >> {}\nexec {} \"$@\"\n",
+                asked.display(),
+                real.trim()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = EnvCache::new(&tmp.path().join("cache"));
+        let mut env = job_env();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut p = bin.as_os_str().to_os_string();
+        p.push(":");
+        p.push(path);
+        env.insert("PATH".into(), p);
+        for job in 1..=3 {
+            let cwd = tmp.path().join(format!("jobs/{job}/tree"));
+            fs::create_dir_all(&cwd).unwrap();
+            env.insert("BRIDGE_JOB_ID".into(), job.to_string().into());
+            env.insert(
+                "MLFLOW_RUN_CONTEXT".into(),
+                format!("{{\"bridge.job_id\":\"{job}\"}}").into(),
+            );
+            env.insert("PWD".into(), cwd.clone().into());
+            let id = cache.python_id(&env, &cwd).unwrap();
+            assert!(id.version.starts_with('3'), "{}", id.version);
+        }
+        assert_eq!(runs(&asked), 1, "asked once for three jobs");
+        let cwd = tmp.path().join("jobs/4/tree");
+        fs::create_dir_all(&cwd).unwrap();
+        fs::write(cwd.join(".python-version"), "system\n").unwrap();
+        let _ = cache.python_id(&env, &cwd);
+        assert_eq!(runs(&asked), 2, "a version file of its own: asked again");
     }
 }
