@@ -891,6 +891,8 @@ impl Engine {
         let mut last_taken = Instant::now();
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut barriers: Vec<(u64, BarrierReply)> = Vec::new();
+        // Submissions waiting for their barrier's marker.
+        let mut submits: Vec<(u64, Waiter)> = Vec::new();
         let mut markers = Markers::default();
         let mut need_round = true;
         let mut backoff = Duration::from_millis(100);
@@ -1004,6 +1006,9 @@ impl Engine {
                                 if self.conn.is_some() && !need_round && busy.is_empty() {
                                     markers.synced = markers.seen;
                                     self.answer_barriers(&mut barriers, markers.synced);
+                                    // Answered after a round (a no-op now).
+                                    need_round |=
+                                        release_submits(&mut submits, markers.synced, &mut waiters);
                                 }
                             } else {
                                 // The saves before it are in: sync them now
@@ -1037,8 +1042,18 @@ impl Engine {
                         }
                         Command::Submit { what, outputs, env_later, reply } => {
                             self.verify_early();
-                            self.set_outputs(outputs).await;
-                            waiters.push(Waiter::Submit(what, env_later, reply));
+                            let new_outputs = self.set_outputs(outputs).await;
+                            let w = Waiter::Submit(what, env_later, reply);
+                            // Like a barrier: every save before the marker is
+                            // synced, then the agent's root is verified. A full
+                            // rescan (25 ms at 5,000 files) only when the
+                            // marker cannot tell or the outputs changed.
+                            if !new_outputs && !markers.broken && self.watcher.mode == Mode::Inotify {
+                                let need = markers.request(&self.repo.root);
+                                submits.push((need, w));
+                                continue;
+                            }
+                            waiters.push(w);
                         }
                         Command::Barrier { reply } => {
                             if !markers.broken && self.watcher.mode == Mode::Inotify {
@@ -1069,6 +1084,7 @@ impl Engine {
                         reply,
                     });
                 }
+                waiters.extend(submits.drain(..).map(|(_, w)| w));
                 pending.insert(Dirty::Tree(None));
                 first_event.get_or_insert(now);
                 last_event = now - watcher::DEBOUNCE_WINDOW;
@@ -1152,6 +1168,7 @@ impl Engine {
                     if busy.is_empty() {
                         markers.synced = rescanned;
                         self.answer_barriers(&mut barriers, markers.synced);
+                        release_submits(&mut submits, markers.synced, &mut waiters);
                     }
                     if !waiters.is_empty() && pending.is_empty() && busy.is_empty() {
                         self.answer_waiters(&mut waiters).await;
@@ -1182,6 +1199,9 @@ impl Engine {
                         for (_, b) in barriers.drain(..) {
                             let _ = b.send(Err(msg.clone()));
                         }
+                        for (_, w) in submits.drain(..) {
+                            w.fail(msg.clone());
+                        }
                     }
                     next_retry_connect = Instant::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -1197,6 +1217,9 @@ impl Engine {
         }
         for (_, b) in barriers.drain(..) {
             let _ = b.send(Err("the daemon is shutting down".into()));
+        }
+        for (_, w) in submits.drain(..) {
+            w.fail("the daemon is shutting down".into());
         }
     }
 
@@ -1354,7 +1377,9 @@ impl Engine {
     /// `outputs` to the set, persisted in `.bridge/outputs`; a change rescans
     /// everything so paths already synced under them are removed from the
     /// mirror.
-    async fn set_outputs(&mut self, outputs: Vec<RelPath>) {
+    /// Adds job output paths (left out of the tree); true when that changed
+    /// them (the tree needs a full rescan).
+    async fn set_outputs(&mut self, outputs: Vec<RelPath>) -> bool {
         let changed = self
             .with_local(move |l| {
                 let before = l.outputs.len();
@@ -1375,8 +1400,28 @@ impl Engine {
                 tracing::warn!(error = %e, "cannot save the output paths");
             }
             self.full_diff = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// Moves the submissions whose barrier marker is synced to the waiters
+/// (answered after the next round); true when any moved.
+fn release_submits(
+    submits: &mut Vec<(u64, Waiter)>,
+    synced: u64,
+    waiters: &mut Vec<Waiter>,
+) -> bool {
+    let before = waiters.len();
+    for (need, w) in std::mem::take(submits) {
+        if need <= synced {
+            waiters.push(w);
+        } else {
+            submits.push((need, w));
         }
     }
+    waiters.len() > before
 }
 
 /// The agent's verified root of `mirror` (it re-stats the mirror first).
