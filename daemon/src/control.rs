@@ -33,6 +33,8 @@ pub struct ControlService {
     pub forwards: Arc<Forwards>,
     /// The repository (git state for MLflow's tags).
     pub repo: std::path::PathBuf,
+    /// The last git state read for MLflow's tags.
+    pub git_context: Arc<crate::mlflow::ContextCache>,
 }
 
 /// What a stop takes down besides the daemon. The default (a signal to the
@@ -469,8 +471,15 @@ impl ControlService {
     fn run_tags(&self, spec: &v1::JobSpec) -> crate::engine::EnvLater {
         let given = spec.env.get(crate::mlflow::RUN_CONTEXT_VAR).cloned();
         let repo = self.repo.clone();
+        let cache = self.git_context.clone();
+        let root = self
+            .shared
+            .status
+            .lock()
+            .map(|s| s.local_root.clone())
+            .unwrap_or_default();
         tokio::spawn(async move {
-            crate::mlflow::run_context(&repo, given)
+            crate::mlflow::run_context_cached(&cache, &repo, given, &root)
                 .await
                 .map(|v| (crate::mlflow::RUN_CONTEXT_VAR.to_string(), v))
                 .into_iter()

@@ -170,6 +170,7 @@ pub async fn run(
         provider: provider.clone(),
         forwards: forwards.clone(),
         repo: config.repo.clone(),
+        git_context: Default::default(),
     };
     let mut server_stop = stop_tx.subscribe();
     let server = tokio::spawn(
