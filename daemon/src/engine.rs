@@ -406,10 +406,10 @@ pub struct Engine {
     early_verify: Option<(u64, tokio::task::JoinHandle<Result<Hash, SyncError>>)>,
     /// Whether rounds compress chunk bodies (`None`: a local link, never).
     compression: Option<Arc<Mutex<compress::Adaptive>>>,
-    /// The next round syncs a save taken at once after quiet (see
-    /// `watcher::QUIET`): it may go eager (`round::EAGER_BYTES`). Rounds of a
-    /// longer burst (a `git checkout`) wait for the agent's Need, which skips
-    /// what it already holds.
+    /// The next round syncs a burst that began after quiet (a save, see
+    /// `watcher::QUIET`): it may go eager (`round::EAGER_BYTES`). The rounds
+    /// that follow within it (the rest of a `git checkout`) wait for the
+    /// agent's Need, which skips what it already holds.
     eager: bool,
 }
 
@@ -887,8 +887,10 @@ impl Engine {
         // The quiet time that ends the current burst: none or short while its
         // events left whole files (see `watcher::QUIET`, `SETTLE_WINDOW`).
         let mut window = watcher::DEBOUNCE_WINDOW;
-        // When the last burst was taken for a rescan.
+        // When the last burst was taken for a rescan, and whether the
+        // current one began after quiet (a save, not a checkout's rest).
         let mut last_taken = Instant::now();
+        let mut quiet_burst = false;
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut barriers: Vec<(u64, BarrierReply)> = Vec::new();
         // Submissions waiting for their barrier's marker.
@@ -984,12 +986,12 @@ impl Engine {
                     match m {
                         WatchMsg::Dirty(d, settled) => {
                             pending.insert(d);
-                            let starts = first_event.is_none();
+                            if first_event.is_none() {
+                                quiet_burst = last_taken.elapsed() >= watcher::QUIET;
+                            }
                             window = if !settled {
                                 watcher::DEBOUNCE_WINDOW
-                            } else if (starts && last_taken.elapsed() >= watcher::QUIET)
-                                || (!starts && window.is_zero())
-                            {
+                            } else if quiet_burst {
                                 Duration::ZERO
                             } else {
                                 watcher::SETTLE_WINDOW
@@ -1123,7 +1125,7 @@ impl Engine {
             let started = if burst_over { first_event } else { None };
             if burst_over {
                 last_taken = now;
-                self.eager = window.is_zero();
+                self.eager = std::mem::take(&mut quiet_burst);
                 window = watcher::DEBOUNCE_WINDOW;
                 let dirty = std::mem::take(&mut pending);
                 markers.rescanned = markers.seen;

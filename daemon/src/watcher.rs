@@ -26,16 +26,17 @@ use crate::local::Dirty;
 /// write). Editors' atomic saves (write temp, rename over) land well inside it.
 pub const DEBOUNCE_WINDOW: Duration = Duration::from_millis(8);
 
-/// The same when every event of the burst so far left a whole file in place
-/// (a close after writing, a rename into the tree, a change of mode or
-/// times, a new directory): only the rest of a save storm is waited for,
-/// whose steps follow each other within microseconds.
+/// The same when the burst's last event left a whole file in place (a close
+/// after writing, a rename into the tree, a change of mode or times, a new
+/// directory): only the rest of a save storm is waited for, whose steps
+/// follow each other within microseconds.
 pub const SETTLE_WINDOW: Duration = Duration::from_millis(1);
 
-/// A burst that starts with such an event after this long without one is
-/// synced at once, with the events already queued: a single save (most of an
-/// edit's latency was the 8 ms window before, issue 25). Bursts that follow
-/// within it (the rest of a `git checkout`) are coalesced by the windows.
+/// A burst that begins after this long without one is a save: once its last
+/// event leaves a whole file, it is synced at once, with the events already
+/// queued (most of an edit's latency was the 8 ms window before, issue 25).
+/// Bursts that follow within it (the rest of a `git checkout`) are coalesced
+/// by the windows.
 pub const QUIET: Duration = Duration::from_millis(50);
 
 /// Upper bound on how long a continuous burst may delay a sync.
