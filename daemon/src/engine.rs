@@ -1376,11 +1376,9 @@ impl Engine {
     }
 
     /// Output paths are never synced up (they come back from jobs): adds
-    /// `outputs` to the set, persisted in `.bridge/outputs`; a change rescans
-    /// everything so paths already synced under them are removed from the
-    /// mirror.
-    /// Adds job output paths (left out of the tree); true when that changed
-    /// them (the tree needs a full rescan).
+    /// `outputs` to the set, persisted in `.bridge/outputs`. True when that
+    /// changed it: the caller then rescans everything, so paths already
+    /// synced under them are removed from the mirror.
     async fn set_outputs(&mut self, outputs: Vec<RelPath>) -> bool {
         let changed = self
             .with_local(move |l| {
