@@ -8,7 +8,9 @@ peer tools, in one command.
 
 Everything runs on this machine. A private sshd on 127.0.0.1 is the
 "remote"; bridge (SSH provider), rsync, unison, lsyncd and ssh all reach it
-through their own byte-counting TCP proxy (bench/lab.py). Peers missing
+through their own byte-counting TCP proxy (bench/lab.py), and a second
+Syncthing on loopback is the remote of the first one, through a proxy too
+(bench/syncthing.py). Peers missing
 from the machine are installed with apt-get (bench/apt.py). The scenarios
 (bench/scenarios/) run bridge and its peer alternately in the same run.
 
@@ -139,7 +141,8 @@ def machine_info(bridge: Path, workdir: str) -> dict:
     info["workdir_fs"] = {"mount": best[0], "type": best[1]}
     add_bridge_info(info, bridge)
     versions = {"ssh": ssh_version()}
-    for prog, flag in (("rsync", "--version"), ("unison", "-version"), ("lsyncd", "-version")):
+    for prog, flag in (("rsync", "--version"), ("unison", "-version"), ("lsyncd", "-version"),
+                       ("syncthing", "--version")):
         try:
             cp = run_cmd([prog, flag], 10, check=False)
             first = ((cp.stdout or cp.stderr).strip().splitlines() or ["?"])[0]
@@ -166,7 +169,7 @@ def need_ml(ctx: Context, selected: set[int]) -> None:
     ctx.ml = write_ml_repo(ctx.lab.work / "ml-repo", c["ml_files"], c["ml_dirs"], c["bin_mib"], c["venv_files"],
                            c["branch_files"], ctx.seed)
     ctx.ml_bridge = ctx.lab.bridge("ml", ctx.ml.path)
-    if 2 in selected:
+    if selected & {1, 2}:
         latency.make_copies(ctx)
     log(f"ml-repo written in {time.perf_counter() - t0:.1f} s")
 

@@ -50,10 +50,11 @@ class Lab:
 
     # ---------------------------------------------------------------- links
 
-    def proxy(self, lane: str) -> DelayProxy:
-        """The lane's proxy in front of sshd (started on first use)."""
+    def proxy(self, lane: str, port: int | None = None) -> DelayProxy:
+        """The lane's proxy in front of sshd, or of another loopback `port`
+        (a peer that does not speak SSH), started on first use."""
         if lane not in self.proxies:
-            self.proxies[lane] = DelayProxy(self.sshd.port, self.delay_s)
+            self.proxies[lane] = DelayProxy(port or self.sshd.port, self.delay_s)
         return self.proxies[lane]
 
     def wire_bytes(self, lane: str) -> int:

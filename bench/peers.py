@@ -15,7 +15,7 @@ from pathlib import Path
 from common import BenchError, run_cmd  # bench/common.py
 
 # The peers' programs and the Debian packages that bring them (bench/apt.py).
-PROGRAMS = {"rsync": "rsync", "unison": "unison", "lsyncd": "lsyncd"}
+PROGRAMS = {"rsync": "rsync", "unison": "unison", "lsyncd": "lsyncd", "syncthing": "syncthing"}
 
 PEER_TIMEOUT_S = 1800.0
 

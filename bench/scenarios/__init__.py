@@ -1,8 +1,9 @@
 """The scenarios of bench.py, one module per group:
 
 - `sync`: 1 initial sync, 3 a change in a big file, 4 a branch switch
-  (ml-repo; peers rsync and unison).
-- `latency`: 2 edit → mirror latency (ml-repo; peers lsyncd, rsync per save).
+  (ml-repo; peers rsync, unison and, in 1, Syncthing).
+- `latency`: 2 edit → mirror latency (ml-repo; peers lsyncd, Syncthing,
+  rsync per save).
 - `jobs`: 6 warm `bridge run` → first line, 7 log throughput, 8 a
   checkpoint back to the laptop (ml-repo; peers ssh, rsync).
 - `monorepo`: 5 no-op resync after a daemon restart, 9 the idle daemon.
@@ -20,6 +21,7 @@ from pathlib import Path
 from bridgectl import Bridge  # bench/bridgectl.py
 from lab import Lab  # bench/lab.py
 from repos import MlRepo  # bench/repos.py
+from syncthing import SyncthingPair  # bench/syncthing.py
 
 # How long one edit may take to show up before it counts as lost.
 EDIT_TIMEOUT_S = 10.0
@@ -37,6 +39,8 @@ class Context:
     rsync_mirror: Path | None = None
     # Hard-linked copies of the ml-repo for scenario 2's peers, by peer.
     ml_copies: dict[str, Path] = field(default_factory=dict)
+    # Syncthing's two instances (scenarios 1 and 2), made on first use.
+    syncthing: SyncthingPair | None = None
     # The interpreter of the job scenarios' ssh and local peers.
     peer_python: str = ""
     mono: Path | None = None

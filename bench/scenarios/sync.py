@@ -15,8 +15,10 @@ from common import KIB, BenchError, compare_trees, flush_disk, human_bytes, log,
 from peers import rsync_file, rsync_push, unison_sync
 from repos import BRANCH, checkout, reset_hard
 from scenarios import Context, dur, ratio, row
+from syncthing import OWN_FILES, SyncthingPair
 
-INITIAL_TOOLS = ("rsync", "unison", "bridge")
+INITIAL_TOOLS = ("rsync", "unison", "syncthing", "bridge")
+SYNCTHING_TIMEOUT_S = 1800.0
 # Targets of issue 25 (performance, round two).
 TARGET_INITIAL_VS_RSYNC = 0.5
 TARGET_DELTA_S = 0.4
@@ -42,6 +44,31 @@ def initial_unison(ctx: Context) -> dict:
     return r
 
 
+def syncthing_pair(ctx: Context) -> SyncthingPair:
+    """The Syncthing pair of scenarios 1 and 2 (made on first use): its
+    local side is a hard-linked copy of the ml-repo with the repository's
+    ignores in `.stignore`."""
+    if ctx.syncthing is None:
+        src = ctx.ml_copies["syncthing"]
+        ctx.syncthing = SyncthingPair(ctx.lab, "syncthing", src, ctx.lab.trash.new_dir("syncthing-mirror-"),
+                                      sorted(ctx.ml.SKIP_TOP))
+    return ctx.syncthing
+
+
+def initial_syncthing(ctx: Context) -> dict:
+    """Both Syncthing instances started with no index database and an empty
+    mirror: until the remote side holds every file."""
+    pair = syncthing_pair(ctx)
+    dst = ctx.lab.trash.new_dir("syncthing-initial-")
+    want = len(ctx.ml.sources) + len(ctx.ml.binaries) + 1
+    try:
+        r = pair.restart(dst, want, SYNCTHING_TIMEOUT_S)
+    finally:
+        pair.stop()
+    compare_trees(pair.src, dst, ctx.ml.SKIP_TOP | OWN_FILES, ctx.sample, ctx.ml.binaries)
+    return r
+
+
 def initial_bridge(ctx: Context) -> dict:
     """`bridge up` from nothing but the agent binary on the remote: no
     `.bridge/`, no agent state, an empty mirror."""
@@ -62,13 +89,15 @@ def initial_bridge(ctx: Context) -> dict:
 
 def initial_sync(ctx: Context) -> dict:
     """Scenario 1: one unmeasured warm-up round (uploads bridge's agent,
-    warms the page cache), then reps rounds of all three tools, the order
+    warms the page cache), then reps rounds of every tool, the order
     rotating each round."""
-    runs = {"rsync": initial_rsync, "unison": initial_unison, "bridge": initial_bridge}
+    runs = {"rsync": initial_rsync, "unison": initial_unison, "syncthing": initial_syncthing,
+            "bridge": initial_bridge}
     samples: dict[str, list[dict]] = {k: [] for k in INITIAL_TOOLS}
     reps = ctx.cfg["reps"]
     for r in range(-1, reps):
-        order = INITIAL_TOOLS[r % 3:] + INITIAL_TOOLS[:r % 3]
+        k = r % len(INITIAL_TOOLS)
+        order = INITIAL_TOOLS[k:] + INITIAL_TOOLS[:k]
         for tool in order:
             flush_s = round(flush_disk(), 3)
             res = runs[tool](ctx)
@@ -89,6 +118,8 @@ def initial_sync(ctx: Context) -> dict:
             "≤ 0.5× rsync", med["bridge"] <= TARGET_INITIAL_VS_RSYNC * med["rsync"]),
         row(1, name, dur(med["bridge"]), f"unison {dur(med['unison'])}", ratio(med["bridge"], med["unison"]),
             "(reference)", None),
+        row(1, name, dur(med["bridge"]), f"syncthing {dur(med['syncthing'])}",
+            ratio(med["bridge"], med["syncthing"]), "(reference)", None),
     ]
     return out
 
