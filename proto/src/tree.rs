@@ -235,6 +235,11 @@ impl<'a> Hashed<'a> {
         }
     }
 
+    /// A file of exactly one chunk: the chunk's id is the file's hash.
+    pub fn is_one_chunk(&self) -> bool {
+        self.many.is_empty() && self.size > 0
+    }
+
     /// True when `st` shows the file unchanged since it was hashed.
     pub fn matches(&self, st: &Stat) -> bool {
         self.to_cached_without_chunks().matches(st)
@@ -416,6 +421,25 @@ impl Tree {
         if let Ok(i) = slot.binary_search_by(by_name(name)) {
             Arc::make_mut(slot)[i].flags &= !RACY;
         }
+    }
+
+    /// Stops trusting the stat fields of the file at `p`: [`Tree::hashed`]
+    /// no longer has it, so its next check rehashes it. True when it had
+    /// them.
+    pub fn unsee(&mut self, p: &RelPath) -> bool {
+        let (dir, name) = split(p.as_str());
+        let Some(slot) = self.dirs.get_mut(dir) else {
+            return false;
+        };
+        let Ok(i) = slot.binary_search_by(by_name(name)) else {
+            return false;
+        };
+        if slot[i].flags & SEEN == 0 {
+            return false;
+        }
+        Arc::make_mut(slot)[i].flags &= !(SEEN | RACY);
+        self.many.remove(p);
+        true
     }
 
     fn invalidate(&mut self, p: &RelPath) {
@@ -870,6 +894,33 @@ mod tests {
             hash: blake3::hash(b),
             chunks: chunks.into_boxed_slice(),
         }
+    }
+
+    #[test]
+    fn an_unseen_file_keeps_its_entry_and_loses_its_stat_cache_and_chunk_list() {
+        let st = stat(FileKind::File, 3, 10);
+        let two = vec![
+            ChunkRef {
+                id: blake3::hash(b"bi"),
+                len: 2,
+            },
+            ChunkRef {
+                id: blake3::hash(b"g"),
+                len: 1,
+            },
+        ];
+        let mut t = sample();
+        t.insert_hashed(p("a/big"), cached(b"big", &st, two.clone()));
+        let root = t.root();
+        assert_eq!(t.hashed(&p("a/big")).unwrap().chunks().to_vec(), two);
+        assert!(t.unsee(&p("a/big")));
+        assert!(t.hashed(&p("a/big")).is_none());
+        assert!(t.many.is_empty(), "its chunk list is dropped");
+        assert_eq!(t.get(&p("a/big")), Some(file(b"big", false)));
+        assert_eq!(t.root(), root, "the synced view is unchanged");
+        assert!(!t.unsee(&p("a/big")), "once");
+        assert!(!t.unsee(&p("a/x")), "never hashed here");
+        assert!(!t.unsee(&p("nowhere/z")));
     }
 
     #[test]
