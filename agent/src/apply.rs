@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Hash, chunk_id, content_hash, hash_from_bytes};
-use bridge_proto::index::{Cached, Index};
+use bridge_proto::index::Cached;
 use bridge_proto::oldfiles;
 use bridge_proto::path::{RelPath, resolve_link_target};
 use bridge_proto::scan::{FileKind, Stat};
-use bridge_proto::tree::Node;
+use bridge_proto::tree::{Node, Tree};
 use bridge_proto::{human_bytes, splice, v1};
 
 use crate::mirror::Mirror;
@@ -98,6 +98,57 @@ struct Active {
     offset: u64,
 }
 
+/// Where this round finds the chunks the store holds as whole mirror files
+/// ([`Store::is_whole`]): the files of one chunk it wrote itself, then, in one
+/// walk of the tree, the mirror's files with the ids its plans named.
+#[derive(Default)]
+struct Wholes {
+    /// Chunks an op of this round gets from a file an earlier op writes.
+    again: HashSet<Hash>,
+    /// Files of one chunk this round wrote whose chunk is in `again`.
+    written: HashMap<Hash, Arc<Path>>,
+    /// Ids the plans named that only a whole mirror file holds.
+    wanted: HashSet<Hash>,
+    /// What the walk found; `None` until it ran (again after more ids
+    /// were wanted).
+    found: Option<HashMap<Hash, Arc<Path>>>,
+}
+
+impl Wholes {
+    fn locate(&mut self, id: &Hash, mirror: &Mirror) -> Option<Arc<Path>> {
+        if let Some(f) = self.written.get(id) {
+            return Some(f.clone());
+        }
+        if !self.wanted.contains(id) {
+            return None;
+        }
+        let found = self.found.get_or_insert_with(|| {
+            let t0 = std::time::Instant::now();
+            let found: HashMap<Hash, Arc<Path>> = mirror
+                .tree
+                .hashed_files()
+                .filter(|(_, h)| h.is_one_chunk() && self.wanted.contains(&h.hash))
+                .map(|(p, h)| (h.hash, p.to_fs(&mirror.root).into()))
+                .collect();
+            tracing::debug!(
+                wanted = self.wanted.len(),
+                found = found.len(),
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "whole mirror files looked up"
+            );
+            found
+        });
+        found.get(id).cloned()
+    }
+
+    /// One more id to look for; a walk already made is made again.
+    fn want(&mut self, id: Hash) {
+        if self.wanted.insert(id) {
+            self.found = None;
+        }
+    }
+}
+
 pub struct Round<'a> {
     tmp_dir: &'a Path,
     mirror: &'a mut Mirror,
@@ -116,6 +167,7 @@ pub struct Round<'a> {
     no_kernel_copy: bool,
     /// One decompression context for the round's chunks.
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    wholes: Wholes,
 }
 
 impl<'a> Round<'a> {
@@ -132,6 +184,7 @@ impl<'a> Round<'a> {
             tmp_seq: 0,
             dirs_ok: HashSet::new(),
             no_kernel_copy: false,
+            wholes: Wholes::default(),
             zstd: None,
         }
     }
@@ -141,7 +194,7 @@ impl<'a> Round<'a> {
         let ops = plan
             .ops
             .into_iter()
-            .map(|op| validate(op, &self.mirror.index))
+            .map(|op| validate(op, &self.mirror.tree))
             .collect::<Result<Vec<_>, _>>()?;
         let mut need = v1::Need::default();
         for op in ops {
@@ -149,10 +202,18 @@ impl<'a> Round<'a> {
             if let Op::Put { chunks, .. } = &op {
                 let mut seen = HashSet::new();
                 for (i, c) in chunks.iter().enumerate() {
-                    if seen.insert(c.id) && !self.store.has(&c.id) && !self.pending.contains(&c.id)
-                    {
+                    if !seen.insert(c.id) {
+                        continue;
+                    }
+                    if self.pending.contains(&c.id) {
+                        self.wholes.again.insert(c.id);
+                        continue;
+                    }
+                    if !self.store.has(&c.id) {
                         self.pending.insert(c.id);
                         wanted.push_back(i as u32);
+                    } else if self.store.is_whole(&c.id) {
+                        self.wholes.want(c.id);
                     }
                 }
             }
@@ -240,6 +301,9 @@ impl<'a> Round<'a> {
             ));
         }
         self.mirror.maybe_save(false);
+        self.mirror.compact_wholes(self.store);
+        // Its buffers are freed now ([`crate::memory`]).
+        crate::memory::touched();
         Ok(v1::Done {
             generation,
             root: self.mirror.tree.root().as_bytes().to_vec().into(),
@@ -445,7 +509,18 @@ impl<'a> Round<'a> {
                         let mut b = vec![0u8; c.len as usize];
                         (f.read_exact_at(&mut b, off).ok().map(|_| b), false)
                     }
-                    None => (self.store.read_unverified(&c.id, &mut self.files), true),
+                    None => {
+                        let body =
+                            self.store
+                                .read_unverified(&c.id, &mut self.files)
+                                .or_else(|| {
+                                    let f = self.wholes.locate(&c.id, self.mirror)?;
+                                    let mut b = vec![0u8; c.len as usize];
+                                    self.files.get(&f).ok()?.read_exact_at(&mut b, 0).ok()?;
+                                    Some(b)
+                                });
+                        (body, true)
+                    }
                 })
                 .collect();
             let check = |part: &mut [(Option<Vec<u8>>, bool)], refs: &[ChunkRef]| {
@@ -514,8 +589,12 @@ impl<'a> Round<'a> {
             self.put_in_place(&tmp, &dst, old)?;
             crate::kernel::invalidate_bytecode(&self.mirror.root, &a.path);
             let st = Stat::lstat(&dst)?;
-            let file: Arc<Path> = dst.into();
-            self.store.index_file(&file, &a.chunks);
+            if let [one] = a.chunks[..]
+                && self.wholes.again.contains(&one.id)
+            {
+                self.wholes.written.insert(one.id, dst.clone().into());
+            }
+            self.store.index_mirror_file(&dst, &a.chunks);
             let mut cached = Cached::new(
                 &st,
                 bridge_proto::chunking::Digest {
@@ -626,8 +705,8 @@ impl<'a> Round<'a> {
         // the closing thread (0.18 s, traced), so close them first and let
         // the eviction's background unlink do it.
         self.files.clear();
-        if let Some(c) = self.mirror.index.entries.get(p)
-            && let Err(e) = self.store.retire(dst, c.hash, &c.chunks)
+        if let Some(c) = self.mirror.tree.hashed(p)
+            && let Err(e) = self.store.retire(dst, c.hash, &c.chunks())
         {
             tracing::debug!(%p, error = %e, "cannot retire old version");
         }
@@ -677,7 +756,6 @@ impl<'a> Round<'a> {
             let _ = fs::remove_file(&tmp);
             return Err(e.into());
         }
-        self.mirror.index.entries.remove(p);
         self.mirror.tree.insert(
             p.clone(),
             Node::Symlink {
@@ -843,8 +921,8 @@ fn rel(p: String) -> Result<RelPath, RoundError> {
 }
 
 /// Checks everything about an op that does not depend on the disk, and
-/// expands a spliced `Put` against the chunk list `index` holds for its path.
-fn validate(op: v1::Op, index: &Index) -> Result<Op, RoundError> {
+/// expands a spliced `Put` against the chunk list `tree` holds for its path.
+fn validate(op: v1::Op, tree: &Tree) -> Result<Op, RoundError> {
     use v1::op::Op as W;
     match op.op {
         Some(W::Put(p)) if !p.base.is_empty() => {
@@ -854,10 +932,10 @@ fn validate(op: v1::Op, index: &Index) -> Result<Op, RoundError> {
                 .ok_or_else(|| RoundError::Refused(format!("bad splice base for {path}")))?;
             // The content hash covers the chunk list, so an entry with that
             // hash holds exactly the base's list, whatever its stat says.
-            let Some(held) = index.entries.get(&path).filter(|c| c.hash == base) else {
+            let Some(held) = tree.hashed(&path).filter(|c| c.hash == base) else {
                 return Ok(Op::NoBase(path));
             };
-            let chunks = splice::apply(&held.chunks, &p.splice)
+            let chunks = splice::apply(&held.chunks(), &p.splice)
                 .map_err(|e| RoundError::Refused(format!("{e} ({path})")))?;
             Ok(Op::Put {
                 path,
@@ -931,8 +1009,11 @@ mod tests {
         let data = pseudo_random(2 << 20, 9);
         fs::write(m.join("old.bin"), &data).unwrap();
         let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
-        let chunks = mirror.index.entries[&RelPath::new("old.bin").unwrap()]
-            .chunks
+        let chunks = mirror
+            .tree
+            .hashed(&RelPath::new("old.bin").unwrap())
+            .unwrap()
+            .chunks()
             .to_vec();
         assert!(chunks.len() >= 16, "several batches' worth of chunks");
         let tmp = d.path().join("tmp");
@@ -968,6 +1049,72 @@ mod tests {
         assert_eq!(changed, 1, "the store forgot the changed chunk only");
     }
 
+    /// A small file is one chunk, which the store holds as the whole mirror
+    /// file, with no location: a copy of it (a rename, a duplicate) needs no
+    /// body, also of a file written earlier in the same round. A whole file
+    /// changed behind the agent's back fails the op once, writes nothing,
+    /// and its chunk is asked for the next time.
+    #[test]
+    fn a_copy_of_a_whole_file_is_made_from_the_mirror_without_a_body() {
+        let d = tempfile::tempdir().unwrap();
+        // No retired versions: only the mirror files hold chunks.
+        let mut store = Store::open(&d.path().join("store"), 0).unwrap();
+        let m = d.path().join("mirrors/m");
+        fs::create_dir_all(&m).unwrap();
+        fs::write(m.join("a.py"), b"print('a')\n").unwrap();
+        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let a = mirror.tree.hashed(&RelPath::new("a.py").unwrap()).unwrap();
+        let a = a.chunks().to_vec();
+        assert_eq!(a.len(), 1);
+        assert!(store.has(&a[0].id) && store.loc(&a[0].id).is_none());
+        let tmp = d.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+
+        let body = b"fresh = True\n".to_vec();
+        let c = ChunkRef {
+            id: chunk_id(&body),
+            len: body.len() as u32,
+        };
+        let mut round = Round::new(&tmp, &mut mirror, &mut store);
+        let need = round.on_plan(put("b.py", &a)).unwrap();
+        assert!(need.ops[0].chunks.is_empty(), "a.py holds it");
+        let mut two = put("c.py", &[c]);
+        two.ops.extend(put("d.py", &[c]).ops);
+        let need = round.on_plan(two).unwrap();
+        assert_eq!(need.ops[0].chunks, [0]);
+        assert!(
+            need.ops[1].chunks.is_empty(),
+            "c.py, once written, holds it"
+        );
+        round
+            .on_chunk(v1::ChunkData {
+                id: c.id.as_bytes().to_vec().into(),
+                compression: v1::Compression::None as i32,
+                data: body.clone().into(),
+            })
+            .unwrap();
+        let done = round.on_commit(1).unwrap();
+        assert!(done.failures.is_empty(), "{:?}", done.failures);
+        assert_eq!(fs::read(m.join("b.py")).unwrap(), b"print('a')\n");
+        assert_eq!(fs::read(m.join("c.py")).unwrap(), body);
+        assert_eq!(fs::read(m.join("d.py")).unwrap(), body);
+
+        // Both a.py and b.py changed by hand: the lookup finds neither.
+        fs::write(m.join("a.py"), b"print('A')\n").unwrap();
+        fs::write(m.join("b.py"), b"print('B')\n").unwrap();
+        let mut round = Round::new(&tmp, &mut mirror, &mut store);
+        let need = round.on_plan(put("e.py", &a)).unwrap();
+        assert!(need.ops[0].chunks.is_empty(), "the store cannot know yet");
+        let done = round.on_commit(2).unwrap();
+        assert_eq!(done.failures.len(), 1);
+        assert!(done.failures[0].message.contains("no longer available"));
+        assert!(!m.join("e.py").exists(), "nothing half-written");
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "no temporary left");
+        assert!(!store.has(&a[0].id), "forgotten");
+        let mut round = Round::new(&tmp, &mut mirror, &mut store);
+        assert_eq!(round.on_plan(put("e.py", &a)).unwrap().ops[0].chunks, [0]);
+    }
+
     /// A file replaced by a new version is swapped out rather than renamed
     /// over, then removed: the path holds the new bytes at once, and an old
     /// version too big to retire leaves `tmp/` from the background thread.
@@ -982,8 +1129,11 @@ mod tests {
         fs::write(m.join("big.bin"), &big).unwrap();
         fs::write(m.join("small.bin"), &small).unwrap();
         let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
-        let chunks = mirror.index.entries[&RelPath::new("small.bin").unwrap()]
-            .chunks
+        let chunks = mirror
+            .tree
+            .hashed(&RelPath::new("small.bin").unwrap())
+            .unwrap()
+            .chunks()
             .to_vec();
         let tmp = d.path().join("tmp");
         fs::create_dir_all(&tmp).unwrap();
@@ -1018,8 +1168,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
         let old = m.join("old.bin");
-        let chunks = mirror.index.entries[&RelPath::new("old.bin").unwrap()]
-            .chunks
+        let chunks = mirror
+            .tree
+            .hashed(&RelPath::new("old.bin").unwrap())
+            .unwrap()
+            .chunks()
             .to_vec();
         let run = trusted_run(&chunks, &store, &mirror).expect("one run: the whole file");
         assert_eq!(

@@ -42,6 +42,7 @@ pub mod idle;
 pub mod joblog;
 pub mod jobs;
 pub mod kernel;
+pub mod memory;
 pub mod mirror;
 pub mod service;
 pub mod shim;
@@ -163,6 +164,7 @@ pub async fn run(
     // streams end (the graceful shutdown would otherwise wait for them).
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let idle_policy = tokio::spawn(idle::run(idle.clone(), stopping_rx.clone()));
+    tokio::spawn(memory::trim_when_quiet(stopping_rx.clone()));
     let shutdown = async {
         shutdown.await;
         let _ = stopping.send(true);

@@ -2,8 +2,11 @@
 //!
 //! The mirror's [`Tree`] is the agent's own view, derived from disk: a refresh
 //! walks the mirror with the same ignore rules as the daemon and rehashes only
-//! files whose `lstat` changed since the stat cache ([`Index`]) saw them. Paths
-//! the agent writes itself are recorded as written, without a rehash.
+//! files whose `lstat` changed since the stat cache saw them. The stat cache
+//! lives in the tree, beside each entry ([`Tree::hashed`]), as in the daemon:
+//! one packed entry per file, a chunk list only for files of two chunks or
+//! more. Paths the agent writes itself are recorded as written, without a
+//! rehash.
 //! Between refreshes an inotify watch ([`MirrorWatch`]) lets a verification
 //! look only at the paths something touched ([`Mirror::verify`]).
 
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bridge_proto::index::{Cached, HashOutcome, Index, Saver, hash_file};
+use bridge_proto::index::{Cached, HashOutcome, Index, Saver, encode_tree, hash_file};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::{self, FileKind, Side, Stat};
 use bridge_proto::tree::{Node, Tree};
@@ -32,11 +35,10 @@ pub struct Mirror {
     /// The mirror directory.
     pub root: PathBuf,
     saver: Saver,
-    /// Stat cache of the mirror's regular files (also their chunk lists).
-    pub index: Index,
-    /// What is synced in the mirror right now.
+    /// What is synced in the mirror right now, with the stat cache (and
+    /// chunk lists) of its files.
     pub tree: Tree,
-    /// Index changes not yet on disk.
+    /// Stat cache changes not yet on disk.
     index_dirty: bool,
     last_save: Instant,
     /// Files hashed by refreshes since start (observability, tests).
@@ -121,13 +123,15 @@ impl Mirror {
             .lines()
             .filter_map(|l| RelPath::new(l).ok())
             .collect();
+        let prior = Index::load_tree(&index_path);
         let mut m = Mirror {
             name: name.to_string(),
             watch: MirrorWatch::new(&root),
             root,
-            index: Index::load(&index_path),
             saver: Saver::new(index_path),
-            tree: Tree::new(),
+            // Files only, from the saved stat cache: the first refresh
+            // makes the tree.
+            tree: prior,
             index_dirty: false,
             last_save: Instant::now(),
             files_hashed: 0,
@@ -220,7 +224,7 @@ impl Mirror {
         };
         match (st.kind, node) {
             (FileKind::File, Some(Node::File { .. })) => rel
-                .and_then(|r| self.index.entries.get(&r))
+                .and_then(|r| self.tree.hashed(&r))
                 .is_some_and(|c| c.matches(&st)),
             (FileKind::Symlink, Some(Node::Symlink { target })) => {
                 fs::read_link(abs).is_ok_and(|t| t.to_string_lossy() == target)
@@ -252,7 +256,8 @@ impl Mirror {
         }
     }
 
-    /// Rebuilds the tree from disk, rehashing only changed files.
+    /// Rebuilds the tree from disk, rehashing only changed files (the
+    /// previous tree's stat cache vouches for the others).
     pub fn refresh(&mut self, store: &mut Store) -> io::Result<()> {
         let t0 = Instant::now();
         let hashed_before = self.files_hashed;
@@ -265,8 +270,10 @@ impl Mirror {
         for u in unreadable {
             tracing::warn!(path = %u.path, reason = %u.reason, "unreadable path in mirror");
         }
+        let prior = std::mem::take(&mut self.tree);
+        store.clear_wholes();
         let mut tree = Tree::new();
-        let mut index = Index::default();
+        let mut reused = 0u64;
         for f in found {
             match f.stat.kind {
                 FileKind::Dir => {
@@ -279,10 +286,15 @@ impl Mirror {
                     }
                 }
                 FileKind::File => {
-                    let cached = match self.index.entries.remove(&f.path) {
-                        Some(c) if c.matches(&f.stat) => Some(c),
+                    let cached = match prior.hashed(&f.path).map(|h| h.to_cached()) {
+                        Some(c) if c.matches(&f.stat) => {
+                            reused += 1;
+                            Some(c)
+                        }
                         Some(mut c) if self.relinked_meanwhile(&mut late, &f.path, &c, &f.stat) => {
+                            reused += 1;
                             c.ctime_ns = f.stat.ctime_ns;
+                            self.index_dirty = true;
                             Some(c)
                         }
                         other => {
@@ -312,25 +324,18 @@ impl Mirror {
                         }
                     };
                     if let Some(c) = cached {
-                        let file: Arc<Path> = f.path.to_fs(&self.root).into();
-                        store.index_file(&file, &c.chunks);
-                        tree.insert(
-                            f.path.clone(),
-                            Node::File {
-                                hash: c.hash,
-                                size: c.size,
-                                exec: c.exec,
-                            },
-                        );
-                        index.entries.insert(f.path, c);
+                        store.index_mirror_file(&f.path.to_fs(&self.root), &c.chunks);
+                        tree.insert_hashed(f.path, c);
                     }
                 }
                 FileKind::Other => {}
             }
         }
-        if !self.index.entries.is_empty() {
+        // Files of the cache that are gone, or were never hashed.
+        if reused != prior.hashed_files().count() as u64 {
             self.index_dirty = true;
         }
+        drop(prior);
         // Retained directories stay out of the view while nothing synced is
         // inside (deepest first, so nested retained directories go first).
         let before = self.retained.len();
@@ -347,7 +352,7 @@ impl Mirror {
         if self.retained.len() != before {
             self.save_retained();
         }
-        self.index = index;
+        tree.shrink_to_fit();
         self.tree = tree;
         self.watch_tree();
         // Links made after the walk passed their file.
@@ -388,22 +393,13 @@ impl Mirror {
             return false;
         };
         Stat::lstat(abs).is_ok_and(|st| {
-            st.kind == FileKind::File
-                && self.index.entries.get(&rel).is_some_and(|c| c.matches(&st))
+            st.kind == FileKind::File && self.tree.hashed(&rel).is_some_and(|c| c.matches(&st))
         })
     }
 
     /// Records a file the agent has just renamed into place.
     pub fn record_file(&mut self, path: RelPath, cached: Cached) {
-        self.tree.insert(
-            path.clone(),
-            Node::File {
-                hash: cached.hash,
-                size: cached.size,
-                exec: cached.exec,
-            },
-        );
-        self.index.entries.insert(path, cached);
+        self.tree.insert_hashed(path, cached);
         self.index_dirty = true;
     }
 
@@ -411,15 +407,16 @@ impl Mirror {
     /// stat cache valid when the content is what the cache says (`st` is the
     /// file's stat after the link). Returns the updated entry.
     pub fn relinked(&mut self, path: &RelPath, st: &Stat) -> Option<Cached> {
-        let c = self.index.entries.get_mut(path)?;
+        let mut c = self.tree.hashed(path)?.to_cached();
         if c.ino != st.ino || c.size != st.size || c.mtime_ns != st.mtime_ns {
             return None;
         }
         if c.ctime_ns != st.ctime_ns {
             c.ctime_ns = st.ctime_ns;
+            self.tree.insert_hashed(path.clone(), c.clone());
             self.index_dirty = true;
         }
-        Some(c.clone())
+        Some(c)
     }
 
     /// During a refresh: `stat` differs from the cached `c` only in a ctime
@@ -460,7 +457,7 @@ impl Mirror {
     /// shared with the mirror): the next refresh rehashes them.
     pub fn distrust(&mut self, paths: &[RelPath]) {
         for p in paths {
-            if self.index.entries.remove(p).is_some() {
+            if self.tree.unsee(p) {
                 self.index_dirty = true;
             }
         }
@@ -489,10 +486,27 @@ impl Mirror {
 
     /// Forgets `path` and everything below it.
     pub fn forget(&mut self, path: &RelPath) {
-        for (p, n) in self.tree.remove_subtree(path) {
-            if matches!(n, Node::File { .. }) {
-                self.index.entries.remove(&p);
-                self.index_dirty = true;
+        if self
+            .tree
+            .remove_subtree(path)
+            .iter()
+            .any(|(_, n)| matches!(n, Node::File { .. }))
+        {
+            self.index_dirty = true;
+        }
+    }
+
+    /// Records the whole files of the tree in `store` again when more than
+    /// twice as many are recorded (old contents of files edited since the
+    /// last refresh), so the set stays the size of the tree.
+    pub fn compact_wholes(&self, store: &mut Store) {
+        if store.wholes() <= 2 * self.tree.files() as usize + 4096 {
+            return;
+        }
+        store.clear_wholes();
+        for (p, h) in self.tree.hashed_files() {
+            if h.is_one_chunk() {
+                store.index_mirror_file(&p.to_fs(&self.root), &h.chunks());
             }
         }
     }
@@ -501,7 +515,7 @@ impl Mirror {
     /// Unforced saves write on a background thread (a round is waiting).
     pub fn maybe_save(&mut self, force: bool) {
         if self.index_dirty && (force || self.last_save.elapsed() >= INDEX_SAVE_INTERVAL) {
-            self.saver.save(&self.index, !force);
+            self.saver.save_encoded(encode_tree(&self.tree), !force);
             self.index_dirty = false;
             self.last_save = Instant::now();
         }
@@ -524,8 +538,9 @@ mod tests {
         scan::install_excludes(&m, &[]).unwrap();
         let mut mirror = Mirror::open(d, "m", &mut store).unwrap();
         // As if written long enough ago for their stats to be trusted.
-        for c in mirror.index.entries.values_mut() {
-            c.racy = false;
+        let files: Vec<RelPath> = mirror.tree.hashed_files().map(|(p, _)| p).collect();
+        for p in &files {
+            mirror.tree.settle(p);
         }
         (mirror, store)
     }

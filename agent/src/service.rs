@@ -61,7 +61,9 @@ impl AgentService {
         f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = self.state.clone();
+        crate::memory::touched();
         tokio::task::spawn_blocking(move || {
+            crate::memory::touched();
             let mut st = state
                 .lock()
                 .map_err(|_| Status::internal("agent state poisoned"))?;

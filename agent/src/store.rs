@@ -10,8 +10,15 @@
 //!
 //! Locations are hints: every chunk read is checked against its BLAKE3 id, so a
 //! file changed behind the agent's back can never put wrong bytes in a mirror.
+//!
+//! A mirror file of one chunk (most files: up to the chunker's average size)
+//! gets no location: its chunk is the whole file, and the mirror's tree knows
+//! which file has that content hash. The store keeps only the first 8 bytes
+//! of the id ([`Store::has`]); a round that wants the chunk finds the file in
+//! the tree (`apply::Wholes`). A location and a path per file were most of
+//! the agent's memory at 200,000 files.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -42,6 +49,11 @@ pub struct Store {
     retired_dir: PathBuf,
     gone_dir: PathBuf,
     locs: HashMap<Hash, Loc>,
+    /// The ids (first 8 bytes) of the chunks that are a whole mirror file.
+    /// Entries may be stale (the file changed or went since): a read checks,
+    /// and [`Store::forget`] drops them. A full refresh of the mirror rebuilds
+    /// the set ([`Store::clear_wholes`]).
+    wholes: HashSet<u64>,
     /// Oldest first; evicted from the front past `cache_bytes`.
     retired: VecDeque<Retired>,
     retired_bytes: u64,
@@ -59,6 +71,7 @@ impl Store {
             retired_dir,
             gone_dir,
             locs: HashMap::new(),
+            wholes: HashSet::new(),
             retired: VecDeque::new(),
             retired_bytes: 0,
             cache_bytes,
@@ -97,8 +110,35 @@ impl Store {
         Ok(s)
     }
 
+    /// Whether the agent holds chunk `id`: at a location, or as a whole
+    /// mirror file (as far as the first 8 bytes of its id tell).
     pub fn has(&self, id: &Hash) -> bool {
-        self.locs.contains_key(id)
+        self.locs.contains_key(id) || self.wholes.contains(&short(id))
+    }
+
+    /// Whether `id` is held only as a whole mirror file (no location).
+    pub fn is_whole(&self, id: &Hash) -> bool {
+        !self.locs.contains_key(id) && self.wholes.contains(&short(id))
+    }
+
+    /// Records the mirror file `file` holding `chunks`: a file of one chunk
+    /// by its id only, any other by its chunks' locations.
+    pub fn index_mirror_file(&mut self, file: &Path, chunks: &[ChunkRef]) {
+        match chunks {
+            [] => {}
+            [one] => _ = self.wholes.insert(short(&one.id)),
+            _ => self.index_file(&file.into(), chunks),
+        }
+    }
+
+    /// Forgets every whole mirror file (a full refresh records them again).
+    pub fn clear_wholes(&mut self) {
+        self.wholes = HashSet::new();
+    }
+
+    /// How many whole mirror files are recorded (stale ones included).
+    pub fn wholes(&self) -> usize {
+        self.wholes.len()
     }
 
     pub fn loc(&self, id: &Hash) -> Option<&Loc> {
@@ -124,6 +164,7 @@ impl Store {
     /// Forgets a location that failed verification.
     pub fn forget(&mut self, id: &Hash) {
         self.locs.remove(id);
+        self.wholes.remove(&short(id));
     }
 
     /// Keeps the content of `file` (about to be replaced or deleted) as a
@@ -245,6 +286,12 @@ impl FileCache {
     pub fn clear(&mut self) {
         self.files.clear();
     }
+}
+
+/// The first 8 bytes of a chunk id: what [`Store::wholes`] keeps.
+fn short(id: &Hash) -> u64 {
+    let b = id.as_bytes();
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
 fn parse_hex(s: &str) -> Option<Hash> {

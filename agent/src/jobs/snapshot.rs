@@ -309,7 +309,7 @@ pub fn take_spare(
         (Held::Dir, Some(Node::Dir)) => true,
         (Held::Symlink(t), Some(Node::Symlink { target })) => *t == target,
         (Held::File { ino }, Some(Node::File { .. })) => {
-            mirror.index.entries.get(p).is_some_and(|c| c.ino == *ino)
+            mirror.tree.hashed(p).is_some_and(|c| c.seen.ino == *ino)
         }
         _ => false,
     };
@@ -341,10 +341,10 @@ pub fn take_spare(
     for (p, h) in &held {
         if let Held::File { ino } = h {
             taken.files += 1;
-            if let Some(c) = mirror.index.entries.get(p) {
+            if let Some(c) = mirror.tree.hashed(p) {
                 taken.linked += 1;
-                if c.ino == *ino {
-                    linked.entries.insert(p.clone(), c.clone());
+                if c.seen.ino == *ino {
+                    linked.entries.insert(p.clone(), c.to_cached());
                 }
             }
         }
