@@ -1008,9 +1008,7 @@ impl Jobs {
                 let tree = self.job_dir(id).join("tree");
                 let left: Vec<_> = files
                     .into_iter()
-                    .filter(|(p, c)| {
-                        !matches!(snapshot::restore(&mut st.store, &tree, p, c), Ok(true))
-                    })
+                    .filter(|(p, c)| !matches!(snapshot::restore(&mut st, &tree, p, c), Ok(true)))
                     .collect();
                 outcome.push((id, left, since));
             }

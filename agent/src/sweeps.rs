@@ -575,9 +575,7 @@ impl Sweeps {
                 let tree = self.base(n).join("tree");
                 let rest = files
                     .into_iter()
-                    .filter(|(p, c)| {
-                        !matches!(snapshot::restore(&mut st.store, &tree, p, c), Ok(true))
-                    })
+                    .filter(|(p, c)| !matches!(snapshot::restore(&mut st, &tree, p, c), Ok(true)))
                     .collect();
                 left.push((n, rest));
             }

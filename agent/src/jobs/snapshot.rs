@@ -18,19 +18,21 @@
 //! until [`restore`] has rewritten their copy from the chunk store (the
 //! daemon's repair of the mirror brings the chunks back).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use bridge_proto::chunking::{ChunkRef, chunk_id};
 use bridge_proto::index::{Cached, Index};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::Stat;
 use bridge_proto::tree::Node;
 
 use crate::mirror::{Mirror, RelinkQueue};
-use crate::store::{FileCache, Store};
+use crate::service::State;
+use crate::store::FileCache;
 
 /// What a snapshot cost, for the job's log.
 #[derive(Debug, Default, Clone, Copy)]
@@ -386,16 +388,20 @@ pub fn affected(tree: &Path, manifest: &Path, damage: &[Damage]) -> Vec<(RelPath
 }
 
 /// Rewrites `tree`'s `path` as a file of its own with the content `want`
-/// (chunks from the agent's store), breaking the shared link. False when a
-/// chunk is not available (yet: the daemon resends it when it repairs the
-/// mirror).
-pub fn restore(store: &mut Store, tree: &Path, path: &RelPath, want: &Cached) -> io::Result<bool> {
+/// (chunks from the agent's store, or a mirror file of one chunk), breaking
+/// the shared link. False when a chunk is not available (yet: the daemon
+/// resends it when it repairs the mirror).
+pub fn restore(st: &mut State, tree: &Path, path: &RelPath, want: &Cached) -> io::Result<bool> {
+    let State { store, mirrors } = st;
     let dest = path.to_fs(tree);
     let tmp = dest.with_file_name(format!(".{}.bridge-restore", path.name()));
     let mut files = FileCache::default();
     let mut out = fs::File::create(&tmp)?;
     for r in want.chunks.iter() {
-        match store.read(&r.id, &mut files) {
+        let body = store
+            .read(&r.id, &mut files)
+            .or_else(|| whole_in_mirrors(mirrors, path, r));
+        match body {
             Some(b) => out.write_all(&b)?,
             None => {
                 drop(out);
@@ -409,6 +415,36 @@ pub fn restore(store: &mut Store, tree: &Path, path: &RelPath, want: &Cached) ->
     drop(out);
     fs::rename(&tmp, &dest)?;
     Ok(true)
+}
+
+/// Chunk `r` from a mirror file of one chunk, which the store keeps no
+/// location for: the file at `path` (the one the daemon repairs), else any
+/// file with that content. Checked against its id.
+fn whole_in_mirrors(
+    mirrors: &HashMap<String, Mirror>,
+    path: &RelPath,
+    r: &ChunkRef,
+) -> Option<Vec<u8>> {
+    let holds = |m: &Mirror, p: &RelPath| {
+        m.tree
+            .hashed(p)
+            .is_some_and(|h| h.is_one_chunk() && h.hash == r.id)
+    };
+    let at = mirrors
+        .values()
+        .find(|m| holds(m, path))
+        .map(|m| path.to_fs(&m.root))
+        .or_else(|| {
+            mirrors.values().find_map(|m| {
+                let (p, _) = m
+                    .tree
+                    .hashed_files()
+                    .find(|(_, h)| h.is_one_chunk() && h.hash == r.id)?;
+                Some(p.to_fs(&m.root))
+            })
+        })?;
+    let body = fs::read(at).ok()?;
+    (body.len() == r.len as usize && chunk_id(&body) == r.id).then_some(body)
 }
 
 /// Files of the snapshot at `tree` that still share their inode with the
@@ -434,6 +470,7 @@ pub fn modified_in_place(tree: &Path, manifest: &Path) -> Vec<Damage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
     use std::collections::BTreeMap;
     use std::os::unix::fs::MetadataExt;
 
