@@ -50,7 +50,7 @@ from lab import Lab  # noqa: E402
 from peers import PROGRAMS, rsync_push  # noqa: E402
 from report import command_line, console, write_markdown  # noqa: E402
 from repos import write_ml_repo, write_monorepo  # noqa: E402
-from scenarios import Context, bigfile, jobs, latency, monorepo, sync  # noqa: E402
+from scenarios import Context, bigfile, jobs, latency, link, monorepo, sync  # noqa: E402
 from sshd import SSHD  # noqa: E402
 
 # Sizes: full (issue 6), and --quick (CI, debug binaries: seconds per scenario).
@@ -79,6 +79,7 @@ STEPS = [
     (8, "checkpoint", jobs.checkpoint, "jobs"),
     (5, "noop_resync", monorepo.noop_resync, "mono"),
     (9, "idle", monorepo.idle, "mono_up"),
+    (11, "far_link_and_heal", link.link, None),
 ]
 
 
@@ -89,7 +90,7 @@ STEPS = [
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes; asserts correctness only (CI)")
-    ap.add_argument("--only", type=int, action="append", choices=range(1, 11), metavar="N",
+    ap.add_argument("--only", type=int, action="append", choices=range(1, 12), metavar="N",
                     help="run only scenario N (repeatable)")
     ap.add_argument("--scale", type=float, help="multiply the full sizes (file counts, file sizes, lines) by F")
     for k, v in FULL.items():
@@ -247,7 +248,7 @@ def main() -> int:
     args = parse_args()
     cfg, mode = sizes(args)
     cfg["pty"] = args.pty
-    selected = set(args.only or range(1, 11))
+    selected = set(args.only or range(1, 12))
     bridge_exe = Path(args.bridge).resolve()
     if not check_binaries(bridge_exe):
         return 2

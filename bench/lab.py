@@ -50,11 +50,12 @@ class Lab:
 
     # ---------------------------------------------------------------- links
 
-    def proxy(self, lane: str, port: int | None = None) -> DelayProxy:
+    def proxy(self, lane: str, port: int | None = None, delay_s: float | None = None) -> DelayProxy:
         """The lane's proxy in front of sshd, or of another loopback `port`
-        (a peer that does not speak SSH), started on first use."""
+        (a peer that does not speak SSH), started on first use; its one-way
+        delay is the run's unless `delay_s` says otherwise."""
         if lane not in self.proxies:
-            self.proxies[lane] = DelayProxy(port or self.sshd.port, self.delay_s)
+            self.proxies[lane] = DelayProxy(port or self.sshd.port, self.delay_s if delay_s is None else delay_s)
         return self.proxies[lane]
 
     def wire_bytes(self, lane: str) -> int:
@@ -89,13 +90,13 @@ class Lab:
         if err:
             raise BenchError(err)
 
-    def bridge(self, name: str, repo: Path) -> Bridge:
+    def bridge(self, name: str, repo: Path, delay_s: float | None = None) -> Bridge:
         """A bridge repository on the SSH provider: its own proxy lane
-        (`bridge-NAME`) and its own remote directory, so its agent, chunk
-        store and traffic are its own."""
+        (`bridge-NAME`, delayed by `delay_s` when given) and its own remote
+        directory, so its agent, chunk store and traffic are its own."""
         lane = f"bridge-{name}"
         remote = self.remote_dir(lane)
-        up = ["up", "--host", f"{self.user}@127.0.0.1:{self.proxy(lane).port}",
+        up = ["up", "--host", f"{self.user}@127.0.0.1:{self.proxy(lane, delay_s=delay_s).port}",
                "--identity", str(self.sshd.key), "--accept-new-host-key", "--remote-dir", str(remote)]
         b = Bridge(name, self.bridge_exe, repo, self.bridge_env, up, remote=remote, proxy=self.proxy(lane))
         self.bridges.append(b)

@@ -8,6 +8,8 @@
   checkpoint back to the laptop (ml-repo; peers ssh, rsync).
 - `monorepo`: 5 no-op resync after a daemon restart, 9 the idle daemon.
 - `bigfile`: 10 memory while syncing a huge file.
+- `link`: 11 an edit over a link of 50 ms each way (peer: rsync per save),
+  and the heal after a cut (peer: a new ssh session).
 
 Each scenario function takes the run's Context and returns its raw results
 with `rows`: one line each for the BENCHMARKS.md table (see `row`).
