@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 from common import KIB, BenchError, compare_trees, flush_disk, human_bytes, log, same_content, summarize
 from peers import rsync_file, rsync_push, unison_sync
@@ -28,10 +29,38 @@ TARGET_DELTA_S = 0.4
 # 1. initial sync
 
 
-# Each tool's mirror loses its big files (untimed) once it is checked: 6
+# The mirrors a round made, whose big files go before the next round: 6
 # rounds of 4 tools' 1.9 GB copies fill a 45 GB disk (the trash keeps the
-# small files until the end). rsync's last mirror stays whole: scenario 3
-# changes a file in it.
+# small files until the end). Freed between two tools, they slowed the next
+# one 2-3x (the VM's ext4 is mounted with `discard`): so all at once at the
+# start of a round, then the disk is left to settle. rsync's last mirror
+# stays whole: scenario 3 changes a file in it.
+SPENT: list = []
+SETTLE_S = 60.0
+
+
+def settle_disk() -> float:
+    """`sync`, then until no block device has I/O in flight (the discards of
+    what was just deleted) for a second, at most SETTLE_S; seconds waited."""
+    t0 = time.perf_counter()
+    flush_disk()
+    quiet_since = None
+    while time.perf_counter() - t0 < SETTLE_S:
+        busy = 0
+        for f in Path("/sys/block").glob("*/inflight"):
+            try:
+                busy += sum(int(x) for x in f.read_text().split())
+            except (OSError, ValueError):
+                pass
+        now = time.perf_counter()
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= 1.0:
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - t0
 
 
 def initial_rsync(ctx: Context) -> dict:
@@ -39,7 +68,7 @@ def initial_rsync(ctx: Context) -> dict:
     r = rsync_push(ctx.lab, "rsync", ctx.ml.path, dst)
     compare_trees(ctx.ml.path, dst, ctx.ml.SKIP_TOP, ctx.sample, ctx.ml.binaries)
     if ctx.rsync_mirror is not None:
-        ctx.lab.trash.free_big_files(ctx.rsync_mirror)
+        SPENT.append(ctx.rsync_mirror)
     ctx.rsync_mirror = dst
     return r
 
@@ -49,7 +78,7 @@ def initial_unison(ctx: Context) -> dict:
     r = unison_sync(ctx.lab, "unison", ctx.ml.path, dst, ctx.lab.trash.new_dir("unison-archives-"),
                     [".venv", "outputs"])
     compare_trees(ctx.ml.path, dst, ctx.ml.SKIP_TOP, ctx.sample, ctx.ml.binaries)
-    ctx.lab.trash.free_big_files(dst)
+    SPENT.append(dst)
     return r
 
 
@@ -75,15 +104,15 @@ def initial_syncthing(ctx: Context) -> dict:
     finally:
         pair.stop()
     compare_trees(pair.src, dst, ctx.ml.SKIP_TOP | OWN_FILES, ctx.sample, ctx.ml.binaries)
-    ctx.lab.trash.free_big_files(dst)
+    SPENT.append(dst)
     return r
 
 
 def initial_bridge(ctx: Context) -> dict:
     """`bridge up` from nothing but the agent binary on the remote: no
-    `.bridge/`, no agent state, an empty mirror."""
+    `.bridge/`, no agent state, an empty mirror (reset at the start of the
+    round, `initial_sync`)."""
     b = ctx.ml_bridge
-    ctx.lab.reset_bridge(b)
     b0 = b.proxy.total_bytes()
     t = b.up()
     time.sleep(0.05)
@@ -105,9 +134,16 @@ def initial_sync(ctx: Context) -> dict:
             "bridge": initial_bridge}
     samples: dict[str, list[dict]] = {k: [] for k in INITIAL_TOOLS}
     reps = ctx.cfg["reps"]
+    settle: list[float] = []
     for r in range(-1, reps):
         k = r % len(INITIAL_TOOLS)
         order = INITIAL_TOOLS[k:] + INITIAL_TOOLS[:k]
+        # Untimed: the last round's copies go, bridge's included, and the
+        # disk is left to settle.
+        ctx.lab.reset_bridge(ctx.ml_bridge)
+        while SPENT:
+            ctx.lab.trash.free_big_files(SPENT.pop())
+        settle.append(round(settle_disk(), 2))
         for tool in order:
             flush_s = round(flush_disk(), 3)
             res = runs[tool](ctx)
@@ -117,7 +153,7 @@ def initial_sync(ctx: Context) -> dict:
             if r >= 0:
                 samples[tool].append(res)
     out: dict = {"files": len(ctx.ml.sources) + len(ctx.ml.binaries) + 1, "bytes": ctx.ml.bytes_synced,
-                 "reps": reps, "samples": samples}
+                 "reps": reps, "samples": samples, "settle_s": settle}
     for tool in INITIAL_TOOLS:
         out[tool] = {"time_s": summarize([s["time_s"] for s in samples[tool]]),
                      "wire_bytes": summarize([s["wire_bytes"] for s in samples[tool]], 0)}
