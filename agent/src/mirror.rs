@@ -332,7 +332,7 @@ impl Mirror {
             }
         }
         // Files of the cache that are gone, or were never hashed.
-        if reused != prior.hashed_files().count() as u64 {
+        if reused != prior.files() {
             self.index_dirty = true;
         }
         drop(prior);

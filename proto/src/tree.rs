@@ -896,10 +896,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_unseen_file_keeps_its_entry_and_loses_its_stat_cache_and_chunk_list() {
-        let st = stat(FileKind::File, 3, 10);
-        let two = vec![
+    /// The chunk list of a 3-byte file of two chunks ("bi", "g").
+    fn two_chunks() -> Vec<ChunkRef> {
+        vec![
             ChunkRef {
                 id: blake3::hash(b"bi"),
                 len: 2,
@@ -908,7 +907,13 @@ mod tests {
                 id: blake3::hash(b"g"),
                 len: 1,
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn an_unseen_file_keeps_its_entry_and_loses_its_stat_cache_and_chunk_list() {
+        let st = stat(FileKind::File, 3, 10);
+        let two = two_chunks();
         let mut t = sample();
         t.insert_hashed(p("a/big"), cached(b"big", &st, two.clone()));
         let root = t.root();
@@ -931,16 +936,7 @@ mod tests {
                 len: b.len() as u32,
             }]
         };
-        let two = vec![
-            ChunkRef {
-                id: blake3::hash(b"bi"),
-                len: 2,
-            },
-            ChunkRef {
-                id: blake3::hash(b"g"),
-                len: 1,
-            },
-        ];
+        let two = two_chunks();
         let f = |size| stat(FileKind::File, size, 10);
         let mut prior = Tree::new();
         prior.insert_hashed(p("a/big"), cached(b"big", &f(3), two.clone()));
