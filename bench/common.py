@@ -72,6 +72,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; waits for the exit."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_cmd(args: list[str], timeout: float, check: bool = True, env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
     try:

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import BenchError, run_cmd  # bench/common.py
+from common import BenchError, run_cmd, stop_process  # bench/common.py
 
 # The peers' programs and the Debian packages that bring them (bench/apt.py).
 PROGRAMS = {"rsync": "rsync", "unison": "unison", "lsyncd": "lsyncd", "syncthing": "syncthing"}
@@ -146,11 +146,5 @@ class Lsyncd:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None

@@ -29,7 +29,7 @@ import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from common import BenchError, run_cmd  # bench/common.py
+from common import BenchError, run_cmd, stop_process  # bench/common.py
 
 FOLDER = "bench"
 WATCH_DELAY_S = 1
@@ -127,13 +127,7 @@ class Instance:
         return self.api(f"/rest/db/status?folder={FOLDER}") or {}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.proc = None
 
     def forget(self) -> None:
