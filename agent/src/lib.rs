@@ -164,7 +164,15 @@ pub async fn run(
     // streams end (the graceful shutdown would otherwise wait for them).
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let idle_policy = tokio::spawn(idle::run(idle.clone(), stopping_rx.clone()));
-    tokio::spawn(memory::trim_when_quiet(stopping_rx.clone()));
+    let trees = state.clone();
+    let compact = move || {
+        if let Ok(mut st) = trees.lock() {
+            for m in st.mirrors.values_mut() {
+                m.tree.shrink_to_fit();
+            }
+        }
+    };
+    tokio::spawn(memory::trim_when_quiet(compact, stopping_rx.clone()));
     let shutdown = async {
         shutdown.await;
         let _ = stopping.send(true);

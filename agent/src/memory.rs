@@ -4,8 +4,11 @@
 //! cold sync's rounds, a restart's refresh with two trees and a walk's
 //! listing alive at once, a manifest of the whole tree) that was twice the
 //! live heap: 178 MiB resident for a tree of 200,000 files. So each spell
-//! of requests ends with `malloc_trim` once the agent has been quiet for a
-//! tick: an idle agent holds its live data, not its past peaks.
+//! of requests ends, once the agent has been quiet for a tick, with the
+//! caller's compaction (the mirrors' trees give back the room their lists
+//! grew into: a cold sync builds each list entry by entry, up to half over
+//! its length) and `malloc_trim`: an idle agent holds its live data, not
+//! its past peaks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,9 +35,13 @@ pub fn release_free_memory() {
     }
 }
 
-/// Trims once after each spell of activity, when a tick of [`QUIET`]
-/// passed with none. Idle, it costs a wake-up per tick and nothing else.
-pub async fn trim_when_quiet(mut stopping: tokio::sync::watch::Receiver<bool>) {
+/// Runs `compact`, then trims, once after each spell of activity, when a
+/// tick of [`QUIET`] passed with none. Idle, it costs a wake-up per tick
+/// and nothing else.
+pub async fn trim_when_quiet(
+    compact: impl Fn() + Clone + Send + 'static,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let mut seen = ACTIVITY.load(Ordering::Relaxed);
     let mut trimmed = seen;
     loop {
@@ -45,7 +52,12 @@ pub async fn trim_when_quiet(mut stopping: tokio::sync::watch::Receiver<bool>) {
         let now = ACTIVITY.load(Ordering::Relaxed);
         if now == seen && now != trimmed {
             let t0 = std::time::Instant::now();
-            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            let compact = compact.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                compact();
+                release_free_memory();
+            })
+            .await;
             tracing::debug!(
                 ms = t0.elapsed().as_secs_f64() * 1e3,
                 "freed memory returned"

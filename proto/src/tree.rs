@@ -1180,6 +1180,26 @@ mod tests {
     }
 
     #[test]
+    fn a_list_built_entry_by_entry_gives_its_room_back_and_keeps_what_is_shared() {
+        let mut t = Tree::new();
+        t.insert(p("d"), Node::Dir);
+        for i in 0..100 {
+            t.insert(p(&format!("d/f{i:03}")), file(b"x", false));
+        }
+        let room = |t: &Tree| t.dirs["d"].capacity();
+        assert!(room(&t) > 100, "grown by half: {}", room(&t));
+        let root = t.root();
+        let shared = t.clone();
+        t.shrink_to_fit();
+        assert!(room(&t) > 100, "a list the clone shares is left alone");
+        drop(shared);
+        t.shrink_to_fit();
+        assert_eq!(room(&t), 100);
+        assert_eq!(t.root(), root);
+        assert_eq!(t.len(), 101);
+    }
+
+    #[test]
     fn order_of_insertion_does_not_matter() {
         let a = sample();
         let mut v: Vec<_> = a.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
