@@ -43,6 +43,10 @@ pub mod joblog;
 pub mod jobs;
 pub mod kernel;
 pub mod memory;
+
+/// Relinks applied per hold of the state lock when the agent is quiet
+/// (about 2 ms).
+const RELINK_BATCH: usize = 4096;
 pub mod mirror;
 pub mod service;
 pub mod shim;
@@ -165,11 +169,26 @@ pub async fn run(
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let idle_policy = tokio::spawn(idle::run(idle.clone(), stopping_rx.clone()));
     let trees = state.clone();
+    // When quiet: the ctimes job snapshots moved go into the stat caches
+    // (in batches of a few milliseconds, so that a request arriving
+    // meanwhile waits for one batch at most), then the trees give back the
+    // room their lists grew into.
     let compact = move || {
-        if let Ok(mut st) = trees.lock() {
+        loop {
+            let Ok(mut st) = trees.lock() else { return };
+            let mut left = false;
             for m in st.mirrors.values_mut() {
-                m.tree.shrink_to_fit();
+                left |= m.apply_some_relinks(RELINK_BATCH);
             }
+            if !left {
+                for m in st.mirrors.values_mut() {
+                    m.tree.shrink_to_fit();
+                }
+                return;
+            }
+            drop(st);
+            // The lock is not fair: give a waiting request its turn.
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
     };
     tokio::spawn(memory::trim_when_quiet(compact, stopping_rx.clone()));

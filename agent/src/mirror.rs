@@ -60,6 +60,21 @@ pub struct Mirror {
 /// See [`Mirror::relinks`].
 pub type RelinkQueue = Arc<std::sync::Mutex<Vec<(RelPath, Stat)>>>;
 
+/// True when `queued` (a file's stat after a snapshot's link or unlink) is
+/// `st`, and differs from the cached `c` only in what a link moves.
+fn explains(c: &Cached, queued: &Stat, st: &Stat) -> bool {
+    !c.racy
+        && queued == st
+        && c.ino == st.ino
+        && c.size == st.size
+        && c.mtime_ns == st.mtime_ns
+        && c.exec == st.exec
+}
+
+/// Past this many queued relinks per file of the mirror, a verification
+/// applies them even when it has nothing to look at.
+const RELINKS_PER_FILE: usize = 4;
+
 /// Mirror names are one path component of safe characters.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -183,7 +198,14 @@ impl Mirror {
             return None;
         }
         let mut work: Vec<PathBuf> = self.watch.take()?.into_iter().collect();
-        self.apply_relinks();
+        // The ctimes a job snapshot's links and unlinks moved matter only to
+        // the stats looked at: with none (a `bridge run` after another), they
+        // wait for a quiet moment (`apply_relinks`) instead of delaying the
+        // submit this verification is for.
+        let queued = self.relinks.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if !work.is_empty() || queued > RELINKS_PER_FILE * self.tree.len() {
+            self.apply_relinks();
+        }
         let mut seen = HashSet::new();
         while let Some(p) = work.pop() {
             if !seen.insert(p.clone()) {
@@ -357,7 +379,7 @@ impl Mirror {
         self.watch_tree();
         // Links made after the walk passed their file.
         for (p, st) in late {
-            self.relinked(&p, &st);
+            self.relink(&p, &st);
         }
         self.apply_relinks();
         self.maybe_save(false);
@@ -393,7 +415,10 @@ impl Mirror {
             return false;
         };
         Stat::lstat(abs).is_ok_and(|st| {
-            st.kind == FileKind::File && self.tree.hashed(&rel).is_some_and(|c| c.matches(&st))
+            st.kind == FileKind::File
+                && self.tree.hashed(&rel).is_some_and(|c| {
+                    c.matches(&st) || self.relink_queued(&rel, &c.to_cached_without_chunks(), &st)
+                })
         })
     }
 
@@ -407,16 +432,22 @@ impl Mirror {
     /// stat cache valid when the content is what the cache says (`st` is the
     /// file's stat after the link). Returns the updated entry.
     pub fn relinked(&mut self, path: &RelPath, st: &Stat) -> Option<Cached> {
-        let mut c = self.tree.hashed(path)?.to_cached();
-        if c.ino != st.ino || c.size != st.size || c.mtime_ns != st.mtime_ns {
+        if !self.relink(path, st) {
             return None;
         }
-        if c.ctime_ns != st.ctime_ns {
-            c.ctime_ns = st.ctime_ns;
-            self.tree.insert_hashed(path.clone(), c.clone());
-            self.index_dirty = true;
+        Some(self.tree.hashed(path)?.to_cached())
+    }
+
+    /// [`Mirror::relinked`] without making the entry: an update in place of
+    /// one cached ctime (a snapshot's links and unlinks queue one per file).
+    fn relink(&mut self, path: &RelPath, st: &Stat) -> bool {
+        match self.tree.relink(path, st) {
+            None => false,
+            Some(moved) => {
+                self.index_dirty |= moved;
+                true
+            }
         }
-        Some(c)
     }
 
     /// During a refresh: `stat` differs from the cached `c` only in a ctime
@@ -435,22 +466,46 @@ impl Mirror {
                 .unwrap_or_else(|e| e.into_inner())
                 .drain(..),
         );
-        late.remove(path).is_some_and(|st| {
-            !c.racy
-                && st == *stat
-                && c.ino == st.ino
-                && c.size == st.size
-                && c.mtime_ns == st.mtime_ns
-                && c.exec == st.exec
-        })
+        late.remove(path).is_some_and(|st| explains(c, &st, stat))
     }
 
-    /// Applies the queued [`Mirror::relinks`].
-    fn apply_relinks(&mut self) {
+    /// True when a queued relink of `rel` explains why `st` differs from
+    /// the cached `c` (only in its ctime). Looked up only when a stat does
+    /// not match, before the queue is applied (see [`Mirror::catch_up`]).
+    fn relink_queued(&self, rel: &RelPath, c: &Cached, st: &Stat) -> bool {
+        self.relinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|(p, _)| p == rel)
+            .is_some_and(|(_, queued)| explains(c, queued, st))
+    }
+
+    /// Applies the queued [`Mirror::relinks`] (before a full refresh or a
+    /// save of the stat cache compares or writes ctimes, when a
+    /// verification looks at stats, and when the agent is quiet).
+    pub fn apply_relinks(&mut self) {
         let queued = std::mem::take(&mut *self.relinks.lock().unwrap_or_else(|e| e.into_inner()));
         for (p, st) in queued {
-            self.relinked(&p, &st);
+            self.relink(&p, &st);
         }
+    }
+
+    /// Applies at most `n` of the queued relinks, the oldest first; true
+    /// when some are left (a caller holding the agent's state lets others
+    /// in between batches).
+    pub fn apply_some_relinks(&mut self, n: usize) -> bool {
+        let (batch, left) = {
+            let mut q = self.relinks.lock().unwrap_or_else(|e| e.into_inner());
+            let take = n.min(q.len());
+            let batch: Vec<_> = q.drain(..take).collect();
+            (batch, !q.is_empty())
+        };
+        for (p, st) in batch {
+            self.relink(&p, &st);
+        }
+        left
     }
 
     /// Stops trusting the stat cache for `paths` (a job wrote into a file it
@@ -514,6 +569,9 @@ impl Mirror {
     /// Saves the stat cache if it changed and `force` or enough time passed.
     /// Unforced saves write on a background thread (a round is waiting).
     pub fn maybe_save(&mut self, force: bool) {
+        if force || self.last_save.elapsed() >= INDEX_SAVE_INTERVAL {
+            self.apply_relinks();
+        }
         if self.index_dirty && (force || self.last_save.elapsed() >= INDEX_SAVE_INTERVAL) {
             self.saver.save_encoded(encode_tree(&self.tree), !force);
             self.index_dirty = false;
@@ -640,6 +698,58 @@ mod tests {
         let before = m.refreshes;
         m.verify(&mut store, false).unwrap();
         assert_eq!(m.refreshes, before + 1);
+    }
+
+    #[test]
+    fn relinks_wait_while_nothing_is_looked_at_and_never_cost_a_rehash() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut m, mut store) = open(d.path());
+        m.verify(&mut store, true).unwrap();
+        let ctime = |m: &Mirror, p: &str| m.tree.hashed(&path(p)).unwrap().seen.ctime_ns;
+        let before = ctime(&m, "pkg/a.py");
+        // A job snapshot's link, made outside the lock, moves the ctime.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let abs = m.root.join("pkg/a.py");
+        fs::hard_link(&abs, d.path().join("snap-a.py")).unwrap();
+        let st = Stat::lstat(&abs).unwrap();
+        assert_ne!(st.ctime_ns, before);
+        m.relinks.lock().unwrap().push((path("pkg/a.py"), st));
+
+        // Nothing to look at: the submit's verification leaves it queued,
+        // and the file still counts as unchanged (its chunks can be read).
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 1);
+        assert_eq!(m.relinks.lock().unwrap().len(), 1);
+        assert_eq!(ctime(&m, "pkg/a.py"), before);
+        assert!(m.file_unchanged(&abs));
+        assert!(!m.file_unchanged(&m.root.join("pkg/missing.py")));
+
+        // A round's write in the same directory makes the next verification
+        // look at its entries: the queue is applied first, no rehash.
+        fs::write(m.root.join("pkg/c.py"), "c").unwrap();
+        record(&mut m, "pkg/c.py");
+        m.verify(&mut store, true).unwrap();
+        assert_eq!(m.refreshes, 1, "verified by the watch");
+        assert!(m.relinks.lock().unwrap().is_empty());
+        assert_eq!(ctime(&m, "pkg/a.py"), st.ctime_ns);
+
+        // Queued again and applied in batches when the agent is quiet.
+        fs::remove_file(d.path().join("snap-a.py")).unwrap();
+        let st = Stat::lstat(&abs).unwrap();
+        m.relinks.lock().unwrap().push((path("pkg/a.py"), st));
+        m.relinks
+            .lock()
+            .unwrap()
+            .push((path("top.py"), Stat::lstat(&m.root.join("top.py")).unwrap()));
+        assert!(m.apply_some_relinks(1));
+        assert!(!m.apply_some_relinks(1));
+        assert_eq!(ctime(&m, "pkg/a.py"), st.ctime_ns);
+        let hashed = m.files_hashed;
+        m.refresh(&mut store).unwrap();
+        assert_eq!(
+            m.files_hashed, hashed,
+            "no ctime left stale: nothing rehashed"
+        );
     }
 
     #[test]

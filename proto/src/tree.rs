@@ -21,6 +21,7 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use compact_str::CompactString;
@@ -335,7 +336,12 @@ pub struct Tree {
     len: usize,
     files: u64,
     bytes: u64,
+    /// See [`Tree::stamp`].
+    stamp: u64,
 }
+
+/// Stamps of trees: every change of any tree takes the next one.
+static STAMPS: AtomicU64 = AtomicU64::new(1);
 
 impl Tree {
     pub fn new() -> Self {
@@ -390,6 +396,17 @@ impl Tree {
         }
     }
 
+    /// Equal for two trees (or one tree at two times) only when neither
+    /// changed since they were one: every change takes a stamp no tree had.
+    /// A ctime taken by [`Tree::relink`] is no change here.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
+    fn changed(&mut self) {
+        self.stamp = STAMPS.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
     /// The file at `p` with its stat cache, if this side hashed it.
     pub fn hashed(&self, p: &RelPath) -> Option<Hashed<'_>> {
         self.hashed_entry(p, self.find(p)?)
@@ -420,7 +437,32 @@ impl Tree {
         };
         if let Ok(i) = slot.binary_search_by(by_name(name)) {
             Arc::make_mut(slot)[i].flags &= !RACY;
+            self.changed();
         }
+    }
+
+    /// The hashed file at `p` gained or lost a hard link elsewhere, which
+    /// moved its ctime and nothing else: takes `st`'s ctime into its stat
+    /// cache, in place. `None` when `st` is not that file as hashed (another
+    /// inode, size or mtime, or not hashed); else whether the ctime changed.
+    pub fn relink(&mut self, p: &RelPath, st: &Stat) -> Option<bool> {
+        let (dir, name) = split(p.as_str());
+        let slot = self.dirs.get_mut(dir)?;
+        let i = slot.binary_search_by(by_name(name)).ok()?;
+        let e = &slot[i];
+        if e.kind != Kind::File
+            || e.flags & SEEN == 0
+            || e.ino != st.ino
+            || e.size != st.size
+            || e.mtime_ns != st.mtime_ns
+        {
+            return None;
+        }
+        if e.ctime_ns == st.ctime_ns {
+            return Some(false);
+        }
+        Arc::make_mut(slot)[i].ctime_ns = st.ctime_ns;
+        Some(true)
     }
 
     /// Stops trusting the stat fields of the file at `p`: [`Tree::hashed`]
@@ -439,6 +481,7 @@ impl Tree {
         }
         Arc::make_mut(slot)[i].flags &= !(SEEN | RACY);
         self.many.remove(p);
+        self.changed();
         true
     }
 
@@ -495,6 +538,7 @@ impl Tree {
                 list.reserve_exact((list.len() / 2).max(4));
             }
             list.push(Entry::new(name, &node, Some(seen)));
+            self.changed();
             self.files += 1;
             self.bytes += c.size;
             self.len += 1;
@@ -506,6 +550,7 @@ impl Tree {
 
     /// Puts `n` at `p`; `listed`: [`Tree::many`] holds its chunk list.
     fn set(&mut self, p: &RelPath, n: Node, seen: Option<Seen>, listed: bool) -> Option<Node> {
+        self.changed();
         let old = self.get(p);
         if old.as_ref() != Some(&n) {
             self.invalidate(p);
@@ -577,6 +622,7 @@ impl Tree {
     /// A restart's scan: one merge of two sorted lists per directory
     /// instead of a lookup and an insert per file.
     pub fn add_listing(&mut self, l: Listing, prior: Option<&Tree>) -> Vec<(String, Stat)> {
+        self.changed();
         let old: &[Entry] = prior
             .and_then(|t| t.dirs.get(l.dir.as_str()))
             .map_or(&[], |l| l.as_slice());
@@ -622,6 +668,7 @@ impl Tree {
     /// Takes `prior`'s chunk list of each file [`Tree::add_listing`] took
     /// from it (still the same content).
     pub fn adopt_chunk_lists(&mut self, prior: &Tree) {
+        self.changed();
         for (p, l) in &prior.many {
             let same = match (self.find(p), prior.find(p)) {
                 (Some(a), Some(b)) => a.seen().is_some() && a.hash == b.hash && a.size == b.size,
@@ -635,6 +682,7 @@ impl Tree {
 
     /// Removes `p` and everything below it; returns what was removed, in path order.
     pub fn remove_subtree(&mut self, p: &RelPath) -> Vec<(RelPath, Node)> {
+        self.changed();
         let mut out = Vec::new();
         let (dir, name) = split(p.as_str());
         if let Some(slot) = self.dirs.get_mut(dir)
@@ -817,6 +865,7 @@ impl Clone for Tree {
             len: self.len,
             files: self.files,
             bytes: self.bytes,
+            stamp: self.stamp,
         }
     }
 }
@@ -1197,6 +1246,64 @@ mod tests {
         assert_eq!(room(&t), 100);
         assert_eq!(t.root(), root);
         assert_eq!(t.len(), 101);
+    }
+
+    #[test]
+    fn every_change_takes_a_new_stamp_and_a_relinked_ctime_none() {
+        let mut t = sample();
+        let st = |ino, ctime_ns| Stat {
+            kind: FileKind::File,
+            size: 1,
+            mtime_ns: 5,
+            ctime_ns,
+            ino,
+            exec: false,
+        };
+        let c = Cached {
+            size: 1,
+            mtime_ns: 5,
+            ctime_ns: 6,
+            ino: 7,
+            exec: false,
+            racy: false,
+            hash: blake3::hash(b"x"),
+            chunks: Box::default(),
+        };
+        t.insert_hashed(p("a/x"), c);
+        let stamps = |t: &Tree, seen: &mut Vec<u64>| {
+            assert!(!seen.contains(&t.stamp()), "stamp {} reused", t.stamp());
+            seen.push(t.stamp());
+        };
+        let mut seen = vec![];
+        stamps(&t, &mut seen);
+        let copy = t.clone();
+        assert_eq!(copy.stamp(), t.stamp(), "a clone is the same tree");
+        assert_eq!(t.relink(&p("a/x"), &st(7, 9)), Some(true));
+        assert_eq!(t.relink(&p("a/x"), &st(7, 9)), Some(false));
+        assert_eq!(t.relink(&p("a/x"), &st(8, 9)), None, "another inode");
+        assert_eq!(t.hashed(&p("a/x")).unwrap().seen.ctime_ns, 9);
+        t.shrink_to_fit();
+        assert_eq!(
+            t.stamp(),
+            copy.stamp(),
+            "a ctime and spare room are no change"
+        );
+        assert_eq!(
+            copy.hashed(&p("a/x")).unwrap().seen.ctime_ns,
+            6,
+            "the clone keeps its own"
+        );
+        t.insert(p("new"), file(b"n", false));
+        stamps(&t, &mut seen);
+        t.settle(&p("a/x"));
+        stamps(&t, &mut seen);
+        t.unsee(&p("a/x"));
+        stamps(&t, &mut seen);
+        t.remove_subtree(&p("b"));
+        stamps(&t, &mut seen);
+        let mut other = copy.clone();
+        other.insert(p("new"), file(b"n", false));
+        stamps(&other, &mut seen);
     }
 
     #[test]

@@ -25,10 +25,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bridge_proto::chunking::{ChunkRef, chunk_id};
-use bridge_proto::index::{Cached, Index};
+use bridge_proto::index::{self, Cached, Index};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::Stat;
-use bridge_proto::tree::Node;
+use bridge_proto::tree::{Node, Tree};
 
 use crate::mirror::{Mirror, RelinkQueue};
 use crate::service::State;
@@ -59,7 +59,7 @@ pub fn take(mirror: &mut Mirror, dest: &Path, manifest: &Path) -> io::Result<Tak
     for (p, n) in entries {
         add(mirror, dest, &p, &n, &mut taken, &mut linked)?;
     }
-    save_manifest(&linked, manifest)?;
+    save_manifest(&linked.encode(), manifest)?;
     Ok(taken)
 }
 
@@ -105,9 +105,9 @@ fn add(
 /// without an fsync (after a crash an unreadable one is an empty one, and the
 /// job's in-place writes go unnoticed, as for a copied file), which keeps a
 /// journal commit out of every `bridge run`.
-fn save_manifest(linked: &Index, manifest: &Path) -> io::Result<()> {
+fn save_manifest(encoded: &[u8], manifest: &Path) -> io::Result<()> {
     let tmp = manifest.with_extension("tmp");
-    fs::write(&tmp, linked.encode())?;
+    fs::write(&tmp, encoded)?;
     fs::rename(&tmp, manifest)
 }
 
@@ -161,7 +161,7 @@ pub fn take_from(
             }
         }
     }
-    save_manifest(&linked, manifest)?;
+    save_manifest(&linked.encode(), manifest)?;
     Ok(taken)
 }
 
@@ -191,24 +191,37 @@ enum Held {
 pub struct Spare {
     dir: PathBuf,
     held: BTreeMap<RelPath, Held>,
+    /// The [`Tree::stamp`] of the tree it was built from.
+    stamp: u64,
+    /// Every entry of that tree is held.
+    complete: bool,
+    /// That tree's stat cache, written next to the spare (see
+    /// [`Spare::manifest_path`]): the manifest of a job that takes the spare
+    /// while the mirror's tree still has the same stamp.
+    manifest: bool,
 }
 
 impl Spare {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Where the spare at `dir` keeps its manifest: `dir` with `.index`
+    /// appended (deleted with it).
+    pub fn manifest_path(dir: &Path) -> PathBuf {
+        let mut p = dir.as_os_str().to_owned();
+        p.push(".index");
+        PathBuf::from(p)
+    }
 }
 
 /// One entry of the mirror's tree, as copied under the lock for a spare.
 pub type Planned = (RelPath, Node);
 
-/// The mirror's tree, to build a spare from outside the lock.
-pub fn plan(mirror: &Mirror) -> Vec<Planned> {
-    mirror
-        .tree
-        .iter()
-        .map(|(p, n)| (p.clone(), n.clone()))
-        .collect()
+/// The mirror's tree, to build a spare from outside the lock (a clone shares
+/// its directories' lists until the mirror changes one).
+pub fn plan(mirror: &Mirror) -> Tree {
+    mirror.tree.clone()
 }
 
 /// Builds a spare of `plan` at `dir` (which must not exist) from the mirror
@@ -217,14 +230,14 @@ pub fn plan(mirror: &Mirror) -> Vec<Planned> {
 /// corrects it. The stat of each linked mirror inode after its link goes to
 /// `relinks`, for [`Mirror::relinked`].
 pub fn build(
-    plan: Vec<Planned>,
+    plan: Tree,
     mirror_root: &Path,
     dir: &Path,
     relinks: &RelinkQueue,
 ) -> io::Result<Spare> {
     fs::create_dir(dir)?;
     let mut held = BTreeMap::new();
-    for (p, n) in plan {
+    for (p, n) in plan.iter() {
         let to = p.to_fs(dir);
         if p.parent().is_some_and(|d| held.get(&d) != Some(&Held::Dir)) {
             continue; // under a directory that could not be made
@@ -263,8 +276,12 @@ pub fn build(
             }
         }
     }
+    let manifest = save_manifest(&index::encode_tree(&plan), &Spare::manifest_path(dir)).is_ok();
     Ok(Spare {
         dir: dir.to_path_buf(),
+        complete: held.len() == plan.len(),
+        stamp: plan.stamp(),
+        manifest,
         held,
     })
 }
@@ -306,7 +323,30 @@ pub fn take_spare(
     dest: &Path,
     manifest: &Path,
 ) -> io::Result<Taken> {
-    let Spare { dir, mut held } = spare;
+    let Spare {
+        dir,
+        mut held,
+        stamp,
+        complete,
+        manifest: has_manifest,
+    } = spare;
+    let built_manifest = Spare::manifest_path(&dir);
+    if complete && has_manifest && stamp == mirror.tree.stamp() {
+        // Nothing changed since the tree the spare was built from: it holds
+        // exactly the mirror's tree, and that tree's stat cache is the
+        // manifest (a ctime a relink moved since is no matter to it).
+        fs::rename(&dir, dest)?;
+        fs::rename(&built_manifest, manifest)?;
+        let files = mirror.tree.files();
+        tracing::debug!("snapshot taken from a spare of the current tree");
+        return Ok(Taken {
+            files,
+            linked: files,
+            copied: 0,
+            from_spare: Some(held.len() as u64),
+        });
+    }
+    let _ = fs::remove_file(&built_manifest);
     let current = |p: &RelPath, h: &Held| match (h, mirror.tree.get(p)) {
         (Held::Dir, Some(Node::Dir)) => true,
         (Held::Symlink(t), Some(Node::Symlink { target })) => *t == target,
@@ -332,31 +372,32 @@ pub fn take_spare(
             _ => {}
         }
     }
-    let mut taken = Taken::default();
-    let mut linked = Index::default();
     let missing: Vec<Planned> = mirror
         .tree
         .iter()
         .filter(|(p, _)| !held.contains_key(p))
         .map(|(p, n)| (p, n.clone()))
         .collect();
-    for (p, h) in &held {
-        if let Held::File { ino } = h {
-            taken.files += 1;
-            if let Some(c) = mirror.tree.hashed(p) {
-                taken.linked += 1;
-                if c.seen.ino == *ino {
-                    linked.entries.insert(p.clone(), c.to_cached());
-                }
-            }
-        }
-    }
-    taken.from_spare = Some(held.len() as u64);
+    // What is held now is current: every file a link of its mirror file.
+    let held_files = held
+        .values()
+        .filter(|h| matches!(h, Held::File { .. }))
+        .count() as u64;
+    let mut taken = Taken {
+        files: held_files,
+        linked: held_files,
+        from_spare: Some(held.len() as u64),
+        ..Taken::default()
+    };
+    let mut linked = Index::default();
     for (p, n) in &missing {
         add(mirror, &dir, p, n, &mut taken, &mut linked)?;
     }
     fs::rename(&dir, dest)?;
-    save_manifest(&linked, manifest)?;
+    // The snapshot is the mirror's tree, so its manifest is the tree's stat
+    // cache: a file `add` had to copy is in it too, harmlessly (another
+    // inode: `modified_in_place` and `affected` match inodes).
+    save_manifest(&index::encode_tree(&mirror.tree), manifest)?;
     tracing::debug!(
         stale = stale.len(),
         added = missing.len(),
@@ -584,6 +625,54 @@ mod tests {
         let damaged = modified_in_place(&from_spare, &d.path().join("job1/index"));
         assert_eq!(damaged.len(), 1);
         assert_eq!(damaged[0].path.as_str(), "same.py");
+        assert!(
+            !Spare::manifest_path(&d.path().join("spare")).exists(),
+            "the manifest built with the spare was for another tree: deleted"
+        );
+    }
+
+    #[test]
+    fn a_spare_of_the_current_tree_is_taken_whole_with_its_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
+        let m = d.path().join("mirrors/m");
+        for (p, text) in [("a.py", "a"), ("pkg/b.py", "b"), ("pkg/deep/c.py", "c")] {
+            fs::create_dir_all(m.join(p).parent().unwrap()).unwrap();
+            fs::write(m.join(p), text).unwrap();
+        }
+        std::os::unix::fs::symlink("a.py", m.join("link")).unwrap();
+        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let relinks = RelinkQueue::default();
+        let spare_dir = d.path().join("spare");
+        let spare = build(plan(&mirror), &m, &spare_dir, &relinks).unwrap();
+        assert!(Spare::manifest_path(&spare_dir).exists());
+        // Only ctimes moved since (the links themselves, applied).
+        mirror.apply_relinks();
+
+        fs::create_dir_all(d.path().join("job1")).unwrap();
+        let (tree, index) = (d.path().join("job1/tree"), d.path().join("job1/index"));
+        let taken = take_spare(&mut mirror, spare, &tree, &index).unwrap();
+        assert_eq!((taken.files, taken.linked, taken.copied), (3, 3, 0));
+        assert!(!spare_dir.exists() && !Spare::manifest_path(&spare_dir).exists());
+        let fresh = d.path().join("job2/tree");
+        fs::create_dir_all(d.path().join("job2")).unwrap();
+        take(&mut mirror, &fresh, &d.path().join("job2/index")).unwrap();
+        assert_eq!(listing(&tree), listing(&fresh), "same entries and inodes");
+        let manifest = Index::load(&index);
+        assert_eq!(manifest.entries.len(), 3);
+        for (p, c) in &manifest.entries {
+            assert_eq!(c.ino, fs::metadata(p.to_fs(&m)).unwrap().ino(), "{p}");
+        }
+        // An in-place write is noticed through that manifest.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(tree.join("pkg/b.py"))
+            .unwrap()
+            .write_all(b" and more")
+            .unwrap();
+        let damaged = modified_in_place(&tree, &index);
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].path.as_str(), "pkg/b.py");
     }
 
     #[test]

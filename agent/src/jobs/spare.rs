@@ -70,6 +70,7 @@ impl Jobs {
                     Err(e) => {
                         tracing::warn!(job = id, error = %e, "cannot use the spare snapshot");
                         let _ = fs::remove_dir_all(&at);
+                        let _ = fs::remove_file(snapshot::Spare::manifest_path(&at));
                         let _ = fs::remove_dir_all(&tree);
                     }
                 }
@@ -167,13 +168,17 @@ impl Jobs {
                             );
                             spares.insert(name, SpareSlot::Ready(spare));
                         }
-                        Ok(_) => store::delete_in_background(vec![dir]),
+                        Ok(_) => {
+                            let index = snapshot::Spare::manifest_path(&dir);
+                            store::delete_in_background(vec![dir, index]);
+                        }
                         Err(e) => {
                             tracing::warn!(mirror = %name, error = %e, "cannot build a spare snapshot");
                             if wanted {
                                 spares.insert(name, SpareSlot::Failed(Instant::now()));
                             }
-                            store::delete_in_background(vec![dir]);
+                            let index = snapshot::Spare::manifest_path(&dir);
+                            store::delete_in_background(vec![dir, index]);
                         }
                     }
                 });

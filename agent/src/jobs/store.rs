@@ -89,7 +89,14 @@ pub fn delete_in_background(dirs: Vec<PathBuf>) {
         .name("tree-delete".into())
         .spawn(move || {
             for d in dirs {
-                if let Err(e) = fs::remove_dir_all(&d) {
+                // A spare's manifest is a file beside its tree.
+                let gone = match fs::symlink_metadata(&d) {
+                    Ok(m) if !m.is_dir() => fs::remove_file(&d),
+                    Ok(_) => fs::remove_dir_all(&d),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = gone {
                     tracing::warn!(dir = %d.display(), error = %e, "cannot delete an old job tree");
                 }
             }
