@@ -152,7 +152,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Status(a) => cmd::status::run(&cwd, a).await.map(|()| 0),
             Cmd::Sync(a) => cmd::sync::run(&cwd, a).await.map(|()| 0),
             Cmd::Down(a) => cmd::down::run(&cwd, a).await.map(|()| 0),
-            Cmd::Daemon(a) => cmd::daemon::run(&cwd, a).await.map(|()| 0),
+            Cmd::Daemon(a) => cmd::daemon::run(&cwd, a).await,
             Cmd::Run(a) => cmd::run::run(&cwd, a).await,
             Cmd::Exec(a) => cmd::exec::run(&cwd, a).await,
             Cmd::Logs(a) => cmd::logs::run(&cwd, a).await,

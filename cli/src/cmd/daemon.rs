@@ -11,7 +11,11 @@ use crate::client;
 #[derive(clap::Args)]
 pub struct Args {}
 
-pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
+/// The exit code of a daemon that found another one running (or starting)
+/// for its repository: `bridge up` waits for that one instead.
+pub const ANOTHER_DAEMON: u8 = 3;
+
+pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<u8> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BRIDGE_LOG")
@@ -33,6 +37,30 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
     layout
         .create()
         .with_context(|| format!("cannot create {}", layout.state.display()))?;
+    // One daemon per repository, for as long as it lives: a lock the kernel
+    // drops with the process, however it ends. Two daemons started at once
+    // both found no control socket, and the second removed the first's
+    // (which then ran on, unreachable).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(layout.state.join("daemon.lock"))
+        .with_context(|| format!("cannot open {}", layout.state.join("daemon.lock").display()))?;
+    let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            eprintln!(
+                "bridge: a daemon is already running for {}",
+                layout.repo.display()
+            );
+            return Ok(ANOTHER_DAEMON);
+        }
+        Err((_, e)) => bail!(
+            "cannot lock {}: {e}",
+            layout.state.join("daemon.lock").display()
+        ),
+    };
     if client::daemon(&layout).await.is_some() {
         bail!("a daemon is already running for {}", layout.repo.display());
     }
@@ -66,7 +94,7 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<()> {
         }
     })
     .await?;
-    Ok(())
+    Ok(0)
 }
 
 /// Logs the allocator's figures every 10 s (debug): what the daemon's data

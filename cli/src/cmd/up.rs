@@ -455,7 +455,9 @@ async fn start(layout: &bridge_daemon::repo::Layout, args: &Args) -> anyhow::Res
         if let Some(c) = client::daemon(&layout).await {
             break c;
         }
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait()?
+            && status.code() != Some(i32::from(super::daemon::ANOTHER_DAEMON))
+        {
             bail!(
                 "the daemon exited ({status}) before it was ready: {}",
                 log_tail(&layout.daemon_log)
