@@ -43,10 +43,6 @@ pub mod joblog;
 pub mod jobs;
 pub mod kernel;
 pub mod memory;
-
-/// Relinks applied per hold of the state lock when the agent is quiet
-/// (about 2 ms).
-const RELINK_BATCH: usize = 4096;
 pub mod mirror;
 pub mod service;
 pub mod shim;
@@ -54,6 +50,10 @@ pub mod store;
 pub mod sweeps;
 pub mod tunnels;
 pub mod watch;
+
+/// Relinks applied per hold of the state lock when the agent is quiet
+/// (about 2 ms).
+const RELINK_BATCH: usize = 4096;
 
 use std::fs;
 use std::future::Future;

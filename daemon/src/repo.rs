@@ -16,6 +16,8 @@ pub struct Layout {
     pub index: PathBuf,
     pub daemon_log: PathBuf,
     pub daemon_pid: PathBuf,
+    /// Held (`flock`) by the running daemon: one per repository.
+    pub daemon_lock: PathBuf,
     /// Output paths of submitted jobs (repository-relative, one per line):
     /// never synced up, they come back from the agent.
     pub outputs: PathBuf,
@@ -43,6 +45,7 @@ impl Layout {
             index: state.join("index"),
             daemon_log: state.join("daemon.log"),
             daemon_pid: state.join("daemon.pid"),
+            daemon_lock: state.join("daemon.lock"),
             outputs: state.join("outputs"),
             provider: state.join("provider.toml"),
             forwards: state.join("forwards.json"),

@@ -195,10 +195,10 @@ pub struct Spare {
     stamp: u64,
     /// Every entry of that tree is held.
     complete: bool,
-    /// That tree's stat cache, written next to the spare (see
+    /// That tree's stat cache was written next to the spare (see
     /// [`Spare::manifest_path`]): the manifest of a job that takes the spare
     /// while the mirror's tree still has the same stamp.
-    manifest: bool,
+    manifest_written: bool,
 }
 
 impl Spare {
@@ -276,12 +276,13 @@ pub fn build(
             }
         }
     }
-    let manifest = save_manifest(&index::encode_tree(&plan), &Spare::manifest_path(dir)).is_ok();
+    let manifest_written =
+        save_manifest(&index::encode_tree(&plan), &Spare::manifest_path(dir)).is_ok();
     Ok(Spare {
         dir: dir.to_path_buf(),
         complete: held.len() == plan.len(),
         stamp: plan.stamp(),
-        manifest,
+        manifest_written,
         held,
     })
 }
@@ -328,10 +329,10 @@ pub fn take_spare(
         mut held,
         stamp,
         complete,
-        manifest: has_manifest,
+        manifest_written,
     } = spare;
     let built_manifest = Spare::manifest_path(&dir);
-    if complete && has_manifest && stamp == mirror.tree.stamp() {
+    if complete && manifest_written && stamp == mirror.tree.stamp() {
         // Nothing changed since the tree the spare was built from: it holds
         // exactly the mirror's tree, and that tree's stat cache is the
         // manifest (a ctime a relink moved since is no matter to it).

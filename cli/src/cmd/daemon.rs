@@ -45,8 +45,8 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<u8> {
         .create(true)
         .truncate(false)
         .write(true)
-        .open(layout.state.join("daemon.lock"))
-        .with_context(|| format!("cannot open {}", layout.state.join("daemon.lock").display()))?;
+        .open(&layout.daemon_lock)
+        .with_context(|| format!("cannot open {}", layout.daemon_lock.display()))?;
     let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(held) => held,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -56,10 +56,7 @@ pub async fn run(cwd: &Path, _: Args) -> anyhow::Result<u8> {
             );
             return Ok(ANOTHER_DAEMON);
         }
-        Err((_, e)) => bail!(
-            "cannot lock {}: {e}",
-            layout.state.join("daemon.lock").display()
-        ),
+        Err((_, e)) => bail!("cannot lock {}: {e}", layout.daemon_lock.display()),
     };
     if client::daemon(&layout).await.is_some() {
         bail!("a daemon is already running for {}", layout.repo.display());
