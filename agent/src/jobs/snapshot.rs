@@ -547,6 +547,32 @@ mod tests {
         fs::rename(&tmp, path).unwrap();
     }
 
+    /// Every file of the job's `tree` is a link to the mirror's at `m`, and
+    /// its `manifest` (of `files` entries) knows it: an in-place write into
+    /// `written` is noticed through it.
+    fn manifest_links_the_mirror(
+        m: &Path,
+        tree: &Path,
+        manifest: &Path,
+        files: usize,
+        written: &str,
+    ) {
+        let linked = Index::load(manifest);
+        assert_eq!(linked.entries.len(), files);
+        for (p, c) in &linked.entries {
+            assert_eq!(c.ino, fs::metadata(p.to_fs(m)).unwrap().ino(), "{p}");
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(tree.join(written))
+            .unwrap()
+            .write_all(b" and more")
+            .unwrap();
+        let damaged = modified_in_place(tree, manifest);
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].path.as_str(), written);
+    }
+
     #[test]
     fn a_spare_brought_up_to_date_equals_a_fresh_snapshot() {
         let d = tempfile::tempdir().unwrap();
@@ -610,22 +636,7 @@ mod tests {
         assert_eq!(got["run.sh"].1, 0o111);
         assert!(!d.path().join("spare").exists(), "the spare was renamed");
         assert_eq!((taken.files, taken.copied), (6, 0));
-        // Every file is a link to the mirror's, and the manifest knows it.
-        let manifest = Index::load(&d.path().join("job1/index"));
-        assert_eq!(manifest.entries.len(), 6);
-        for (p, c) in &manifest.entries {
-            assert_eq!(c.ino, fs::metadata(p.to_fs(&m)).unwrap().ino(), "{p}");
-        }
-        // A job's in-place write is still noticed.
-        fs::OpenOptions::new()
-            .append(true)
-            .open(from_spare.join("same.py"))
-            .unwrap()
-            .write_all(b" and more")
-            .unwrap();
-        let damaged = modified_in_place(&from_spare, &d.path().join("job1/index"));
-        assert_eq!(damaged.len(), 1);
-        assert_eq!(damaged[0].path.as_str(), "same.py");
+        manifest_links_the_mirror(&m, &from_spare, &d.path().join("job1/index"), 6, "same.py");
         assert!(
             !Spare::manifest_path(&d.path().join("spare")).exists(),
             "the manifest built with the spare was for another tree: deleted"
@@ -659,21 +670,7 @@ mod tests {
         fs::create_dir_all(d.path().join("job2")).unwrap();
         take(&mut mirror, &fresh, &d.path().join("job2/index")).unwrap();
         assert_eq!(listing(&tree), listing(&fresh), "same entries and inodes");
-        let manifest = Index::load(&index);
-        assert_eq!(manifest.entries.len(), 3);
-        for (p, c) in &manifest.entries {
-            assert_eq!(c.ino, fs::metadata(p.to_fs(&m)).unwrap().ino(), "{p}");
-        }
-        // An in-place write is noticed through that manifest.
-        fs::OpenOptions::new()
-            .append(true)
-            .open(tree.join("pkg/b.py"))
-            .unwrap()
-            .write_all(b" and more")
-            .unwrap();
-        let damaged = modified_in_place(&tree, &index);
-        assert_eq!(damaged.len(), 1);
-        assert_eq!(damaged[0].path.as_str(), "pkg/b.py");
+        manifest_links_the_mirror(&m, &tree, &index, 3, "pkg/b.py");
     }
 
     #[test]
