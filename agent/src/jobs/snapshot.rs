@@ -547,6 +547,20 @@ mod tests {
         fs::rename(&tmp, path).unwrap();
     }
 
+    /// A mirror `m` under `d` of three files in nested directories, an
+    /// empty directory and a symlink.
+    fn small_mirror(d: &Path) -> (Mirror, PathBuf) {
+        let mut store = Store::open(&d.join("store"), 1 << 20).unwrap();
+        let m = d.join("mirrors/m");
+        for (p, text) in [("a.py", "a"), ("pkg/b.py", "b"), ("pkg/deep/c.py", "c")] {
+            fs::create_dir_all(m.join(p).parent().unwrap()).unwrap();
+            fs::write(m.join(p), text).unwrap();
+        }
+        fs::create_dir_all(m.join("empty")).unwrap();
+        std::os::unix::fs::symlink("a.py", m.join("link")).unwrap();
+        (Mirror::open(d, "m", &mut store).unwrap(), m)
+    }
+
     /// Every file of the job's `tree` is a link to the mirror's at `m`, and
     /// its `manifest` (of `files` entries) knows it: an in-place write into
     /// `written` is noticed through it.
@@ -646,14 +660,7 @@ mod tests {
     #[test]
     fn a_spare_of_the_current_tree_is_taken_whole_with_its_manifest() {
         let d = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
-        let m = d.path().join("mirrors/m");
-        for (p, text) in [("a.py", "a"), ("pkg/b.py", "b"), ("pkg/deep/c.py", "c")] {
-            fs::create_dir_all(m.join(p).parent().unwrap()).unwrap();
-            fs::write(m.join(p), text).unwrap();
-        }
-        std::os::unix::fs::symlink("a.py", m.join("link")).unwrap();
-        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let (mut mirror, m) = small_mirror(d.path());
         let relinks = RelinkQueue::default();
         let spare_dir = d.path().join("spare");
         let spare = build(plan(&mirror), &m, &spare_dir, &relinks).unwrap();
@@ -676,15 +683,7 @@ mod tests {
     #[test]
     fn a_tree_made_from_a_snapshot_shares_its_inodes_and_notices_in_place_writes() {
         let d = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
-        let m = d.path().join("mirrors/m");
-        for (p, text) in [("a.py", "a"), ("pkg/b.py", "b"), ("pkg/deep/c.py", "c")] {
-            fs::create_dir_all(m.join(p).parent().unwrap()).unwrap();
-            fs::write(m.join(p), text).unwrap();
-        }
-        fs::create_dir_all(m.join("empty")).unwrap();
-        std::os::unix::fs::symlink("a.py", m.join("link")).unwrap();
-        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let (mut mirror, m) = small_mirror(d.path());
         fs::create_dir_all(d.path().join("base")).unwrap();
         let (base, base_index) = (d.path().join("base/tree"), d.path().join("base/index"));
         take(&mut mirror, &base, &base_index).unwrap();
