@@ -1099,19 +1099,17 @@ impl Jobs {
         if doomed.is_empty() {
             return;
         }
-        let spawned = std::thread::Builder::new()
-            .name("tree-delete".into())
-            .spawn(move || {
-                for (tree, manifest, root, relinks) in doomed {
-                    let done = match &relinks {
-                        Some(q) => snapshot::delete_relinking(&tree, &manifest, &root, q),
-                        None => fs::remove_dir_all(&tree),
-                    };
-                    if let Err(e) = done {
-                        tracing::warn!(dir = %tree.display(), error = %e, "cannot delete an old job tree");
-                    }
+        let spawned = crate::background::spawn("tree-delete", move || {
+            for (tree, manifest, root, relinks) in doomed {
+                let done = match &relinks {
+                    Some(q) => snapshot::delete_relinking(&tree, &manifest, &root, q),
+                    None => fs::remove_dir_all(&tree),
+                };
+                if let Err(e) = done {
+                    tracing::warn!(dir = %tree.display(), error = %e, "cannot delete an old job tree");
                 }
-            });
+            }
+        });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a thread to delete old job trees");
         }

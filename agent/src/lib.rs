@@ -21,6 +21,8 @@
 //! - [`gpu`]: GPU discovery (`nvidia-smi`) behind the `GpuInventory` trait.
 //! - [`tunnels`]: the `bridge.v1.Tunnels` service — dials loopback ports for
 //!   the daemon's port forwards and keeps loopback listeners for reverse ones.
+//! - [`background`]: threads for work done for later (spares, deleting old
+//!   trees), at the lowest priority.
 //! - [`idle`]: idle autostop — which daemons are attached (the `Attach`
 //!   stream's pings), the idle clock, and the command run when it expires.
 //!
@@ -34,6 +36,7 @@
 //! environments and setup markers), `agent.lock` (one agent per root).
 
 pub mod apply;
+pub mod background;
 pub mod cluster;
 pub mod debugger;
 pub mod envcache;

@@ -1158,23 +1158,21 @@ impl Sweeps {
         if fs::rename(&base, &aside).is_ok() {
             let relinks = self.jobs.relinks_of(&i.mirror);
             let mirror_root = self.jobs.mirror_root(&i.mirror);
-            let spawned = std::thread::Builder::new()
-                .name("sweep-base-delete".into())
-                .spawn(move || {
-                    let tree = aside.join("tree");
-                    let done = match &relinks {
-                        Some(q) => snapshot::delete_relinking(
-                            &tree,
-                            &aside.join("snapshot.index"),
-                            &mirror_root,
-                            q,
-                        ),
-                        None => fs::remove_dir_all(&tree),
-                    };
-                    if let Err(e) = done.and_then(|()| fs::remove_dir_all(&aside)) {
-                        tracing::warn!(dir = %aside.display(), error = %e, "cannot delete a sweep's snapshot");
-                    }
-                });
+            let spawned = crate::background::spawn("sweep-base-delete", move || {
+                let tree = aside.join("tree");
+                let done = match &relinks {
+                    Some(q) => snapshot::delete_relinking(
+                        &tree,
+                        &aside.join("snapshot.index"),
+                        &mirror_root,
+                        q,
+                    ),
+                    None => fs::remove_dir_all(&tree),
+                };
+                if let Err(e) = done.and_then(|()| fs::remove_dir_all(&aside)) {
+                    tracing::warn!(dir = %aside.display(), error = %e, "cannot delete a sweep's snapshot");
+                }
+            });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start a thread to delete a sweep's snapshot");
             }

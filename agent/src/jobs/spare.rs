@@ -152,36 +152,34 @@ impl Jobs {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name.clone(), SpareSlot::Building(seq));
-            let spawned = std::thread::Builder::new()
-                .name("spare-snapshot".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    let built = snapshot::build(plan, &root, &dir, &relinks);
-                    let mut spares = spares.lock().unwrap_or_else(|e| e.into_inner());
-                    let wanted = matches!(spares.get(&name), Some(SpareSlot::Building(s)) if *s == seq);
-                    match built {
-                        Ok(spare) if wanted => {
-                            tracing::debug!(
-                                mirror = %name,
-                                ms = t.elapsed().as_secs_f64() * 1e3,
-                                "spare snapshot built"
-                            );
-                            spares.insert(name, SpareSlot::Ready(spare));
-                        }
-                        Ok(_) => {
-                            let index = snapshot::Spare::manifest_path(&dir);
-                            store::delete_in_background(vec![dir, index]);
-                        }
-                        Err(e) => {
-                            tracing::warn!(mirror = %name, error = %e, "cannot build a spare snapshot");
-                            if wanted {
-                                spares.insert(name, SpareSlot::Failed(Instant::now()));
-                            }
-                            let index = snapshot::Spare::manifest_path(&dir);
-                            store::delete_in_background(vec![dir, index]);
-                        }
+            let spawned = crate::background::spawn("spare-snapshot", move || {
+                let t = Instant::now();
+                let built = snapshot::build(plan, &root, &dir, &relinks);
+                let mut spares = spares.lock().unwrap_or_else(|e| e.into_inner());
+                let wanted = matches!(spares.get(&name), Some(SpareSlot::Building(s)) if *s == seq);
+                match built {
+                    Ok(spare) if wanted => {
+                        tracing::debug!(
+                            mirror = %name,
+                            ms = t.elapsed().as_secs_f64() * 1e3,
+                            "spare snapshot built"
+                        );
+                        spares.insert(name, SpareSlot::Ready(spare));
                     }
-                });
+                    Ok(_) => {
+                        let index = snapshot::Spare::manifest_path(&dir);
+                        store::delete_in_background(vec![dir, index]);
+                    }
+                    Err(e) => {
+                        tracing::warn!(mirror = %name, error = %e, "cannot build a spare snapshot");
+                        if wanted {
+                            spares.insert(name, SpareSlot::Failed(Instant::now()));
+                        }
+                        let index = snapshot::Spare::manifest_path(&dir);
+                        store::delete_in_background(vec![dir, index]);
+                    }
+                }
+            });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start a thread to build a spare snapshot");
                 self.spares

@@ -85,22 +85,20 @@ pub fn delete_in_background(dirs: Vec<PathBuf>) {
     if dirs.is_empty() {
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("tree-delete".into())
-        .spawn(move || {
-            for d in dirs {
-                // A spare's manifest is a file beside its tree.
-                let gone = match fs::symlink_metadata(&d) {
-                    Ok(m) if !m.is_dir() => fs::remove_file(&d),
-                    Ok(_) => fs::remove_dir_all(&d),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = gone {
-                    tracing::warn!(dir = %d.display(), error = %e, "cannot delete an old job tree");
-                }
+    let spawned = crate::background::spawn("tree-delete", move || {
+        for d in dirs {
+            // A spare's manifest is a file beside its tree.
+            let gone = match fs::symlink_metadata(&d) {
+                Ok(m) if !m.is_dir() => fs::remove_file(&d),
+                Ok(_) => fs::remove_dir_all(&d),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = gone {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot delete an old job tree");
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start a thread to delete old job trees");
     }
