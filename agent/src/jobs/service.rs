@@ -22,6 +22,12 @@ use crate::service::State;
 const FOLLOW_WAIT: Duration = Duration::from_millis(50);
 /// Without an inotify watch, a follower re-reads the log this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(10);
+/// After sending part of a running job's log, a follower lets the job write
+/// this long before it reads again: a job printing as fast as it can then
+/// goes out in chunks of hundreds of KiB instead of one per pipe read (8 KiB
+/// for Python), each a wake-up of the agent, the daemon and the CLI. Output
+/// after a quiet spell still goes at once: the wait follows a send only.
+const FOLLOW_GATHER: Duration = Duration::from_millis(2);
 /// A `Hold` looks at its kernel's state and ports this often.
 const HOLD_POLL: Duration = Duration::from_millis(20);
 /// Upper bound on one log chunk message.
@@ -191,20 +197,27 @@ impl JobsRpc for JobsService {
             }
             let exit_file = path.with_file_name(crate::shim::EXIT_FILE);
             let mut wake = req.follow.then(|| DirWake::new(&path));
+            let mut reader = Some(joblog::LogReader::new(&path));
             loop {
                 // Whether the job had ended *before* this read: then an
                 // empty read means the log is complete (the shim writes
                 // `exit.json` after the log's last byte).
                 let ended = jobs.ended(id).unwrap_or(true) || exit_file.exists();
-                let p = path.clone();
+                let mut r = reader.take().expect("put back after each read");
                 // Read and compress on the blocking pool.
-                let chunks = match blocking(move || {
-                    joblog::read_chunks(&p, offset, LOG_CHUNK_BYTES)
-                        .map(|cs| cs.into_iter().map(|c| to_wire(c, zstd)).collect::<Vec<_>>())
-                        .map_err(|e| Status::internal(e.to_string()))
+                let read = blocking(move || {
+                    let read = r.read_chunks(offset, LOG_CHUNK_BYTES).map(|cs| {
+                        let raw = cs.iter().map(|c| c.data.len()).sum::<usize>();
+                        (cs.into_iter().map(|c| to_wire(c, zstd)).collect(), raw)
+                    });
+                    Ok((r, read))
                 })
                 .await
-                {
+                .and_then(|(r, read)| {
+                    reader = Some(r);
+                    read.map_err(|e| Status::internal(e.to_string()))
+                });
+                let (chunks, raw): (Vec<v1::LogChunk>, usize) = match read {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -226,6 +239,10 @@ impl JobsRpc for JobsService {
                     if tx.send(Ok(c)).await.is_err() {
                         return;
                     }
+                }
+                // A full read: more is waiting, read on. Otherwise gather.
+                if req.follow && !ended && raw < LOG_CHUNK_BYTES {
+                    tokio::time::sleep(FOLLOW_GATHER).await;
                 }
             }
         });

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use super::metrics::MetricScan;
 use super::{CANCEL_FILE, Phase, STATE_FILE, ShimState, now_ms, reap};
 use crate::envcache::{Outcome, StepRunner, write_atomic};
-use crate::joblog::{LogWriter, MAX_RECORD, STDERR, STDOUT, SYSTEM};
+use crate::joblog::{LogWriter, STDERR, STDOUT, SYSTEM};
 
 /// How long the shim waits for a step's pipes to close once every process of
 /// the step is gone. Only a process the shim could not kill (or one outside
@@ -32,6 +32,11 @@ const PIPE_DRAIN: Duration = Duration::from_secs(2);
 /// Capacity asked for each step's stdout and stderr pipe (Linux's default
 /// `pipe-max-size`).
 const PIPE_BYTES: i32 = 1024 * 1024;
+/// A pump's read size: a quarter of the pipe, so the job writes on while
+/// the pump writes the log.
+const PUMP_BYTES: usize = 256 * 1024;
+/// How long a pump gathers output that follows its last write.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// Runs a job's steps one at a time.
 pub struct Steps {
@@ -179,9 +184,13 @@ fn widen(pipe: &impl std::os::fd::AsFd) {
     let _ = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
 }
 
-/// Copies one pipe into the log, a record per read, as soon as it arrives:
-/// the first line of a job's output should reach a follower in milliseconds.
-/// The main command's output is also scanned for `BRIDGE_METRIC` lines.
+/// Copies one pipe into the log as it arrives: the first line of a job's
+/// output should reach a follower in milliseconds. Output that follows
+/// within [`GATHER`] of the last write waits out the rest of it and goes in
+/// one write with whatever came meanwhile (up to [`PUMP_BYTES`]): a job
+/// printing as fast as it can (Python: a pipe write per 8 KiB) costs a log
+/// write and a follower's wake-up per millisecond, not per pipe write. The
+/// main command's output is also scanned for `BRIDGE_METRIC` lines.
 fn pump(
     mut pipe: impl Read + Send + 'static,
     stream: u8,
@@ -190,12 +199,19 @@ fn pump(
     done: mpsc::Sender<()>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let mut buf = vec![0u8; MAX_RECORD];
+        let mut buf = vec![0u8; PUMP_BYTES];
         let mut failed = false;
+        // When the last write was, unless the read before it filled the
+        // buffer (the job is waiting on a full pipe: read on at once).
+        let mut last: Option<Instant> = None;
         loop {
+            if let Some(wait) = last.and_then(|t| GATHER.checked_sub(t.elapsed())) {
+                thread::sleep(wait);
+            }
             match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    last = (n < buf.len()).then(Instant::now);
                     if let Some(m) = &metrics
                         && let Ok(mut m) = m.lock()
                     {
