@@ -120,6 +120,13 @@ impl Index {
         }
     }
 
+    /// [`Index::load`]'s entries, each handed to `each` as read, in the
+    /// file's order (a tree's: directory by directory); false if the file
+    /// is corrupt (logged), after the entries before the damage.
+    pub fn visit(path: &Path, mut each: impl FnMut(RelPath, Cached)) -> bool {
+        read_file(path, |p, c| each(RelPath::trusted(p), c)).is_ok()
+    }
+
     /// [`Index::load`] into the stat cache of a [`Tree`] (compact: no
     /// allocation per entry but a chunk list of two chunks or more).
     pub fn load_tree(path: &Path) -> Tree {
