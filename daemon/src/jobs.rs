@@ -482,6 +482,9 @@ impl Relay {
 
     /// Returns once the job has ended and its outputs are back.
     pub async fn wait(self: &Arc<Self>, id: &str) -> Result<JobInfo, Status> {
+        // `bridge run` asks once the log ended, when the job has ended or
+        // is about to: look again soon, then less often.
+        let mut pause = Duration::from_millis(5);
         loop {
             let mut info = self.get(id).await?;
             if self.home(&info) {
@@ -493,7 +496,8 @@ impl Relay {
             if is_terminal(info.state()) {
                 self.ensure_puller(&info);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
