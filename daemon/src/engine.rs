@@ -639,6 +639,7 @@ impl Engine {
     /// Starts the agent if needed, connects and says hello.
     async fn link(&mut self) -> Result<(), SyncError> {
         self.shared.set_phase("connecting");
+        let t = Instant::now();
         // A long start (an agent upload) says what it is doing.
         {
             let ensure = self.provider.ensure_agent();
@@ -667,7 +668,9 @@ impl Engine {
                 }
             }
         }
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "link: agent ensured");
         let channel = self.provider.connect().await?;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "link: channel");
         let token = self
             .provider
             .agent_token()
@@ -705,6 +708,7 @@ impl Engine {
             st.connection = Connection::Connected;
             st.last_error = None;
         });
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "link: hello");
         self.conn = Some(Conn { client });
         self.early_verify = None;
         self.shared.agent.send_replace(Some(link));
@@ -722,8 +726,12 @@ impl Engine {
     /// so the manifest, one entry per file, need not cross the link; a
     /// daemon restart over an unchanged repository sends a few bytes.
     async fn learn_remote(&mut self) -> Result<(), SyncError> {
+        let t = Instant::now();
         let root = verified_root(self.client()?, self.repo.mirror.clone()).await?;
-        self.learn_remote_from(root).await
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "learn: verified root");
+        let learned = self.learn_remote_from(root).await;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "learn: remote tree");
+        learned
     }
 
     /// [`Self::learn_remote`] with the agent's verified root in hand.
