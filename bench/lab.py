@@ -50,12 +50,16 @@ class Lab:
 
     # ---------------------------------------------------------------- links
 
-    def proxy(self, lane: str, port: int | None = None, delay_s: float | None = None) -> DelayProxy:
+    def proxy(self, lane: str, port: int | None = None, delay_s: float | None = None,
+              quickack: bool = False) -> DelayProxy:
         """The lane's proxy in front of sshd, or of another loopback `port`
         (a peer that does not speak SSH), started on first use; its one-way
-        delay is the run's unless `delay_s` says otherwise."""
+        delay is the run's unless `delay_s` says otherwise. `quickack`: the
+        client ACKs the server's data at once (bridge's daemon), so the
+        proxy does too (bench/proxy.py)."""
         if lane not in self.proxies:
-            self.proxies[lane] = DelayProxy(port or self.sshd.port, self.delay_s if delay_s is None else delay_s)
+            self.proxies[lane] = DelayProxy(port or self.sshd.port, self.delay_s if delay_s is None else delay_s,
+                                            quickack)
         return self.proxies[lane]
 
     def wire_bytes(self, lane: str) -> int:
@@ -96,7 +100,7 @@ class Lab:
         directory, so its agent, chunk store and traffic are its own."""
         lane = f"bridge-{name}"
         remote = self.remote_dir(lane)
-        up = ["up", "--host", f"{self.user}@127.0.0.1:{self.proxy(lane, delay_s=delay_s).port}",
+        up = ["up", "--host", f"{self.user}@127.0.0.1:{self.proxy(lane, delay_s=delay_s, quickack=True).port}",
                "--identity", str(self.sshd.key), "--accept-new-host-key", "--remote-dir", str(remote)]
         b = Bridge(name, self.bridge_exe, repo, self.bridge_env, up, remote=remote, proxy=self.proxy(lane))
         self.bridges.append(b)

@@ -32,9 +32,12 @@ class DelayProxy:
     def __init__(self, target_port: int, delay_s: float = 0.0, quickack: bool = False):
         self.target = ("127.0.0.1", target_port)
         self.delay_s = delay_s
-        # Diagnostic (--proxy-quickack): ACK what the server sends at once
-        # (TCP_QUICKACK after every read), so a server with Nagle on never
-        # waits for our delayed ACK.
+        # ACK what the server sends at once (TCP_QUICKACK after every read),
+        # as the client on the far side would: the proxy ends the server's
+        # TCP connection, so the client's ACK policy towards sshd is the
+        # proxy's. bridge's daemon ACKs at once (sshd leaves Nagle on, and
+        # a delayed ACK held its small packets); OpenSSH, rsync and the
+        # other peers do not, so their lanes keep the kernel's delayed ACKs.
         self.quickack = quickack
         self.lock = threading.Lock()
         self.live: dict[int, tuple[socket.socket, socket.socket]] = {}

@@ -485,8 +485,8 @@ def render(results: dict) -> str:
     ]
     if m.get("bridge_binary_stale"):
         lines.append(f"WARNING: the bridge binary is older than {m.get('newest_source')}")
-    if cfg.get("proxy_quickack"):
-        lines.append("NOTE: --proxy-quickack: the proxies ACK sshd's data at once (diagnostic run)")
+    if not cfg.get("proxy_quickack", True):
+        lines.append("NOTE: --proxy-delayed-ack: the proxies delay their ACKs of sshd's data (older daemons)")
     ne = results.get("netem", {})
     lines.append(f"netem: {'works' if ne.get('works') else 'not available'}"
                  + (f" ({ne.get('error')})" if ne.get("error") else "")
@@ -559,9 +559,10 @@ def main() -> int:
     ap.add_argument("--spacing-ms", type=float, default=150.0, help="pause after an edit arrived (150)")
     ap.add_argument("--delay-ms", type=int, default=50, help="one-way delay of the delaying proxy (50)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--proxy-quickack", action="store_true",
-                    help="diagnostic: the proxies ACK sshd's data at once (TCP_QUICKACK), "
-                         "removing Nagle/delayed-ACK stalls on the proxied peers")
+    ap.add_argument("--proxy-delayed-ack", action="store_true",
+                    help="the proxies ACK sshd's data as the kernel decides (delayed ACKs), as "
+                         "for a daemon before 2026-12-06 that did not ACK at once: for runs of "
+                         "older binaries (by default they ACK at once, as the daemon does)")
     ap.add_argument("--log", default=None, help="BRIDGE_LOG for `bridge up` (e.g. debug)")
     ap.add_argument("--workdir", default="/tmp", help="parent of the temporary work directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (and .bridge/ logs)")
@@ -571,7 +572,7 @@ def main() -> int:
     cfg = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
     bridge_exe = Path(args.bridge or ROOT / "target" / ("debug" if args.quick else "release") / "bridge").resolve()
     cfg.update(quick=args.quick, spacing_ms=args.spacing_ms, delay_ms=args.delay_ms, seed=args.seed,
-               bridge=str(bridge_exe), bridge_log=args.log, proxy_quickack=args.proxy_quickack)
+               bridge=str(bridge_exe), bridge_log=args.log, proxy_quickack=not args.proxy_delayed_ack)
     out = Path(args.out or HERE / "results" / ("ssh-quick.json" if args.quick else "ssh.json"))
     if not check_binaries(bridge_exe, f"cargo build {'' if args.quick else '--release '}--bins"):
         return 2
@@ -598,8 +599,8 @@ def main() -> int:
         sshd = Sshd(work / "sshd", comment="ssh_bench")
         sshd.start()
         log(f"sshd on 127.0.0.1:{sshd.port}")
-        plain = DelayProxy(sshd.port, 0.0, args.proxy_quickack)
-        delayed = DelayProxy(sshd.port, args.delay_ms / 1000, args.proxy_quickack)
+        plain = DelayProxy(sshd.port, 0.0, not args.proxy_delayed_ack)
+        delayed = DelayProxy(sshd.port, args.delay_ms / 1000, not args.proxy_delayed_ack)
         proxies += [plain, delayed]
         ssh_dir = sshd.client_dir(work / "client-ssh", [sshd.port, plain.port, delayed.port])
         ssh_env = dict(os.environ, BRIDGE_SSH_DIR=str(ssh_dir),
