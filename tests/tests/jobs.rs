@@ -653,12 +653,18 @@ fn a_job_writing_in_place_corrupts_neither_the_mirror_nor_a_queued_job() {
     let writer = submit(&r, "append.toml");
     wait_state(&r, &writer, "running");
     let reader = submit(&r, "show.toml");
+    // A follower started before the end sees the note too: the log ends
+    // with the job's record, not with its exit file.
+    let mut follower = r.spawn(&["logs", "-f", &writer], &[], "follow.out");
     fs::write(&release, "").unwrap();
     wait_state(&r, &writer, "succeeded");
     // The writer saw its own write...
     let log = r.bridge(&["logs", &writer]);
     assert_eq!(stdout(&log), "original\nextra\n");
     assert!(stderr(&log).contains("in place"), "{}", stderr(&log));
+    assert!(follower.wait().unwrap().success());
+    let followed = fs::read_to_string(r.scratch("follow.err")).unwrap();
+    assert!(followed.contains("in place"), "{followed}");
     // ...the queued job sees the tree it was submitted with...
     assert_eq!(r.ok(&["logs", "-f", &reader]), "original\n");
     // ...and the mirror is repaired.

@@ -195,14 +195,15 @@ impl JobsRpc for JobsService {
                     }
                 }
             }
-            let exit_file = path.with_file_name(crate::shim::EXIT_FILE);
             let mut wake = req.follow.then(|| DirWake::new(&path));
             let mut reader = Some(joblog::LogReader::new(&path));
             loop {
                 // Whether the job had ended *before* this read: then an
-                // empty read means the log is complete (the shim writes
-                // `exit.json` after the log's last byte).
-                let ended = jobs.ended(id).unwrap_or(true) || exit_file.exists();
+                // empty read means the log is complete. Its record, not its
+                // `exit.json`: the poller appends a line about in-place
+                // writes after the shim's last byte, then ends the record
+                // (a follower that stopped at `exit.json` missed that line).
+                let ended = jobs.ended(id).unwrap_or(true);
                 let mut r = reader.take().expect("put back after each read");
                 // Read and compress on the blocking pool.
                 let read = blocking(move || {
