@@ -173,6 +173,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for 
 struct Link {
     io: Box<dyn Stream>,
     _keep: Option<Box<dyn std::any::Any + Send>>,
+    /// A TCP connection straight to sshd (a duplicate of its socket): quick
+    /// ACKs are re-armed on it after each small read.
+    quickack: Option<socket2::Socket>,
 }
 
 impl Link {
@@ -180,8 +183,33 @@ impl Link {
         Link {
             io: Box::new(io),
             _keep: keep,
+            quickack: None,
         }
     }
+
+    /// A link over a TCP connection straight to sshd, which ACKs what it
+    /// reads at once.
+    ///
+    /// sshd leaves Nagle's algorithm on for channels without a terminal
+    /// (ours), so when it writes two small packets in a row the second waits
+    /// for the first's ACK, and a receiver delays ACKs by up to 40 ms. That
+    /// held each connection twice (the login's last packets, the agent
+    /// channel's confirmation): `bridge up` with the agent running took 187
+    /// ms, 92 ms with ACKs at once. `TCP_QUICKACK` does not stay set, so it
+    /// is set again after every small read (a bulk read's full segments are
+    /// not held by Nagle).
+    fn tcp(tcp: TcpStream) -> Link {
+        let sock = socket2::SockRef::from(&tcp);
+        let _ = sock.set_tcp_quickack(true);
+        let quickack = sock.try_clone().ok();
+        Link {
+            quickack,
+            ..Link::new(tcp, None)
+        }
+    }
+
+    /// Reads up to this long re-arm quick ACKs.
+    const SMALL_READ: usize = 16 * 1024;
 }
 
 impl tokio::io::AsyncRead for Link {
@@ -190,7 +218,18 @@ impl tokio::io::AsyncRead for Link {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let me = self.get_mut();
+        let r = std::pin::Pin::new(&mut me.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if let Some(s) = &me.quickack
+            && matches!(r, std::task::Poll::Ready(Ok(())))
+            && read > 0
+            && read < Link::SMALL_READ
+        {
+            let _ = s.set_tcp_quickack(true);
+        }
+        r
     }
 }
 
@@ -215,63 +254,6 @@ impl tokio::io::AsyncWrite for Link {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// The TCP connection to an SSH server, acknowledging at once what it reads.
-///
-/// sshd leaves Nagle's algorithm on for channels without a terminal (ours),
-/// so when it writes two small packets in a row the second waits for the
-/// first's ACK, and a receiver delays ACKs by up to 40 ms. After a cut that
-/// held each reconnect twice (the login's last packets, the agent channel's
-/// confirmation): 92 ms from the cut to the edit in the mirror, 40 ms with
-/// ACKs at once. `TCP_QUICKACK` does not stay set, so it is set again after
-/// every small read (a bulk read's full segments are not held by Nagle).
-struct QuickAck(TcpStream);
-
-impl QuickAck {
-    /// Reads up to this long re-arm quick ACKs.
-    const SMALL: usize = 16 * 1024;
-}
-
-impl tokio::io::AsyncRead for QuickAck {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let me = self.get_mut();
-        let r = std::pin::Pin::new(&mut me.0).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if matches!(r, std::task::Poll::Ready(Ok(()))) && read > 0 && read < QuickAck::SMALL {
-            let _ = socket2::SockRef::from(&me.0).set_tcp_quickack(true);
-        }
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for QuickAck {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -613,8 +595,7 @@ impl Inner {
                     Ok(Ok(s)) => s,
                 };
                 let _ = tcp.set_nodelay(true);
-                let _ = socket2::SockRef::from(&tcp).set_tcp_quickack(true);
-                Ok(Link::new(QuickAck(tcp), None))
+                Ok(Link::tcp(tcp))
             }
             Some(Via::Jump(hops)) => {
                 // The last hop opens the channel to the target; it is
@@ -1335,18 +1316,17 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
-        let quick = |c: &TcpStream| socket2::SockRef::from(c).tcp_quickack().unwrap();
-        let mut link = QuickAck(client);
+        let probe = socket2::SockRef::from(&client).try_clone().unwrap();
+        let quick = || probe.tcp_quickack().unwrap();
+        let mut link = Link::tcp(client);
         let mut buf = [0u8; 64];
         for _ in 0..3 {
-            socket2::SockRef::from(&link.0)
-                .set_tcp_quickack(false)
-                .unwrap();
-            assert!(!quick(&link.0));
+            probe.set_tcp_quickack(false).unwrap();
+            assert!(!quick());
             server.write_all(b"small packet").await.unwrap();
             let n = link.read(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], b"small packet");
-            assert!(quick(&link.0), "re-armed after the read");
+            assert!(quick(), "re-armed after the read");
         }
         link.write_all(b"and back").await.unwrap();
         let n = server.read(&mut buf).await.unwrap();
