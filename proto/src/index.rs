@@ -419,6 +419,18 @@ fn wait_out_racy_window(path: &Path) {
 pub fn hash_file(
     path: &Path,
     attempts: usize,
+    each: impl FnMut(ChunkRef, &[u8]),
+) -> io::Result<HashOutcome> {
+    hash_file_after(path, attempts, &[], each)
+}
+
+/// [`hash_file`] for a file whose previous version had the chunks `prior`:
+/// a big file's unchanged chunks are checked by their ids instead of cut
+/// again ([`crate::rechunk`]). The result is the same.
+pub fn hash_file_after(
+    path: &Path,
+    attempts: usize,
+    prior: &[ChunkRef],
     mut each: impl FnMut(ChunkRef, &[u8]),
 ) -> io::Result<HashOutcome> {
     wait_out_racy_window(path);
@@ -435,7 +447,11 @@ pub fn hash_file(
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),
             Err(e) => return Err(e),
         };
-        let d = crate::chunking::chunk_reader_send(f, before.size, &mut each)?;
+        let d = if prior.len() >= 2 && before.size >= crate::rechunk::RECHUNK_MIN_BYTES {
+            crate::rechunk::rechunk_reader(f, before.size, prior, &mut each)?
+        } else {
+            crate::chunking::chunk_reader_send(f, before.size, &mut each)?
+        };
         let after = match Stat::lstat(path) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashOutcome::Vanished),

@@ -37,6 +37,7 @@ pub mod jobs;
 pub mod k8s;
 pub mod oldfiles;
 pub mod path;
+pub mod rechunk;
 pub mod scan;
 pub mod splice;
 pub mod sweep;
