@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use bridge_proto::chunking::{ChunkRef, Digest, Hash};
 use bridge_proto::index::{
-    Cached, HashOutcome, Index, Saver, encode_tree, hash_file, now_ns, racy_window,
+    Cached, HashOutcome, Index, Saver, encode_tree, hash_file_after, now_ns, racy_window,
 };
 use bridge_proto::path::{RelPath, resolve_link_target};
+use bridge_proto::rechunk::RECHUNK_MIN_BYTES;
 use bridge_proto::scan::{self, FileKind, Found, Side, Stat};
 use bridge_proto::splice;
 use bridge_proto::tree::{Node, Seen, Tree};
@@ -465,6 +466,22 @@ impl Local {
             return;
         }
         let root = self.root.clone();
+        // A big file's chunks as last hashed: its unchanged ones are checked,
+        // not cut again.
+        let files = files
+            .into_iter()
+            .map(|f| {
+                let prior = (f.stat.size >= RECHUNK_MIN_BYTES)
+                    .then(|| {
+                        let old = self.tree.hashed(&f.path);
+                        old.or_else(|| self.prior.as_ref()?.hashed(&f.path))
+                            .map(|h| h.chunks().into_owned())
+                    })
+                    .flatten()
+                    .unwrap_or_default();
+                (f, prior)
+            })
+            .collect();
         let results = parallel_hash(&root, files);
         for (path, res) in results {
             match res {
@@ -553,7 +570,10 @@ fn parent_str(p: &RelPath) -> &str {
 }
 
 /// Hashes `files` on up to as many threads as there are cores.
-fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<HashOutcome>)> {
+fn parallel_hash(
+    root: &Path,
+    files: Vec<(Found, Vec<ChunkRef>)>,
+) -> Vec<(RelPath, io::Result<HashOutcome>)> {
     // (Cores are counted only for a batch worth threads: counting reads
     // three cgroup files.)
     let threads = || {
@@ -566,8 +586,8 @@ fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<Has
     if threads == 1 {
         return files
             .into_iter()
-            .map(|f| {
-                let r = hash_file(&f.path.to_fs(root), HASH_ATTEMPTS, |_, _| {});
+            .map(|(f, prior)| {
+                let r = hash_file_after(&f.path.to_fs(root), HASH_ATTEMPTS, &prior, |_, _| {});
                 (f.path, r)
             })
             .collect();
@@ -579,8 +599,10 @@ fn parallel_hash(root: &Path, files: Vec<Found>) -> Vec<(RelPath, io::Result<Has
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(f) = files.get(i) else { break };
-                    let r = hash_file(&f.path.to_fs(root), HASH_ATTEMPTS, |_, _| {});
+                    let Some((f, prior)) = files.get(i) else {
+                        break;
+                    };
+                    let r = hash_file_after(&f.path.to_fs(root), HASH_ATTEMPTS, prior, |_, _| {});
                     out.lock()
                         .expect("hash results poisoned")
                         .push((f.path.clone(), r));
@@ -606,6 +628,32 @@ mod tests {
 
     fn full(l: &mut Local) -> Changes {
         l.apply([Dirty::Tree(None)].into())
+    }
+
+    #[test]
+    fn a_big_file_edited_in_the_middle_gets_the_chunks_of_a_full_cut() {
+        use bridge_proto::chunking::{chunk_bytes, pseudo_random};
+        let (d, mut l) = setup();
+        let f = d.path().join("big.bin");
+        let mut data = pseudo_random(6 << 20, 5);
+        fs::write(&f, &data).unwrap();
+        full(&mut l);
+        let p = RelPath::new("big.bin").unwrap();
+        let before = l.chunks(&p).unwrap();
+        assert!(before.len() > 20);
+        // In place, then an insertion: the previous list lines up again at
+        // the same offsets, then shifted.
+        let mid = data.len() / 2;
+        data[mid..mid + 4096].copy_from_slice(&pseudo_random(4096, 6));
+        fs::write(&f, &data).unwrap();
+        l.apply([Dirty::File(p.clone())].into());
+        assert_eq!(*l.chunks(&p).unwrap(), chunk_bytes(&data).chunks[..]);
+        data.splice(1000..1000, pseudo_random(777, 7));
+        fs::write(&f, &data).unwrap();
+        l.apply([Dirty::File(p.clone())].into());
+        let after = l.chunks(&p).unwrap();
+        assert_eq!(*after, chunk_bytes(&data).chunks[..]);
+        assert_eq!(l.tree.hashed(&p).unwrap().hash, chunk_bytes(&data).hash);
     }
 
     #[test]
