@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bridge_proto::index::{Cached, HashOutcome, Index, Saver, encode_tree, hash_file};
+use bridge_proto::index::{Cached, HashOutcome, Index, Saver, encode_tree, hash_file_after};
 use bridge_proto::path::RelPath;
 use bridge_proto::scan::{self, FileKind, Side, Stat};
 use bridge_proto::tree::{Node, Tree};
@@ -331,7 +331,13 @@ impl Mirror {
                                 "rehash"
                             );
                             let p = f.path.to_fs(&self.root);
-                            match hash_file(&p, 3, |_, _| {}) {
+                            let before = prior.hashed(&f.path).map(|h| h.chunks());
+                            match hash_file_after(
+                                &p,
+                                3,
+                                before.as_deref().unwrap_or(&[]),
+                                |_, _| {},
+                            ) {
                                 Ok(HashOutcome::Hashed(st, d, started)) => {
                                     self.files_hashed += 1;
                                     self.index_dirty = true;

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bridge_proto::chunking::{ChunkRef, Hash, chunk_reader};
-use bridge_proto::index::{Cached, HashOutcome, hash_file, now_ns};
+use bridge_proto::index::{Cached, HashOutcome, hash_file_after, now_ns};
 use bridge_proto::scan::{FileKind, Stat};
 use bridge_proto::v1;
 
@@ -89,7 +89,15 @@ impl Outputs {
                             self.deferred.insert(rel);
                             continue;
                         }
-                        _ => match hash_file(&p, 3, |_, _| {}) {
+                        // A file hashed before (a log or a table that
+                        // grew, a checkpoint written again): its unchanged
+                        // chunks are checked, not cut again.
+                        prev => match hash_file_after(
+                            &p,
+                            3,
+                            prev.map_or(&[][..], |c| &c.chunks[..]),
+                            |_, _| {},
+                        ) {
                             Ok(HashOutcome::Hashed(st, d, t)) => Cached::hashed_since(&st, d, t),
                             _ => continue,
                         },
