@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bridge_proto::PROTOCOL_VERSION;
 use bridge_proto::v1::agent_server::Agent;
 use bridge_proto::v1::{self, sync_up};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -178,11 +179,29 @@ impl Agent for AgentService {
         req: Request<Streaming<v1::SyncUp>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let mut inbound = req.into_inner();
-        let (tx_in, rx_in) = mpsc::channel::<v1::SyncUp>(32);
+        let (tx_in, rx_in) = mpsc::channel::<Vec<v1::SyncUp>>(IN_BATCHES);
         let (tx_out, rx_out) = mpsc::channel::<Result<v1::SyncDown, Status>>(32);
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
-                if tx_in.send(m).await.is_err() {
+                // What has already arrived goes over in the same hand-over:
+                // one wakeup of the applying thread (and of this task) per
+                // batch, not per chunk body.
+                let mut bytes = m.encoded_len();
+                let mut batch = vec![m];
+                let mut more = true;
+                while more && batch.len() < IN_BATCH_MSGS && bytes < IN_BATCH_BYTES {
+                    match ready_now(inbound.message()) {
+                        Some(Ok(Some(m))) => {
+                            bytes += m.encoded_len();
+                            batch.push(m);
+                        }
+                        // Waiting for the link: send what there is.
+                        None => break,
+                        // The end of the stream or an error: as below.
+                        Some(Ok(None) | Err(_)) => more = false,
+                    }
+                }
+                if tx_in.send(batch).await.is_err() || !more {
                     break;
                 }
             }
@@ -256,9 +275,13 @@ fn round_status(e: RoundError) -> Status {
 fn run_round(
     state: &Mutex<State>,
     tmp: &std::path::Path,
-    mut rx: mpsc::Receiver<v1::SyncUp>,
+    rx: mpsc::Receiver<Vec<v1::SyncUp>>,
     tx: &mpsc::Sender<Result<v1::SyncDown, Status>>,
 ) -> Result<(), Status> {
+    let mut rx = Unbatch {
+        rx,
+        batch: Vec::new().into_iter(),
+    };
     let Some(first) = rx.blocking_recv() else {
         return Ok(());
     };
@@ -340,6 +363,42 @@ fn run_round(
     // The daemon went away mid-round: every op applied so far is complete;
     // the one in progress is dropped with the round.
     Ok(())
+}
+
+/// Messages of a sync round handed to the applying thread at once, at most
+/// (the messages that were already there when the first arrived).
+const IN_BATCH_MSGS: usize = 256;
+/// Bytes of messages in one hand-over, at most (plus the last message's).
+const IN_BATCH_BYTES: usize = 1 << 20;
+/// Hand-overs waiting for the applying thread, at most.
+const IN_BATCHES: usize = 4;
+
+/// The output of `f` if it is ready without waiting (`f` is dropped
+/// otherwise: it must be cancel-safe, as `Streaming::message` is).
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The round's messages one by one, out of the batches they came in.
+struct Unbatch {
+    rx: mpsc::Receiver<Vec<v1::SyncUp>>,
+    batch: std::vec::IntoIter<v1::SyncUp>,
+}
+
+impl Unbatch {
+    fn blocking_recv(&mut self) -> Option<v1::SyncUp> {
+        loop {
+            if let Some(m) = self.batch.next() {
+                return Some(m);
+            }
+            self.batch = self.rx.blocking_recv()?.into_iter();
+        }
+    }
 }
 
 /// The chunk bodies an eager plan announced (see `Plan.eager`): for each of
