@@ -17,7 +17,6 @@ use bridge_proto::tree::{Node, Seen};
 use bridge_proto::v1::{self, sync_down, sync_up};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status as GrpcStatus;
 
 use super::compress::Adaptive;
@@ -37,6 +36,15 @@ const PLAN_CHUNKS: usize = 64 * 1024;
 /// put back): at most this much per burst, 21 ms at 100 Mbit/s, less than the
 /// round trip it saves on any link worth saving it on.
 const EAGER_BYTES: u64 = 256 * 1024;
+
+/// Messages [`send_bodies`] hands to the stream's task at once, at most: it
+/// wakes once per batch instead of once per chunk body (a cold sync of small
+/// files sends one body per file).
+const OUT_BATCH_MSGS: usize = 128;
+/// Bytes of messages in one hand-over, at most (plus the last message's).
+const OUT_BATCH_BYTES: usize = 256 * 1024;
+/// Hand-overs queued towards the stream, at most.
+const OUT_BATCHES: usize = 4;
 
 /// Whether a batch can go eager: it puts something, and no put is a splice.
 fn is_eager(batch: &[PlannedOp]) -> bool {
@@ -84,7 +92,7 @@ impl Engine {
             p.bytes_total = bytes_total;
         });
         let mut client = self.client()?;
-        let (tx, rx) = mpsc::channel::<v1::SyncUp>(64);
+        let (tx, rx) = mpsc::channel::<Vec<v1::SyncUp>>(OUT_BATCHES);
         let counters = self.counters.clone();
         let send = Sender { tx, counters };
         send.send(sync_up::Msg::Begin(v1::Begin {
@@ -160,7 +168,10 @@ impl Engine {
         // round trip less per round on a slow link than waiting for the reply
         // headers first.
         let mut down = client
-            .sync(ReceiverStream::new(rx))
+            .sync(Unbatch {
+                rx,
+                batch: Vec::new().into_iter(),
+            })
             .await
             .map_err(rpc)?
             .into_inner();
@@ -275,29 +286,91 @@ impl Engine {
 /// The round's outgoing half: counts bytes as it sends.
 #[derive(Clone)]
 struct Sender {
-    tx: mpsc::Sender<v1::SyncUp>,
+    tx: mpsc::Sender<Vec<v1::SyncUp>>,
     counters: Arc<Counters>,
 }
 
+fn stream_closed<T>(_: T) -> SyncError {
+    SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
+}
+
 impl Sender {
-    async fn send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+    fn counted(&self, msg: sync_up::Msg) -> (v1::SyncUp, usize) {
         let m = v1::SyncUp { msg: Some(msg) };
-        self.counters
-            .bytes
-            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-        self.tx.send(m).await.map_err(|_| {
-            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
-        })
+        let len = m.encoded_len();
+        self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        (m, len)
     }
 
-    fn blocking_send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
-        let m = v1::SyncUp { msg: Some(msg) };
-        self.counters
-            .bytes
-            .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-        self.tx.blocking_send(m).map_err(|_| {
-            SyncError::Rpc(GrpcStatus::unavailable("the agent closed the sync stream"))
-        })
+    async fn send(&self, msg: sync_up::Msg) -> Result<(), SyncError> {
+        let (m, _) = self.counted(msg);
+        self.tx.send(vec![m]).await.map_err(stream_closed)
+    }
+}
+
+/// Messages queued by a blocking thread and handed to the stream in batches
+/// ([`OUT_BATCH_MSGS`]); [`Outbox::flush`] before anything waits on the agent.
+struct Outbox<'a> {
+    tx: &'a Sender,
+    msgs: Vec<v1::SyncUp>,
+    bytes: usize,
+}
+
+impl<'a> Outbox<'a> {
+    fn new(tx: &'a Sender) -> Self {
+        Outbox {
+            tx,
+            msgs: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Queues `msg`; true when that handed the queue over.
+    fn push(&mut self, msg: sync_up::Msg) -> Result<bool, SyncError> {
+        let (m, len) = self.tx.counted(msg);
+        self.msgs.push(m);
+        self.bytes += len;
+        let full = self.msgs.len() >= OUT_BATCH_MSGS || self.bytes >= OUT_BATCH_BYTES;
+        if full {
+            self.flush()?;
+        }
+        Ok(full)
+    }
+
+    fn flush(&mut self) -> Result<(), SyncError> {
+        if self.msgs.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.tx
+            .tx
+            .blocking_send(std::mem::take(&mut self.msgs))
+            .map_err(stream_closed)
+    }
+}
+
+/// The round's messages one by one, out of the batches [`Sender`] queued.
+struct Unbatch {
+    rx: mpsc::Receiver<Vec<v1::SyncUp>>,
+    batch: std::vec::IntoIter<v1::SyncUp>,
+}
+
+impl tokio_stream::Stream for Unbatch {
+    type Item = v1::SyncUp;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<v1::SyncUp>> {
+        loop {
+            if let Some(m) = self.batch.next() {
+                return std::task::Poll::Ready(Some(m));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(b) => self.batch = b.into_iter(),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
     }
 }
 
@@ -317,6 +390,18 @@ fn send_bodies(
     progress: &watch::Sender<Progress>,
 ) -> Result<Vec<RelPath>, SyncError> {
     let mut skipped = Vec::new();
+    let mut out = Outbox::new(tx);
+    // Progress not yet shown: published with each hand-over (a watch
+    // update per file woke its readers 50,000 times in a cold sync).
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let publish = |files: &mut u64, bytes: &mut u64| {
+        if *files > 0 {
+            progress.send_modify(|p| {
+                p.files_done += std::mem::take(files);
+                p.bytes_done += std::mem::take(bytes);
+            });
+        }
+    };
     for (op, n) in batch.iter().zip(&need.ops) {
         let PlannedOp::Put {
             path,
@@ -326,7 +411,7 @@ fn send_bodies(
             ..
         } = op
         else {
-            progress.send_modify(|p| p.files_done += 1);
+            files += 1;
             continue;
         };
         if !n.chunks.is_empty() {
@@ -354,7 +439,7 @@ fn send_bodies(
                         }
                 });
                 if !read {
-                    tx.blocking_send(sync_up::Msg::Skip(v1::SkipOp {}))?;
+                    out.push(sync_up::Msg::Skip(v1::SkipOp {}))?;
                     skipped.push(path.clone());
                     break;
                 }
@@ -371,11 +456,14 @@ fn send_bodies(
                     Some(z) => (v1::Compression::Zstd, z),
                     None => (v1::Compression::None, buf),
                 };
-                tx.blocking_send(sync_up::Msg::Chunk(v1::ChunkData {
+                let handed = out.push(sync_up::Msg::Chunk(v1::ChunkData {
                     id: c.id.as_bytes().to_vec().into(),
                     compression: how as i32,
                     data: data.into(),
                 }))?;
+                if handed {
+                    publish(&mut files, &mut bytes);
+                }
                 if let Some(a) = compression.as_deref_mut() {
                     a.sent(raw, Instant::now());
                 }
@@ -386,11 +474,11 @@ fn send_bodies(
             Node::File { size, .. } => *size,
             _ => 0,
         };
-        progress.send_modify(|p| {
-            p.files_done += 1;
-            p.bytes_done += size;
-        });
+        files += 1;
+        bytes += size;
     }
+    out.flush()?;
+    publish(&mut files, &mut bytes);
     Ok(skipped)
 }
 
@@ -412,6 +500,58 @@ fn still_seen(f: &File, s: &Seen, node: &Node) -> bool {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn batched_messages_reach_the_stream_in_order_and_counted() {
+        let (tx, rx) = mpsc::channel(OUT_BATCHES);
+        let send = Sender {
+            tx,
+            counters: Arc::new(Counters::default()),
+        };
+        let chunk = |i: u32| {
+            sync_up::Msg::Chunk(v1::ChunkData {
+                id: i.to_le_bytes().to_vec().into(),
+                compression: 0,
+                data: vec![0u8; 3000].into(),
+            })
+        };
+        let s = send.clone();
+        // More than a batch holds, by count and by bytes; the last ones are
+        // handed over only by the flush.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = Outbox::new(&s);
+            let mut handed = 0;
+            for i in 0..1000 {
+                handed += usize::from(out.push(chunk(i)).unwrap());
+            }
+            assert!(!out.msgs.is_empty(), "a partial batch waits for the flush");
+            out.flush().unwrap();
+            handed
+        });
+        let counters = send.counters.clone();
+        drop(send);
+        // The stream ends when the writer's sender is gone.
+        let mut stream = Unbatch {
+            rx,
+            batch: Vec::new().into_iter(),
+        };
+        let mut ids = Vec::new();
+        let mut bytes = 0;
+        while let Some(m) = stream.next().await {
+            bytes += m.encoded_len() as u64;
+            match m.msg {
+                Some(sync_up::Msg::Chunk(c)) => {
+                    ids.push(u32::from_le_bytes(c.id[..].try_into().unwrap()))
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let handed = writer.await.unwrap();
+        assert!(handed >= 1000 / OUT_BATCH_MSGS, "{handed} full batches");
+        assert_eq!(ids, (0..1000).collect::<Vec<_>>());
+        assert_eq!(counters.bytes.load(Ordering::Relaxed), bytes);
+    }
 
     #[test]
     fn a_file_is_still_seen_until_its_stat_changes() {
