@@ -582,13 +582,22 @@ impl<'a> Round<'a> {
             }
             let f = a.file.expect("file present when not failed");
             f.set_permissions(Permissions::from_mode(if a.exec { 0o755 } else { 0o644 }))?;
-            drop(f);
             let dst = self.prepare_parents(&a.path)?;
-            let old = self.clear_for(&a.path, &dst, FileKind::File)?;
-            self.files.clear();
-            self.put_in_place(&tmp, &dst, old)?;
+            // A path the mirror holds nothing at (a cold sync: every path)
+            // takes the name unless something is there after all (a file
+            // a job wrote, a directory): no lookup first. Else whatever is
+            // there is retired or cleared, then replaced.
+            let placed = !self.mirror.tree.contains(&a.path) && oldfiles::place_new(&tmp, &dst)?;
+            if !placed {
+                let old = self.clear_for(&a.path, &dst, FileKind::File)?;
+                self.files.clear();
+                self.put_in_place(&tmp, &dst, old)?;
+            }
             crate::kernel::invalidate_bytecode(&self.mirror.root, &a.path);
-            let st = Stat::lstat(&dst)?;
+            // The inode now at `dst` (its ctime moved with the rename), by
+            // its descriptor: no lookup of the path.
+            let st = Stat::from_metadata(&f.metadata()?);
+            drop(f);
             if let [one] = a.chunks[..]
                 && self.wholes.again.contains(&one.id)
             {
@@ -995,6 +1004,53 @@ mod tests {
             }],
             eager: false,
         }
+    }
+
+    /// A path the mirror's tree does not hold is claimed without a look
+    /// first; where something is there after all (a file a job wrote, a
+    /// directory) the put still replaces it whole, and the cache records
+    /// the inode that ends up at the path.
+    #[test]
+    fn a_put_over_an_untracked_file_or_directory_replaces_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&d.path().join("store"), 1 << 20).unwrap();
+        let m = d.path().join("mirrors/m");
+        fs::create_dir_all(&m).unwrap();
+        let mut mirror = Mirror::open(d.path(), "m", &mut store).unwrap();
+        let tmp = d.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        // Appear after the mirror's scan: not in its tree.
+        fs::write(m.join("taken.txt"), b"written by a job").unwrap();
+        fs::create_dir_all(m.join("was_dir/inner")).unwrap();
+        fs::write(m.join("was_dir/inner/f"), b"x").unwrap();
+        for (i, name) in ["fresh.txt", "taken.txt", "was_dir"]
+            .into_iter()
+            .enumerate()
+        {
+            let body = format!("body of {name}").into_bytes();
+            let c = ChunkRef {
+                id: chunk_id(&body),
+                len: body.len() as u32,
+            };
+            let mut round = Round::new(&tmp, &mut mirror, &mut store);
+            let need = round.on_plan(put(name, &[c])).unwrap();
+            assert_eq!(need.ops[0].chunks, [0]);
+            round
+                .on_chunk(v1::ChunkData {
+                    id: c.id.as_bytes().to_vec().into(),
+                    compression: 0,
+                    data: body.clone().into(),
+                })
+                .unwrap();
+            let done = round.on_commit(i as u64 + 1).unwrap();
+            assert!(done.failures.is_empty(), "{name}: {:?}", done.failures);
+            let p = m.join(name);
+            assert_eq!(fs::read(&p).unwrap(), body, "{name}");
+            let rel = RelPath::new(name).unwrap();
+            assert!(mirror.file_unchanged(&p), "{name}: the cache has its stat");
+            assert_eq!(mirror.tree.hashed(&rel).unwrap().hash, content_hash(&[c]));
+        }
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "no temporary left");
     }
 
     /// A file built from chunks the agent holds is checked chunk by chunk:

@@ -34,6 +34,30 @@ pub fn replace(src: &Path, dst: &Path, dst_is_file: bool) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Puts `src` at `dst` when nothing is there (`renameat2(RENAME_NOREPLACE)`,
+/// atomic: no look first). False when `dst` exists, or where this file
+/// system or libc cannot say so without looking: the caller then looks and
+/// uses [`replace`].
+pub fn place_new(src: &Path, dst: &Path) -> io::Result<bool> {
+    place_new_impl(src, dst)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn place_new_impl(src: &Path, dst: &Path) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, src, AT_FDCWD, dst, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn place_new_impl(_src: &Path, _dst: &Path) -> io::Result<bool> {
+    Ok(false)
+}
+
 /// `renameat2(RENAME_EXCHANGE)`; false where it is not available here
 /// (another libc or file system) or `dst` is gone.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -130,6 +154,36 @@ mod tests {
         assert_eq!(fs::read_to_string(&c).unwrap(), "new");
         assert!(!b.exists());
         assert!(replace(&d.path().join("missing"), &c, true).is_err());
+    }
+
+    #[test]
+    fn place_new_takes_a_free_name_and_leaves_a_taken_one_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("tmp"), d.path().join("dst"));
+        fs::write(&src, b"new").unwrap();
+        assert!(place_new(&src, &dst).unwrap());
+        assert_eq!(fs::read(&dst).unwrap(), b"new");
+        assert!(!src.exists());
+        // A file there: nothing moves.
+        fs::write(&src, b"newer").unwrap();
+        assert!(!place_new(&src, &dst).unwrap());
+        assert_eq!(fs::read(&dst).unwrap(), b"new");
+        assert_eq!(fs::read(&src).unwrap(), b"newer");
+        // A directory or a symlink there: nothing moves either.
+        let sub = d.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        assert!(!place_new(&src, &sub).unwrap());
+        assert!(sub.is_dir());
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&dst, &link).unwrap();
+        assert!(!place_new(&src, &link).unwrap());
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read(&src).unwrap(), b"newer");
     }
 
     #[test]

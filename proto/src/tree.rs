@@ -381,6 +381,11 @@ impl Tree {
         e.node(|| self.links.get(p).cloned().unwrap_or_default())
     }
 
+    /// True when the tree holds an entry at `p`.
+    pub fn contains(&self, p: &RelPath) -> bool {
+        self.find(p).is_some()
+    }
+
     /// True when `p` is a directory.
     pub fn is_dir(&self, p: &RelPath) -> bool {
         self.find(p).is_some_and(Entry::is_dir)
