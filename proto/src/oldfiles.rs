@@ -27,7 +27,7 @@ pub const BACKGROUND_BYTES: u64 = 16 << 20;
 /// `dst` now sits at `src` (the caller removes it); false when `dst` was
 /// free, or the file system cannot swap names and `src` replaced it.
 pub fn replace(src: &Path, dst: &Path, dst_is_file: bool) -> io::Result<bool> {
-    if dst_is_file && exchange(src, dst)? {
+    if dst_is_file && rename2(src, dst, Rename2::Exchange)? {
         return Ok(true);
     }
     std::fs::rename(src, dst)?;
@@ -39,40 +39,37 @@ pub fn replace(src: &Path, dst: &Path, dst_is_file: bool) -> io::Result<bool> {
 /// system or libc cannot say so without looking: the caller then looks and
 /// uses [`replace`].
 pub fn place_new(src: &Path, dst: &Path) -> io::Result<bool> {
-    place_new_impl(src, dst)
+    rename2(src, dst, Rename2::NoReplace)
 }
 
+#[derive(Clone, Copy)]
+enum Rename2 {
+    /// Swap the two names; declined when `dst` is gone.
+    Exchange,
+    /// Take `dst` only if free; declined when something is there.
+    NoReplace,
+}
+
+/// `renameat2` as `how` says: true when it renamed; false when it declined,
+/// or where this libc or file system lacks it.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn place_new_impl(src: &Path, dst: &Path) -> io::Result<bool> {
+fn rename2(src: &Path, dst: &Path, how: Rename2) -> io::Result<bool> {
     use nix::errno::Errno;
     use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, src, AT_FDCWD, dst, RenameFlags::RENAME_NOREPLACE) {
+    let (flags, declined) = match how {
+        Rename2::Exchange => (RenameFlags::RENAME_EXCHANGE, Errno::ENOENT),
+        Rename2::NoReplace => (RenameFlags::RENAME_NOREPLACE, Errno::EEXIST),
+    };
+    match renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) {
         Ok(()) => Ok(true),
-        Err(Errno::EEXIST | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
+        Err(e) if e == declined => Ok(false),
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn place_new_impl(_src: &Path, _dst: &Path) -> io::Result<bool> {
-    Ok(false)
-}
-
-/// `renameat2(RENAME_EXCHANGE)`; false where it is not available here
-/// (another libc or file system) or `dst` is gone.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn exchange(src: &Path, dst: &Path) -> io::Result<bool> {
-    use nix::errno::Errno;
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, src, AT_FDCWD, dst, RenameFlags::RENAME_EXCHANGE) {
-        Ok(()) => Ok(true),
-        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::ENOENT) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn exchange(_src: &Path, _dst: &Path) -> io::Result<bool> {
+fn rename2(_src: &Path, _dst: &Path, _how: Rename2) -> io::Result<bool> {
     Ok(false)
 }
 
