@@ -53,6 +53,31 @@ fn run(c: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The wheel: the one tests/run built before the tests (`BRIDGE_TEST_WHEEL`,
+/// in the workspace's target directory, sharing every dependency compiled
+/// there), else one built here by the same script (tests/build-wheel) in a
+/// target directory of its own, since `cargo test` holds the workspace's
+/// while tests run: `~/.cache/bridge/wheel-target`, kept between runs so only
+/// the first compiles everything.
+fn wheel(workspace: &Path, out: &Path) -> PathBuf {
+    if let Some(w) = std::env::var_os("BRIDGE_TEST_WHEEL") {
+        return PathBuf::from(w);
+    }
+    let target = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/bridge/wheel-target"))
+        .expect("HOME");
+    let venv = maturin()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    let printed = run(Command::new(workspace.join("tests/build-wheel"))
+        .arg(out)
+        .env("BRIDGE_MATURIN_VENV", venv)
+        .env("CARGO_TARGET_DIR", &target));
+    PathBuf::from(printed.lines().last().expect("a wheel").trim())
+}
+
 /// The repository's pyproject.toml builds a wheel (maturin) holding `bridge`
 /// and `bridge-agent`; installed into a fresh venv, `bridge` finds its agent
 /// next to itself and runs a job on the local provider with no cargo (and
@@ -61,33 +86,7 @@ fn run(c: &mut Command) -> String {
 fn the_wheel_installs_both_binaries_and_runs_a_job_without_cargo() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let r = Repo::new();
-    let wheels = r.scratch("wheels");
-    // Its own target directory: `cargo test` holds the workspace's while
-    // tests run. Kept between runs (under target/, keyed by nothing but
-    // cargo's own fingerprints), so only the first run compiles everything.
-    // The SSH provider only: the AWS SDK would add minutes and nothing to
-    // what is tested (the packaging).
-    let target = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/bridge/wheel-target"))
-        .expect("HOME");
-    run(Command::new(maturin())
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--profile",
-            "dev",
-            "--no-default-features",
-            "--features",
-            "agent,ssh",
-        ])
-        .args(["--compatibility", "linux", "--out"])
-        .arg(&wheels)
-        .env("CARGO_TARGET_DIR", &target));
-    let wheel = std::fs::read_dir(&wheels)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .expect("a wheel");
+    let wheel = wheel(workspace, &r.scratch("wheels"));
     let listing = run(Command::new("python3")
         .args(["-m", "zipfile", "-l"])
         .arg(&wheel));
