@@ -19,7 +19,17 @@
 # --locked`: installed when missing). Built without a sanitizer (`-s
 # none`): the code under test is safe Rust, and libFuzzer runs 2–5 times
 # faster without ASan. One core per target, one target at a time.
+#
+# Run beside other work under `nice -n 19`, it stays out of that work's way:
+# with autogroup scheduling (Linux's default, on this VM too) a niceness only
+# ranks processes within one session, and two fuzzers at nice 19 took 1.25 of
+# 2 cores from a CI run in another session. So the script runs in a session of
+# its own and gives that session's group its own niceness.
 set -eu
+if [ -w /proc/self/autogroup ] && [ -z "${BRIDGE_FUZZ_SESSION:-}" ]; then
+  BRIDGE_FUZZ_SESSION=1 exec setsid -w "$0" "$@"
+fi
+[ -w /proc/self/autogroup ] && { echo "$(nice)" >/proc/self/autogroup || true; }
 cd "$(dirname "$0")/../fuzz"
 RUNS=${1:-10000000}
 SECS=${2:-0}
