@@ -3,24 +3,6 @@ use std::process::Command;
 
 use bridge_tests::*;
 
-/// maturin, from the venv tests/run installs it into.
-fn maturin() -> PathBuf {
-    let venv = std::env::var_os("BRIDGE_MATURIN_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/bridge/maturin-1.16.0-venv"))
-        })
-        .expect("HOME");
-    let m = venv.join("bin/maturin");
-    assert!(
-        m.exists(),
-        "{} is missing: tests/run installs it (or set BRIDGE_MATURIN_VENV)",
-        m.display()
-    );
-    m
-}
-
 /// The ELF program interpreter (dynamic loader) a binary asks for: `None`
 /// for a static one.
 fn interpreter(path: &Path) -> Option<String> {
@@ -61,19 +43,21 @@ fn run(c: &mut Command) -> String {
 /// the first compiles everything.
 fn wheel(workspace: &Path, out: &Path) -> PathBuf {
     if let Some(w) = std::env::var_os("BRIDGE_TEST_WHEEL") {
-        return PathBuf::from(w);
+        let w = PathBuf::from(w);
+        assert!(
+            w.is_file(),
+            "BRIDGE_TEST_WHEEL: no wheel at {}",
+            w.display()
+        );
+        return w;
     }
     let target = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/bridge/wheel-target"))
         .expect("HOME");
-    let venv = maturin()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned();
+    // The script finds maturin (BRIDGE_MATURIN_VENV or its default) and says
+    // so when it is missing.
     let printed = run(Command::new(workspace.join("tests/build-wheel"))
         .arg(out)
-        .env("BRIDGE_MATURIN_VENV", venv)
         .env("CARGO_TARGET_DIR", &target));
     PathBuf::from(printed.lines().last().expect("a wheel").trim())
 }
