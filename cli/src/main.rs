@@ -72,7 +72,7 @@ enum Cmd {
     /// (a sweep id stops the sweep).
     Cancel(cmd::cancel::Args),
     /// Sweeps: `bridge sweep status [SWEEP] [--json] [--watch]`, `cancel SWEEP`,
-    /// `resume SWEEP` (runs its failed and cancelled trials again).
+    /// `resume SWEEP` (runs its failed, lost and cancelled trials again).
     Sweep(cmd::sweep::Args),
     /// Fetch a job's outputs into the local tree again.
     Pull(cmd::pull::Args),

@@ -527,7 +527,7 @@ pub fn closing(s: &SweepInfo) -> String {
     }
     if let Some(first) = bad.first() {
         line.push_str(&format!(
-            "\nbridge: `bridge logs {}/{}` shows a failed trial's log; `bridge sweep resume {}` runs the failed and cancelled trials again",
+            "\nbridge: `bridge logs {}/{}` shows a failed trial's log; `bridge sweep resume {}` runs the failed, lost and cancelled trials again",
             s.id, first.index, s.id
         ));
     } else if s.state() == JobState::Cancelled {

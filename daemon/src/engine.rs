@@ -139,7 +139,7 @@ pub enum Submission {
     Job(Box<v1::JobSpec>),
     /// A sweep: every trial sees this one generation.
     Sweep(Box<v1::SweepSpec>),
-    /// An ended sweep's failed and cancelled trials again, with `job` as
+    /// An ended sweep's failed, lost and cancelled trials again, with `job` as
     /// their template.
     Resume {
         id: String,

@@ -57,7 +57,7 @@ impl Relay {
         }
     }
 
-    /// Runs an ended sweep's failed and cancelled trials again against the
+    /// Runs an ended sweep's failed, lost and cancelled trials again against the
     /// tree as it is now, with `job` (its template, forwards set up again).
     pub async fn resume_sweep(
         &self,

@@ -32,7 +32,7 @@ enum Cmd {
     },
     /// Stop a sweep: no trial starts any more, running trials are cancelled.
     Cancel { sweep: String },
-    /// Run an ended sweep's failed and cancelled trials again, against the
+    /// Run an ended sweep's failed, lost and cancelled trials again, against the
     /// tree as saved now; succeeded trials are kept.
     Resume {
         sweep: String,

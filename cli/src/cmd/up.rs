@@ -19,7 +19,8 @@ pub struct Args {
     /// Where the agent runs: `local` (an agent process on this machine), `ssh`
     /// (any machine you can SSH into), `aws` (an EC2 GPU instance bridge
     /// launches) or `k8s` (a pod on a Kubernetes cluster). Default: what the
-    /// last `bridge up` here chose (`.bridge/provider.toml`), else local.
+    /// last `bridge up` here chose (`.bridge/provider.toml`), else the
+    /// project config (`bridge.toml`), else local.
     #[arg(long, value_parser = ["local", "ssh", "aws", "k8s"])]
     provider: Option<String>,
     /// SSH: `[user@]host[:port]`, or a Host alias from ~/.ssh/config (implies --provider ssh).
@@ -151,7 +152,8 @@ impl Args {
         Ok(())
     }
 
-    /// The provider this `up` uses: the flags, else the saved choice, else local.
+    /// The provider this `up` uses: the flags (the project config's when no
+    /// flag and no saved choice says where), else the saved choice, else local.
     fn spec(&self, saved: Option<ProviderSpec>) -> anyhow::Result<ProviderSpec> {
         if self.provider.as_deref() == Some("k8s") && !cfg!(feature = "k8s") {
             bail!("this bridge was built without the Kubernetes provider (cargo feature `k8s`)");
